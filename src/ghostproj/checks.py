@@ -1,0 +1,202 @@
+"""The slow exact references that prove the engine: naive per-example projection and
+non-interference with a training loop."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Example, collate
+from .engines.projection import GradProjectionEngine
+from .layers import LayerInfo, layer_type
+from .losses import IGNORE_INDEX, causal_lm_losses
+
+
+# -- naive reference --------------------------------------------------------------------
+def _reference_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Loss of one unpadded example, written independently of :mod:`ghostproj.losses`."""
+    target = labels[0, 1:]
+    keep = target != IGNORE_INDEX
+    return F.cross_entropy(logits[0, :-1][keep].float(), target[keep], reduction=reduction)
+
+
+def naive_projected_grads(
+    model: nn.Module,
+    examples: list[Example],
+    engine: GradProjectionEngine,
+    loss_reduction: str = "mean",
+) -> torch.Tensor:
+    """[B, D] float64: each example alone (batch size 1, no padding), full autograd on the
+    weights, explicit P_out G P_in^T with the engine's matrices."""
+    modules = dict(model.named_modules())
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = []
+    for info in engine.layers:
+        m = modules[info.name]
+        m.weight.requires_grad_(True)
+        targets.append(m.weight)
+        if engine.bias:
+            m.bias.requires_grad_(True)
+            targets.append(m.bias)
+    device = next(model.parameters()).device
+    out = torch.zeros(len(examples), engine.dim, dtype=torch.float64)
+    try:
+        for r, ex in enumerate(examples):
+            if ex.n_label_positions == 0:
+                continue
+            batch = collate([ex]).to(device)
+            for t in targets:
+                t.grad = None
+            logits = model(input_ids=batch.input_ids).logits
+            loss = _reference_loss(logits, batch.labels, loss_reduction)
+            loss.backward()
+            for info in engine.layers:
+                m = modules[info.name]
+                g = layer_type(m).weight_grad(m).double().cpu()
+                if engine.bias:
+                    g = torch.cat([g, m.bias.grad.double().cpu()[:, None]], dim=1)
+                p = engine.projectors[info.name]
+                block = p.p_out.double() @ g @ p.p_in.double().t()
+                out[r, info.offset : info.offset + info.size] = block.reshape(-1)
+    finally:
+        for t in targets:
+            t.grad = None
+        for p, flag in saved:
+            p.requires_grad_(flag)
+    return out
+
+
+def engine_projected_grads(
+    model: nn.Module, examples: list[Example], engine: GradProjectionEngine, loss_reduction: str = "mean", pad_id: int = 0
+) -> torch.Tensor:
+    """[B, D] float32 from the engine on one right-padded batch of all ``examples``."""
+    device = next(model.parameters()).device
+    batch = collate(examples, pad_id).to(device)
+    with engine:
+        logits = model(**batch.model_inputs()).logits
+        losses, _ = causal_lm_losses(logits, batch.labels, loss_reduction)
+        losses.sum().backward()
+        return engine.collect().cpu()
+
+
+@dataclass
+class LayerError:
+    name: str
+    max_rel: float
+    max_abs: float
+
+
+def compare_per_layer(got: torch.Tensor, ref: torch.Tensor, layers: list[LayerInfo]) -> list[LayerError]:
+    """Per layer: max over examples of ||got - ref|| / ||ref|| (examples whose reference
+    block is zero use the absolute norm) and the max absolute entry difference."""
+    rows = []
+    got = got.double()
+    ref = ref.double()
+    for info in layers:
+        a = got[:, info.offset : info.offset + info.size]
+        b = ref[:, info.offset : info.offset + info.size]
+        diff = (a - b).norm(dim=1)
+        scale = b.norm(dim=1)
+        rel = torch.where(scale > 0, diff / scale.clamp(min=1e-300), diff)
+        rows.append(LayerError(info.name, float(rel.max()), float((a - b).abs().max())))
+    return rows
+
+
+# -- non-interference ---------------------------------------------------------------------
+@dataclass
+class Comparison:
+    what: str
+    max_rel: float
+    max_abs: float
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    a, b = a.double(), b.double()
+    diff = (a - b).abs().max().item() if a.numel() else 0.0
+    scale = b.abs().max().item() if b.numel() else 0.0
+    return (diff / scale if scale > 0 else diff), diff
+
+
+def _module_state(model: nn.Module) -> dict:
+    """Everything attaching an engine could leave behind."""
+    state = {}
+    for name, m in model.named_modules():
+        state[name] = (
+            tuple(sorted(m.__dict__.keys())),
+            len(m._forward_hooks),
+            len(m._forward_pre_hooks),
+            len(m._backward_hooks),
+            len(getattr(m, "_backward_pre_hooks", {})),
+        )
+    state["__params__"] = tuple((n, p.requires_grad, p.grad is None) for n, p in model.named_parameters())
+    state["__state_dict__"] = tuple(model.state_dict().keys())
+    return state
+
+
+def non_interference(
+    model: nn.Module,
+    batches: list[list[Example]],
+    layers: list[str] | None,
+    steps: int = 3,
+    lr: float = 1e-3,
+    optimizer: str = "adamw",
+    pad_id: int = 0,
+    **engine_kwargs,
+) -> tuple[list[Comparison], list[str]]:
+    """Train two identical copies for ``steps`` steps, one with the engine attached in
+    observe mode, and compare losses, logits, gradients and parameters. Returns the
+    comparisons and a list of problems with detaching (empty when clean)."""
+    device = next(model.parameters()).device
+    plain = copy.deepcopy(model)
+    watched = copy.deepcopy(model)
+    results: dict[str, list[tuple[float, float]]] = {"loss": [], "logits": [], "grad": [], "params": []}
+
+    def make_opt(m):
+        params = [p for p in m.parameters() if p.requires_grad]
+        if optimizer == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=0.9)
+        return torch.optim.AdamW(params, lr=lr)
+
+    before = _module_state(watched)
+    engine = GradProjectionEngine(watched, layers, freeze_weights=False, **engine_kwargs)
+    engine.attach()
+    opt_plain, opt_watched = make_opt(plain), make_opt(watched)
+    plain.train()
+    watched.train()
+    for step in range(steps):
+        batch = collate(batches[step % len(batches)], pad_id).to(device)
+        outs = []
+        for m, opt in ((plain, opt_plain), (watched, opt_watched)):
+            torch.manual_seed(1000 + step)  # same dropout masks in both copies
+            opt.zero_grad(set_to_none=True)
+            logits = m(**batch.model_inputs()).logits
+            losses, _ = causal_lm_losses(logits, batch.labels, "mean")
+            loss = losses.mean()
+            loss.backward()
+            grads = torch.cat([p.grad.reshape(-1) for p in m.parameters() if p.grad is not None])
+            opt.step()
+            outs.append((loss.detach(), logits.detach(), grads))
+        engine.collect()
+        (l0, z0, g0), (l1, z1, g1) = outs
+        results["loss"].append(_rel(l1, l0))
+        results["logits"].append(_rel(z1, z0))
+        results["grad"].append(_rel(g1, g0))
+        p0 = torch.cat([p.detach().reshape(-1) for p in plain.parameters()])
+        p1 = torch.cat([p.detach().reshape(-1) for p in watched.parameters()])
+        results["params"].append(_rel(p1, p0))
+    engine.detach()
+    for p in watched.parameters():
+        p.grad = None
+    problems = []
+    after = _module_state(watched)
+    for key in before:
+        if before[key] != after.get(key):
+            problems.append(f"module '{key or '<root>'}' differs after detach")
+    comps = [Comparison(k, max(r for r, _ in v), max(a for _, a in v)) for k, v in results.items()]
+    return comps, problems

@@ -1,0 +1,43 @@
+"""Per-example causal-LM losses that do not depend on what else is in the batch.
+
+HF's ``labels=`` loss averages over every label token of the whole batch, so one
+example's gradient would shrink when a long neighbour joins its batch. Here each example
+is averaged over its own label positions (or summed), and the engine back-propagates the
+sum over examples, which makes the output gradient reaching a layer for example i
+exactly d l_i / d y_i.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+def causal_lm_losses(
+    logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example losses [B] (float32) and label-position counts [B] (int).
+
+    ``labels`` is [B, T] with IGNORE_INDEX on padding and masked prompt tokens; the usual
+    one-token shift is applied here (logits at t-1 predict the token at t). An example with
+    no label position has loss 0 and contributes no gradient.
+    """
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {LOSS_REDUCTIONS}, not {reduction!r}")
+    shift_logits = logits[:, :-1, :]
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE_INDEX
+    # CE on the selected positions only: masked rows (padding) never enter the sum, so a
+    # non-finite value there could not leak into a real example's loss.
+    token_loss = torch.zeros(shift_labels.shape, dtype=torch.float32, device=logits.device)
+    if mask.any():
+        selected = F.cross_entropy(shift_logits[mask].float(), shift_labels[mask], reduction="none")
+        token_loss = token_loss.masked_scatter(mask, selected)
+    counts = mask.sum(dim=1)
+    losses = token_loss.sum(dim=1)
+    if reduction == "mean":
+        losses = losses / counts.clamp(min=1).to(losses.dtype)
+    return losses, counts

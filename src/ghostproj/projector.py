@@ -1,0 +1,132 @@
+"""Projection matrices: the rank split, the seeded generation rule and the projector file.
+
+The generation rule is part of the file-format contract (DESIGN.md §1): any version of
+ghostproj on any device must produce bit-identical matrices for the same seed, layer name
+and side, which is why they are always drawn on the CPU from a per-matrix seed derived by
+sha256 rather than from a global generator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import GhostprojError
+
+PROJECTOR_KINDS = ("gaussian", "rademacher", "orthonormal")
+
+
+def matrix_seed(seed: int, layer_name: str, side: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{layer_name}:{side}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def make_matrix(kind: str, k: int, n: int, seed: int, layer_name: str, side: str) -> torch.Tensor:
+    """The (k, n) float32 CPU matrix of DESIGN.md's generation rule."""
+    if side not in ("in", "out"):
+        raise ValueError(f"side must be 'in' or 'out', not {side!r}")
+    g = torch.Generator("cpu").manual_seed(matrix_seed(seed, layer_name, side))
+    if kind == "gaussian":
+        return torch.randn(k, n, generator=g, dtype=torch.float32) / math.sqrt(k)
+    if kind == "rademacher":
+        return (torch.randint(0, 2, (k, n), generator=g) * 2 - 1).float() / math.sqrt(k)
+    if kind == "orthonormal":
+        if k > n:
+            raise GhostprojError(f"An orthonormal projector needs k <= n, got k={k} > n={n} for {layer_name}.")
+        q = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
+        return (q.T * math.sqrt(n / k)).float()
+    raise GhostprojError(f"Unknown projector '{kind}'; choose one of {', '.join(PROJECTOR_KINDS)}.")
+
+
+def choose_ranks(rank: int, n_in: int, n_out: int, rank_min: int = 1) -> tuple[int, int]:
+    """Split a per-layer budget ``rank`` into (k_in, k_out) with k_in * k_out <= rank.
+
+    Rule: start from the balanced split k_in = floor(sqrt(rank)), capped to n_in; give
+    k_out the rest of the budget (rank // k_in), capped to n_out; if k_out hit its cap,
+    hand the freed budget back to k_in (rank // k_out, capped to n_in). Each side is at
+    least ``rank_min`` unless its dimension is smaller. A balanced split keeps both
+    sketches equally faithful; the rebalancing keeps narrow layers from wasting budget.
+    """
+    if rank < 1:
+        raise GhostprojError(f"--rank must be at least 1, got {rank}.")
+    if rank_min < 1:
+        raise GhostprojError(f"--rank-min must be at least 1, got {rank_min}.")
+    lo_in, lo_out = min(rank_min, n_in), min(rank_min, n_out)
+    if lo_in * lo_out > rank:
+        raise GhostprojError(
+            f"--rank {rank} is smaller than --rank-min squared ({lo_in}x{lo_out}); raise --rank or lower --rank-min."
+        )
+    k_in = max(lo_in, min(n_in, math.isqrt(rank)))
+    k_out = max(lo_out, min(n_out, rank // k_in))
+    k_in = max(lo_in, min(n_in, rank // k_out))
+    return k_in, k_out
+
+
+@dataclass
+class LayerProjector:
+    """The two fixed matrices of one layer: P_in (k_in, n_in) and P_out (k_out, n_out)."""
+
+    p_in: torch.Tensor
+    p_out: torch.Tensor
+
+    @property
+    def k_in(self) -> int:
+        return self.p_in.shape[0]
+
+    @property
+    def k_out(self) -> int:
+        return self.p_out.shape[0]
+
+
+def build_projectors(
+    layers: list[tuple[str, int, int, int, int]], kind: str, seed: int
+) -> dict[str, LayerProjector]:
+    """``layers`` holds (name, n_in, n_out, k_in, k_out); n_in includes any bias column."""
+    return {
+        name: LayerProjector(
+            p_in=make_matrix(kind, k_in, n_in, seed, name, "in"),
+            p_out=make_matrix(kind, k_out, n_out, seed, name, "out"),
+        )
+        for name, n_in, n_out, k_in, k_out in layers
+    }
+
+
+def save_projectors(path, projectors: dict[str, LayerProjector], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, p in projectors.items():
+        tensors[f"{name}.in"] = p.p_in.detach().cpu().contiguous()
+        tensors[f"{name}.out"] = p.p_out.detach().cpu().contiguous()
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_projectors(path, layer_names: list[str]) -> dict[str, LayerProjector]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            out = {}
+            for name in layer_names:
+                if f"{name}.in" not in keys or f"{name}.out" not in keys:
+                    raise GhostprojError(f"{path} holds no projector for layer '{name}'.")
+                out[name] = LayerProjector(p_in=f.get_tensor(f"{name}.in"), p_out=f.get_tensor(f"{name}.out"))
+    except GhostprojError:
+        raise
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise GhostprojError(f"Cannot read projector file {path}: {exc}.") from None
+    return out
+
+
+def projector_hash(projectors: dict[str, LayerProjector]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(projectors):
+        p = projectors[name]
+        for side, m in (("in", p.p_in), ("out", p.p_out)):
+            h.update(f"{name}.{side}:{tuple(m.shape)}".encode())
+            h.update(m.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()
