@@ -200,3 +200,107 @@ def non_interference(
             problems.append(f"module '{key or '<root>'}' differs after detach")
     comps = [Comparison(k, max(r for r, _ in v), max(a for _, a in v)) for k, v in results.items()]
     return comps, problems
+
+
+# -- command-level checks -------------------------------------------------------------------
+@dataclass
+class NaiveCheckResult:
+    errors: list[LayerError]
+    tolerance: float
+    n_examples: int
+    min_len: int
+    max_len: int
+
+    @property
+    def ok(self) -> bool:
+        return all(e.max_rel <= self.tolerance for e in self.errors)
+
+
+def pick_mixed_lengths(examples: list[Example], samples: int) -> list[Example]:
+    """Examples spread evenly over the length range, so the batch is padded and mixed."""
+    if samples < 1:
+        from .errors import GhostprojError
+
+        raise GhostprojError(f"--samples must be at least 1, got {samples}.")
+    live = sorted((e for e in examples if e.n_label_positions > 0), key=lambda e: len(e.input_ids))
+    if not live:
+        from .errors import GhostprojError
+
+        raise GhostprojError("No example in the data has a label position to check.")
+    if len(live) <= samples:
+        chosen = live
+    else:
+        step = (len(live) - 1) / (samples - 1) if samples > 1 else 0
+        chosen = [live[round(i * step)] for i in range(samples)]
+    chosen = sorted(chosen, key=lambda e: e.index)  # mixed order: not sorted by length in the batch
+    return chosen
+
+
+def run_naive_check(model_path: str, data_path: str, layers: list[str] | None, *, samples: int = 8,
+                    rank: int = 256, projector: str = "gaussian", seed: int = 0, loss_reduction: str = "mean",
+                    bias: bool = False, max_length: int = 512, dtype: str = "float32", device: str = "auto",
+                    text_field: str = "text", tolerance: float | None = None) -> NaiveCheckResult:
+    from .data import read_records, tokenize_records
+    from .models import load_model, pad_token_id, position_limit
+
+    records = read_records(data_path)
+    model, tokenizer = load_model(model_path, dtype, device)
+    limit = position_limit(model)
+    if limit is not None:
+        max_length = min(max_length, limit)
+    examples = pick_mixed_lengths(tokenize_records(records, tokenizer, max_length, text_field), samples)
+    engine = GradProjectionEngine(model, layers, rank=rank, projector=projector, seed=seed, bias=bias)
+    got = engine_projected_grads(model, examples, engine, loss_reduction, pad_token_id(tokenizer))
+    ref = naive_projected_grads(model, examples, engine, loss_reduction)
+    if tolerance is None:
+        tolerance = 1e-4 if dtype == "float32" else 5e-2
+    lengths = [len(e.input_ids) for e in examples]
+    return NaiveCheckResult(compare_per_layer(got, ref, engine.layers), tolerance, len(examples),
+                            min(lengths), max(lengths))
+
+
+@dataclass
+class NonInterferenceResult:
+    comparisons: list[Comparison]
+    problems: list[str]
+
+
+def detach_problems(model: nn.Module, batch_examples: list[Example], layers: list[str] | None, pad_id: int = 0,
+                    **engine_kwargs) -> list[str]:
+    """Attach a projection-mode engine, run one backward pass, detach, and list what differs."""
+    before = _module_state(model)
+    engine = GradProjectionEngine(model, layers, **engine_kwargs)
+    device = next(model.parameters()).device
+    batch = collate(batch_examples, pad_id).to(device)
+    with engine:
+        losses, _ = causal_lm_losses(model(**batch.model_inputs()).logits, batch.labels)
+        losses.sum().backward()
+        engine.collect()
+    after = _module_state(model)
+    return [f"module '{k or '<root>'}' differs after detach (projection mode)" for k in before if before[k] != after.get(k)]
+
+
+def run_non_interference(model_path: str, data_path: str, layers: list[str] | None, *, steps: int = 3,
+                         batch_size: int = 4, lr: float = 1e-3, optimizer: str = "adamw", max_length: int = 128,
+                         device: str = "auto", text_field: str = "text") -> NonInterferenceResult:
+    from .data import fixed_size_batches, read_records, tokenize_records
+    from .errors import GhostprojError
+    from .models import load_model, pad_token_id, position_limit
+
+    if steps < 1:
+        raise GhostprojError(f"--steps must be at least 1, got {steps}.")
+    if optimizer not in ("adamw", "sgd"):
+        raise GhostprojError(f"Unknown --optimizer '{optimizer}'; choose adamw or sgd.")
+    records = read_records(data_path)
+    model, tokenizer = load_model(model_path, "float32", device)
+    limit = position_limit(model)
+    if limit is not None:
+        max_length = min(max_length, limit)
+    examples = [e for e in tokenize_records(records, tokenizer, max_length, text_field) if e.n_label_positions > 0]
+    if not examples:
+        raise GhostprojError("No example in the data has a label position to train on.")
+    batches = list(fixed_size_batches(examples[: batch_size * steps], batch_size))
+    pad = pad_token_id(tokenizer)
+    comps, problems = non_interference(model, batches, layers, steps=steps, lr=lr, optimizer=optimizer, pad_id=pad)
+    problems += detach_problems(model, batches[0], layers, pad)
+    return NonInterferenceResult(comps, problems)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -95,13 +96,15 @@ def build_projectors(
 
 
 def save_projectors(path, projectors: dict[str, LayerProjector], metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from .store import atomic_write
 
     tensors = {}
     for name, p in projectors.items():
         tensors[f"{name}.in"] = p.p_in.detach().cpu().contiguous()
         tensors[f"{name}.out"] = p.p_out.detach().cpu().contiguous()
-    save_file(tensors, str(path), metadata=metadata)
+    atomic_write(Path(path), save(tensors, metadata=metadata))
 
 
 def load_projectors(path, layer_names: list[str]) -> dict[str, LayerProjector]:

@@ -1,0 +1,230 @@
+"""The ``ghostproj`` command line: one small function per command, no maths here."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+import typer
+
+from .errors import GhostprojError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Per-example gradient projection and influence scoring for transformer language models.",
+)
+
+LayersOpt = typer.Option(None, "--layers", help="Comma-separated module-name patterns (substring, or re:REGEX).")
+
+
+def _split(value: Optional[str]) -> Optional[list[str]]:
+    if value is None:
+        return None
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    return parts or None
+
+
+def _console():
+    from .progress import console
+
+    return console
+
+
+def _status():
+    from .progress import status
+
+    return status
+
+
+def _default_model_and_data(model: Optional[str], data: Optional[str]) -> tuple[str, str]:
+    """The embedded demo model and corpus stand in for whatever the user left out."""
+    if model is not None and data is not None:
+        return model, data
+    if model is not None and data is None:
+        raise GhostprojError("--model was given without --data; pass the data to project too.")
+    from .demo import ensure_demo
+
+    assets = ensure_demo(lambda m: _status().print(f"[dim]{m}[/dim]"))
+    return str(assets.model), data if data is not None else str(assets.train)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+@app.command()
+def project(
+    model: Optional[str] = typer.Option(None, help="Model directory or hub id (default: the embedded demo model)."),
+    data: Optional[str] = typer.Option(None, help="JSONL (text field) or plain-text file, one example per line."),
+    out: str = typer.Option("train.st", help="Output run directory."),
+    layers: Optional[str] = LayersOpt,
+    rank: Optional[int] = typer.Option(None, help="Per-layer budget r: k_in * k_out <= r (default 256)."),
+    rank_min: Optional[int] = typer.Option(None, help="Smallest k_in / k_out (default 1)."),
+    rank_in: Optional[int] = typer.Option(None, help="Fix k_in for every layer."),
+    rank_out: Optional[int] = typer.Option(None, help="Fix k_out for every layer."),
+    projector: Optional[str] = typer.Option(None, help="gaussian (default), rademacher or orthonormal."),
+    seed: Optional[int] = typer.Option(None, help="Projector seed (default 0)."),
+    like: Optional[str] = typer.Option(None, help="Reuse layers, k's, matrices and loss settings of this run."),
+    batch_size: int = typer.Option(8, help="Examples per batch."),
+    max_length: int = typer.Option(512, help="Truncate examples to this many tokens."),
+    loss_reduction: Optional[str] = typer.Option(None, help="Per-example loss: mean (default) or sum over tokens."),
+    bias: Optional[bool] = typer.Option(None, "--bias/--no-bias", help="Include layer biases."),
+    store_dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32."),
+    shard_size: int = typer.Option(4096, help="Rows per shard file."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("float32", help="Model weights: float32, bfloat16 or float16."),
+    text_field: str = typer.Option("text", help="JSONL field holding the text."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted run in --out."),
+) -> None:
+    """Project every example's loss gradient and write shards to OUT."""
+    from .project import ProjectOptions, run_project
+
+    model, data = _default_model_and_data(model, data)
+    opts = ProjectOptions(
+        model=model, data=data, out=out, layers=_split(layers), rank=rank, rank_min=rank_min, rank_in=rank_in,
+        rank_out=rank_out, projector=projector, seed=seed, like=like, loss_reduction=loss_reduction, bias=bias,
+        batch_size=batch_size, max_length=max_length, store_dtype=store_dtype, shard_size=shard_size,
+        device=device, dtype=dtype, text_field=text_field, resume=resume,
+    )
+    s = run_project(opts)
+    con = _console()
+    for note in s.notes:
+        _status().print(f"[yellow]note:[/yellow] {note}")
+    if s.already_complete:
+        con.print(f"{out} already holds this complete run ({s.examples} examples); nothing to do.")
+        return
+    con.print(
+        f"[green]done[/green]: {s.examples} examples, {s.tokens} label tokens, D={s.dim}, "
+        f"{s.no_label} without label positions (zero vectors), {s.truncated} truncated, "
+        f"{_human_bytes(s.bytes)} in {out}, {s.seconds:.1f} s"
+    )
+
+
+def _error_table(title: str, rows, tolerance: float):
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("layer / quantity")
+    table.add_column("max rel err", justify="right")
+    table.add_column("max abs diff", justify="right")
+    table.add_column("ok", justify="center")
+    for name, rel, abs_ in rows:
+        ok = rel <= tolerance
+        table.add_row(name, f"{rel:.2e}", f"{abs_:.2e}", "[green]yes[/green]" if ok else "[red]NO[/red]")
+    return table
+
+
+@app.command("naive-check")
+def naive_check(
+    model: Optional[str] = typer.Option(None, help="Model directory (default: the embedded demo model)."),
+    data: Optional[str] = typer.Option(None, help="Data file (default: the embedded demo corpus)."),
+    layers: Optional[str] = LayersOpt,
+    samples: int = typer.Option(8, help="Examples in the padded batch."),
+    rank: int = typer.Option(256, help="Per-layer budget."),
+    projector: str = typer.Option("gaussian", help="gaussian, rademacher or orthonormal."),
+    seed: int = typer.Option(0, help="Projector seed."),
+    loss_reduction: str = typer.Option("mean", help="mean or sum."),
+    bias: bool = typer.Option(False, "--bias/--no-bias", help="Include layer biases."),
+    max_length: int = typer.Option(512, help="Truncate examples to this many tokens."),
+    dtype: str = typer.Option("float32", help="Model weights dtype."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    text_field: str = typer.Option("text", help="JSONL field holding the text."),
+    tolerance: Optional[float] = typer.Option(None, help="Max relative error (default 1e-4, 5e-2 for 16-bit models)."),
+) -> None:
+    """Prove the engine equals the slow exact computation on your model and data."""
+    from .checks import run_naive_check
+
+    model, data = _default_model_and_data(model, data)
+    result = run_naive_check(model, data, _split(layers), samples=samples, rank=rank, projector=projector,
+                             seed=seed, loss_reduction=loss_reduction, bias=bias, max_length=max_length,
+                             dtype=dtype, device=device, text_field=text_field, tolerance=tolerance)
+    con = _console()
+    con.print(_error_table(
+        f"engine vs naive reference ({result.n_examples} examples, lengths {result.min_len}-{result.max_len}, "
+        f"one padded batch)", [(e.name, e.max_rel, e.max_abs) for e in result.errors], result.tolerance))
+    if not result.ok:
+        con.print(f"[red]FAILED[/red]: relative error above {result.tolerance:g}.")
+        raise typer.Exit(1)
+    con.print(f"[green]OK[/green]: every layer within {result.tolerance:g}.")
+
+
+@app.command("non-interf")
+def non_interf(
+    model: Optional[str] = typer.Option(None, help="Model directory (default: the embedded demo model)."),
+    data: Optional[str] = typer.Option(None, help="Data file (default: the embedded demo corpus)."),
+    layers: Optional[str] = LayersOpt,
+    steps: int = typer.Option(3, help="Optimizer steps."),
+    batch_size: int = typer.Option(4, help="Examples per step."),
+    lr: float = typer.Option(1e-3, help="Learning rate."),
+    optimizer: str = typer.Option("adamw", help="adamw or sgd."),
+    max_length: int = typer.Option(128, help="Truncate examples to this many tokens."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    text_field: str = typer.Option("text", help="JSONL field holding the text."),
+    tolerance: float = typer.Option(1e-6, help="Max relative difference."),
+) -> None:
+    """Prove attaching the engine changes nothing about training."""
+    from .checks import run_non_interference
+
+    model, data = _default_model_and_data(model, data)
+    result = run_non_interference(model, data, _split(layers), steps=steps, batch_size=batch_size, lr=lr,
+                                  optimizer=optimizer, max_length=max_length, device=device, text_field=text_field)
+    con = _console()
+    con.print(_error_table(f"training with vs without the engine ({steps} {optimizer} steps)",
+                           [(c.what, c.max_rel, c.max_abs) for c in result.comparisons], tolerance))
+    for problem in result.problems:
+        con.print(f"[red]detach left something behind[/red]: {problem}")
+    if result.problems or any(c.max_rel > tolerance for c in result.comparisons):
+        con.print("[red]FAILED[/red]: the engine interfered with training.")
+        raise typer.Exit(1)
+    con.print("[green]OK[/green]: identical losses, logits, gradients and parameters; detach restored the model.")
+
+
+@app.command()
+def inspect(
+    run_dir: str = typer.Argument(..., help="Projection run directory."),
+    quick: bool = typer.Option(False, help="Skip hashing the shards."),
+) -> None:
+    """Show a run and verify its shards."""
+    from rich.table import Table
+
+    from .store import verify_run
+
+    report = verify_run(run_dir, hash_shards=not quick)
+    m = report.manifest
+    con = _console()
+    con.print(f"[bold]{run_dir}[/bold]: model {m['model']['path']} ({m['model']['class']}, {m['model'].get('dtype')}), "
+              f"data {m['data']['path']} ({m['data']['count']} examples)")
+    con.print(f"D={m['dim']}, store {m['store_dtype']}, projector {m['projector']['kind']} seed {m['projector']['seed']}, "
+              f"loss {m['loss_reduction']}, bias {m['bias']}, fingerprint {m['fingerprint'][:16]}")
+    table = Table()
+    for col in ("layer", "type", "n_in", "n_out", "k_in", "k_out", "offset"):
+        table.add_column(col, justify="left" if col in ("layer", "type") else "right")
+    for layer in m["layers"]:
+        table.add_row(*(str(layer[c]) for c in ("name", "type", "n_in", "n_out", "k_in", "k_out", "offset")))
+    con.print(table)
+    state = "complete" if m.get("complete") else "INCOMPLETE (rerun the same project command to resume)"
+    con.print(f"{report.rows} rows in {len(m['shards'])} shards, {_human_bytes(report.bytes)}, {state}; "
+              f"shards {'verified (sha256)' if not quick else 'checked (sizes and headers)'}.")
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except GhostprojError as exc:
+        _status().print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        _status().print("[yellow]interrupted[/yellow]: every shard already written is kept; rerun to resume.")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Loading causal-LM checkpoints and their tokenizers, with one-sentence errors."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import GhostprojError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GhostprojError("--device cuda was asked for, but no CUDA device is available.")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise GhostprojError(f"Unknown device '{device}'; use auto, cpu or cuda.") from None
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise GhostprojError(f"Unknown --dtype '{dtype}'; choose one of {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def load_model(path: str, dtype: str = "float32", device: str = "auto"):
+    """(model in eval mode on the device, tokenizer) from a local directory or hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    local = Path(path)
+    if not local.exists() and not _HUB_ID.match(path):
+        raise GhostprojError(f"Model directory {path} does not exist.")
+    if local.exists() and not (local / "config.json").is_file():
+        raise GhostprojError(f"{path} is not a model directory (it has no config.json).")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        if local.exists():
+            raise GhostprojError(f"Cannot load the model in {path}: {str(exc).splitlines()[0]}") from None
+        raise GhostprojError(
+            f"Cannot load model '{path}': it is not a local directory and the hub could not be reached "
+            "(set HF_HUB_OFFLINE=0 and check the network, or pass a local directory)."
+        ) from None
+    except ValueError as exc:
+        raise GhostprojError(f"Cannot load '{path}' as a causal language model: {str(exc).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.to(dev)
+    model.eval()
+    return model, tokenizer
+
+
+def position_limit(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def config_hash(model) -> str:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return ""
+    return hashlib.sha256(cfg.to_json_string(use_diff=False).encode()).hexdigest()
+
+
+def pad_token_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0

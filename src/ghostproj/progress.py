@@ -1,0 +1,48 @@
+"""Rich progress bars with the rates users watch (examples/s, tokens/s, ETA)."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+console = Console()  # results (tables, summaries)
+status = Console(stderr=True)  # progress, notes and errors, kept out of piped results
+
+
+class RateProgress:
+    """A progress bar over items that also reports a second quantity per second (tokens)."""
+
+    def __init__(self, description: str, total: int, unit: str = "examples", extra_unit: str | None = "tokens",
+                 enabled: bool = True):
+        self.unit = unit
+        self.extra_unit = extra_unit
+        self.start = time.perf_counter()
+        self.extra = 0
+        self.done = 0
+        columns = [
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rates]}"),
+            TimeRemainingColumn(),
+        ]
+        self._progress = Progress(*columns, console=status, disable=not enabled, transient=False)
+        self._task = self._progress.add_task(description, total=total, rates="")
+
+    def __enter__(self) -> "RateProgress":
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.__exit__(*exc)
+
+    def advance(self, n: int, extra: int = 0) -> None:
+        self.done += n
+        self.extra += extra
+        dt = max(time.perf_counter() - self.start, 1e-9)
+        rates = f"{self.done / dt:,.1f} {self.unit}/s"
+        if self.extra_unit:
+            rates += f"  {self.extra / dt:,.0f} {self.extra_unit}/s"
+        self._progress.update(self._task, advance=n, rates=rates)

@@ -1,0 +1,311 @@
+"""The projection job: model + data -> a run directory of projected per-example gradients."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import Example, collate, file_sha256, fixed_size_batches, read_records, tokenize_records
+from .engines.projection import GradProjectionEngine
+from .errors import GhostprojError
+from .losses import LOSS_REDUCTIONS, causal_lm_losses
+from .models import config_hash, load_model, pad_token_id, position_limit
+from .progress import RateProgress, console
+from .projector import PROJECTOR_KINDS, load_projectors, projector_hash, save_projectors
+from .store import (
+    FORMAT_VERSION,
+    MANIFEST,
+    PROJECTOR_FILE,
+    STORE_DTYPES,
+    RunWriter,
+    differing_part,
+    fingerprint,
+    fingerprint_parts,
+    read_manifest,
+    weights_hash,
+    write_manifest,
+)
+
+# Settings a resumed run must share with the interrupted one, beyond the fingerprint.
+_RESUME_SETTINGS = ("max_length", "text_field", "store_dtype", "shard_size", "batch_size", "dtype")
+
+
+@dataclass
+class ProjectOptions:
+    """Options of ``ghostproj project``. Fields left None take their default, or the value
+    recorded in the ``like`` run."""
+
+    model: str
+    data: str
+    out: str
+    layers: list[str] | None = None
+    rank: int | None = None
+    rank_min: int | None = None
+    rank_in: int | None = None
+    rank_out: int | None = None
+    projector: str | None = None
+    seed: int | None = None
+    like: str | None = None
+    loss_reduction: str | None = None
+    bias: bool | None = None
+    batch_size: int = 8
+    max_length: int = 512
+    store_dtype: str = "bfloat16"
+    shard_size: int = 4096
+    device: str = "auto"
+    dtype: str = "float32"
+    text_field: str = "text"
+    resume: bool = True
+    show_progress: bool = True
+
+
+@dataclass
+class ProjectSummary:
+    out: str
+    examples: int = 0
+    tokens: int = 0  # label positions
+    no_label: int = 0
+    truncated: int = 0
+    dim: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    resumed_from: int = 0
+    already_complete: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+_DEFAULTS = {"rank": 256, "rank_min": 1, "projector": "gaussian", "seed": 0, "loss_reduction": "mean", "bias": False}
+
+
+def _apply_like(opts: ProjectOptions) -> tuple[dict | None, dict]:
+    """Resolve the run-defining options, from ``--like`` where given. Returns the like
+    manifest (or None) and the resolved values."""
+    resolved = {k: getattr(opts, k) for k in _DEFAULTS}
+    if not opts.like:
+        return None, {k: (v if v is not None else _DEFAULTS[k]) for k, v in resolved.items()}
+    like = read_manifest(opts.like)
+    recorded = {
+        "projector": like["projector"]["kind"],
+        "seed": like["projector"]["seed"],
+        "loss_reduction": like["loss_reduction"],
+        "bias": like["bias"],
+    }
+    for key, value in recorded.items():
+        if resolved[key] is not None and resolved[key] != value:
+            flag = "--" + key.replace("_", "-")
+            raise GhostprojError(f"{flag} {resolved[key]} contradicts the --like run, which used {value}.")
+    for key in ("rank", "rank_min", "rank_in", "rank_out"):
+        if getattr(opts, key) is not None:
+            raise GhostprojError(f"--{key.replace('_', '-')} cannot be combined with --like; the k's come from the --like run.")
+    if opts.layers:
+        names = [layer["name"] for layer in like["layers"]]
+        raise GhostprojError(f"--layers cannot be combined with --like; the --like run projects {', '.join(names)}.")
+    recorded["rank"], recorded["rank_min"] = None, None
+    return like, recorded
+
+
+def _check_choices(opts: ProjectOptions, values: dict) -> None:
+    if values["projector"] not in PROJECTOR_KINDS:
+        raise GhostprojError(f"Unknown --projector '{values['projector']}'; choose one of {', '.join(PROJECTOR_KINDS)}.")
+    if values["loss_reduction"] not in LOSS_REDUCTIONS:
+        raise GhostprojError(f"Unknown --loss-reduction '{values['loss_reduction']}'; choose mean or sum.")
+    if opts.store_dtype not in STORE_DTYPES:
+        raise GhostprojError(f"Unknown --store-dtype '{opts.store_dtype}'; choose one of {', '.join(STORE_DTYPES)}.")
+    if opts.max_length < 2:
+        raise GhostprojError(f"--max-length must be at least 2, got {opts.max_length}.")
+    if opts.batch_size < 1:
+        raise GhostprojError(f"--batch-size must be at least 1, got {opts.batch_size}.")
+    if opts.shard_size < 1:
+        raise GhostprojError(f"--shard-size must be at least 1, got {opts.shard_size}.")
+
+
+def build_engine(model, opts: ProjectOptions, values: dict, like: dict | None) -> GradProjectionEngine:
+    if like is None:
+        return GradProjectionEngine(
+            model,
+            opts.layers,
+            rank=values["rank"],
+            rank_min=values["rank_min"],
+            rank_in=opts.rank_in,
+            rank_out=opts.rank_out,
+            projector=values["projector"],
+            seed=values["seed"],
+            bias=values["bias"],
+        )
+    names = [layer["name"] for layer in like["layers"]]
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise GhostprojError(f"The model has no layer '{missing[0]}' that the --like run projects.")
+    projectors = load_projectors(Path(opts.like) / PROJECTOR_FILE, names)
+    ranks = {layer["name"]: (int(layer["k_in"]), int(layer["k_out"])) for layer in like["layers"]}
+    engine = GradProjectionEngine(
+        model,
+        ["re:^" + re.escape(n) + "$" for n in names],
+        projector=values["projector"],
+        seed=values["seed"],
+        bias=values["bias"],
+        ranks=ranks,
+        projectors=projectors,
+    )
+    return engine
+
+
+def _prepare_out_dir(out: Path, manifest: dict, resume: bool) -> dict | None:
+    """The existing manifest when this run resumes it, None for a fresh run. Refuses a
+    directory that holds something else, naming what differs."""
+    if out.exists() and not out.is_dir():
+        raise GhostprojError(f"Output path {out} exists and is not a directory.")
+    if not out.exists():
+        out.mkdir(parents=True)
+        return None
+    if not (out / MANIFEST).exists():
+        if any(out.iterdir()):
+            raise GhostprojError(f"Output directory {out} is not empty and holds no ghostproj run; choose another --out.")
+        return None
+    old = read_manifest(out)
+    part = differing_part(old, manifest)
+    if part is not None:
+        raise GhostprojError(f"{out} holds a different run (its {part} differ); choose another --out.")
+    if old.get("data", {}).get("sha256") != manifest["data"]["sha256"]:
+        raise GhostprojError(f"{out} holds a run over different data; choose another --out.")
+    for key in _RESUME_SETTINGS:
+        if old.get("settings", {}).get(key) != manifest["settings"].get(key):
+            flag = "--" + key.replace("_", "-")
+            raise GhostprojError(
+                f"{out} holds a run made with {flag} {old.get('settings', {}).get(key)}; rerun with the same value or choose another --out."
+            )
+    if not resume and not old.get("complete"):
+        raise GhostprojError(f"{out} holds an unfinished run and --no-resume was given; choose another --out.")
+    return old
+
+
+def run_project(opts: ProjectOptions) -> ProjectSummary:
+    t0 = time.perf_counter()
+    like, values = _apply_like(opts)
+    _check_choices(opts, values)
+    summary = ProjectSummary(out=opts.out)
+    records = read_records(opts.data)
+    model, tokenizer = load_model(opts.model, opts.dtype, opts.device)
+    device = next(model.parameters()).device
+
+    max_length = opts.max_length
+    limit = position_limit(model)
+    if limit is not None and max_length > limit:
+        summary.notes.append(f"--max-length {max_length} exceeds the model's position limit; capped to {limit}.")
+        max_length = limit
+    examples = tokenize_records(records, tokenizer, max_length, opts.text_field)
+
+    engine = build_engine(model, opts, values, like)
+    modules = dict(model.named_modules())
+    weight_tensors = []
+    for info in engine.layers:
+        weight_tensors.append((info.name + ".weight", modules[info.name].weight))
+        if engine.bias:
+            weight_tensors.append((info.name + ".bias", modules[info.name].bias))
+    parts = fingerprint_parts(engine.layers, weights_hash(weight_tensors), projector_hash(engine.projectors),
+                              values["loss_reduction"], values["bias"])
+    fp = fingerprint(parts)
+    fields = sorted({k for row in records.rows for k in row if not k.startswith("_")})
+    manifest = {
+        "format": FORMAT_VERSION,
+        "fingerprint": fp,
+        "fingerprint_parts": parts,
+        "model": {
+            "path": opts.model,
+            "class": type(model).__name__,
+            "config_hash": config_hash(model),
+            "weights_hash": parts["model_weights"],
+            "dtype": opts.dtype,
+        },
+        "data": {
+            "path": str(Path(opts.data).resolve()),
+            "sha256": file_sha256(opts.data),
+            "format": "jsonl" if Path(opts.data).suffix.lower() in (".jsonl", ".json", ".ndjson") else "text",
+            "text_field": opts.text_field,
+            "fields": fields,
+            "max_length": max_length,
+            "count": len(examples),
+        },
+        "loss_reduction": values["loss_reduction"],
+        "bias": values["bias"],
+        "projector": {"kind": values["projector"], "seed": values["seed"], "file": PROJECTOR_FILE},
+        "layers": [info.to_json() for info in engine.layers],
+        "dim": engine.dim,
+        "store_dtype": opts.store_dtype,
+        "settings": {
+            "max_length": max_length,
+            "text_field": opts.text_field,
+            "store_dtype": opts.store_dtype,
+            "shard_size": opts.shard_size,
+            "batch_size": opts.batch_size,
+            "dtype": opts.dtype,
+        },
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "shards": [],
+        "complete": False,
+    }
+
+    out = Path(opts.out)
+    old = _prepare_out_dir(out, manifest, opts.resume)
+    summary.dim = engine.dim
+    summary.truncated = sum(e.truncated for e in examples)
+    summary.no_label = sum(e.n_label_positions == 0 for e in examples)
+    summary.examples = len(examples)
+    summary.tokens = sum(e.n_label_positions for e in examples)
+    if old is not None and old.get("complete"):
+        summary.already_complete = True
+        summary.bytes = sum(s.get("bytes", 0) for s in old["shards"])
+        summary.seconds = time.perf_counter() - t0
+        return summary
+    if old is not None:
+        manifest["shards"] = old["shards"]
+        manifest["created"] = old.get("created", manifest["created"])
+    else:
+        save_projectors(out / PROJECTOR_FILE, engine.projectors, {"format": str(FORMAT_VERSION), "fingerprint": fp})
+        write_manifest(out, manifest)
+
+    writer = RunWriter(out, manifest, opts.shard_size)
+    start = writer.rows_written
+    summary.resumed_from = start
+    if start:
+        summary.notes.append(f"Resumed after {start} examples already written.")
+    todo = examples[start:]
+    pad = pad_token_id(tokenizer)
+    with RateProgress("projecting", total=len(todo), enabled=opts.show_progress) as bar, engine:
+        for batch_examples in fixed_size_batches(todo, opts.batch_size):
+            vectors, losses, counts = project_batch(model, engine, batch_examples, values["loss_reduction"], pad, device)
+            index = torch.tensor([e.index for e in batch_examples], dtype=torch.long)
+            writer.add(vectors, index, losses, counts)
+            bar.advance(len(batch_examples), int(counts.sum()))
+    writer.finish({k: v for k, v in asdict(summary).items() if k not in ("out", "notes", "already_complete")})
+    summary.bytes = sum(s["bytes"] for s in manifest["shards"])
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def project_batch(model, engine: GradProjectionEngine, examples: list[Example], loss_reduction: str, pad_id: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(vectors [B, D] float32 CPU, losses [B], label counts [B]) for one batch; examples with
+    no label position are not run and get zero vectors."""
+    b = len(examples)
+    vectors = torch.zeros(b, engine.dim, dtype=torch.float32)
+    losses = torch.zeros(b, dtype=torch.float32)
+    counts = torch.zeros(b, dtype=torch.int32)
+    live = [r for r, e in enumerate(examples) if e.n_label_positions > 0]
+    if not live:
+        return vectors, losses, counts
+    batch = collate([examples[r] for r in live], pad_id).to(device)
+    logits = model(**batch.model_inputs()).logits
+    per_example, n = causal_lm_losses(logits, batch.labels, loss_reduction)
+    per_example.sum().backward()
+    rows = torch.tensor(live)
+    vectors[rows] = engine.collect().cpu()
+    losses[rows] = per_example.detach().float().cpu()
+    counts[rows] = n.to(torch.int32).cpu()
+    return vectors, losses, counts

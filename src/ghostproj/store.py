@@ -1,0 +1,415 @@
+"""Projection run directories: shards, manifest, fingerprint, atomic writes and resume.
+
+A run directory holds ``manifest.json``, ``projector.safetensors`` and shards
+``grads-rRRR-SSSSS.safetensors``. Run directories may come from someone else, so readers
+validate names, sizes and dtypes against the manifest before reading any tensor data,
+and nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import GhostprojError
+from .layers import LayerInfo
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PROJECTOR_FILE = "projector.safetensors"
+SHARD_RE = re.compile(r"^grads-r(\d{3})-(\d{5})\.safetensors$")
+STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64, "I32": torch.int32}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+# Parts of the fingerprint, in the words `score` uses when two runs disagree.
+FINGERPRINT_PARTS = {
+    "model_weights": "model weights",
+    "layers": "layers",
+    "ranks": "k's (ranks)",
+    "projector": "projector matrices",
+    "loss_reduction": "loss reduction",
+    "bias": "bias flag",
+}
+
+
+def _sha(*chunks: bytes) -> str:
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def fingerprint(parts: dict[str, str]) -> str:
+    return _sha(json.dumps({k: parts[k] for k in sorted(parts)}, sort_keys=True).encode())
+
+
+def weights_hash(named_tensors: list[tuple[str, torch.Tensor]]) -> str:
+    h = hashlib.sha256()
+    for name, t in named_tensors:
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(tensor_bytes(t))
+    return h.hexdigest()
+
+
+def fingerprint_parts(
+    layers: list[LayerInfo], weights_sha: str, projector_sha: str, loss_reduction: str, bias: bool
+) -> dict[str, str]:
+    return {
+        "model_weights": weights_sha,
+        "layers": _sha(json.dumps([[i.name, i.type, i.n_in, i.n_out] for i in layers]).encode()),
+        "ranks": _sha(json.dumps([[i.k_in, i.k_out] for i in layers]).encode()),
+        "projector": projector_sha,
+        "loss_reduction": loss_reduction,
+        "bias": "true" if bias else "false",
+    }
+
+
+def differing_part(a: dict, b: dict) -> str | None:
+    """The first fingerprint part (in words) on which two manifests disagree, or None."""
+    pa, pb = a.get("fingerprint_parts", {}), b.get("fingerprint_parts", {})
+    for key, words in FINGERPRINT_PARTS.items():
+        if pa.get(key) != pb.get(key):
+            return words
+    if a.get("fingerprint") != b.get("fingerprint"):
+        return "fingerprint"
+    return None
+
+
+# -- atomic files ----------------------------------------------------------------------
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def write_manifest(run_dir: Path, manifest: dict) -> None:
+    atomic_write(run_dir / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+
+
+def read_manifest(run_dir: str | os.PathLike) -> dict:
+    run_dir = Path(run_dir)
+    path = run_dir / MANIFEST
+    if not run_dir.is_dir() or not path.is_file():
+        raise GhostprojError(f"{run_dir} is not a ghostproj projection run (no {MANIFEST}).")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise GhostprojError(f"{path} is damaged: it is not valid JSON.") from None
+    if not isinstance(manifest, dict) or "format" not in manifest:
+        raise GhostprojError(f"{path} is not a ghostproj manifest.")
+    if manifest["format"] != FORMAT_VERSION:
+        raise GhostprojError(
+            f"{path} has format {manifest['format']}, but this ghostproj reads format {FORMAT_VERSION}."
+        )
+    for key in ("fingerprint", "layers", "dim", "store_dtype", "shards"):
+        if key not in manifest:
+            raise GhostprojError(f"{path} is damaged: it lacks '{key}'.")
+    for shard in manifest["shards"]:
+        name = shard.get("file", "")
+        if not isinstance(name, str) or not SHARD_RE.match(name):
+            raise GhostprojError(f"{path} names a shard '{name}' that is not a plain shard file name; refusing it.")
+    return manifest
+
+
+# -- shard files ------------------------------------------------------------------------
+def encode_shard(grads: torch.Tensor, index: torch.Tensor, loss: torch.Tensor, tokens: torch.Tensor, fp: str) -> bytes:
+    from safetensors.torch import save
+
+    tensors = {
+        "grads": grads.contiguous(),
+        "index": index.to(torch.int64).contiguous(),
+        "loss": loss.to(torch.float32).contiguous(),
+        "tokens": tokens.to(torch.int32).contiguous(),
+    }
+    return save(tensors, metadata={"format": str(FORMAT_VERSION), "fingerprint": fp})
+
+
+@dataclass
+class ShardHeader:
+    path: Path
+    data_start: int
+    tensors: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]  # name -> dtype, shape, begin, end
+    metadata: dict[str, str]
+
+
+def read_shard_header(path: Path) -> ShardHeader:
+    """Parse and validate a safetensors header without reading tensor data."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("too short")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 << 20):
+                raise ValueError("header size out of range")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except FileNotFoundError:
+        raise GhostprojError(f"Shard {path} is missing.") from None
+    except (ValueError, UnicodeDecodeError, OSError):
+        raise GhostprojError(f"Shard {path} is damaged: its header cannot be read.") from None
+    data_start = 8 + n
+    metadata = header.pop("__metadata__", {}) or {}
+    tensors = {}
+    try:
+        for name, spec in header.items():
+            dtype = _ST_DTYPES[spec["dtype"]]
+            shape = tuple(int(s) for s in spec["shape"])
+            begin, end = (int(o) for o in spec["data_offsets"])
+            numel = int(np.prod(shape)) if shape else 1
+            if end - begin != numel * torch.empty(0, dtype=dtype).element_size() or data_start + end > size:
+                raise ValueError(name)
+            tensors[name] = (dtype, shape, begin, end)
+    except (KeyError, ValueError, TypeError):
+        raise GhostprojError(f"Shard {path} is damaged or truncated: its tensors do not fit the file.") from None
+    return ShardHeader(path, data_start, tensors, metadata)
+
+
+def validate_shard(header: ShardHeader, rows: int, dim: int, store_dtype: torch.dtype, fp: str) -> None:
+    want = {
+        "grads": (store_dtype, (rows, dim)),
+        "index": (torch.int64, (rows,)),
+        "loss": (torch.float32, (rows,)),
+        "tokens": (torch.int32, (rows,)),
+    }
+    for name, (dtype, shape) in want.items():
+        got = header.tensors.get(name)
+        if got is None or got[0] != dtype or got[1] != shape:
+            raise GhostprojError(f"Shard {header.path} does not match its manifest (tensor '{name}').")
+    if header.metadata.get("fingerprint") != fp:
+        raise GhostprojError(f"Shard {header.path} belongs to a different run (its fingerprint differs).")
+
+
+def read_rows(header: ShardHeader, name: str, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a 1-D or 2-D tensor, read from disk into fresh memory (no mmap,
+    so resident memory stays bounded by the chunk)."""
+    dtype, shape, begin, _ = header.tensors[name]
+    row_elems = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    count = (stop - start) * row_elems
+    buf = bytearray(count * itemsize)
+    with open(header.path, "rb") as f:
+        f.seek(header.data_start + begin + start * row_elems * itemsize)
+        got = f.readinto(buf)
+    if got != len(buf):
+        raise GhostprojError(f"Shard {header.path} is truncated.")
+    t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+    t = t.view(dtype)
+    return t.reshape((stop - start,) + tuple(shape[1:]))
+
+
+def layers_from_manifest(manifest: dict) -> list[LayerInfo]:
+    return [LayerInfo.from_json(d) for d in manifest["layers"]]
+
+
+# -- writing a run ---------------------------------------------------------------------
+class RunWriter:
+    """Buffers per-example rows and writes full shards atomically, rewriting the manifest
+    after each one so an interrupted run can resume from its last complete shard."""
+
+    def __init__(self, run_dir: Path, manifest: dict, shard_size: int, rank: int = 0):
+        if shard_size < 1:
+            raise GhostprojError(f"--shard-size must be at least 1, got {shard_size}.")
+        self.run_dir = run_dir
+        self.manifest = manifest
+        self.shard_size = shard_size
+        self.rank = rank
+        self.store_dtype = STORE_DTYPES[manifest["store_dtype"]]
+        self._buf: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._buffered = 0
+
+    @property
+    def rows_written(self) -> int:
+        return sum(s["rows"] for s in self.manifest["shards"])
+
+    def add(self, grads: torch.Tensor, index: torch.Tensor, loss: torch.Tensor, tokens: torch.Tensor) -> None:
+        self._buf.append((grads.detach().cpu(), index.cpu(), loss.detach().cpu(), tokens.cpu()))
+        self._buffered += grads.shape[0]
+        while self._buffered >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def finish(self, summary: dict) -> None:
+        if self._buffered:
+            self._flush(self._buffered)
+        self.manifest["complete"] = True
+        self.manifest["summary"] = summary
+        write_manifest(self.run_dir, self.manifest)
+
+    def _flush(self, n: int) -> None:
+        cols = [torch.cat([b[c] for b in self._buf]) for c in range(4)]
+        take = [c[:n] for c in cols]
+        rest = [c[n:] for c in cols]
+        self._buf = [tuple(rest)] if rest[0].shape[0] else []
+        self._buffered -= n
+        grads = take[0].float()
+        if not torch.isfinite(grads).all():
+            bad = int(take[1][~torch.isfinite(grads).all(dim=1)][0])
+            raise GhostprojError(f"Example {bad} produced a non-finite gradient; the model or data is broken there.")
+        stored = grads.to(self.store_dtype)
+        if not torch.isfinite(stored).all():
+            raise GhostprojError(
+                f"Projected gradients exceed the range of {self.manifest['store_dtype']}; use --store-dtype bfloat16 or float32."
+            )
+        seq = sum(1 for s in self.manifest["shards"] if s.get("rank", 0) == self.rank)
+        name = f"grads-r{self.rank:03d}-{seq:05d}.safetensors"
+        data = encode_shard(stored, take[1], take[2], take[3], self.manifest["fingerprint"])
+        atomic_write(self.run_dir / name, data)
+        self.manifest["shards"].append(
+            {
+                "file": name,
+                "rank": self.rank,
+                "rows": n,
+                "sha256": _sha(data),
+                "bytes": len(data),
+                "index_min": int(take[1].min()),
+                "index_max": int(take[1].max()),
+            }
+        )
+        write_manifest(self.run_dir, self.manifest)
+
+
+# -- reading a run ---------------------------------------------------------------------
+@dataclass
+class Run:
+    """A validated projection run (or a single shard file) ready for chunked reads."""
+
+    path: Path
+    manifest: dict
+    shards: list[ShardHeader]
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def rows(self) -> int:
+        return sum(h.tensors["index"][1][0] for h in self.shards)
+
+    @property
+    def layers(self) -> list[LayerInfo]:
+        return layers_from_manifest(self.manifest)
+
+    def iter_chunks(self, chunk_rows: int = 8192):
+        """Yield (index [n] int64, grads [n, D] in the store dtype) in shard order."""
+        for h in self.shards:
+            n = h.tensors["index"][1][0]
+            for start in range(0, n, chunk_rows):
+                stop = min(n, start + chunk_rows)
+                yield read_rows(h, "index", start, stop), read_rows(h, "grads", start, stop)
+
+    def read_column(self, name: str) -> torch.Tensor:
+        parts = [read_rows(h, name, 0, h.tensors[name][1][0]) for h in self.shards]
+        return torch.cat(parts) if parts else torch.empty(0)
+
+
+def _shard_only_manifest(path: Path, header: ShardHeader) -> dict:
+    """A single shard outside its run directory: one anonymous block of D columns."""
+    parent = path.parent
+    if (parent / MANIFEST).is_file():
+        manifest = read_manifest(parent)
+        entry = next((s for s in manifest["shards"] if s["file"] == path.name), None)
+        if entry is None:
+            raise GhostprojError(f"{path} is not listed in the manifest beside it.")
+        manifest = dict(manifest, shards=[entry])
+        return manifest
+    grads = header.tensors.get("grads")
+    if grads is None or len(grads[1]) != 2:
+        raise GhostprojError(f"{path} is not a ghostproj shard (it has no 2-D 'grads' tensor).")
+    dtype_name = next(k for k, v in STORE_DTYPES.items() if v == grads[0])
+    dim = grads[1][1]
+    return {
+        "format": FORMAT_VERSION,
+        "fingerprint": header.metadata.get("fingerprint", ""),
+        "fingerprint_parts": {},
+        "layers": [{"name": "all", "type": "?", "n_in": 0, "n_out": 0, "k_in": dim, "k_out": 1, "offset": 0}],
+        "dim": dim,
+        "store_dtype": dtype_name,
+        "shards": [{"file": path.name, "rows": grads[1][0], "bytes": path.stat().st_size}],
+        "data": {},
+        "complete": True,
+    }
+
+
+def open_run(path: str | os.PathLike, require_complete: bool = True) -> Run:
+    """Open a run directory or single shard file, checking sizes, dtypes and headers of
+    every shard against the manifest before any tensor data is read."""
+    p = Path(path)
+    if p.is_file():
+        if not SHARD_RE.match(p.name) and p.suffix != ".safetensors":
+            raise GhostprojError(f"{p} is neither a projection run directory nor a shard file.")
+        header = read_shard_header(p)
+        manifest = _shard_only_manifest(p, header)
+        base = p.parent
+    elif p.is_dir():
+        manifest = read_manifest(p)
+        base = p
+    else:
+        raise GhostprojError(f"{p} does not exist.")
+    if require_complete and not manifest.get("complete", False):
+        raise GhostprojError(f"{p} is an unfinished run; rerun its project command to complete it.")
+    store_dtype = STORE_DTYPES.get(manifest["store_dtype"])
+    if store_dtype is None:
+        raise GhostprojError(f"{p} records an unknown store dtype '{manifest['store_dtype']}'.")
+    headers = []
+    for entry in manifest["shards"]:
+        shard_path = base / entry["file"]
+        if not shard_path.is_file():
+            raise GhostprojError(f"Shard {shard_path} is missing.")
+        if "bytes" in entry and shard_path.stat().st_size != entry["bytes"]:
+            raise GhostprojError(f"Shard {shard_path} is damaged or truncated: its size differs from the manifest.")
+        header = read_shard_header(shard_path)
+        validate_shard(header, int(entry["rows"]), int(manifest["dim"]), store_dtype, manifest["fingerprint"])
+        headers.append(header)
+    return Run(base if p.is_dir() else p, manifest, headers)
+
+
+@dataclass
+class VerifyReport:
+    manifest: dict
+    rows: int
+    bytes: int
+
+
+def verify_run(path: str | os.PathLike, hash_shards: bool = True) -> VerifyReport:
+    """Check every shard (sha256 unless ``hash_shards`` is False) and the row coverage."""
+    run = open_run(path, require_complete=False)
+    total = 0
+    for entry, header in zip(run.manifest["shards"], run.shards):
+        total += header.path.stat().st_size
+        if hash_shards and "sha256" in entry:
+            h = hashlib.sha256()
+            with open(header.path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+            if h.hexdigest() != entry["sha256"]:
+                raise GhostprojError(f"Shard {header.path} is damaged: its sha256 differs from the manifest.")
+    index = run.read_column("index")
+    if index.numel() != index.unique().numel():
+        raise GhostprojError(f"{path} holds some examples more than once.")
+    count = run.manifest.get("data", {}).get("count")
+    if run.manifest.get("complete") and count is not None and index.numel() != count:
+        raise GhostprojError(f"{path} holds {index.numel()} rows but its data has {count} examples.")
+    return VerifyReport(run.manifest, index.numel(), total)
