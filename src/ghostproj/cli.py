@@ -187,6 +187,34 @@ def non_interf(
 
 
 @app.command()
+def score(
+    train: str = typer.Argument(..., help="Training run directory or shard file."),
+    query: str = typer.Argument(..., help="Query run directory or shard file (projected with --like TRAIN)."),
+    metric: str = typer.Option("cosine", help="cosine, dot, influence or influence-full."),
+    normalize: Optional[str] = typer.Option(None, help="none, unit or layer (per-layer unit norm before combining)."),
+    center: bool = typer.Option(False, "--center/--no-center", help="Subtract the training mean vector first."),
+    damping: float = typer.Option(0.1, help="Influence damping: lambda_l = damping * mean diag F_l."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Score only these projected layers (patterns)."),
+    top_k: int = typer.Option(10, help="Best training examples kept per query."),
+    show: int = typer.Option(3, help="Queries whose top-k table is printed (0: none)."),
+    out: Optional[str] = typer.Option(None, help="Write the full scores matrix (safetensors)."),
+    topk_out: Optional[str] = typer.Option(None, help="Write the top-k per query (JSONL)."),
+    reduce: Optional[str] = typer.Option(None, help="One score per training example: mean or max."),
+    group_field: Optional[str] = typer.Option(None, help="Query data field grouping queries for --reduce max."),
+    select_out: Optional[str] = typer.Option(None, help="Write the per-example scores (.jsonl or .safetensors)."),
+    chunk_rows: int = typer.Option(8192, help="Training rows read per chunk."),
+) -> None:
+    """Score training examples against query examples (similarity or influence)."""
+    from .score_job import run_score_command
+
+    run_score_command(
+        train, query, metric=metric, normalize=normalize, center=center, damping=damping, layers=_split(layers),
+        top_k=top_k, show=show, out=out, topk_out=topk_out, reduce=reduce, group_field=group_field,
+        select_out=select_out, chunk_rows=chunk_rows, console=_console(), status=_status(),
+    )
+
+
+@app.command()
 def inspect(
     run_dir: str = typer.Argument(..., help="Projection run directory."),
     quick: bool = typer.Option(False, help="Skip hashing the shards."),
@@ -212,6 +240,18 @@ def inspect(
     state = "complete" if m.get("complete") else "INCOMPLETE (rerun the same project command to resume)"
     con.print(f"{report.rows} rows in {len(m['shards'])} shards, {_human_bytes(report.bytes)}, {state}; "
               f"shards {'verified (sha256)' if not quick else 'checked (sizes and headers)'}.")
+
+
+@app.command()
+def demo(
+    out: str = typer.Option("ghostproj-demo", help="Directory for the demo's projection runs."),
+    top_k: int = typer.Option(10, help="Matches per query."),
+    show: int = typer.Option(3, help="Queries whose matches are printed."),
+) -> None:
+    """Project the embedded corpus, score held-out queries and show what ghostproj finds."""
+    from .demo import run_demo
+
+    run_demo(out, _console(), _status(), top_k=top_k, show=show)
 
 
 def main() -> None:

@@ -158,3 +158,23 @@ def fixed_size_batches(examples: Iterable[Example], batch_size: int) -> Iterator
             batch = []
     if batch:
         yield batch
+
+
+def records_for_run(manifest: dict) -> tuple[Records | None, str]:
+    """The data rows a run was projected from, if the file is still there unchanged, and
+    the reason when it is not."""
+    data = manifest.get("data", {})
+    path = data.get("path")
+    if not path or not Path(path).is_file():
+        return None, f"the data file {path} is not at hand"
+    if data.get("sha256") and file_sha256(path) != data["sha256"]:
+        return None, f"the data file {path} changed since projection"
+    try:
+        return read_records(path), ""
+    except GhostprojError as exc:
+        return None, str(exc)
+
+
+def record_field(records: Records, index: int, name: str):
+    row = records.rows[index] if 0 <= index < len(records.rows) else {}
+    return row.get(name)

@@ -251,3 +251,56 @@ def ensure_demo(log=None) -> DemoAssets:
         raise
     say(f"Demo model ready in {time.perf_counter() - t0:.0f} s (final training loss {loss:.2f}).")
     return assets
+
+
+def topic_precision(result, train_topics: dict[int, str], query_topics: dict[int, str]) -> float:
+    """Mean fraction of each query's top-k training examples that share its topic."""
+    hits = []
+    for j in range(result.topk_train.shape[0]):
+        topic = query_topics[int(result.query_index[j])]
+        hits.append(sum(train_topics[int(i)] == topic for i in result.topk_train[j].tolist()) / result.topk_train.shape[1])
+    return sum(hits) / len(hits)
+
+
+def run_demo(out: str | os.PathLike, console, status, top_k: int = 10, show: int = 3) -> dict[str, float]:
+    """Project the demo's training and query splits, score them, print the best matches and
+    same-topic precision@k of each metric next to the random baseline."""
+    from rich.table import Table
+
+    from .data import read_records
+    from .project import ProjectOptions, run_project
+    from .score_job import run_score_command
+    from .scoring import score
+
+    assets = ensure_demo(lambda m: status.print(f"[dim]{m}[/dim]"))
+    out = Path(out)
+    train_dir, query_dir = out / "train.st", out / "query.st"
+    for data, run_dir, like in ((assets.train, train_dir, None), (assets.query, query_dir, train_dir)):
+        s = run_project(ProjectOptions(model=str(assets.model), data=str(data), out=str(run_dir),
+                                       like=str(like) if like else None, batch_size=16, max_length=64))
+        status.print(f"[dim]projected {s.examples} examples into {run_dir} (D={s.dim}"
+                     f"{', reused' if s.already_complete else f', {s.seconds:.1f} s'})[/dim]")
+    console.print(f"[bold]Which training texts push the model like each query?[/bold] (cosine, top {top_k})")
+    run_score_command(str(train_dir), str(query_dir), metric="cosine", normalize=None, center=False, damping=0.1,
+                      layers=None, top_k=top_k, show=show, out=None, topk_out=None, reduce=None, group_field=None,
+                      select_out=None, chunk_rows=8192, console=console, status=status)
+
+    train_topics = {i: r["topic"] for i, r in enumerate(read_records(assets.train).rows)}
+    query_topics = {i: r["topic"] for i, r in enumerate(read_records(assets.query).rows)}
+    precisions = {}
+    for metric in ("cosine", "dot", "influence"):
+        result = score(train_dir, query_dir, metric=metric, top_k=top_k)
+        precisions[metric] = topic_precision(result, train_topics, query_topics)
+    counts: dict[str, int] = {}
+    for t in train_topics.values():
+        counts[t] = counts.get(t, 0) + 1
+    baseline = sum(counts[t] / len(train_topics) for t in query_topics.values()) / len(query_topics)
+    precisions["random"] = baseline
+    table = Table(title=f"same-topic precision@{top_k} over {len(query_topics)} held-out queries", title_justify="left")
+    table.add_column("metric")
+    table.add_column(f"precision@{top_k}", justify="right")
+    for name, value in precisions.items():
+        table.add_row(name if name != "random" else "random baseline", f"{value:.3f}")
+    console.print(table)
+    console.print(f"Runs kept in {out}/ — try: ghostproj score {train_dir} {query_dir} --metric influence --top-k 5")
+    return precisions

@@ -1,0 +1,142 @@
+"""The score job: open two runs, score them, write the requested files, print tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from .data import record_field, records_for_run
+from .errors import GhostprojError
+from .progress import RateProgress
+from .scoring import ScoreResult, score
+from .store import atomic_write, open_run
+
+
+def _shorten(text, width: int = 90) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _check_writable(path: str | None, flag: str) -> None:
+    if path is None:
+        return
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise GhostprojError(f"{flag} {path}: the directory {parent} does not exist.")
+    if Path(path).is_dir():
+        raise GhostprojError(f"{flag} {path} is a directory; give a file name.")
+
+
+def write_scores(path: str, result: ScoreResult) -> None:
+    from safetensors.torch import save
+
+    tensors = {"scores": result.scores.contiguous(), "train_index": result.train_index.contiguous(),
+               "query_index": result.query_index.contiguous()}
+    atomic_write(Path(path), save(tensors))
+
+
+def write_topk(path: str, result: ScoreResult) -> None:
+    lines = []
+    for j in range(result.topk_train.shape[0]):
+        lines.append(json.dumps({
+            "query": int(result.query_index[j]),
+            "train": [int(i) for i in result.topk_train[j]],
+            "scores": [float(v) for v in result.topk_scores[j]],
+        }))
+    atomic_write(Path(path), ("\n".join(lines) + "\n").encode())
+
+
+def write_selection(path: str, result: ScoreResult) -> None:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save
+
+        atomic_write(Path(path), save({"index": result.train_index.contiguous(), "score": result.selection.contiguous()}))
+        return
+    lines = [json.dumps({"index": int(i), "score": float(v)}) for i, v in zip(result.train_index, result.selection)]
+    atomic_write(Path(path), ("\n".join(lines) + "\n").encode())
+
+
+def run_score_command(train: str, query: str, *, metric: str, normalize: str | None, center: bool, damping: float,
+                      layers: list[str] | None, top_k: int, show: int, out: str | None, topk_out: str | None,
+                      reduce: str | None, group_field: str | None, select_out: str | None, chunk_rows: int,
+                      console, status) -> ScoreResult:
+    for path, flag in ((out, "--out"), (topk_out, "--topk-out"), (select_out, "--select-out")):
+        _check_writable(path, flag)
+    if select_out and not reduce:
+        raise GhostprojError("--select-out needs --reduce mean or --reduce max.")
+    if group_field and reduce != "max":
+        raise GhostprojError("--group-field only applies with --reduce max.")
+    if chunk_rows < 1:
+        raise GhostprojError(f"--chunk-rows must be at least 1, got {chunk_rows}.")
+    train_run, query_run = open_run(train), open_run(query)
+
+    groups = None
+    if group_field:
+        query_records, why = records_for_run(query_run.manifest)
+        if query_records is None:
+            raise GhostprojError(f"--group-field needs the query data, but {why}.")
+        qi = query_run.read_column("index").tolist()
+        groups = [record_field(query_records, i, group_field) for i in qi]
+        if any(g is None for g in groups):
+            raise GhostprojError(f"Some query rows have no field '{group_field}'.")
+        groups = [str(g) for g in groups]
+
+    with RateProgress("scoring", total=train_run.rows, unit="rows", extra_unit=None) as bar:
+        result = score(train_run, query_run, metric=metric, normalize=normalize, center=center, damping=damping,
+                       layers=layers, top_k=top_k, reduce=reduce, query_groups=groups, keep_matrix=out is not None,
+                       chunk_rows=chunk_rows, progress=bar)
+    if out:
+        write_scores(out, result)
+    if topk_out:
+        write_topk(topk_out, result)
+    if select_out:
+        write_selection(select_out, result)
+
+    train_records, train_why = records_for_run(train_run.manifest)
+    query_records, query_why = records_for_run(query_run.manifest)
+    text_field = train_run.manifest.get("data", {}).get("text_field", "text")
+    q_field = query_run.manifest.get("data", {}).get("text_field", "text")
+    if show > 0:
+        if train_records is None:
+            status.print(f"[dim]texts not shown: {train_why}[/dim]")
+        for j in range(min(show, result.topk_train.shape[0])):
+            qidx = int(result.query_index[j])
+            title = f"query {qidx}"
+            if query_records is not None:
+                title += ": " + _shorten(record_field(query_records, qidx, q_field) or "", 80)
+            table = Table(title=title, title_justify="left")
+            table.add_column("rank", justify="right")
+            table.add_column("train", justify="right")
+            table.add_column(metric, justify="right")
+            if train_records is not None:
+                table.add_column("text")
+            for r in range(result.topk_train.shape[1]):
+                tidx = int(result.topk_train[j, r])
+                cells = [str(r + 1), str(tidx), f"{float(result.topk_scores[j, r]):.4g}"]
+                if train_records is not None:
+                    cells.append(_shorten(record_field(train_records, tidx, text_field) or ""))
+                table.add_row(*cells)
+            console.print(table)
+    if reduce and show > 0:
+        order = torch.argsort(result.selection, descending=True)
+        table = Table(title=f"selection scores (--reduce {reduce}): best and worst", title_justify="left")
+        table.add_column("", justify="left")
+        table.add_column("train", justify="right")
+        table.add_column("score", justify="right")
+        if train_records is not None:
+            table.add_column("text")
+        n = min(5, len(order))
+        for label, rows in (("best", order[:n]), ("worst", order[-n:].flip(0))):
+            for pos in rows.tolist():
+                tidx = int(result.train_index[pos])
+                cells = [label, str(tidx), f"{float(result.selection[pos]):.4g}"]
+                if train_records is not None:
+                    cells.append(_shorten(record_field(train_records, tidx, text_field) or ""))
+                table.add_row(*cells)
+        console.print(table)
+    status.print(f"[green]scored[/green] {train_run.rows} x {query_run.rows} ({metric}) in {result.seconds:.1f} s"
+                 + "".join(f"; wrote {p}" for p in (out, topk_out, select_out) if p))
+    return result
