@@ -98,12 +98,13 @@ def project(
     for note in s.notes:
         _status().print(f"[yellow]note:[/yellow] {note}")
     if s.already_complete:
-        con.print(f"{out} already holds this complete run ({s.examples} examples); nothing to do.")
+        con.print(f"{out} already holds this complete run ({s.examples} examples); nothing to do.", soft_wrap=True)
         return
     con.print(
         f"[green]done[/green]: {s.examples} examples, {s.tokens} label tokens, D={s.dim}, "
         f"{s.no_label} without label positions (zero vectors), {s.truncated} truncated, "
-        f"{_human_bytes(s.bytes)} in {out}, {s.seconds:.1f} s"
+        f"{_human_bytes(s.bytes)} in {out}, {s.seconds:.1f} s",
+        soft_wrap=True,
     )
 
 
@@ -254,16 +255,20 @@ def demo(
     run_demo(out, _console(), _status(), top_k=top_k, show=show)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one sentence on stderr and a non-zero exit."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app()
+        app(args=argv)  # standalone: usage errors print usage and exit 2
     except GhostprojError as exc:
         _status().print(f"[red]error:[/red] {exc}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         _status().print("[yellow]interrupted[/yellow]: every shard already written is kept; rerun to resume.")
         sys.exit(130)
+    except OSError as exc:
+        _status().print(f"[red]error:[/red] {exc.strerror or exc} ({exc.filename or 'file system'}).", highlight=False)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-console = Console()  # results (tables, summaries)
-status = Console(stderr=True)  # progress, notes and errors, kept out of piped results
+console = Console(soft_wrap=True)  # results (tables, summaries)
+status = Console(stderr=True, soft_wrap=True)  # progress, notes and errors, kept out of piped results
 
 
 class RateProgress:

@@ -96,15 +96,13 @@ def build_projectors(
 
 
 def save_projectors(path, projectors: dict[str, LayerProjector], metadata: dict[str, str]) -> None:
-    from safetensors.torch import save
-
-    from .store import atomic_write
+    from .store import atomic_write, encode_safetensors
 
     tensors = {}
     for name, p in projectors.items():
         tensors[f"{name}.in"] = p.p_in.detach().cpu().contiguous()
         tensors[f"{name}.out"] = p.p_out.detach().cpu().contiguous()
-    atomic_write(Path(path), save(tensors, metadata=metadata))
+    atomic_write(Path(path), encode_safetensors(tensors, metadata))
 
 
 def load_projectors(path, layer_names: list[str]) -> dict[str, LayerProjector]:

@@ -12,7 +12,7 @@ from .data import record_field, records_for_run
 from .errors import GhostprojError
 from .progress import RateProgress
 from .scoring import ScoreResult, score
-from .store import atomic_write, open_run
+from .store import atomic_write, encode_safetensors, open_run
 
 
 def _shorten(text, width: int = 90) -> str:
@@ -31,11 +31,8 @@ def _check_writable(path: str | None, flag: str) -> None:
 
 
 def write_scores(path: str, result: ScoreResult) -> None:
-    from safetensors.torch import save
-
-    tensors = {"scores": result.scores.contiguous(), "train_index": result.train_index.contiguous(),
-               "query_index": result.query_index.contiguous()}
-    atomic_write(Path(path), save(tensors))
+    tensors = {"scores": result.scores, "train_index": result.train_index, "query_index": result.query_index}
+    atomic_write(Path(path), encode_safetensors(tensors))
 
 
 def write_topk(path: str, result: ScoreResult) -> None:
@@ -51,9 +48,7 @@ def write_topk(path: str, result: ScoreResult) -> None:
 
 def write_selection(path: str, result: ScoreResult) -> None:
     if path.endswith(".safetensors"):
-        from safetensors.torch import save
-
-        atomic_write(Path(path), save({"index": result.train_index.contiguous(), "score": result.selection.contiguous()}))
+        atomic_write(Path(path), encode_safetensors({"index": result.train_index, "score": result.selection}))
         return
     lines = [json.dumps({"index": int(i), "score": float(v)}) for i, v in zip(result.train_index, result.selection)]
     atomic_write(Path(path), ("\n".join(lines) + "\n").encode())

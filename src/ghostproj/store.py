@@ -27,7 +27,10 @@ MANIFEST = "manifest.json"
 PROJECTOR_FILE = "projector.safetensors"
 SHARD_RE = re.compile(r"^grads-r(\d{3})-(\d{5})\.safetensors$")
 STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64, "I32": torch.int32}
+_ST_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8,
+}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 # Parts of the fingerprint, in the words `score` uses when two runs disagree.
 FINGERPRINT_PARTS = {
@@ -135,16 +138,32 @@ def read_manifest(run_dir: str | os.PathLike) -> dict:
 
 
 # -- shard files ------------------------------------------------------------------------
-def encode_shard(grads: torch.Tensor, index: torch.Tensor, loss: torch.Tensor, tokens: torch.Tensor, fp: str) -> bytes:
-    from safetensors.torch import save
+def encode_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Serialize tensors in the safetensors format with a deterministic header (sorted keys,
+    fixed metadata order), so identical runs give byte-identical files."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {k: str(metadata[k]) for k in sorted(metadata)}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        raw = tensor_bytes(t)
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # keep tensor data 8-byte aligned
+    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
 
+
+def encode_shard(grads: torch.Tensor, index: torch.Tensor, loss: torch.Tensor, tokens: torch.Tensor, fp: str) -> bytes:
     tensors = {
-        "grads": grads.contiguous(),
-        "index": index.to(torch.int64).contiguous(),
-        "loss": loss.to(torch.float32).contiguous(),
-        "tokens": tokens.to(torch.int32).contiguous(),
+        "grads": grads,
+        "index": index.to(torch.int64),
+        "loss": loss.to(torch.float32),
+        "tokens": tokens.to(torch.int32),
     }
-    return save(tensors, metadata={"format": str(FORMAT_VERSION), "fingerprint": fp})
+    return encode_safetensors(tensors, {"format": str(FORMAT_VERSION), "fingerprint": fp})
 
 
 @dataclass

@@ -1,0 +1,102 @@
+"""Tiny models, a tokenizer trained in milliseconds, and an independent naive reference."""
+
+import json
+
+import torch
+import torch.nn.functional as F
+
+from ghostproj.cli import main
+
+CORPUS = [
+    "the cat sat on the mat", "stocks fell as the bank raised rates", "the orchestra played a symphony",
+    "compile the code and run the tests", "the doctor treated the fever", "planets orbit the sun",
+    "bake the bread for forty minutes", "the striker scored a goal in the last minute",
+] * 20
+
+
+def build_tokenizer():
+    from ghostproj.demo import train_tokenizer
+
+    return train_tokenizer(CORPUS, vocab_size=300)
+
+
+def tiny_gpt2(vocab_size, n_positions=64):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=64, n_layer=2, n_head=4,
+                     bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_llama(vocab_size):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def kron_reference(model, examples, engine, reduction="mean"):
+    """Each example alone, full autograd, the per-example gradient flattened in (n_out, n_in)
+    orientation and multiplied by the explicit dense Kronecker matrix kron(P_out, P_in).
+    Written without the library's loss helper or reference code."""
+    modules = dict(model.named_modules())
+    out = torch.zeros(len(examples), engine.dim, dtype=torch.float64)
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(True)
+    try:
+        for r, ex in enumerate(examples):
+            ids = torch.tensor([ex.input_ids])
+            if ids.shape[1] < 2:
+                continue
+            labels = ids[0, 1:].clone()
+            if ex.loss_mask is not None:
+                labels[~torch.tensor(ex.loss_mask[1:])] = -100
+            if (labels != -100).sum() == 0:
+                continue
+            model.zero_grad(set_to_none=True)
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            loss = F.cross_entropy(logits, labels, ignore_index=-100, reduction=reduction)
+            loss.backward()
+            for info in engine.layers:
+                m = modules[info.name]
+                w = m.weight.grad
+                g = w.t() if type(m).__name__ == "Conv1D" else w  # Conv1D stores (n_in, n_out)
+                if engine.bias:
+                    g = torch.cat([g, m.bias.grad[:, None]], dim=1)
+                p = engine.projectors[info.name]
+                dense = torch.kron(p.p_out.double(), p.p_in.double())  # (k_out*k_in, n_out*n_in)
+                out[r, info.offset:info.offset + info.size] = dense @ g.double().reshape(-1)
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+    return out
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    num = (a - b).norm(dim=1)
+    den = b.norm(dim=1)
+    return torch.where(den > 0, num / den.clamp(min=1e-300), num).max().item()
+
+
+def run_cli(args, capsys=None):
+    """(exit code, stdout, stderr) of the CLI run in-process."""
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    if capsys is not None:
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+    return code, "", ""

@@ -1,0 +1,196 @@
+import pytest
+import torch
+from torch import nn
+
+from ghostproj import GradProjectionEngine, causal_lm_losses
+from ghostproj.checks import _module_state, engine_projected_grads, non_interference
+from ghostproj.data import Example, collate
+from helpers import kron_reference, rel_err, tiny_gpt2, tiny_llama
+
+
+def make_examples(tokenizer, max_length=48):
+    texts = [
+        "the orchestra played a symphony while the cat sat on the mat",
+        "bake the bread",
+        "x",  # one token: no label position
+        "stocks fell as the bank raised rates " * 12,  # truncated below
+        "the doctor treated the fever and the striker scored",
+        "planets orbit the sun",
+    ]
+    out = []
+    for i, t in enumerate(texts):
+        ids = tokenizer(t)["input_ids"]
+        out.append(Example(i, ids[:max_length], truncated=len(ids) > max_length))
+    assert out[3].truncated and out[2].n_label_positions == 0
+    # a masked prompt: only the last tokens carry loss
+    n = len(out[4].input_ids)
+    out[4].loss_mask = [False] * (n - 3) + [True] * 3
+    return out
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model(request, tokenizer):
+    torch.manual_seed(1)
+    m = tiny_gpt2(len(tokenizer)) if request.param == "gpt2" else tiny_llama(len(tokenizer))
+    # trained-looking weights: random biases so the bias column matters
+    with torch.no_grad():
+        for mod in m.modules():
+            if getattr(mod, "bias", None) is not None and isinstance(mod.bias, torch.Tensor):
+                mod.bias.normal_(0, 0.02)
+    return m
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "orthonormal"])
+def test_engine_matches_kronecker_reference(model, tokenizer, reduction, kind):
+    examples = make_examples(tokenizer)
+    engine = GradProjectionEngine(model, None, rank=64, projector=kind, seed=3)
+    got = engine_projected_grads(model, examples, engine, reduction)
+    ref = kron_reference(model, examples, engine, reduction)
+    assert ref.abs().max() > 0
+    assert rel_err(got, ref) <= 1e-4
+    assert torch.all(got[2] == 0)  # no label position -> zero vector
+
+
+def test_bias_column(tokenizer):
+    torch.manual_seed(2)
+    m = tiny_gpt2(len(tokenizer))
+    with torch.no_grad():
+        for mod in m.modules():
+            if type(mod).__name__ == "Conv1D":
+                mod.bias.normal_(0, 0.1)
+    examples = make_examples(tokenizer)
+    engine = GradProjectionEngine(m, ["mlp.c_fc", "attn.c_proj"], rank=32, bias=True)
+    assert all(info.n_in == 65 for info in engine.layers)
+    got = engine_projected_grads(m, examples, engine)
+    ref = kron_reference(m, examples, engine)
+    assert rel_err(got, ref) <= 1e-4
+
+
+def test_batch_invariance(model, tokenizer):
+    examples = make_examples(tokenizer)
+    engine = GradProjectionEngine(model, None, rank=64)
+    batched = engine_projected_grads(model, examples, engine)
+    for i in (0, 1, 3):
+        alone = engine_projected_grads(model, [examples[i]], engine)
+        assert rel_err(batched[i:i + 1], alone) <= 1e-5
+    # batch order and neighbours do not matter either
+    rev = engine_projected_grads(model, examples[::-1], engine)
+    assert rel_err(rev.flip(0), batched) <= 1e-5
+
+
+def test_conv1d_and_linear_give_identical_vectors(tokenizer):
+    torch.manual_seed(4)
+    gpt = tiny_gpt2(len(tokenizer))
+    # the same network with every Conv1D replaced by an equivalent nn.Linear
+    import copy
+
+    lin = copy.deepcopy(gpt)
+    for name, mod in list(lin.named_modules()):
+        if type(mod).__name__ == "Conv1D":
+            n_in, n_out = mod.weight.shape
+            new = nn.Linear(n_in, n_out)
+            with torch.no_grad():
+                new.weight.copy_(mod.weight.t())
+                new.bias.copy_(mod.bias)
+            parent = lin.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[1], new)
+    examples = make_examples(tokenizer)
+    e1 = GradProjectionEngine(gpt, ["c_attn", "c_fc"], rank=64, bias=True)
+    e2 = GradProjectionEngine(lin, ["c_attn", "c_fc"], rank=64, bias=True)
+    assert [i.type for i in e1.layers] == ["Conv1D"] * 4 and [i.type for i in e2.layers] == ["Linear"] * 4
+    a = engine_projected_grads(gpt, examples, e1)
+    b = engine_projected_grads(lin, examples, e2)
+    assert rel_err(a, b) <= 1e-5
+
+
+def test_projection_mode_computes_no_weight_gradient_and_restores(model, tokenizer):
+    examples = make_examples(tokenizer)
+    before = _module_state(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    engine = GradProjectionEngine(model, None, rank=16)
+    batch = collate(examples)
+    with engine:
+        assert not any(p.requires_grad for p in model.parameters())
+        losses, _ = causal_lm_losses(model(**batch.model_inputs()).logits, batch.labels)
+        losses.sum().backward()
+        assert all(p.grad is None for p in model.parameters())
+        v = engine.collect()
+    assert v.shape == (len(examples), engine.dim) and v.abs().sum() > 0
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert _module_state(model) == before
+
+
+def test_backward_stops_at_lowest_projected_layer(tokenizer):
+    """Projecting only the top block: nothing below it is differentiated."""
+    torch.manual_seed(0)
+    m = tiny_gpt2(len(tokenizer))
+    seen = []
+    lower = m.transformer.h[0].mlp.c_fc
+    lower.register_full_backward_hook(lambda *a: seen.append("h0"))
+    examples = make_examples(tokenizer)
+    engine = GradProjectionEngine(m, ["h.1."], rank=16)
+    got = engine_projected_grads(m, examples, engine)
+    assert seen == [] and got.abs().sum() > 0
+    ref = kron_reference(m, examples, engine)
+    assert rel_err(got, ref) <= 1e-4
+
+
+class TwiceMLP(nn.Module):
+    """Uses one Linear twice in a forward pass (shared weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+def test_shared_module_accumulates_over_calls():
+    torch.manual_seed(0)
+    net = TwiceMLP()
+    x = torch.randn(5, 8)
+    y = torch.randint(0, 3, (5,))
+    engine = GradProjectionEngine(net, ["shared"], rank=16)
+    with engine:
+        nn.functional.cross_entropy(net(x), y, reduction="sum").backward()
+        got = engine.collect()
+    p = engine.projectors["shared"]
+    for i in range(5):
+        net.zero_grad()
+        nn.functional.cross_entropy(net(x[i:i + 1]), y[i:i + 1], reduction="sum").backward()
+        ref = p.p_out.double() @ net.shared.weight.grad.double() @ p.p_in.double().t()
+        assert torch.allclose(got[i].double(), ref.reshape(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_non_interference_in_training_loop(tokenizer):
+    torch.manual_seed(0)
+    m = tiny_gpt2(len(tokenizer))
+    m.config.resid_pdrop = 0.1
+    examples = [e for e in make_examples(tokenizer) if e.n_label_positions > 0]
+    comps, problems = non_interference(m, [examples[:2], examples[2:]], None, steps=3)
+    assert problems == []
+    assert all(c.max_abs == 0.0 for c in comps), comps
+
+
+def test_non_interference_detects_a_leftover_hook(tokenizer, monkeypatch):
+    torch.manual_seed(0)
+    m = tiny_gpt2(len(tokenizer))
+    examples = [e for e in make_examples(tokenizer) if e.n_label_positions > 0]
+    monkeypatch.setattr(GradProjectionEngine, "detach", lambda self: None)  # a broken detach
+    _, problems = non_interference(m, [examples[:2]], ["c_fc"], steps=1)
+    assert problems
+
+
+def test_engine_errors_are_clear(tokenizer):
+    from ghostproj.errors import GhostprojError
+
+    m = tiny_gpt2(len(tokenizer))
+    with pytest.raises(GhostprojError, match="matches no module.*transformer.h.0.attn.c_attn"):
+        GradProjectionEngine(m, ["nope"])
+    with pytest.raises(GhostprojError, match="unsupported layer types"):
+        GradProjectionEngine(m, ["ln_1"])
+    with pytest.raises(GhostprojError, match="no bias"):
+        GradProjectionEngine(tiny_llama(len(tokenizer)), ["q_proj"], bias=True)
