@@ -85,8 +85,8 @@ def load_projections(path, layers: list[str] | None = None, mmap: bool = False) 
         for h in run.shards:
             dtype, shape, begin, _ = h.tensors["grads"]
             raw_dtype = {torch.bfloat16: np.uint16, torch.float16: np.float16, torch.float32: np.float32}[dtype]
-            arr = np.memmap(h.path, dtype=raw_dtype, mode="r", offset=h.data_start + begin, shape=shape)
-            t = torch.from_numpy(np.asarray(arr))
+            arr = np.memmap(h.path, dtype=raw_dtype, mode="c", offset=h.data_start + begin, shape=shape)
+            t = torch.from_numpy(arr)  # copy-on-write map: writes never reach the file
             views.append(t.view(torch.bfloat16) if dtype == torch.bfloat16 else t)
         return Projections(views, index, loss, tokens, run.layers, run.manifest)
     parts = []

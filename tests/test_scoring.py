@@ -1,0 +1,153 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ghostproj.scoring import load_projections, score
+from helpers import run_cli, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, gpt2_dir, data_file):
+    """A bf16 training run in several shards and a float32-free query run made with --like."""
+    d = tmp_path_factory.mktemp("runs")
+    qdata = d / "query.jsonl"
+    write_jsonl(qdata, [{"text": t, "task": g} for t, g in [
+        ("the cat sat on the mat", "a"), ("the bank raised rates", "b"), ("bake the bread", "a"),
+        ("", "b"), ("planets orbit the sun and the orchestra played", "b")]])
+    train, query = d / "train.st", d / "query.st"
+    for args in (["--data", data_file, "--out", train, "--shard-size", "3", "--rank", "16", "--layers", "c_attn,c_fc"],
+                 ["--data", qdata, "--out", query, "--like", train]):
+        code = run_cli(["project", "--model", gpt2_dir, "--max-length", "24", *args])[0]
+        assert code == 0
+    return train, query
+
+
+def reference(train, query, metric, normalize="none", center=False, damping=0.1, full=False):
+    g = load_projections(train).grads.double()
+    v = load_projections(query).grads.double()
+    layers = load_projections(train).layers
+    if center:
+        mu = g.mean(0)
+        g, v = g - mu, v - mu
+
+    def norm(x):
+        if normalize == "layer":
+            x = torch.cat([x[:, l.offset:l.offset + l.size] / x[:, l.offset:l.offset + l.size].norm(dim=1, keepdim=True).clamp(min=1e-300) for l in layers], 1)
+        if normalize == "unit" or metric == "cosine":
+            x = x / x.norm(dim=1, keepdim=True).clamp(min=1e-300)
+        return x
+
+    g, v = norm(g), norm(v)
+    if metric.startswith("influence"):
+        spans = [(0, g.shape[1])] if full else [(l.offset, l.offset + l.size) for l in layers]
+        out = torch.zeros(g.shape[0], v.shape[0], dtype=torch.float64)
+        for s, e in spans:
+            f = g[:, s:e].T @ g[:, s:e] / g.shape[0]
+            lam = damping * f.diagonal().mean()
+            out += g[:, s:e] @ torch.linalg.inv(f + lam * torch.eye(e - s, dtype=torch.float64)) @ v[:, s:e].T
+        return out
+    return g @ v.T
+
+
+@pytest.mark.parametrize("metric,normalize,center", [
+    ("dot", None, False), ("cosine", None, False), ("influence", None, False), ("influence-full", None, False),
+    ("dot", "layer", False), ("dot", "unit", True), ("cosine", "layer", True), ("influence", "layer", False),
+])
+def test_metrics_match_float64(runs, metric, normalize, center):
+    train, query = runs
+    res = score(train, query, metric=metric, normalize=normalize, center=center, keep_matrix=True, top_k=3,
+                reduce="mean", chunk_rows=2)
+    ref = reference(train, query, metric, normalize or "none", center, full=(metric == "influence-full"))
+    scale = ref.abs().max()
+    assert torch.isfinite(res.scores).all()
+    assert (res.scores.double() - ref).abs().max() <= 1e-4 * scale
+    assert res.train_index.tolist() == list(range(10)) and res.query_index.tolist() == list(range(5))
+    # top-k is the best k of each column, best first
+    for j in range(5):
+        order = torch.argsort(res.scores[:, j], descending=True)[:3]
+        assert torch.allclose(res.topk_scores[j], res.scores[order, j])
+    assert torch.allclose(res.selection, res.scores.mean(1), atol=1e-6)
+
+
+def test_zero_vectors_score_zero_under_cosine(runs):
+    train, query = runs
+    res = score(train, query, metric="cosine", keep_matrix=True)
+    assert torch.all(res.scores[:, 3] == 0)  # the empty query
+    assert torch.all(res.scores[[2, 3], :] == 0)  # training examples without label positions
+
+
+def test_layer_subset(runs):
+    train, query = runs
+    sub = load_projections(train, layers=["h.1.mlp"])
+    assert [l.name for l in sub.layers] == ["transformer.h.1.mlp.c_fc"] and sub.grads.shape[1] == 16
+    res = score(train, query, metric="dot", layers=["h.1.mlp"], keep_matrix=True)
+    full = load_projections(train).grads
+    off = [l for l in load_projections(train).layers if l.name == "transformer.h.1.mlp.c_fc"][0].offset
+    ref = full[:, off:off + 16].double() @ load_projections(query).grads[:, off:off + 16].double().T
+    assert (res.scores.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_mmap_loading(runs):
+    train, _ = runs
+    p = load_projections(train, mmap=True)
+    assert len(p.grads) == 4 and p.grads[0].dtype == torch.bfloat16
+    assert torch.equal(torch.cat([g.float() for g in p.grads]), load_projections(train).grads)
+
+
+def test_score_cli_outputs(capsys, runs, tmp_path):
+    train, query = runs
+    code, out, err = run_cli(["score", train, query, "--top-k", "4", "--out", tmp_path / "s.safetensors",
+                              "--topk-out", tmp_path / "t.jsonl", "--reduce", "max", "--group-field", "task",
+                              "--select-out", tmp_path / "sel.jsonl", "--show", "1"], capsys)
+    assert code == 0, err
+    assert "the cat sat on the mat" in out  # texts shown from the recorded data file
+    saved = load_file(str(tmp_path / "s.safetensors"))
+    assert saved["scores"].shape == (10, 5) and saved["query_index"].tolist() == list(range(5))
+    lines = [json.loads(l) for l in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert len(lines) == 5 and len(lines[0]["train"]) == 4
+    best = torch.argsort(saved["scores"][:, 0], descending=True)[:4].tolist()
+    assert lines[0]["train"] == best
+    sel = [json.loads(l) for l in (tmp_path / "sel.jsonl").read_text().splitlines()]
+    # max over groups of the group means: groups a = {0, 2}, b = {1, 3, 4}
+    s = saved["scores"]
+    expect = torch.maximum(s[:, [0, 2]].mean(1), s[:, [1, 3, 4]].mean(1))
+    assert torch.allclose(torch.tensor([r["score"] for r in sel]), expect, atol=1e-6)
+
+
+def test_score_bad_inputs(capsys, runs, tmp_path, gpt2_dir, data_file):
+    train, query = runs
+
+    def fails(*args, match):
+        code, _, err = run_cli(args, capsys)
+        assert code != 0 and match in err and "Traceback" not in err, err
+
+    other = tmp_path / "other.st"
+    assert run_cli(["project", "--model", gpt2_dir, "--data", data_file, "--out", other, "--rank", "16",
+                    "--layers", "c_attn,c_fc", "--seed", "1", "--max-length", "24"])[0] == 0
+    fails("score", train, other, match="projector matrices differ")
+    fails("score", train, tmp_path, match="not a ghostproj projection run")
+    fails("score", train, query, "--top-k", "11", match="--top-k 11")
+    fails("score", train, query, "--metric", "magic", match="Unknown --metric")
+    # a truncated shard is named before anything is read
+    shard = sorted(other.glob("grads-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    fails("score", other, other, match=shard.name)
+    fails("inspect", other, match=shard.name)
+
+
+def test_inspect_detects_a_flipped_byte(capsys, runs, tmp_path):
+    import shutil
+
+    train, _ = runs
+    copy = tmp_path / "copy.st"
+    shutil.copytree(train, copy)
+    code, out, _ = run_cli(["inspect", copy], capsys)
+    assert code == 0 and "complete" in out
+    shard = copy / "grads-r000-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    code, _, err = run_cli(["inspect", copy], capsys)
+    assert code != 0 and "grads-r000-00001.safetensors is damaged" in err
