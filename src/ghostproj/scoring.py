@@ -149,9 +149,11 @@ def check_comparable(train: Run, query: Run) -> None:
 
 
 def _chunked(run: Run, cols: torch.Tensor | None, chunk_rows: int):
-    for index, chunk in run.iter_chunks(chunk_rows):
-        x = chunk.float()
-        yield index, (x if cols is None else x[:, cols])
+    """float32 chunks of the selected columns; accumulation is float32 whatever the store dtype."""
+    def convert(chunk: torch.Tensor) -> torch.Tensor:
+        return chunk.float() if cols is None else chunk[:, cols].float()
+
+    yield from run.iter_chunks(chunk_rows, convert=convert)
 
 
 def score(
@@ -255,14 +257,16 @@ def score(
             else:
                 selection[row : row + n] = s.max(dim=1).values
         if top_k is not None:
-            vals = s.t()
-            ids = idx.unsqueeze(0).expand(n_query, n)
+            # best of this chunk first, then merge with the running best: the merge stays
+            # [M, 2k] however large the chunk
+            vals, pos = s.topk(min(top_k, n), dim=0)
+            vals, ids = vals.t(), idx[pos.t()]
             if best_vals is not None:
                 vals = torch.cat([best_vals, vals], dim=1)
                 ids = torch.cat([best_idx, ids], dim=1)
-            k = min(top_k, vals.shape[1])
-            best_vals, pos = vals.topk(k, dim=1)
-            best_idx = ids.gather(1, pos)
+                vals, pos = vals.topk(min(top_k, vals.shape[1]), dim=1)
+                ids = ids.gather(1, pos)
+            best_vals, best_idx = vals, ids
         row += n
         if progress is not None:
             progress.advance(n)

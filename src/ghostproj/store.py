@@ -331,13 +331,31 @@ class Run:
     def layers(self) -> list[LayerInfo]:
         return layers_from_manifest(self.manifest)
 
-    def iter_chunks(self, chunk_rows: int = 8192):
-        """Yield (index [n] int64, grads [n, D] in the store dtype) in shard order."""
-        for h in self.shards:
-            n = h.tensors["index"][1][0]
-            for start in range(0, n, chunk_rows):
-                stop = min(n, start + chunk_rows)
-                yield read_rows(h, "index", start, stop), read_rows(h, "grads", start, stop)
+    def iter_chunks(self, chunk_rows: int = 8192, prefetch: bool = True, convert=None):
+        """Yield (index [n] int64, grads [n, D] in the store dtype, or ``convert(grads)``) in
+        shard order. With ``prefetch`` the next chunk is read (and converted) in a background
+        thread while the caller computes on this one."""
+        spans = [(h, start, min(h.tensors["index"][1][0], start + chunk_rows))
+                 for h in self.shards for start in range(0, h.tensors["index"][1][0], chunk_rows)]
+
+        def load(span):
+            h, start, stop = span
+            grads = read_rows(h, "grads", start, stop)
+            return read_rows(h, "index", start, stop), (grads if convert is None else convert(grads))
+
+        if not prefetch or len(spans) < 2:
+            for span in spans:
+                yield load(span)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(load, spans[0])
+            for nxt in spans[1:]:
+                current = pending.result()
+                pending = pool.submit(load, nxt)
+                yield current
+            yield pending.result()
 
     def read_column(self, name: str) -> torch.Tensor:
         parts = [read_rows(h, name, 0, h.tensors[name][1][0]) for h in self.shards]

@@ -1,0 +1,96 @@
+"""Streaming score throughput and memory.
+
+Writes N_train x D bfloat16 training shards and M query vectors (random, in a temporary
+directory), then in one run:
+  (a) times `ghostproj score` (a subprocess, top-k output only) and an in-memory
+      torch.matmul of the same shapes, and prints the GFLOP/s ratio (goal >= 0.7);
+  (b) prints the score process's peak RSS (goal < 2 GB).
+
+    python benchmarks/bench_score.py                 # N=200,000, M=1,000, D=4,096
+    python benchmarks/bench_score.py --n-train 20000 # a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ghostproj.store import FORMAT_VERSION, RunWriter, write_manifest
+
+
+def write_run(path: Path, rows: int, dim: int, seed: int, chunk: int = 4096) -> None:
+    path.mkdir(parents=True)
+    manifest = {
+        "format": FORMAT_VERSION, "fingerprint": "bench", "fingerprint_parts": {},
+        "layers": [{"name": f"layer{i}", "type": "Linear", "n_in": 64, "n_out": 64, "k_in": 16, "k_out": 16,
+                    "offset": i * 256} for i in range(dim // 256)],
+        "dim": dim, "store_dtype": "bfloat16", "shards": [], "complete": False, "data": {"count": rows},
+    }
+    write_manifest(path, manifest)
+    writer = RunWriter(path, manifest, shard_size=16384)
+    g = torch.Generator().manual_seed(seed)
+    for start in range(0, rows, chunk):
+        n = min(chunk, rows - start)
+        writer.add(torch.randn(n, dim, generator=g), torch.arange(start, start + n), torch.zeros(n),
+                   torch.ones(n, dtype=torch.int32))
+    writer.finish({})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-train", type=int, default=200_000)
+    ap.add_argument("--n-query", type=int, default=1_000)
+    ap.add_argument("--dim", type=int, default=4096)
+    ap.add_argument("--metric", default="dot")
+    ap.add_argument("--keep", help="Keep the generated runs in this directory.")
+    args = ap.parse_args()
+
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="ghostproj-bench-"))
+    train, query = root / "train.st", root / "query.st"
+    try:
+        t0 = time.perf_counter()
+        if not train.exists():
+            write_run(train, args.n_train, args.dim, 0)
+            write_run(query, args.n_query, args.dim, 1)
+        print(f"wrote {args.n_train} + {args.n_query} bf16 vectors of D={args.dim} in {time.perf_counter() - t0:.0f} s")
+
+        cmd = [sys.executable, "-m", "ghostproj", "score", str(train), str(query), "--metric", args.metric,
+               "--top-k", "10", "--show", "0", "--topk-out", str(root / "top.jsonl")]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t_score = time.perf_counter() - t0
+        peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9
+
+        flop = 2.0 * args.n_train * args.n_query * args.dim
+        a = torch.randn(args.n_train, args.dim)
+        b = torch.randn(args.dim, args.n_query)
+        torch.matmul(a[:1024], b)  # warm up
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        t_mm = time.perf_counter() - t0
+        del a, b
+
+        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads")
+        print(f"score ({args.metric}, top-10, whole process): {t_score:.1f} s = {flop / t_score / 1e9:.1f} GFLOP/s")
+        print(f"in-memory torch.matmul [{args.n_train}x{args.dim}] @ [{args.dim}x{args.n_query}]: {t_mm:.1f} s = "
+              f"{flop / t_mm / 1e9:.1f} GFLOP/s")
+        print(f"ratio score / matmul GFLOP/s: {t_mm / t_score:.2f}   (goal >= 0.7)")
+        print(f"score peak RSS: {peak_gb:.2f} GB   (goal < 2 GB)")
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
