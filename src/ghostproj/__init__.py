@@ -1,8 +1,11 @@
 """ghostproj: per-example gradient projection and influence scoring."""
 
+from .engines.dotprod import GradDotProdEngine
 from .engines.projection import GradProjectionEngine
 from .errors import GhostprojError
 from .losses import causal_lm_losses
+from .scoring import load_projections, score
 
 __version__ = "0.1.0"
-__all__ = ["GradProjectionEngine", "GhostprojError", "causal_lm_losses", "__version__"]
+__all__ = ["GradDotProdEngine", "GradProjectionEngine", "GhostprojError", "causal_lm_losses", "load_projections",
+           "score", "__version__"]

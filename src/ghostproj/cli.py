@@ -216,6 +216,74 @@ def score(
 
 
 @app.command()
+def inrun(
+    model: Optional[str] = typer.Option(None, help="Model directory (default: the embedded demo model)."),
+    train: Optional[str] = typer.Option(None, help="Training data (default: the embedded demo corpus)."),
+    val: Optional[str] = typer.Option(None, help="Validation data (default: the embedded demo queries)."),
+    out: str = typer.Option("inrun-out", help="Output directory (dots, values, final model)."),
+    steps: int = typer.Option(100, help="Optimizer steps."),
+    batch_size: int = typer.Option(8, help="Training examples per step."),
+    lr: float = typer.Option(1e-4, help="Learning rate."),
+    optimizer: str = typer.Option("adamw", help="sgd or adamw."),
+    val_size: Optional[int] = typer.Option(None, help="Use the first N validation examples."),
+    seed: int = typer.Option(0, help="Seed of the batch order and dropout."),
+    max_length: int = typer.Option(512, help="Truncate examples to this many tokens."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    text_field: str = typer.Option("text", help="JSONL field holding the text."),
+    freeze_uncovered: bool = typer.Option(False, help="Freeze trainable parameters outside supported layers."),
+    show: int = typer.Option(5, help="Most and least valuable examples printed."),
+) -> None:
+    """Fine-tune with in-run data valuation: per-step gradient dot products with a validation batch."""
+    from rich.table import Table
+
+    from .inrun import InrunOptions, run_inrun
+
+    if model is None or train is None or val is None:
+        if model is not None and (train is None or val is None):
+            raise GhostprojError("--model was given without --train and --val.")
+        from .demo import ensure_demo
+
+        assets = ensure_demo(lambda m: _status().print(f"[dim]{m}[/dim]"))
+        model = model or str(assets.model)
+        train = train or str(assets.train)
+        val = val or str(assets.query)
+        if val_size is None:
+            val_size = 16
+    res = run_inrun(InrunOptions(model=model, train=train, val=val, out=out, steps=steps, batch_size=batch_size,
+                                 lr=lr, optimizer=optimizer, val_size=val_size, seed=seed, max_length=max_length,
+                                 device=device, text_field=text_field,
+                                 uncovered="freeze" if freeze_uncovered else "error"))
+    con = _console()
+    seen = (res.counts > 0).nonzero().flatten()
+    if show > 0 and len(seen):
+        order = seen[torch_argsort(res.values[seen])]
+        table = Table(title="in-run value = sum over steps of -lr * dot (negative: the example lowered the "
+                            "validation loss)", title_justify="left")
+        for col in ("", "train", "value", "steps drawn", "text"):
+            table.add_column(col, justify="right" if col in ("train", "value", "steps drawn") else "left")
+        n = min(show, len(order))
+        for label, rows in (("most valuable", order[:n]), ("least valuable", order[-n:].flip(0))):
+            for i in rows.tolist():
+                table.add_row(label, str(i), f"{float(res.values[i]):.3e}", str(int(res.counts[i])),
+                              _shorten(res.train_texts[i]))
+        con.print(table)
+    con.print(f"[green]done[/green]: {res.steps} steps over {res.train_count} training examples with a validation "
+              f"batch of {res.val_count}; final training loss {res.final_loss:.3f}; {res.seconds:.1f} s; "
+              f"wrote {res.out}/dots.safetensors, values.safetensors and model/")
+
+
+def torch_argsort(values):
+    import torch
+
+    return torch.argsort(values)
+
+
+def _shorten(text, width: int = 70) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@app.command()
 def inspect(
     run_dir: str = typer.Argument(..., help="Projection run directory."),
     quick: bool = typer.Option(False, help="Skip hashing the shards."),

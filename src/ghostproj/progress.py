@@ -21,6 +21,7 @@ class RateProgress:
         self.start = time.perf_counter()
         self.extra = 0
         self.done = 0
+        self.note = ""
         columns = [
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -45,4 +46,10 @@ class RateProgress:
         rates = f"{self.done / dt:,.1f} {self.unit}/s"
         if self.extra_unit:
             rates += f"  {self.extra / dt:,.0f} {self.extra_unit}/s"
+        if self.note:
+            rates += f"  {self.note}"
         self._progress.update(self._task, advance=n, rates=rates)
+
+    def set_text(self, note: str) -> None:
+        """A short status shown after the rates (e.g. the current loss)."""
+        self.note = note

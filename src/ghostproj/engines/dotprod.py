@@ -1,0 +1,524 @@
+"""In-run gradient dot products: per training example, <grad l_i, sum_j grad l^val_j>.
+
+The batch holds B training examples followed by M validation examples. One backward pass
+of the summed per-example losses gives every covered module its inputs x (forward hook)
+and output gradients delta (tensor hook). From those, per parameter:
+
+- the validation side is materialized (its summed gradient, or one per validation example
+  with ``per_query``), and each training example's dot product is a linear functional of
+  its own (x, delta) -- or, for an unshared dense layer where it is cheaper for this call's
+  sequence length, the token-Gram ("ghost") form
+  <G_i, G_j> = sum_{t,s} (x_{i,t} . x_{j,s}) (delta_{i,t} . delta_{j,s});
+- the training gradient (1/B) sum_{i<B} G_i is formed from the training rows only, so the
+  validation part never updates the model.
+
+Covered parameters are frozen while attached (autograd computes no weight gradient for
+them); a parameter used by several modules (GPT-2's tied wte / lm_head) is handled as one
+parameter, so the cross terms between its uses are in its dot product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import GhostprojError
+from ..layers import Conv1DLayer, LinearLayer
+
+
+# -- one call of a covered module ----------------------------------------------------------
+@dataclass
+class _Use:
+    module: nn.Module
+    name: str
+    kind: type
+    x: torch.Tensor  # [N, S, n_in] float32 (token ids [N, S] for embeddings)
+    delta: torch.Tensor | None = None  # [N, S, n_out] float32, per-example scale
+
+
+class _ModuleMath:
+    """Per-type maths. ``role`` is 'weight' or 'bias'. Tensors G in the parameter's layout,
+    with a leading query axis of size M' (1 when summed over the validation examples)."""
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    @staticmethod
+    def save_input(module, args) -> torch.Tensor:
+        x = args[0].detach()
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+    # default: materialize cheap per-example gradients [N, *shape]
+    @classmethod
+    def per_example(cls, use: _Use, role: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def val_grad(cls, use: _Use, role: str, b: int, per_query: bool) -> torch.Tensor:
+        pe = cls.per_example(use, role)[b:]
+        return pe if per_query else pe.sum(0, keepdim=True)
+
+    @classmethod
+    def train_dot(cls, use: _Use, role: str, b: int, g: torch.Tensor) -> torch.Tensor:
+        pe = cls.per_example(use, role)[:b]
+        return pe.reshape(b, -1) @ g.reshape(g.shape[0], -1).t()
+
+    @classmethod
+    def train_grad(cls, use: _Use, role: str, b: int) -> torch.Tensor:
+        return cls.per_example(use, role)[:b].sum(0)
+
+    ghost = None  # optional token-Gram form: (use, role, b) -> [B, M]
+
+    @staticmethod
+    def costs(use: _Use, b: int, m: int, per_query: bool) -> tuple[float, float]:
+        return float("inf"), 0.0
+
+
+class _DenseMath(_ModuleMath):
+    layer = LinearLayer
+    transposed = False  # Conv1D stores (n_in, n_out)
+
+    @classmethod
+    def matches(cls, module):
+        return cls.layer.matches(module)
+
+    @classmethod
+    def _to_layout(cls, g):  # (.., n_out, n_in) -> parameter layout
+        return g.transpose(-1, -2) if cls.transposed else g
+
+    @classmethod
+    def per_example(cls, use, role):
+        assert role == "bias"
+        return use.delta.sum(1)
+
+    @classmethod
+    def val_grad(cls, use, role, b, per_query):
+        if role == "bias":
+            return super().val_grad(use, role, b, per_query)
+        x, d = use.x[b:], use.delta[b:]
+        g = torch.einsum("jso,jsi->joi", d, x) if per_query else torch.einsum("jso,jsi->oi", d, x)[None]
+        return cls._to_layout(g)
+
+    @classmethod
+    def train_dot(cls, use, role, b, g):
+        if role == "bias":
+            return super().train_dot(use, role, b, g)
+        x, d = use.x[:b], use.delta[:b]
+        g = cls._to_layout(g)  # back to (n_out, n_in)
+        out = torch.empty(b, g.shape[0], dtype=torch.float32, device=x.device)
+        for m in range(g.shape[0]):  # M' is small; one [B, S, n_out] temporary at a time
+            out[:, m] = ((x @ g[m].t()) * d).sum(dim=(1, 2))
+        return out
+
+    @classmethod
+    def train_grad(cls, use, role, b):
+        if role == "bias":
+            return super().train_grad(use, role, b)
+        return cls._to_layout(torch.einsum("bso,bsi->oi", use.delta[:b], use.x[:b]))
+
+    @staticmethod
+    def ghost(use, role, b):
+        x_tr, x_val = use.x[:b], use.x[b:]
+        d_tr, d_val = use.delta[:b], use.delta[b:]
+        gx = torch.einsum("bsi,mti->bmst", x_tr, x_val)
+        gd = torch.einsum("bso,mto->bmst", d_tr, d_val)
+        return (gx * gd).sum(dim=(2, 3))
+
+    @staticmethod
+    def costs(use, b, m, per_query):
+        """(ghost, materialize) multiply-adds for this call's actual sequence length."""
+        t = use.x.shape[1]
+        n_in, n_out = use.x.shape[-1], use.delta.shape[-1]
+        ghost = b * m * t * t * (n_in + n_out)
+        materialize = m * t * n_in * n_out + b * (m if per_query else 1) * t * n_in * n_out
+        return float(ghost), float(materialize)
+
+
+class _Conv1DMath(_DenseMath):
+    layer = Conv1DLayer
+    transposed = True
+
+
+class _EmbeddingMath(_ModuleMath):
+    @staticmethod
+    def matches(module):
+        return isinstance(module, nn.Embedding)
+
+    @staticmethod
+    def save_input(module, args):
+        ids = args[0].detach()
+        return ids.reshape(ids.shape[0], -1)
+
+    @staticmethod
+    def _delta(use):
+        d = use.delta
+        pad = use.module.padding_idx
+        if pad is not None:  # nn.Embedding never updates its padding row
+            d = d * (use.x != pad).unsqueeze(-1)
+        return d
+
+    @classmethod
+    def val_grad(cls, use, role, b, per_query):
+        w = use.module.weight
+        ids, d = use.x[b:], cls._delta(use)[b:]
+        rows = ids.shape[0] if per_query else 1
+        g = torch.zeros(rows, *w.shape, dtype=torch.float32, device=d.device)
+        for j in range(rows):
+            sel_ids = ids[j] if per_query else ids.reshape(-1)
+            sel_d = d[j] if per_query else d.reshape(-1, d.shape[-1])
+            g[j].index_add_(0, sel_ids, sel_d)
+        return g
+
+    @classmethod
+    def train_dot(cls, use, role, b, g):
+        ids, d = use.x[:b], cls._delta(use)[:b]
+        return torch.stack([(g[m][ids] * d).sum(dim=(1, 2)) for m in range(g.shape[0])], dim=1)
+
+    @classmethod
+    def train_grad(cls, use, role, b):
+        ids, d = use.x[:b], cls._delta(use)[:b]
+        g = torch.zeros(use.module.weight.shape, dtype=torch.float32, device=d.device)
+        return g.index_add_(0, ids.reshape(-1), d.reshape(-1, d.shape[-1]))
+
+
+class _LayerNormMath(_ModuleMath):
+    @staticmethod
+    def matches(module):
+        return isinstance(module, nn.LayerNorm)
+
+    @staticmethod
+    def save_input(module, args):
+        x = args[0].detach()
+        k = len(module.normalized_shape)
+        return x.reshape(x.shape[0], -1, *x.shape[x.dim() - k:])
+
+    @classmethod
+    def per_example(cls, use, role):
+        d = use.delta.reshape(use.x.shape)
+        if role == "bias":
+            return d.sum(1)
+        xhat = F.layer_norm(use.x, use.module.normalized_shape, eps=use.module.eps)
+        return (d * xhat).sum(1)
+
+
+class _RMSNormMath(_ModuleMath):
+    """RMSNorm-style modules (Llama, Mistral, Qwen, T5...): y = w * x / rms(x) (or (1 + w) *
+    ...), so the per-example weight gradient is sum_t delta_t * x_t / rms(x_t) either way."""
+
+    @staticmethod
+    def matches(module):
+        w = getattr(module, "weight", None)
+        return (type(module).__name__.endswith("RMSNorm") or type(module).__name__ == "T5LayerNorm") and \
+            isinstance(w, torch.Tensor) and w.dim() == 1 and getattr(module, "bias", None) is None and \
+            _rms_eps(module) is not None
+
+    @classmethod
+    def per_example(cls, use, role):
+        x = use.x
+        xhat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _rms_eps(use.module))
+        return (use.delta * xhat).sum(1)
+
+
+def _rms_eps(module):
+    for attr in ("variance_epsilon", "eps", "epsilon"):
+        value = getattr(module, attr, None)
+        if isinstance(value, float):
+            return value
+    return None
+
+
+MODULE_MATHS: tuple[type[_ModuleMath], ...] = (_DenseMath, _Conv1DMath, _EmbeddingMath, _LayerNormMath, _RMSNormMath)
+
+
+def module_math(module: nn.Module) -> type[_ModuleMath] | None:
+    for cls in MODULE_MATHS:
+        if cls.matches(module):
+            return cls
+    return None
+
+
+# -- the engine ----------------------------------------------------------------------------
+@dataclass
+class DotProducts:
+    """One step's result: ``total`` [B] (or [B, M] with per_query) summed over covered
+    parameters, and the same per parameter name."""
+
+    total: torch.Tensor
+    per_param: dict[str, torch.Tensor]
+    paths: dict[str, str] = field(default_factory=dict)  # module -> 'ghost' | 'materialize'
+
+
+@dataclass
+class _ParamState:
+    name: str
+    param: nn.Parameter
+    roles: list[tuple[_Use, str]] = field(default_factory=list)
+
+
+class GradDotProdEngine:
+    """Per-example gradient dot products with a validation batch, in the training backward.
+
+    The batch is B training examples followed by ``val_batch_size`` (M) validation
+    examples. ``loss_reduction`` says how the loss you back-propagate combines per-example
+    losses: 'sum' (sum over all B + M) or 'mean' (mean over all B + M).
+    ``layers``: module-name patterns restricting the covered modules (default: all
+    Linear, Conv1D, Embedding, LayerNorm and RMSNorm modules). ``uncovered``: what to do
+    with trainable parameters outside covered modules -- 'error' (default), or 'freeze'
+    (they are not trained while attached). They cannot receive a training-only gradient
+    from a backward pass that also carries the validation losses.
+    ``method``: 'auto' picks ghost or materialize per call by cost; 'ghost' /
+    'materialize' force one where possible.
+    """
+
+    def __init__(self, module: nn.Module, val_batch_size: int, layers: list[str] | None = None,
+                 per_query: bool = False, loss_reduction: str = "sum", uncovered: str = "error",
+                 method: str = "auto") -> None:
+        from ..layers import _pattern_matches
+
+        if val_batch_size < 1:
+            raise GhostprojError(f"val_batch_size must be at least 1, got {val_batch_size}.")
+        if loss_reduction not in ("sum", "mean"):
+            raise GhostprojError(f"loss_reduction must be 'sum' or 'mean', not '{loss_reduction}'.")
+        if uncovered not in ("error", "freeze"):
+            raise GhostprojError(f"uncovered must be 'error' or 'freeze', not '{uncovered}'.")
+        if method not in ("auto", "ghost", "materialize"):
+            raise GhostprojError(f"method must be 'auto', 'ghost' or 'materialize', not '{method}'.")
+        self.model = module
+        self.val_batch_size = val_batch_size
+        self.per_query = per_query
+        self.loss_reduction = loss_reduction
+        self.method = method
+        covered: dict[str, tuple[nn.Module, type[_ModuleMath]]] = {}
+        for name, m in module.named_modules():
+            math = module_math(m)
+            if math is None or not any(p.requires_grad for p in m.parameters(recurse=False)):
+                continue
+            if layers and not any(_pattern_matches(p, name) for p in layers):
+                continue
+            covered[name] = (m, math)
+        if not covered:
+            raise GhostprojError("The model has no trainable supported layer (Linear, Conv1D, Embedding, LayerNorm, RMSNorm).")
+        self._covered = covered
+        covered_ids = {id(p) for m, _ in covered.values() for p in m.parameters(recurse=False)}
+        self.uncovered = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in covered_ids]
+        if self.uncovered and uncovered == "error":
+            shown = ", ".join(self.uncovered[:8]) + (" ..." if len(self.uncovered) > 8 else "")
+            raise GhostprojError(
+                f"Trainable parameters outside supported layers cannot get a training-only gradient: {shown}; "
+                "freeze them or pass uncovered='freeze'."
+            )
+        self._freeze_extra = uncovered == "freeze"
+        self.param_names = {}
+        for n, p in module.named_parameters(remove_duplicate=False):
+            if id(p) in covered_ids:
+                self.param_names.setdefault(id(p), n)
+        self._handles: list = []
+        self._saved_flags: list[tuple[nn.Parameter, bool]] = []
+        self.optimizer = None
+        self.step = 0
+        self.log: list[dict] = []
+        self._reset_step()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def attach(self, optimizer=None) -> "GradDotProdEngine":
+        if self._handles:
+            raise RuntimeError("GradDotProdEngine is already attached")
+        self.optimizer = optimizer
+        freeze = {id(p) for m, _ in self._covered.values() for p in m.parameters(recurse=False)}
+        for p in self.model.parameters():
+            if id(p) in freeze or (self._freeze_extra and p.requires_grad):
+                self._saved_flags.append((p, p.requires_grad))
+        for p, _ in self._saved_flags:
+            p.requires_grad_(False)
+        for name, (m, math) in self._covered.items():
+            if math is _EmbeddingMath:
+                self._handles.append(m.register_forward_pre_hook(self._expand_broadcast_ids))
+            self._handles.append(m.register_forward_hook(partial(self._forward_hook, name, math)))
+        return self
+
+    def _expand_broadcast_ids(self, module, args):
+        """Position ids are often [1, T], broadcast over the batch after the lookup; expand
+        them so the output gradient stays per example."""
+        ids = args[0]
+        if self._n is not None and self._n > 1 and torch.is_tensor(ids) and ids.dim() >= 1 and ids.shape[0] == 1:
+            return (ids.expand(self._n, *ids.shape[1:]),) + tuple(args[1:])
+        return None
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for p, flag in self._saved_flags:
+            p.requires_grad_(flag)
+        self._saved_flags.clear()
+        for st in self._params.values():
+            if hasattr(st.param, "grad_dot_prod"):
+                del st.param.grad_dot_prod
+        self._reset_step()
+        self.optimizer = None
+
+    def __enter__(self) -> "GradDotProdEngine":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    # -- per-step API ------------------------------------------------------------------------
+    def _reset_step(self) -> None:
+        self._params: dict[int, _ParamState] = {}
+        self._use_params: dict[int, list[int]] = {}  # use -> keys of its parameters still to process
+        self._train_grads: dict[int, torch.Tensor] = {}
+        self._dots: dict[int, torch.Tensor] = {}
+        self._paths: dict[str, str] = {}
+        self._n: int | None = None
+
+    def _finalize(self) -> None:
+        """Process parameters whose uses got no gradient (they do not affect the loss)."""
+        for key, st in list(self._params.items()):
+            if key in self._dots:
+                continue
+            for use, _ in st.roles:
+                if use.delta is None:
+                    use.delta = torch.zeros(_delta_shape(use), dtype=torch.float32, device=use.x.device)
+            self._process(key)
+
+    def results(self) -> DotProducts:
+        """This step's dot products (after backward)."""
+        if self._n is None:
+            raise RuntimeError("no forward pass with gradients enabled ran since the last step")
+        self._finalize()
+        per_param = {self.param_names[k]: v for k, v in self._dots.items()}
+        total = sum(per_param.values())
+        return DotProducts(total, per_param, dict(self._paths))
+
+    def aggregate_and_log(self, indices=None) -> torch.Tensor:
+        """Sum the per-parameter dot products into one vector for this step, log it with the
+        step's batch indices, and free the per-parameter tensors."""
+        res = self.results()
+        self.log.append({"step": self.step, "indices": None if indices is None else torch.as_tensor(indices).cpu(),
+                         "dots": res.total.detach().cpu()})
+        for st in self._params.values():
+            if hasattr(st.param, "grad_dot_prod"):
+                del st.param.grad_dot_prod
+        return res.total
+
+    def prepare_gradients(self) -> None:
+        """Put the gradient of (1/B) sum_{i<B} l_i (training part only) into ``.grad``."""
+        if self._n is None:
+            raise RuntimeError("no forward pass with gradients enabled ran since the last step")
+        self._finalize()
+        for key, g in self._train_grads.items():
+            p = self._params[key].param
+            g = g.to(p.dtype)
+            p.grad = g if p.grad is None else p.grad + g
+
+    def clear_gradients(self) -> None:
+        """Drop ``.grad`` of every parameter and this step's state; counts a step."""
+        for p in self.model.parameters():
+            p.grad = None
+        for st in self._params.values():
+            if hasattr(st.param, "grad_dot_prod"):
+                del st.param.grad_dot_prod
+        self._reset_step()
+        self.step += 1
+
+    def collect(self) -> DotProducts:
+        """The context-manager API: results, training gradient into ``.grad``, state reset."""
+        res = self.results()
+        self.prepare_gradients()
+        for st in self._params.values():
+            if hasattr(st.param, "grad_dot_prod"):
+                del st.param.grad_dot_prod
+        self._reset_step()
+        self.step += 1
+        return res
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _forward_hook(self, name, math, module, args, output):
+        if not torch.is_grad_enabled() or not torch.is_tensor(output):
+            return None
+        n = args[0].shape[0]
+        if self._n is None:
+            self._n = n
+            if n <= self.val_batch_size:
+                raise GhostprojError(
+                    f"The batch has {n} examples but val_batch_size is {self.val_batch_size}; "
+                    "put at least one training example before the validation examples."
+                )
+        elif n != self._n:
+            raise RuntimeError(f"module '{name}' saw batch size {n}, another covered module saw {self._n}")
+        x = math.save_input(module, args)
+        use = _Use(module, name, math, x if math is _EmbeddingMath else x.float())
+        params = [(role, p) for role, p in (("weight", getattr(module, "weight", None)), ("bias", getattr(module, "bias", None)))
+                  if isinstance(p, nn.Parameter)]
+        for role, p in params:
+            st = self._params.setdefault(id(p), _ParamState(self.param_names.get(id(p), name + "." + role), p))
+            st.roles.append((use, role))
+        self._use_params[id(use)] = [id(p) for _, p in params]
+        replaced = None
+        if not output.requires_grad:
+            output = output.detach().requires_grad_(True)
+            replaced = output
+        output.register_hook(partial(self._grad_hook, use))
+        return replaced
+
+    def _grad_hook(self, use: _Use, grad: torch.Tensor) -> None:
+        scale = float(self._n) if self.loss_reduction == "mean" else 1.0
+        g = grad.float() * scale if scale != 1.0 else grad.float()
+        if use.kind is _LayerNormMath:
+            use.delta = g.reshape(use.x.shape)
+        else:
+            use.delta = g.reshape(g.shape[0], -1, g.shape[-1])
+        # a parameter is ready once every use of it in this forward has its gradient
+        for key in list(self._use_params.get(id(use), [])):
+            st = self._params[key]
+            if key not in self._dots and all(u.delta is not None for u, _ in st.roles):
+                self._process(key)
+
+    def _process(self, key: int) -> None:
+        st = self._params[key]
+        b = self._n - self.val_batch_size
+        m = self.val_batch_size
+        dots = None
+        if len(st.roles) == 1:
+            use, role = st.roles[0]
+            if role == "weight" and use.kind.ghost is not None:
+                ghost_cost, mat_cost = use.kind.costs(use, b, m, self.per_query)
+                use_ghost = self.method == "ghost" or (self.method == "auto" and ghost_cost < mat_cost)
+                self._paths[use.name] = "ghost" if use_ghost else "materialize"
+                if use_ghost:
+                    dots = use.kind.ghost(use, role, b)
+                    if not self.per_query:
+                        dots = dots.sum(1, keepdim=True)
+        if dots is None:
+            g_val = sum(use.kind.val_grad(use, role, b, self.per_query) for use, role in st.roles)
+            dots = sum(use.kind.train_dot(use, role, b, g_val) for use, role in st.roles)
+            for use, role in st.roles:
+                if role == "weight":
+                    self._paths.setdefault(use.name, "materialize")
+        self._dots[key] = dots if self.per_query else dots[:, 0]
+        self._train_grads[key] = sum(use.kind.train_grad(use, role, b) for use, role in st.roles) / b
+        st.param.grad_dot_prod = self._dots[key]
+        for use, _ in st.roles:  # free inputs and gradients once all their parameters are done
+            pending = self._use_params.get(id(use), [])
+            if key in pending:
+                pending.remove(key)
+            if not pending:
+                use.x = use.delta = None
+
+
+def _delta_shape(use: _Use) -> tuple[int, ...]:
+    """Shape of a zero output gradient for a use that did not affect the loss."""
+    m = use.module
+    if use.kind is _EmbeddingMath:
+        return (*use.x.shape, m.weight.shape[1])
+    if use.kind is _Conv1DMath:
+        return (*use.x.shape[:2], m.weight.shape[1])
+    if use.kind is _DenseMath:
+        return (*use.x.shape[:2], m.out_features)
+    return tuple(use.x.shape)

@@ -1,0 +1,154 @@
+"""The in-run valuation job: fine-tune with GradDotProdEngine attached and record, per step,
+every training example's gradient dot product with the validation batch."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data import Example, collate, read_records, tokenize_records
+from .engines.dotprod import GradDotProdEngine
+from .errors import GhostprojError
+from .losses import causal_lm_losses
+from .models import load_model, pad_token_id, position_limit
+from .progress import RateProgress
+from .store import atomic_write, encode_safetensors
+
+MAX_VAL_BATCH = 512  # every step carries the whole validation batch
+
+
+@dataclass
+class InrunOptions:
+    model: str
+    train: str
+    val: str
+    out: str
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 1e-4
+    optimizer: str = "adamw"
+    val_size: int | None = None
+    seed: int = 0
+    max_length: int = 512
+    device: str = "auto"
+    text_field: str = "text"
+    uncovered: str = "error"
+    show_progress: bool = True
+
+
+@dataclass
+class InrunResult:
+    out: Path
+    steps: int
+    train_count: int
+    val_count: int
+    final_loss: float
+    seconds: float
+    values: torch.Tensor  # [N_train]
+    counts: torch.Tensor  # [N_train] times each example was drawn
+    train_texts: list[str]
+
+
+def _check(opts: InrunOptions) -> None:
+    if opts.steps <= 0:
+        raise GhostprojError(f"--steps must be at least 1, got {opts.steps}.")
+    if opts.batch_size < 1:
+        raise GhostprojError(f"--batch-size must be at least 1, got {opts.batch_size}.")
+    if opts.optimizer not in ("sgd", "adamw"):
+        raise GhostprojError(f"Unknown --optimizer '{opts.optimizer}'; choose sgd or adamw.")
+    if not opts.lr > 0:
+        raise GhostprojError(f"--lr must be positive, got {opts.lr}.")
+    if opts.val_size is not None and opts.val_size < 1:
+        raise GhostprojError(f"--val-size must be at least 1, got {opts.val_size}.")
+    out = Path(opts.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise GhostprojError(f"Output directory {out} already holds files; choose another --out.")
+
+
+def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
+    """Seeded batches: a fresh permutation each epoch, consecutive slices of it."""
+    g = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while len(order) < steps * batch_size:
+        order += torch.randperm(n, generator=g).tolist()
+    flat = torch.tensor(order[: steps * batch_size])
+    return list(flat.view(steps, batch_size))
+
+
+def run_inrun(opts: InrunOptions) -> InrunResult:
+    t0 = time.perf_counter()
+    _check(opts)
+    train_records, val_records = read_records(opts.train), read_records(opts.val)
+    model, tokenizer = load_model(opts.model, "float32", opts.device)
+    limit = position_limit(model)
+    max_length = min(opts.max_length, limit) if limit else opts.max_length
+    train = tokenize_records(train_records, tokenizer, max_length, opts.text_field)
+    val = tokenize_records(val_records, tokenizer, max_length, opts.text_field)
+    if opts.val_size is not None:
+        if opts.val_size > len(val):
+            raise GhostprojError(f"--val-size {opts.val_size} is larger than the {len(val)} validation examples.")
+        val = val[: opts.val_size]
+    val = [e for e in val if e.n_label_positions > 0]
+    if not val:
+        raise GhostprojError("The validation set has no example with a label position.")
+    if len(val) > MAX_VAL_BATCH:
+        raise GhostprojError(
+            f"The validation batch of {len(val)} examples is larger than the {MAX_VAL_BATCH} allowed; pass --val-size."
+        )
+    batch_size = min(opts.batch_size, len(train))
+    device = next(model.parameters()).device
+    model.train()  # dropout as the checkpoint configures it
+    engine = GradDotProdEngine(model, val_batch_size=len(val), loss_reduction="sum", uncovered=opts.uncovered)
+    params = list(model.parameters())  # frozen uncovered ones get no gradient, so no update
+    if opts.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=opts.lr)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=opts.lr)
+    torch.manual_seed(opts.seed)  # dropout masks
+    batches = batch_order(len(train), batch_size, opts.steps, opts.seed)
+    pad = pad_token_id(tokenizer)
+    steps_col, index_col, dot_col = [], [], []
+    values = torch.zeros(len(train), dtype=torch.float64)
+    counts = torch.zeros(len(train), dtype=torch.int64)
+    loss_value = float("nan")
+    engine.attach(optimizer)
+    try:
+        with RateProgress("training", total=opts.steps, unit="steps", extra_unit=None,
+                          enabled=opts.show_progress) as bar:
+            for step, idx in enumerate(batches):
+                examples: list[Example] = [train[i] for i in idx.tolist()] + val
+                batch = collate(examples, pad).to(device)
+                losses, _ = causal_lm_losses(model(**batch.model_inputs()).logits, batch.labels, "mean")
+                losses.sum().backward()
+                dots = engine.aggregate_and_log(idx).detach().double().cpu()
+                engine.prepare_gradients()
+                optimizer.step()
+                engine.clear_gradients()
+                lr_t = optimizer.param_groups[0]["lr"]
+                values.index_add_(0, idx, -lr_t * dots)
+                counts.index_add_(0, idx, torch.ones_like(idx))
+                steps_col.append(torch.full((len(idx),), step, dtype=torch.int64))
+                index_col.append(idx.clone())
+                dot_col.append(dots.float())
+                loss_value = float(losses[: len(idx)].detach().mean())
+                bar.advance(1)
+                bar.set_text(f"loss {loss_value:.3f}")
+    finally:
+        engine.detach()
+
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"seed": str(opts.seed), "batch_size": str(batch_size), "val_count": str(len(val)), "lr": str(opts.lr),
+            "optimizer": opts.optimizer, "train": str(Path(opts.train).resolve()), "val": str(Path(opts.val).resolve())}
+    atomic_write(out / "dots.safetensors", encode_safetensors(
+        {"step": torch.cat(steps_col), "index": torch.cat(index_col), "dot": torch.cat(dot_col)}, meta))
+    atomic_write(out / "values.safetensors", encode_safetensors(
+        {"index": torch.arange(len(train)), "value": values.float(), "count": counts}, meta))
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    texts = [train_records.rows[i].get(opts.text_field, "") for i in range(len(train))]
+    return InrunResult(out, opts.steps, len(train), len(val), loss_value, time.perf_counter() - t0, values.float(),
+                       counts, texts)
