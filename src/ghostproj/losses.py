@@ -27,15 +27,16 @@ def causal_lm_losses(
     """
     if reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"reduction must be one of {LOSS_REDUCTIONS}, not {reduction!r}")
-    shift_logits = logits[:, :-1, :]
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != IGNORE_INDEX
-    # CE on the selected positions only: masked rows (padding) never enter the sum, so a
-    # non-finite value there could not leak into a real example's loss.
-    token_loss = torch.zeros(shift_labels.shape, dtype=torch.float32, device=logits.device)
-    if mask.any():
-        selected = F.cross_entropy(shift_logits[mask].float(), shift_labels[mask], reduction="none")
-        token_loss = token_loss.masked_scatter(mask, selected)
+    b, t, v = logits.shape
+    # Shift the labels, not the logits: logits stay one contiguous [B*T, V] block (no copy),
+    # and the last position gets no target.
+    target = torch.full((b, t), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+    target[:, :-1] = labels[:, 1:]
+    mask = target != IGNORE_INDEX
+    # Ignored positions contribute exactly 0 to the loss and to the gradient. Rows made only
+    # of padding are never run (examples without a label position are skipped upstream).
+    token_loss = F.cross_entropy(logits.reshape(b * t, v).float(), target.reshape(-1), reduction="none",
+                                 ignore_index=IGNORE_INDEX).view(b, t)
     counts = mask.sum(dim=1)
     losses = token_loss.sum(dim=1)
     if reduction == "mean":

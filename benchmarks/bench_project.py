@@ -1,0 +1,215 @@
+"""Projection cost against a training step, the activations-only floor and a naive loop.
+
+GPT-2 (n_layer=4, n_embd=256, T=128, B=16 by default), every Conv1D layer projected at
+rank 256 per layer. All times are medians over repeated calls in one run; ratios are what
+matter (absolute times only as context).
+
+  train      forward + backward, every weight requiring grad (a plain training step)
+  floor      forward + backward through activations only (weights frozen)
+  project    ghostproj engine, all Conv1D layers (goal <= 0.80 x train, <= 1.1 x floor)
+  top-half   engine on the upper half of the blocks only (goal <= 0.60 x train)
+  naive      batch size 1, full autograd, explicit P_out G P_in^T, at B=32
+             (goal: engine >= 5x faster)
+  memory     peak memory of project / train, each in a fresh process (goal <= 1.1)
+
+    python benchmarks/bench_project.py [--device cuda] [--vocab 50257]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from ghostproj.engines.projection import GradProjectionEngine
+from ghostproj.losses import causal_lm_losses
+
+
+def build(args, device):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    cfg = GPT2Config(vocab_size=args.vocab, n_positions=args.seq, n_embd=args.embd, n_layer=args.layers,
+                     n_head=max(1, args.embd // 64), bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(cfg).to(device).eval()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats, device):
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def steps(model, ids, args):
+    """The callables being compared, keyed by mode."""
+    def loss():
+        return causal_lm_losses(model(input_ids=ids).logits, ids)[0].sum()
+
+    def train():
+        for p in model.parameters():
+            p.requires_grad_(True)
+            p.grad = None
+        loss().backward()
+
+    def floor():
+        for p in model.parameters():
+            p.requires_grad_(False)
+        # gradient enters at the first block's input; no weight gradient anywhere
+        h = model.transformer.h[0]
+        handle = h.register_forward_pre_hook(lambda m, a, kw: ((a[0].detach().requires_grad_(True),) + a[1:], kw)
+                                             if a else None, with_kwargs=True)
+        try:
+            loss().backward()
+        finally:
+            handle.remove()
+
+    def make_project(patterns):
+        engine = GradProjectionEngine(model, patterns, rank=args.rank)
+
+        def project():
+            with engine:
+                loss().backward()
+                engine.collect()
+        return project, engine
+
+    project_all, engine = make_project(["c_attn", "c_proj", "c_fc"])
+    upper = [f"h.{i}." for i in range(args.layers // 2, args.layers)]
+    project_top, _ = make_project(upper)
+    return {"train": train, "floor": floor, "project": project_all, "top-half": project_top}, engine
+
+
+def naive_loop(model, ids, engine):
+    """Each example alone, full autograd on the weights, explicit Kronecker projection."""
+    modules = dict(model.named_modules())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    out = []
+    for i in range(ids.shape[0]):
+        model.zero_grad(set_to_none=True)
+        one = ids[i:i + 1]
+        causal_lm_losses(model(input_ids=one).logits, one)[0].sum().backward()
+        row = []
+        for info in engine.layers:
+            g = modules[info.name].weight.grad.t()
+            p = engine.projectors[info.name]
+            row.append((p.p_out.to(g.device) @ g @ p.p_in.to(g.device).t()).reshape(-1))
+        out.append(torch.cat(row))
+    return torch.stack(out)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def memory_child(args) -> None:
+    """Run one mode in this fresh process and print its peak memory above the idle model
+    (CUDA: the allocator's peak; CPU: resident memory sampled every millisecond)."""
+    import threading
+
+    device = torch.device(args.device)
+    model = build(args, device)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
+    fns, _ = steps(model, ids, args)
+    fns[args.child]()  # warm-up: allocator caches, lazy initialisation
+    for p in model.parameters():  # the measured step allocates its own gradients
+        p.grad = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fns[args.child]()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base, high, done = _rss(), [0], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                high[0] = max(high[0], _rss())
+                time.sleep(0.001)
+        thread = threading.Thread(target=sample)
+        thread.start()
+        fns[args.child]()
+        done.set()
+        thread.join()
+        peak = high[0] - base
+    print(json.dumps({"peak": peak}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--embd", type=int, default=256)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--rank", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return memory_child(args)
+    device = torch.device(args.device)
+    model = build(args, device)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
+    fns, engine = steps(model, ids, args)
+    t = {name: timed(fn, args.repeats, device) for name, fn in fns.items()}
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"machine: {platform.machine()}, {gpu}, torch {torch.__version__}")
+    print(f"GPT-2 L{args.layers} E{args.embd} V{args.vocab}, T={args.seq}, B={args.batch}, rank {args.rank}/layer, "
+          f"D={engine.dim}")
+    for name in fns:
+        print(f"  {name:9s} {t[name] * 1000:8.1f} ms")
+    print(f"project / train    = {t['project'] / t['train']:.2f}   (goal <= 0.80)")
+    print(f"project / floor    = {t['project'] / t['floor']:.2f}   (goal <= 1.10)")
+    print(f"top-half / train   = {t['top-half'] / t['train']:.2f}   (goal <= 0.60)")
+
+    ids32 = torch.randint(0, args.vocab, (32, args.seq), device=device)
+    _, engine32 = steps(model, ids32, args)
+
+    def engine_b32():
+        with engine32:
+            causal_lm_losses(model(input_ids=ids32).logits, ids32)[0].sum().backward()
+            return engine32.collect()
+    t_engine = timed(engine_b32, args.repeats, device)
+    t0 = time.perf_counter()
+    ref = naive_loop(model, ids32, engine32)
+    sync(device)
+    t_naive = time.perf_counter() - t0
+    got = engine_b32()
+    err = ((got.double() - ref.double().to(got.device)).norm(dim=1) / ref.double().to(got.device).norm(dim=1)).max()
+    print(f"naive loop (B=32) / engine (B=32) = {t_naive / t_engine:.1f}x   (goal >= 5; max rel err {err:.1e})")
+
+    peaks = {}
+    for mode in ("train", "project"):
+        cmd = [sys.executable, __file__, "--child", mode] + [f"--{k}={v}" for k, v in vars(args).items()
+                                                            if k not in ("child", "repeats")]
+        peaks[mode] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)["peak"]
+    print(f"peak memory above the model: train {peaks['train'] / 2**20:.0f} MiB, project {peaks['project'] / 2**20:.0f} MiB"
+          f" -> project / train = {peaks['project'] / max(peaks['train'], 1):.2f}   (goal <= 1.1)")
+
+
+if __name__ == "__main__":
+    main()
