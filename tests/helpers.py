@@ -69,8 +69,9 @@ def kron_reference(model, examples, engine, reduction="mean"):
             for info in engine.layers:
                 m = modules[info.name]
                 w = m.weight.grad
-                g = w.t() if type(m).__name__ == "Conv1D" else w  # Conv1D stores (n_in, n_out)
-                if engine.bias:
+                # Conv1D stores (n_in, n_out); an embedding is a Linear on one-hot inputs: (V, d)
+                g = w.t() if type(m).__name__ in ("Conv1D", "Embedding") else w
+                if engine.bias and type(m).__name__ != "Embedding":
                     g = torch.cat([g, m.bias.grad[:, None]], dim=1)
                 p = engine.projectors[info.name]
                 dense = torch.kron(p.p_out.double(), p.p_in.double())  # (k_out*k_in, n_out*n_in)

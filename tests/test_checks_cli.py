@@ -33,8 +33,8 @@ def test_non_interf_passes(capsys, gpt2_dir, data_file):
 def test_non_interf_fails_when_the_engine_interferes(capsys, gpt2_dir, data_file, monkeypatch):
     real = GradProjectionEngine._grad_hook
 
-    def meddling(self, name, xp, p_out_t, grad):
-        real(self, name, xp, p_out_t, grad)
+    def meddling(self, name, xp, p_out_t, transposed, grad):
+        real(self, name, xp, p_out_t, transposed, grad)
         return grad * 1.01  # changes the gradient flowing below the layer
     monkeypatch.setattr(GradProjectionEngine, "_grad_hook", meddling)
     code, out, _ = run_cli(["non-interf", "--model", gpt2_dir, "--data", data_file, "--steps", "1",

@@ -41,7 +41,7 @@ def naive_projected_grads(
         m = modules[info.name]
         m.weight.requires_grad_(True)
         targets.append(m.weight)
-        if engine.bias:
+        if engine.bias and layer_type(m).has_bias_column:
             m.bias.requires_grad_(True)
             targets.append(m.bias)
     device = next(model.parameters()).device
@@ -59,7 +59,7 @@ def naive_projected_grads(
             for info in engine.layers:
                 m = modules[info.name]
                 g = layer_type(m).weight_grad(m).double().cpu()
-                if engine.bias:
+                if engine.bias and layer_type(m).has_bias_column:
                     g = torch.cat([g, m.bias.grad.double().cpu()[:, None]], dim=1)
                 p = engine.projectors[info.name]
                 block = p.p_out.double() @ g @ p.p_in.double().t()

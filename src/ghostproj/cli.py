@@ -81,17 +81,36 @@ def project(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     dtype: str = typer.Option("float32", help="Model weights: float32, bfloat16 or float16."),
     text_field: str = typer.Option("text", help="JSONL field holding the text."),
+    prompt_field: Optional[str] = typer.Option(None, help="JSONL field of the prompt (no loss on its tokens)."),
+    completion_field: Optional[str] = typer.Option(None, help="JSONL field of the completion (carries the loss)."),
+    messages_field: Optional[str] = typer.Option(None, help="JSONL field of a chat (loss on assistant turns)."),
+    format: str = typer.Option("auto", "--format", help="auto, jsonl, text, bin, parquet or hf."),
+    token_dtype: Optional[str] = typer.Option(None, help=".bin token width: uint16 or uint32 (default by vocab)."),
+    hf_dataset: Optional[str] = typer.Option(None, help="HF dataset name or saved directory (needs the data extra)."),
+    split: str = typer.Option("train", help="Split of --hf-dataset."),
+    token_budget: Optional[int] = typer.Option(None, help="Batch by length buckets up to N padded tokens."),
+    include_embeddings: bool = typer.Option(False, help="Also project nn.Embedding layers (default set)."),
+    revision: Optional[str] = typer.Option(None, help="Model revision (hub models)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted run in --out."),
 ) -> None:
     """Project every example's loss gradient and write shards to OUT."""
     from .project import ProjectOptions, run_project
 
+    if hf_dataset is not None:
+        if data is not None:
+            raise GhostprojError("Give either --data or --hf-dataset, not both.")
+        data, format = hf_dataset, "hf"
+        if model is None:
+            raise GhostprojError("--hf-dataset needs --model.")
     model, data = _default_model_and_data(model, data)
     opts = ProjectOptions(
         model=model, data=data, out=out, layers=_split(layers), rank=rank, rank_min=rank_min, rank_in=rank_in,
         rank_out=rank_out, projector=projector, seed=seed, like=like, loss_reduction=loss_reduction, bias=bias,
         batch_size=batch_size, max_length=max_length, store_dtype=store_dtype, shard_size=shard_size,
-        device=device, dtype=dtype, text_field=text_field, resume=resume,
+        device=device, dtype=dtype, text_field=text_field, prompt_field=prompt_field,
+        completion_field=completion_field, messages_field=messages_field, format=format, token_dtype=token_dtype,
+        split=split, token_budget=token_budget, include_embeddings=include_embeddings, revision=revision,
+        resume=resume,
     )
     s = run_project(opts)
     con = _console()
@@ -102,7 +121,9 @@ def project(
         return
     con.print(
         f"[green]done[/green]: {s.examples} examples, {s.tokens} label tokens, D={s.dim}, "
-        f"{s.no_label} without label positions (zero vectors), {s.truncated} truncated, "
+        f"{s.no_label} without label positions (zero vectors"
+        + (f"; {s.prompt_too_long} of them skipped because the prompt fills --max-length" if s.prompt_too_long else "")
+        + f"), {s.truncated} truncated, "
         f"{_human_bytes(s.bytes)} in {out}, {s.seconds:.1f} s",
         soft_wrap=True,
     )
@@ -279,8 +300,10 @@ def torch_argsort(values):
 
 
 def _shorten(text, width: int = 70) -> str:
+    from rich.markup import escape
+
     text = " ".join(str(text).split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return escape(text if len(text) <= width else text[: width - 1] + "…")
 
 
 @app.command()
@@ -329,7 +352,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv)  # standalone: usage errors print usage and exit 2
     except GhostprojError as exc:
-        _status().print(f"[red]error:[/red] {exc}", highlight=False)
+        from rich.markup import escape
+
+        _status().print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         _status().print("[yellow]interrupted[/yellow]: every shard already written is kept; rerun to resume.")

@@ -160,11 +160,34 @@ def fixed_size_batches(examples: Iterable[Example], batch_size: int) -> Iterator
         yield batch
 
 
+def token_budget_batches(examples: list[Example], budget: int) -> Iterator[list[Example]]:
+    """Batches whose padded size (count x longest) stays within ``budget`` tokens, from
+    examples sorted by length (longest first, ties by row), so each batch holds examples
+    of similar length and padding is small. An example longer than the budget forms a
+    batch of its own."""
+    if budget < 1:
+        raise GhostprojError(f"--token-budget must be at least 1, got {budget}.")
+    order = sorted(examples, key=lambda e: (-len(e.input_ids), e.index))
+    batch: list[Example] = []
+    longest = 0
+    for e in order:
+        n = max(1, len(e.input_ids))
+        if batch and max(longest, n) * (len(batch) + 1) > budget:
+            yield batch
+            batch, longest = [], 0
+        batch.append(e)
+        longest = max(longest, n)
+    if batch:
+        yield batch
+
+
 def records_for_run(manifest: dict) -> tuple[Records | None, str]:
     """The data rows a run was projected from, if the file is still there unchanged, and
     the reason when it is not."""
     data = manifest.get("data", {})
     path = data.get("path")
+    if data.get("format") not in (None, "jsonl", "text"):
+        return None, f"texts are not shown for {data.get('format')} data"
     if not path or not Path(path).is_file():
         return None, f"the data file {path} is not at hand"
     if data.get("sha256") and file_sha256(path) != data["sha256"]:
@@ -178,3 +201,14 @@ def records_for_run(manifest: dict) -> tuple[Records | None, str]:
 def record_field(records: Records, index: int, name: str):
     row = records.rows[index] if 0 <= index < len(records.rows) else {}
     return row.get(name)
+
+
+def example_text(records: Records, index: int, data: dict) -> str:
+    """How an example reads, for tables: its text, prompt + completion, or its messages."""
+    row = records.rows[index] if 0 <= index < len(records.rows) else {}
+    if data.get("messages_field"):
+        msgs = row.get(data["messages_field"]) or []
+        return " | ".join(f"{m.get('role')}: {m.get('content')}" for m in msgs if isinstance(m, dict))
+    if data.get("prompt_field"):
+        return f"{row.get(data['prompt_field'], '')}{row.get(data['completion_field'], '')}"
+    return str(row.get(data.get("text_field", "text"), ""))

@@ -18,6 +18,8 @@ class DenseLayer:
     """A layer whose forward is an affine map of the last input dimension."""
 
     type_name: str = ""
+    has_bias_column = True  # --bias extends x with a constant 1
+    stores_transposed = False  # weight stored as (n_in, n_out) rather than (n_out, n_in)
 
     @staticmethod
     def matches(module: nn.Module) -> bool:
@@ -36,6 +38,11 @@ class DenseLayer:
     @staticmethod
     def bias(module: nn.Module) -> torch.Tensor | None:
         return getattr(module, "bias", None)
+
+    @staticmethod
+    def project_input(module: nn.Module, x: torch.Tensor, p_in_t: torch.Tensor) -> torch.Tensor:
+        """P_in x_t for every token: [B, S, k_in] float32, from ``p_in_t`` = P_in^T."""
+        return x.detach().reshape(x.shape[0], -1, x.shape[-1]).float() @ p_in_t
 
 
 class LinearLayer(DenseLayer):
@@ -60,6 +67,7 @@ class Conv1DLayer(DenseLayer):
     """HF ``transformers.pytorch_utils.Conv1D`` (GPT-2): weight stored transposed, (n_in, n_out)."""
 
     type_name = "Conv1D"
+    stores_transposed = True
 
     @staticmethod
     def matches(module: nn.Module) -> bool:
@@ -76,7 +84,41 @@ class Conv1DLayer(DenseLayer):
         return module.weight.grad.t()
 
 
-LAYER_TYPES: tuple[type[DenseLayer], ...] = (LinearLayer, Conv1DLayer)
+class EmbeddingLayer(DenseLayer):
+    """``torch.nn.Embedding`` as a dense layer on one-hot inputs: n_in = vocabulary size,
+    n_out = embedding size, weight stored as (n_in, n_out). P_in x_t is the column of P_in
+    at the token id, so the projection is a gather, never a one-hot product."""
+
+    type_name = "Embedding"
+    has_bias_column = False
+    stores_transposed = True
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        return isinstance(module, nn.Embedding)
+
+    @staticmethod
+    def dims(module: nn.Module) -> tuple[int, int]:
+        return module.num_embeddings, module.embedding_dim
+
+    @staticmethod
+    def weight_grad(module: nn.Module) -> torch.Tensor:
+        return module.weight.grad.t()
+
+    @staticmethod
+    def bias(module: nn.Module) -> torch.Tensor | None:
+        return None
+
+    @staticmethod
+    def project_input(module: nn.Module, ids: torch.Tensor, p_in_t: torch.Tensor) -> torch.Tensor:
+        ids = ids.detach().reshape(ids.shape[0], -1)
+        xp = p_in_t[ids]
+        if module.padding_idx is not None:  # the padding row never receives a gradient
+            xp = xp * (ids != module.padding_idx).unsqueeze(-1)
+        return xp
+
+
+LAYER_TYPES: tuple[type[DenseLayer], ...] = (LinearLayer, Conv1DLayer, EmbeddingLayer)
 
 
 def _hf_conv1d_class():
@@ -143,27 +185,29 @@ def _pattern_matches(pattern: str, name: str) -> bool:
     return pattern in name
 
 
-def select_layers(model: nn.Module, patterns: list[str] | None) -> list[tuple[str, nn.Module]]:
+def select_layers(model: nn.Module, patterns: list[str] | None,
+                  include_embeddings: bool = False) -> list[tuple[str, nn.Module]]:
     """Modules to project, in module order.
 
-    Without patterns: every supported layer except the input embeddings and the output
-    head (their gradients are vocabulary-sized and rarely what users want to compare).
+    Without patterns: every supported layer except embeddings and the output head (their
+    gradients are vocabulary-sized and rarely what users want to compare); with
+    ``include_embeddings`` the embedding layers too. Patterns select any supported layer.
     """
     from .errors import GhostprojError
 
     supported = [(n, m) for n, m in model.named_modules() if n and layer_type(m) is not None]
     if not patterns:
         excluded = set()
-        for getter in ("get_output_embeddings", "get_input_embeddings"):
-            fn = getattr(model, getter, None)
-            if callable(fn):
-                try:
-                    mod = fn()
-                except (NotImplementedError, AttributeError):
-                    mod = None
-                if mod is not None:
-                    excluded.add(id(mod))
-        chosen = [(n, m) for n, m in supported if id(m) not in excluded]
+        fn = getattr(model, "get_output_embeddings", None)
+        if callable(fn):
+            try:
+                head = fn()
+            except (NotImplementedError, AttributeError):
+                head = None
+            if head is not None:
+                excluded.add(id(head))
+        chosen = [(n, m) for n, m in supported if id(m) not in excluded
+                  and (include_embeddings or layer_type(m) is not EmbeddingLayer)]
         if not chosen:
             raise GhostprojError("The model has no supported layer (nn.Linear or HF Conv1D) to project.")
         return chosen
@@ -184,7 +228,7 @@ def select_layers(model: nn.Module, patterns: list[str] | None) -> list[tuple[st
             kinds = sorted({type(m).__name__ for _, m in hits})
             raise GhostprojError(
                 f"Layer pattern '{pattern}' matches only unsupported layer types ({', '.join(kinds)}); "
-                "ghostproj projects nn.Linear and HF Conv1D layers."
+                "ghostproj projects nn.Linear, HF Conv1D and nn.Embedding layers."
             )
         for n, m in usable:
             if n not in seen:

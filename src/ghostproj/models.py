@@ -31,7 +31,7 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_model(path: str, dtype: str = "float32", device: str = "auto"):
+def load_model(path: str, dtype: str = "float32", device: str = "auto", revision: str | None = None):
     """(model in eval mode on the device, tokenizer) from a local directory or hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -47,8 +47,9 @@ def load_model(path: str, dtype: str = "float32", device: str = "auto"):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        extra = {"revision": revision} if revision else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
     except OSError as exc:
         if local.exists():
             raise GhostprojError(f"Cannot load the model in {path}: {str(exc).splitlines()[0]}") from None

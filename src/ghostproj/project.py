@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .data import Example, collate, file_sha256, fixed_size_batches, read_records, tokenize_records
+from .data import Example, collate, fixed_size_batches, token_budget_batches
+from .readers import DataSpec, load_examples
 from .engines.projection import GradProjectionEngine
 from .errors import GhostprojError
 from .losses import LOSS_REDUCTIONS, causal_lm_losses
@@ -32,7 +33,7 @@ from .store import (
 )
 
 # Settings a resumed run must share with the interrupted one, beyond the fingerprint.
-_RESUME_SETTINGS = ("max_length", "text_field", "store_dtype", "shard_size", "batch_size", "dtype")
+_RESUME_SETTINGS = ("max_length", "data_spec", "store_dtype", "shard_size", "batch_size", "token_budget", "dtype")
 
 
 @dataclass
@@ -60,6 +61,15 @@ class ProjectOptions:
     device: str = "auto"
     dtype: str = "float32"
     text_field: str = "text"
+    prompt_field: str | None = None
+    completion_field: str | None = None
+    messages_field: str | None = None
+    format: str = "auto"
+    token_dtype: str | None = None
+    split: str = "train"
+    token_budget: int | None = None
+    include_embeddings: bool = False
+    revision: str | None = None
     resume: bool = True
     show_progress: bool = True
 
@@ -71,6 +81,7 @@ class ProjectSummary:
     tokens: int = 0  # label positions
     no_label: int = 0
     truncated: int = 0
+    prompt_too_long: int = 0  # prompt filled --max-length: no completion token left
     dim: int = 0
     bytes: int = 0
     seconds: float = 0.0
@@ -120,6 +131,8 @@ def _check_choices(opts: ProjectOptions, values: dict) -> None:
         raise GhostprojError(f"--max-length must be at least 2, got {opts.max_length}.")
     if opts.batch_size < 1:
         raise GhostprojError(f"--batch-size must be at least 1, got {opts.batch_size}.")
+    if opts.token_budget is not None and opts.token_budget < 1:
+        raise GhostprojError(f"--token-budget must be at least 1, got {opts.token_budget}.")
     if opts.shard_size < 1:
         raise GhostprojError(f"--shard-size must be at least 1, got {opts.shard_size}.")
 
@@ -136,6 +149,7 @@ def build_engine(model, opts: ProjectOptions, values: dict, like: dict | None) -
             projector=values["projector"],
             seed=values["seed"],
             bias=values["bias"],
+            include_embeddings=opts.include_embeddings,
         )
     names = [layer["name"] for layer in like["layers"]]
     modules = dict(model.named_modules())
@@ -190,8 +204,12 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
     like, values = _apply_like(opts)
     _check_choices(opts, values)
     summary = ProjectSummary(out=opts.out)
-    records = read_records(opts.data)
-    model, tokenizer = load_model(opts.model, opts.dtype, opts.device)
+    spec = DataSpec(opts.data, opts.format, opts.text_field, opts.prompt_field, opts.completion_field,
+                    opts.messages_field, opts.token_dtype, opts.split)
+    spec.resolved_format()  # refuse an unknown format before loading the model
+    if spec.resolved_format() != "hf" and not Path(opts.data).is_file():
+        raise GhostprojError(f"Data file {opts.data} does not exist.")
+    model, tokenizer = load_model(opts.model, opts.dtype, opts.device, opts.revision)
     device = next(model.parameters()).device
 
     max_length = opts.max_length
@@ -199,7 +217,9 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
     if limit is not None and max_length > limit:
         summary.notes.append(f"--max-length {max_length} exceeds the model's position limit; capped to {limit}.")
         max_length = limit
-    examples = tokenize_records(records, tokenizer, max_length, opts.text_field)
+    data = load_examples(spec, tokenizer, max_length, getattr(model.config, "vocab_size", None))
+    summary.notes += data.notes
+    examples = data.examples
 
     engine = build_engine(model, opts, values, like)
     modules = dict(model.named_modules())
@@ -211,7 +231,6 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
     parts = fingerprint_parts(engine.layers, weights_hash(weight_tensors), projector_hash(engine.projectors),
                               values["loss_reduction"], values["bias"])
     fp = fingerprint(parts)
-    fields = sorted({k for row in records.rows for k in row if not k.startswith("_")})
     manifest = {
         "format": FORMAT_VERSION,
         "fingerprint": fp,
@@ -224,11 +243,9 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
             "dtype": opts.dtype,
         },
         "data": {
-            "path": str(Path(opts.data).resolve()),
-            "sha256": file_sha256(opts.data),
-            "format": "jsonl" if Path(opts.data).suffix.lower() in (".jsonl", ".json", ".ndjson") else "text",
-            "text_field": opts.text_field,
-            "fields": fields,
+            **spec.describe(),
+            "sha256": data.sha256,
+            "fields": data.fields,
             "max_length": max_length,
             "count": len(examples),
         },
@@ -240,10 +257,11 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
         "store_dtype": opts.store_dtype,
         "settings": {
             "max_length": max_length,
-            "text_field": opts.text_field,
+            "data_spec": spec.describe(),
             "store_dtype": opts.store_dtype,
             "shard_size": opts.shard_size,
             "batch_size": opts.batch_size,
+            "token_budget": opts.token_budget,
             "dtype": opts.dtype,
         },
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -256,6 +274,7 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
     summary.dim = engine.dim
     summary.truncated = sum(e.truncated for e in examples)
     summary.no_label = sum(e.n_label_positions == 0 for e in examples)
+    summary.prompt_too_long = data.prompt_too_long
     summary.examples = len(examples)
     summary.tokens = sum(e.n_label_positions for e in examples)
     if old is not None and old.get("complete"):
@@ -275,10 +294,23 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
     summary.resumed_from = start
     if start:
         summary.notes.append(f"Resumed after {start} examples already written.")
-    todo = examples[start:]
+    if opts.token_budget is not None:
+        # length buckets remove most padding; the order is deterministic, so a resumed run
+        # skips exactly the examples already written
+        batches = list(token_budget_batches(examples, opts.token_budget))
+    else:
+        batches = list(fixed_size_batches(examples, opts.batch_size))
+    todo_batches, skipped = [], 0
+    for batch in batches:
+        if skipped + len(batch) <= start:
+            skipped += len(batch)
+        else:
+            todo_batches.append(batch)
+    if skipped != start:
+        raise GhostprojError(f"{out} ends inside a batch; it was not written by this version of ghostproj.")
     pad = pad_token_id(tokenizer)
-    with RateProgress("projecting", total=len(todo), enabled=opts.show_progress) as bar, engine:
-        for batch_examples in fixed_size_batches(todo, opts.batch_size):
+    with RateProgress("projecting", total=len(examples) - start, enabled=opts.show_progress) as bar, engine:
+        for batch_examples in todo_batches:
             vectors, losses, counts = project_batch(model, engine, batch_examples, values["loss_reduction"], pad, device)
             index = torch.tensor([e.index for e in batch_examples], dtype=torch.long)
             writer.add(vectors, index, losses, counts)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from .data import record_field, records_for_run
+from .data import example_text, record_field, records_for_run
 from .errors import GhostprojError
 from .progress import RateProgress
 from .scoring import ScoreResult, score
@@ -16,8 +16,11 @@ from .store import atomic_write, encode_safetensors, open_run
 
 
 def _shorten(text, width: int = 90) -> str:
+    """One line of a user's text, safe to print (rich markup escaped)."""
+    from rich.markup import escape
+
     text = " ".join(str(text).split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return escape(text if len(text) <= width else text[: width - 1] + "…")
 
 
 def _check_writable(path: str | None, flag: str) -> None:
@@ -92,8 +95,8 @@ def run_score_command(train: str, query: str, *, metric: str, normalize: str | N
 
     train_records, train_why = records_for_run(train_run.manifest)
     query_records, query_why = records_for_run(query_run.manifest)
-    text_field = train_run.manifest.get("data", {}).get("text_field", "text")
-    q_field = query_run.manifest.get("data", {}).get("text_field", "text")
+    train_data = train_run.manifest.get("data", {})
+    query_data = query_run.manifest.get("data", {})
     if show > 0:
         if train_records is None:
             status.print(f"[dim]texts not shown: {train_why}[/dim]")
@@ -101,7 +104,7 @@ def run_score_command(train: str, query: str, *, metric: str, normalize: str | N
             qidx = int(result.query_index[j])
             title = f"query {qidx}"
             if query_records is not None:
-                title += ": " + _shorten(record_field(query_records, qidx, q_field) or "", 80)
+                title += ": " + _shorten(example_text(query_records, qidx, query_data), 80)
             table = Table(title=title, title_justify="left")
             table.add_column("rank", justify="right")
             table.add_column("train", justify="right")
@@ -112,7 +115,7 @@ def run_score_command(train: str, query: str, *, metric: str, normalize: str | N
                 tidx = int(result.topk_train[j, r])
                 cells = [str(r + 1), str(tidx), f"{float(result.topk_scores[j, r]):.4g}"]
                 if train_records is not None:
-                    cells.append(_shorten(record_field(train_records, tidx, text_field) or ""))
+                    cells.append(_shorten(example_text(train_records, tidx, train_data)))
                 table.add_row(*cells)
             console.print(table)
     if reduce and show > 0:
@@ -129,7 +132,7 @@ def run_score_command(train: str, query: str, *, metric: str, normalize: str | N
                 tidx = int(result.train_index[pos])
                 cells = [label, str(tidx), f"{float(result.selection[pos]):.4g}"]
                 if train_records is not None:
-                    cells.append(_shorten(record_field(train_records, tidx, text_field) or ""))
+                    cells.append(_shorten(example_text(train_records, tidx, train_data)))
                 table.add_row(*cells)
         console.print(table)
     status.print(f"[green]scored[/green] {train_run.rows} x {query_run.rows} ({metric}) in {result.seconds:.1f} s"

@@ -67,6 +67,7 @@ class GradProjectionEngine:
         ranks: dict[str, tuple[int, int]] | None = None,
         projectors: dict[str, LayerProjector] | None = None,
         freeze_weights: bool = True,
+        include_embeddings: bool = False,
     ) -> None:
         self.model = model
         self.projector_kind = projector
@@ -74,13 +75,13 @@ class GradProjectionEngine:
         self.bias = bias
         self.freeze_weights = freeze_weights
 
-        chosen = select_layers(model, layers)
+        chosen = select_layers(model, layers, include_embeddings)
         infos: list[LayerInfo] = []
         offset = 0
         for name, module in chosen:
             cls = layer_type(module)
             n_in, n_out = cls.dims(module)
-            if bias:
+            if bias and cls.has_bias_column:
                 if cls.bias(module) is None:
                     raise GhostprojError(f"--bias was given but layer '{name}' has no bias.")
                 n_in += 1
@@ -107,11 +108,33 @@ class GradProjectionEngine:
         self.projectors: dict[str, LayerProjector] = {i.name: projectors[i.name] for i in infos}
 
         self._modules = {name: module for name, module in chosen}
+        self._types = {name: layer_type(module) for name, module in chosen}
+        self._has_bias = {i.name: bias and self._types[i.name].has_bias_column for i in infos}
+        self._tied = self._find_tied_uses(model)
         self._handles: list = []
         self._saved_requires_grad: list[tuple[nn.Parameter, bool]] = []
         self._device_mats: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
         self._acc: dict[str, torch.Tensor] = {}
         self._batch_size: int | None = None
+
+    def _find_tied_uses(self, model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
+        """Other modules whose weight is the same Parameter as a projected layer's (GPT-2's
+        lm_head and wte): (projected layer, module, transposed). Their calls add to the
+        projected layer's block, so the block is the gradient of the whole parameter; a
+        module storing the weight the other way round (Linear vs Embedding) contributes
+        G^T, i.e. its input meets P_out and its output gradient meets P_in."""
+        tied = []
+        selected = {id(m) for m in self._modules.values()}
+        for name, module in self._modules.items():
+            for other_name, other in model.named_modules():
+                cls = layer_type(other)
+                if other is module or id(other) in selected or cls is None or other.weight is not module.weight:
+                    continue
+                transposed = cls.stores_transposed != self._types[name].stores_transposed
+                if transposed and self._has_bias[name]:
+                    raise GhostprojError(f"--bias is not supported for '{name}', whose weight is tied to '{other_name}'.")
+                tied.append((name, other, transposed))
+        return tied
 
     # -- lifecycle ---------------------------------------------------------------------
     @property
@@ -126,8 +149,24 @@ class GradProjectionEngine:
             for p, _ in self._saved_requires_grad:
                 p.requires_grad_(False)
         for name, module in self._modules.items():
-            self._handles.append(module.register_forward_hook(partial(self._forward_hook, name)))
+            if not self._types[name].has_bias_column:  # embeddings: token ids in
+                self._handles.append(module.register_forward_pre_hook(self._expand_broadcast_ids))
+            self._handles.append(module.register_forward_hook(partial(self._forward_hook, name, self._types[name], False)))
+        for name, module, transposed in self._tied:
+            cls = layer_type(module)
+            if not cls.has_bias_column:
+                self._handles.append(module.register_forward_pre_hook(self._expand_broadcast_ids))
+            self._handles.append(module.register_forward_hook(partial(self._forward_hook, name, cls, transposed)))
         return self
+
+    def _expand_broadcast_ids(self, module, args):
+        """Position ids are often [1, T], broadcast over the batch after the lookup; expand
+        them so the output gradient stays per example."""
+        ids = args[0]
+        b = self._batch_size
+        if b is not None and b > 1 and torch.is_tensor(ids) and ids.dim() >= 1 and ids.shape[0] == 1:
+            return (ids.expand(b, *ids.shape[1:]),) + tuple(args[1:])
+        return None
 
     def detach(self) -> None:
         for h in self._handles:
@@ -174,7 +213,7 @@ class GradProjectionEngine:
         if mats is None:
             p = self.projectors[name]
             p_in = p.p_in.to(device=device, dtype=torch.float32)
-            if self.bias:
+            if self._has_bias[name]:
                 # x is extended by a constant 1, so its column of P_in becomes an additive term.
                 mats = (p_in[:, :-1].t().contiguous(), p_in[:, -1].contiguous(), p.p_out.to(device).float().t().contiguous())
             else:
@@ -182,7 +221,7 @@ class GradProjectionEngine:
             self._device_mats[key] = mats
         return mats
 
-    def _forward_hook(self, name: str, module: nn.Module, args, output):
+    def _forward_hook(self, name: str, cls, transposed: bool, module: nn.Module, args, output):
         if not torch.is_grad_enabled() or not torch.is_tensor(output):
             return None
         x = args[0]
@@ -195,9 +234,11 @@ class GradProjectionEngine:
                 "call collect() or reset() between batches"
             )
         p_in_t, p_in_bias, p_out_t = self._matrices(name, x.device)
+        if transposed:  # this module holds the layer's weight the other way round
+            p_in_t, p_out_t = p_out_t, p_in_t
         with torch.no_grad():
-            xp = x.detach().reshape(b, -1, x.shape[-1]).float() @ p_in_t
-            if p_in_bias is not None:
+            xp = cls.project_input(module, x, p_in_t)
+            if p_in_bias is not None and not transposed:
                 xp += p_in_bias
         replaced = None
         if not output.requires_grad:
@@ -205,12 +246,13 @@ class GradProjectionEngine:
             # backward stops at this layer instead of walking down to the embeddings.
             output = output.detach().requires_grad_(True)
             replaced = output
-        output.register_hook(partial(self._grad_hook, name, xp, p_out_t))
+        output.register_hook(partial(self._grad_hook, name, xp, p_out_t, transposed))
         return replaced
 
-    def _grad_hook(self, name: str, xp: torch.Tensor, p_out_t: torch.Tensor, grad: torch.Tensor) -> None:
+    def _grad_hook(self, name: str, xp: torch.Tensor, p_out_t: torch.Tensor, transposed: bool,
+                   grad: torch.Tensor) -> None:
         b = xp.shape[0]
-        dp = grad.reshape(b, -1, grad.shape[-1]).float() @ p_out_t  # [B, S, k_out]
-        g = torch.bmm(dp.transpose(1, 2), xp)  # [B, k_out, k_in]
+        dp = grad.reshape(b, -1, grad.shape[-1]).float() @ p_out_t  # [B, S, k_out] ([B, S, k_in] if transposed)
+        g = torch.bmm(xp.transpose(1, 2), dp) if transposed else torch.bmm(dp.transpose(1, 2), xp)  # [B, k_out, k_in]
         prev = self._acc.get(name)
         self._acc[name] = g if prev is None else prev + g

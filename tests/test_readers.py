@@ -1,0 +1,142 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ghostproj import GradProjectionEngine
+from ghostproj.checks import engine_projected_grads
+from ghostproj.data import Example, token_budget_batches
+from ghostproj.readers import DataSpec, load_examples
+from ghostproj.scoring import load_projections
+from helpers import kron_reference, rel_err, run_cli, tiny_gpt2, write_jsonl
+
+
+def test_prompt_completion_masks_prompt_tokens(tmp_path, tokenizer):
+    path = tmp_path / "pc.jsonl"
+    rows = [{"prompt": "Question: what does the cat do? Answer:", "completion": " the cat sat on the mat"},
+            {"prompt": "bake", "completion": " the bread"}]
+    write_jsonl(path, rows)
+    data = load_examples(DataSpec(str(path), prompt_field="prompt", completion_field="completion"), tokenizer, 64)
+    for ex, row in zip(data.examples, rows):
+        enc = tokenizer(row["prompt"] + row["completion"], return_offsets_mapping=True)
+        # the tokens that carry loss decode to exactly the completion
+        carried = [t for t, m in zip(ex.input_ids, ex.loss_mask) if m]
+        assert tokenizer.decode(carried) == row["completion"]
+        assert ex.input_ids == enc["input_ids"]
+
+
+def test_prompt_completion_vectors_match_reference(capsys, tmp_path, gpt2_dir, tokenizer):
+    from ghostproj.models import load_model
+
+    path = tmp_path / "pc.jsonl"
+    write_jsonl(path, [{"prompt": "the doctor", "completion": " treated the fever"},
+                       {"prompt": "the bank", "completion": " raised rates"},
+                       {"prompt": "the cat sat on the mat and the orchestra played", "completion": " a symphony"}])
+    out = tmp_path / "pc.st"
+    code, stdout, err = run_cli(["project", "--model", gpt2_dir, "--data", path, "--out", out, "--prompt-field",
+                                 "prompt", "--completion-field", "completion", "--store-dtype", "float32",
+                                 "--rank", "16", "--max-length", "12"], capsys)
+    assert code == 0, err
+    model, tok = load_model(str(gpt2_dir), device="cpu")
+    too_long = sum(len(tok(r)["input_ids"]) >= 12 for r in ["the doctor", "the bank",
+                                                          "the cat sat on the mat and the orchestra played"])
+    assert too_long == 1
+    assert "1 of them skipped because the prompt fills --max-length" in stdout
+    examples = load_examples(DataSpec(str(path), prompt_field="prompt", completion_field="completion"), tok, 12).examples
+    engine = GradProjectionEngine(model, None, rank=16)
+    ref = kron_reference(model, examples, engine)
+    got = load_projections(out).grads
+    assert rel_err(got, ref) <= 1e-4 and torch.all(got[2] == 0)
+    # the unmasked projection differs: the mask really is applied
+    plain = kron_reference(model, [Example(e.index, e.input_ids) for e in examples], engine)
+    assert rel_err(plain[:2], ref[:2]) > 1e-2
+
+
+def test_chat_masks_all_but_assistant_turns(tmp_path, tokenizer):
+    tok = tokenizer
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    path = tmp_path / "chat.jsonl"
+    msgs = [{"role": "user", "content": "what does the cat do"}, {"role": "assistant", "content": "it sat on the mat"},
+            {"role": "user", "content": "and then"}, {"role": "assistant", "content": "it ate bread"}]
+    write_jsonl(path, [{"messages": msgs}])
+    ex = load_examples(DataSpec(str(path), messages_field="messages"), tok, 256).examples[0]
+    carried = tok.decode([t for t, m in zip(ex.input_ids, ex.loss_mask) if m])
+    assert "it sat on the mat" in carried and "it ate bread" in carried
+    assert "cat do" not in carried and "and then" not in carried and "user" not in carried
+    tok.chat_template = None
+
+
+def test_bin_blocks_and_errors(capsys, tmp_path, gpt2_dir, tokenizer):
+    from ghostproj.models import load_model
+
+    ids = []
+    for t in ["the cat sat on the mat", "bake the bread for forty minutes", "planets orbit the sun"]:
+        ids += tokenizer(t)["input_ids"]
+    path = tmp_path / "tokens.bin"
+    np.array(ids, dtype=np.uint16).tofile(path)
+    out = tmp_path / "bin.st"
+    code, _, err = run_cli(["project", "--model", gpt2_dir, "--data", path, "--out", out, "--max-length", "8",
+                            "--rank", "16", "--store-dtype", "float32"], capsys)
+    assert code == 0, err
+    got = load_projections(out)
+    n_blocks = -(-len(ids) // 8)
+    assert got.index.tolist() == list(range(n_blocks))
+    model, _ = load_model(str(gpt2_dir), device="cpu")
+    examples = [Example(k, ids[k * 8:(k + 1) * 8]) for k in range(n_blocks)]
+    ref = kron_reference(model, examples, GradProjectionEngine(model, None, rank=16))
+    assert rel_err(got.grads, ref) <= 1e-4
+    odd = tmp_path / "odd.bin"
+    odd.write_bytes(b"\x01\x02\x03")
+    code, _, err = run_cli(["project", "--model", gpt2_dir, "--data", odd, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "not a multiple of 2" in err
+    big = tmp_path / "big.bin"
+    np.array([1, 2, 60000], dtype=np.uint16).tofile(big)
+    code, _, err = run_cli(["project", "--model", gpt2_dir, "--data", big, "--out", tmp_path / "b"], capsys)
+    assert code == 2 and "outside the model's vocabulary" in err
+
+
+def test_token_budget_batches_keep_rows_and_vectors(capsys, tmp_path, gpt2_dir, data_file):
+    examples = [Example(i, list(range(n))) for i, n in enumerate([5, 40, 3, 17, 40, 9, 1])]
+    batches = list(token_budget_batches(examples, 64))
+    assert sorted(e.index for b in batches for e in b) == list(range(7))
+    assert all(len(b) * max(len(e.input_ids) for e in b) <= 64 or len(b) == 1 for b in batches)
+    a, b = tmp_path / "fixed", tmp_path / "budget"
+    common = ["--model", gpt2_dir, "--data", data_file, "--rank", "16", "--store-dtype", "float32", "--max-length", "24"]
+    assert run_cli(["project", *common, "--out", a], capsys)[0] == 0
+    assert run_cli(["project", *common, "--out", b, "--token-budget", "48", "--shard-size", "3"], capsys)[0] == 0
+    pa, pb = load_projections(a), load_projections(b)
+    order = torch.argsort(pb.index)
+    assert pb.index[order].tolist() == pa.index.tolist()
+    assert rel_err(pb.grads[order], pa.grads) <= 1e-5
+
+
+def test_embedding_projection_matches_reference(tokenizer):
+    torch.manual_seed(0)
+    model = tiny_gpt2(len(tokenizer))
+    texts = ["the cat sat on the mat", "bake the bread", "planets orbit the sun and the moon"]
+    examples = [Example(i, tokenizer(t)["input_ids"]) for i, t in enumerate(texts)]
+    engine = GradProjectionEngine(model, None, rank=32, include_embeddings=True)
+    names = [i.name for i in engine.layers]
+    assert "transformer.wte" in names and "transformer.wpe" in names and "lm_head" not in names
+    wte = next(i for i in engine.layers if i.name == "transformer.wte")
+    assert (wte.n_in, wte.n_out) == (len(tokenizer), 64)
+    got = engine_projected_grads(model, examples, engine)
+    ref = kron_reference(model, examples, engine)
+    assert rel_err(got, ref) <= 1e-4  # wte's block includes the tied lm_head use
+    # the other way round: the output head, tied to wte, as a Linear layer
+    engine = GradProjectionEngine(model, ["lm_head"], rank=32)
+    assert rel_err(engine_projected_grads(model, examples, engine), kron_reference(model, examples, engine)) <= 1e-4
+
+
+def test_missing_data_extra_is_one_sentence(capsys, tmp_path, gpt2_dir):
+    try:
+        import datasets  # noqa: F401
+        pytest.skip("the data extra is installed")
+    except ImportError:
+        pass
+    path = tmp_path / "t.parquet"
+    path.write_bytes(b"PAR1")
+    code, _, err = run_cli(["project", "--model", gpt2_dir, "--data", path, "--out", tmp_path / "p"], capsys)
+    assert code == 2 and "pip install 'ghostproj[data]'" in err
