@@ -57,3 +57,16 @@ def test_examples_run(capsys, monkeypatch, ghost_home):
     assert "step 9" in out and "final validation loss" in out
     runpy.run_path(str(ROOT / "examples" / "engine_api.py"), run_name="__main__")
     assert "cosine similarities" in capsys.readouterr().out
+
+
+def test_projection_examples_run(capsys, monkeypatch, ghost_home, tmp_path):
+    for mode in ("project", "naive_check", "non_interf"):
+        monkeypatch.setattr(sys, "argv", ["ghost_gradproj_mlp.py", "--mode", mode, "--proj_rank_total", "128"])
+        runpy.run_path(str(ROOT / "examples" / "ghost_gradproj_mlp.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "vectors (16," in out and "max relative error" in out and "difference after 5 steps" in out
+    monkeypatch.setattr(sys, "argv", ["ghost_gradproj_lm.py", "--proj_layers", "mlp.c_fc", "--proj_rank_total",
+                                      "512", "--out", str(tmp_path)])
+    runpy.run_path(str(ROOT / "examples" / "ghost_gradproj_lm.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "D = 512" in out and "most similar gradient" in out

@@ -140,3 +140,39 @@ def test_missing_data_extra_is_one_sentence(capsys, tmp_path, gpt2_dir):
     path.write_bytes(b"PAR1")
     code, _, err = run_cli(["project", "--model", gpt2_dir, "--data", path, "--out", tmp_path / "p"], capsys)
     assert code == 2 and "pip install 'ghostproj[data]'" in err
+
+
+def test_lora_adapter_projection(capsys, tmp_path, gpt2_dir, data_file):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["c_attn", "c_fc"], lora_dropout=0.0))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # PEFT starts B at zero; a trained adapter does not
+    adapter = tmp_path / "adapter"
+    lora.save_pretrained(adapter)
+    code, out, err = run_cli(["naive-check", "--model", gpt2_dir, "--data", data_file, "--adapter", adapter,
+                              "--max-length", "24", "--rank", "16"], capsys)
+    assert code == 0, out + err
+    assert "lora" in out and "OK" in out
+    run = tmp_path / "lora.st"
+    code, _, err = run_cli(["project", "--model", gpt2_dir, "--data", data_file, "--adapter", adapter, "--out", run,
+                            "--max-length", "24", "--rank", "16"], capsys)
+    assert code == 0, err
+    layers = json.loads((run / "manifest.json").read_text())["layers"]
+    assert len(layers) == 8 and all(".lora_" in l["name"] for l in layers)
+    # an adapter for another architecture is refused in one sentence
+    other = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(gpt2_dir),
+                                peft.LoraConfig(r=4, target_modules=["c_proj"]))
+    bad = tmp_path / "bad"
+    other.save_pretrained(bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["q_proj"]
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli(["project", "--model", gpt2_dir, "--data", data_file, "--adapter", bad, "--out",
+                            tmp_path / "x"], capsys)
+    assert code == 2 and "does not match the model" in err and "Traceback" not in err

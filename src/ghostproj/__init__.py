@@ -4,8 +4,9 @@ from .engines.dotprod import GradDotProdEngine
 from .engines.projection import GradProjectionEngine
 from .errors import GhostprojError
 from .losses import causal_lm_losses
+from .project import ProjectOptions, run_project
 from .scoring import load_projections, score
 
 __version__ = "0.1.0"
 __all__ = ["GradDotProdEngine", "GradProjectionEngine", "GhostprojError", "causal_lm_losses", "load_projections",
-           "score", "__version__"]
+           "ProjectOptions", "run_project", "score", "__version__"]

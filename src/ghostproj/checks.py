@@ -239,17 +239,27 @@ def pick_mixed_lengths(examples: list[Example], samples: int) -> list[Example]:
 def run_naive_check(model_path: str, data_path: str, layers: list[str] | None, *, samples: int = 8,
                     rank: int = 256, projector: str = "gaussian", seed: int = 0, loss_reduction: str = "mean",
                     bias: bool = False, max_length: int = 512, dtype: str = "float32", device: str = "auto",
-                    text_field: str = "text", tolerance: float | None = None) -> NaiveCheckResult:
+                    text_field: str = "text", tolerance: float | None = None,
+                    adapter: str | None = None, prompt_field: str | None = None,
+                    completion_field: str | None = None, include_embeddings: bool = False) -> NaiveCheckResult:
     from .data import read_records, tokenize_records
     from .models import load_model, pad_token_id, position_limit
 
-    records = read_records(data_path)
-    model, tokenizer = load_model(model_path, dtype, device)
+    from .project import ADAPTER_LAYERS
+    from .readers import DataSpec, load_examples
+
+    spec = DataSpec(data_path, text_field=text_field, prompt_field=prompt_field, completion_field=completion_field)
+    read_records(data_path) if spec.resolved_format() in ("jsonl", "text") else None  # fail fast on bad data
+    model, tokenizer = load_model(model_path, dtype, device, adapter=adapter)
     limit = position_limit(model)
     if limit is not None:
         max_length = min(max_length, limit)
-    examples = pick_mixed_lengths(tokenize_records(records, tokenizer, max_length, text_field), samples)
-    engine = GradProjectionEngine(model, layers, rank=rank, projector=projector, seed=seed, bias=bias)
+    data = load_examples(spec, tokenizer, max_length, getattr(model.config, "vocab_size", None))
+    examples = pick_mixed_lengths(data.examples, samples)
+    if layers is None and adapter:
+        layers = [ADAPTER_LAYERS]
+    engine = GradProjectionEngine(model, layers, rank=rank, projector=projector, seed=seed, bias=bias,
+                                  include_embeddings=include_embeddings)
     got = engine_projected_grads(model, examples, engine, loss_reduction, pad_token_id(tokenizer))
     ref = naive_projected_grads(model, examples, engine, loss_reduction)
     if tolerance is None:

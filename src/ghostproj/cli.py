@@ -91,6 +91,7 @@ def project(
     token_budget: Optional[int] = typer.Option(None, help="Batch by length buckets up to N padded tokens."),
     include_embeddings: bool = typer.Option(False, help="Also project nn.Embedding layers (default set)."),
     revision: Optional[str] = typer.Option(None, help="Model revision (hub models)."),
+    adapter: Optional[str] = typer.Option(None, help="PEFT LoRA adapter directory (needs the peft extra)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted run in --out."),
 ) -> None:
     """Project every example's loss gradient and write shards to OUT."""
@@ -110,6 +111,7 @@ def project(
         device=device, dtype=dtype, text_field=text_field, prompt_field=prompt_field,
         completion_field=completion_field, messages_field=messages_field, format=format, token_dtype=token_dtype,
         split=split, token_budget=token_budget, include_embeddings=include_embeddings, revision=revision,
+        adapter=adapter,
         resume=resume,
     )
     s = run_project(opts)
@@ -133,7 +135,7 @@ def _error_table(title: str, rows, tolerance: float):
     from rich.table import Table
 
     table = Table(title=title)
-    table.add_column("layer / quantity")
+    table.add_column("layer / quantity", overflow="fold")
     table.add_column("max rel err", justify="right")
     table.add_column("max abs diff", justify="right")
     table.add_column("ok", justify="center")
@@ -159,6 +161,10 @@ def naive_check(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     text_field: str = typer.Option("text", help="JSONL field holding the text."),
     tolerance: Optional[float] = typer.Option(None, help="Max relative error (default 1e-4, 5e-2 for 16-bit models)."),
+    adapter: Optional[str] = typer.Option(None, help="PEFT LoRA adapter directory."),
+    prompt_field: Optional[str] = typer.Option(None, help="JSONL field of the prompt (no loss on its tokens)."),
+    completion_field: Optional[str] = typer.Option(None, help="JSONL field of the completion."),
+    include_embeddings: bool = typer.Option(False, help="Also check nn.Embedding layers."),
 ) -> None:
     """Prove the engine equals the slow exact computation on your model and data."""
     from .checks import run_naive_check
@@ -166,7 +172,9 @@ def naive_check(
     model, data = _default_model_and_data(model, data)
     result = run_naive_check(model, data, _split(layers), samples=samples, rank=rank, projector=projector,
                              seed=seed, loss_reduction=loss_reduction, bias=bias, max_length=max_length,
-                             dtype=dtype, device=device, text_field=text_field, tolerance=tolerance)
+                             dtype=dtype, device=device, text_field=text_field, tolerance=tolerance,
+                             adapter=adapter, prompt_field=prompt_field, completion_field=completion_field,
+                             include_embeddings=include_embeddings)
     con = _console()
     con.print(_error_table(
         f"engine vs naive reference ({result.n_examples} examples, lengths {result.min_len}-{result.max_len}, "

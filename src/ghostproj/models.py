@@ -31,7 +31,8 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_model(path: str, dtype: str = "float32", device: str = "auto", revision: str | None = None):
+def load_model(path: str, dtype: str = "float32", device: str = "auto", revision: str | None = None,
+               adapter: str | None = None):
     """(model in eval mode on the device, tokenizer) from a local directory or hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -61,9 +62,26 @@ def load_model(path: str, dtype: str = "float32", device: str = "auto", revision
         raise GhostprojError(f"Cannot load '{path}' as a causal language model: {str(exc).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    if adapter is not None:
+        model = _load_adapter(model, adapter)
     model.to(dev)
     model.eval()
     return model, tokenizer
+
+
+def _load_adapter(model, adapter: str):
+    """Wrap ``model`` with a PEFT (LoRA) adapter from a local directory."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise GhostprojError("Loading --adapter needs the optional extra: pip install 'ghostproj[peft]'.") from None
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise GhostprojError(f"{adapter} is not a PEFT adapter directory (it has no adapter_config.json).")
+    try:
+        return PeftModel.from_pretrained(model, adapter)
+    except Exception as exc:  # peft raises several types for a mismatched adapter
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GhostprojError(f"The adapter in {adapter} does not match the model: {first[:300]}") from None
 
 
 def position_limit(model) -> int | None:

@@ -32,6 +32,7 @@ from .store import (
     write_manifest,
 )
 
+ADAPTER_LAYERS = r"re:\.lora_[AB]\.[^.]+$"
 # Settings a resumed run must share with the interrupted one, beyond the fingerprint.
 _RESUME_SETTINGS = ("max_length", "data_spec", "store_dtype", "shard_size", "batch_size", "token_budget", "dtype")
 
@@ -70,6 +71,7 @@ class ProjectOptions:
     token_budget: int | None = None
     include_embeddings: bool = False
     revision: str | None = None
+    adapter: str | None = None
     resume: bool = True
     show_progress: bool = True
 
@@ -139,9 +141,12 @@ def _check_choices(opts: ProjectOptions, values: dict) -> None:
 
 def build_engine(model, opts: ProjectOptions, values: dict, like: dict | None) -> GradProjectionEngine:
     if like is None:
+        layers = opts.layers
+        if layers is None and opts.adapter:
+            layers = [ADAPTER_LAYERS]  # with an adapter, its LoRA matrices are what was trained
         return GradProjectionEngine(
             model,
-            opts.layers,
+            layers,
             rank=values["rank"],
             rank_min=values["rank_min"],
             rank_in=opts.rank_in,
@@ -209,7 +214,7 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
     spec.resolved_format()  # refuse an unknown format before loading the model
     if spec.resolved_format() != "hf" and not Path(opts.data).is_file():
         raise GhostprojError(f"Data file {opts.data} does not exist.")
-    model, tokenizer = load_model(opts.model, opts.dtype, opts.device, opts.revision)
+    model, tokenizer = load_model(opts.model, opts.dtype, opts.device, opts.revision, opts.adapter)
     device = next(model.parameters()).device
 
     max_length = opts.max_length
@@ -241,6 +246,7 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
             "config_hash": config_hash(model),
             "weights_hash": parts["model_weights"],
             "dtype": opts.dtype,
+            "adapter": str(Path(opts.adapter).resolve()) if opts.adapter else None,
         },
         "data": {
             **spec.describe(),
