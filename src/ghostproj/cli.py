@@ -92,6 +92,9 @@ def project(
     include_embeddings: bool = typer.Option(False, help="Also project nn.Embedding layers (default set)."),
     revision: Optional[str] = typer.Option(None, help="Model revision (hub models)."),
     adapter: Optional[str] = typer.Option(None, help="PEFT LoRA adapter directory (needs the peft extra)."),
+    num_shards: int = typer.Option(1, help="Job arrays: split the examples into this many parts..."),
+    shard_id: int = typer.Option(0, help="...and project this one (then: ghostproj inspect --merge)."),
+    force: bool = typer.Option(False, help="Start even if the disk looks too small."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted run in --out."),
 ) -> None:
     """Project every example's loss gradient and write shards to OUT."""
@@ -111,7 +114,7 @@ def project(
         device=device, dtype=dtype, text_field=text_field, prompt_field=prompt_field,
         completion_field=completion_field, messages_field=messages_field, format=format, token_dtype=token_dtype,
         split=split, token_budget=token_budget, include_embeddings=include_embeddings, revision=revision,
-        adapter=adapter,
+        adapter=adapter, num_shards=num_shards, shard_id=shard_id, force=force,
         resume=resume,
     )
     s = run_project(opts)
@@ -316,14 +319,23 @@ def _shorten(text, width: int = 70) -> str:
 
 @app.command()
 def inspect(
-    run_dir: str = typer.Argument(..., help="Projection run directory."),
+    run_dirs: list[str] = typer.Argument(..., help="Run directory; with --merge: OUT then the part directories."),
     quick: bool = typer.Option(False, help="Skip hashing the shards."),
+    merge: bool = typer.Option(False, help="Join the runs of --num-shards/--shard-id jobs into OUT."),
 ) -> None:
-    """Show a run and verify its shards."""
+    """Show a run and verify its shards (or merge job-array parts into one run)."""
     from rich.table import Table
 
-    from .store import verify_run
+    from .store import merge_runs, verify_run
 
+    if merge:
+        if len(run_dirs) < 2:
+            raise GhostprojError("--merge needs OUT followed by the part directories.")
+        merge_runs(run_dirs[0], run_dirs[1:])
+        _status().print(f"merged {len(run_dirs) - 1} parts into {run_dirs[0]}")
+    elif len(run_dirs) != 1:
+        raise GhostprojError("inspect takes one run directory (or --merge OUT PART...).")
+    run_dir = run_dirs[0]
     report = verify_run(run_dir, hash_shards=not quick)
     m = report.manifest
     con = _console()

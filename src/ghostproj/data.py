@@ -24,6 +24,7 @@ class Example:
     input_ids: list[int]
     loss_mask: list[bool] | None = None  # None: every token after the first carries loss
     truncated: bool = False
+    prompt_filled: bool = False  # the prompt alone filled max_length: skipped, no loss left
 
     @property
     def n_label_positions(self) -> int:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import os
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +30,10 @@ from .store import (
     differing_part,
     fingerprint,
     fingerprint_parts,
+    merge_manifests,
+    rank_manifest_name,
     read_manifest,
+    RunLock,
     weights_hash,
     write_manifest,
 )
@@ -72,6 +78,9 @@ class ProjectOptions:
     include_embeddings: bool = False
     revision: str | None = None
     adapter: str | None = None
+    num_shards: int = 1  # job arrays: split the examples into this many parts ...
+    shard_id: int = 0  # ... and project this one
+    force: bool = False  # start even when the disk looks too small
     resume: bool = True
     show_progress: bool = True
 
@@ -175,19 +184,30 @@ def build_engine(model, opts: ProjectOptions, values: dict, like: dict | None) -
     return engine
 
 
-def _prepare_out_dir(out: Path, manifest: dict, resume: bool) -> dict | None:
+def _prepare_out_dir(out: Path, manifest: dict, resume: bool, manifest_name: str = MANIFEST,
+                     shared: bool = False) -> dict | None:
     """The existing manifest when this run resumes it, None for a fresh run. Refuses a
-    directory that holds something else, naming what differs."""
+    directory that holds something else, naming what differs. ``shared``: torchrun ranks
+    write one directory, each with its own manifest."""
     if out.exists() and not out.is_dir():
         raise GhostprojError(f"Output path {out} exists and is not a directory.")
     if not out.exists():
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)
         return None
-    if not (out / MANIFEST).exists():
-        if any(out.iterdir()):
+    if shared and (out / MANIFEST).exists():
+        old = read_manifest(out)  # an earlier torchrun already merged this run
+        if old.get("fingerprint") == manifest["fingerprint"] and old.get("complete"):
+            return old
+        raise GhostprojError(f"{out} holds a different run; choose another --out.")
+    if not (out / manifest_name).exists():
+        # what may already be there: the projector of a run that stopped before its first
+        # manifest, and (torchrun) what sibling ranks wrote
+        def ours(name: str) -> bool:
+            return name in (PROJECTOR_FILE, ".lock") or shared and name.startswith((".lock-r", "manifest-r", "grads-r"))
+        if any(not ours(p.name) for p in out.iterdir()):
             raise GhostprojError(f"Output directory {out} is not empty and holds no ghostproj run; choose another --out.")
         return None
-    old = read_manifest(out)
+    old = read_manifest(out, manifest_name)
     part = differing_part(old, manifest)
     if part is not None:
         raise GhostprojError(f"{out} holds a different run (its {part} differ); choose another --out.")
@@ -275,56 +295,133 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
         "complete": False,
     }
 
+    dist = _distributed()
+    num_shards, shard_id = opts.num_shards, opts.shard_id
+    if dist is not None:
+        if num_shards != 1:
+            raise GhostprojError("--num-shards/--shard-id cannot be combined with torchrun; ranks split the work.")
+        shard_id, num_shards = dist
+    if num_shards < 1 or not 0 <= shard_id < num_shards:
+        raise GhostprojError(f"--shard-id must be in 0..{num_shards - 1} for --num-shards {num_shards}.")
+    subset = examples[shard_id::num_shards]  # a disjoint, deterministic part of the rows
+    if num_shards > 1:
+        manifest["part"] = {"shard_id": shard_id, "num_shards": num_shards, "rows": len(subset)}
+    manifest_name = rank_manifest_name(shard_id) if dist is not None else MANIFEST
+
     out = Path(opts.out)
-    old = _prepare_out_dir(out, manifest, opts.resume)
+    if dist is not None:
+        _sync_start(out, shard_id)
+    old = _prepare_out_dir(out, manifest, opts.resume, manifest_name, shared=dist is not None)
     summary.dim = engine.dim
-    summary.truncated = sum(e.truncated for e in examples)
-    summary.no_label = sum(e.n_label_positions == 0 for e in examples)
-    summary.prompt_too_long = data.prompt_too_long
-    summary.examples = len(examples)
-    summary.tokens = sum(e.n_label_positions for e in examples)
+    summary.truncated = sum(e.truncated for e in subset)
+    summary.no_label = sum(e.n_label_positions == 0 for e in subset)
+    summary.prompt_too_long = sum(e.prompt_filled for e in subset)
+    summary.examples = len(subset)
+    summary.tokens = sum(e.n_label_positions for e in subset)
     if old is not None and old.get("complete"):
         summary.already_complete = True
         summary.bytes = sum(s.get("bytes", 0) for s in old["shards"])
         summary.seconds = time.perf_counter() - t0
+        if dist is not None:
+            _finish_distributed(out, shard_id, num_shards)
         return summary
-    if old is not None:
-        manifest["shards"] = old["shards"]
-        manifest["created"] = old.get("created", manifest["created"])
-    else:
-        save_projectors(out / PROJECTOR_FILE, engine.projectors, {"format": str(FORMAT_VERSION), "fingerprint": fp})
-        write_manifest(out, manifest)
+    expected = len(subset) * engine.dim * STORE_DTYPES[opts.store_dtype].itemsize
+    summary.notes.append(f"Expected output: about {expected / 2**20:.1f} MiB for {len(subset)} examples x D={engine.dim}.")
+    free = shutil.disk_usage(out).free
+    if old is None and expected > free and not opts.force:
+        raise GhostprojError(f"The disk holding {out} has {free / 2**20:.0f} MiB free but the run needs about "
+                             f"{expected / 2**20:.0f} MiB; free space or pass --force.")
 
-    writer = RunWriter(out, manifest, opts.shard_size)
-    start = writer.rows_written
-    summary.resumed_from = start
-    if start:
-        summary.notes.append(f"Resumed after {start} examples already written.")
+    with RunLock(out, shard_id if dist is not None else None):
+        if old is not None:
+            manifest["shards"] = old["shards"]
+            manifest["created"] = old.get("created", manifest["created"])
+        else:
+            if shard_id == 0 or dist is None:
+                save_projectors(out / PROJECTOR_FILE, engine.projectors,
+                                {"format": str(FORMAT_VERSION), "fingerprint": fp})
+            write_manifest(out, manifest, manifest_name)
+        writer = RunWriter(out, manifest, opts.shard_size, rank=shard_id, manifest_name=manifest_name)
+        start = writer.rows_written
+        summary.resumed_from = start
+        if start:
+            summary.notes.append(f"Resumed after {start} examples already written.")
+        todo_batches = _batches_after(subset, opts, start, out)
+        pad = pad_token_id(tokenizer)
+        try:
+            with RateProgress("projecting", total=len(subset) - start, enabled=opts.show_progress) as bar, engine:
+                for batch_examples in todo_batches:
+                    vectors, losses, counts = project_batch(model, engine, batch_examples, values["loss_reduction"],
+                                                            pad, device)
+                    index = torch.tensor([e.index for e in batch_examples], dtype=torch.long)
+                    writer.add(vectors, index, losses, counts)
+                    bar.advance(len(batch_examples), int(counts.sum()))
+            writer.finish({k: v for k, v in asdict(summary).items() if k not in ("out", "notes", "already_complete")})
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise GhostprojError(f"The disk holding {out} is full after {writer.rows_written} examples; every "
+                                     "complete shard is kept, free space and rerun to resume.") from None
+            raise
+    if dist is not None:
+        _finish_distributed(out, shard_id, num_shards)
+    summary.bytes = sum(s["bytes"] for s in manifest["shards"])
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _batches_after(subset: list[Example], opts: ProjectOptions, start: int, out: Path) -> list[list[Example]]:
+    """The batches still to run when ``start`` rows are already written."""
     if opts.token_budget is not None:
         # length buckets remove most padding; the order is deterministic, so a resumed run
         # skips exactly the examples already written
-        batches = list(token_budget_batches(examples, opts.token_budget))
+        batches = list(token_budget_batches(subset, opts.token_budget))
     else:
-        batches = list(fixed_size_batches(examples, opts.batch_size))
-    todo_batches, skipped = [], 0
+        batches = list(fixed_size_batches(subset, opts.batch_size))
+    todo, skipped = [], 0
     for batch in batches:
         if skipped + len(batch) <= start:
             skipped += len(batch)
         else:
-            todo_batches.append(batch)
+            todo.append(batch)
     if skipped != start:
         raise GhostprojError(f"{out} ends inside a batch; it was not written by this version of ghostproj.")
-    pad = pad_token_id(tokenizer)
-    with RateProgress("projecting", total=len(examples) - start, enabled=opts.show_progress) as bar, engine:
-        for batch_examples in todo_batches:
-            vectors, losses, counts = project_batch(model, engine, batch_examples, values["loss_reduction"], pad, device)
-            index = torch.tensor([e.index for e in batch_examples], dtype=torch.long)
-            writer.add(vectors, index, losses, counts)
-            bar.advance(len(batch_examples), int(counts.sum()))
-    writer.finish({k: v for k, v in asdict(summary).items() if k not in ("out", "notes", "already_complete")})
-    summary.bytes = sum(s["bytes"] for s in manifest["shards"])
-    summary.seconds = time.perf_counter() - t0
-    return summary
+    return todo
+
+
+def _distributed() -> tuple[int, int] | None:
+    """(rank, world size) under torchrun with more than one process, else None; sets up
+    the process group (nccl on GPUs, gloo on CPU) once."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    import torch.distributed as td
+
+    if not td.is_initialized():
+        td.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return td.get_rank(), td.get_world_size()
+
+
+def _sync_start(out: Path, rank: int) -> None:
+    """Rank 0 creates the shared directory before any rank looks at it."""
+    import torch.distributed as td
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    td.barrier()
+
+
+def _finish_distributed(out: Path, rank: int, world: int) -> None:
+    """After every rank finished its part, rank 0 merges the rank manifests into manifest.json."""
+    import torch.distributed as td
+
+    td.barrier()
+    if rank == 0:
+        names = [rank_manifest_name(r) for r in range(world)]
+        merged = merge_manifests([read_manifest(out, n) for n in names])
+        write_manifest(out, merged)
+        for n in names:
+            (out / n).unlink(missing_ok=True)
+    td.barrier()
 
 
 def project_batch(model, engine: GradProjectionEngine, examples: list[Example], loss_reduction: str, pad_id: int,

@@ -126,6 +126,7 @@ def _tokenize_prompt_completion(records, tokenizer, max_length, prompt_field, co
         truncated = len(ids) > max_length
         ex = Example(i, ids[:max_length], mask[:max_length], truncated)
         if truncated and ex.n_label_positions == 0 and any(mask):
+            ex.prompt_filled = True
             too_long += 1
         examples.append(ex)
     return examples, notes, too_long

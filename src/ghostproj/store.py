@@ -92,12 +92,21 @@ def differing_part(a: dict, b: dict) -> str | None:
 
 # -- atomic files ----------------------------------------------------------------------
 def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary name, flush and fsync, then rename: a reader (or a resumed run)
+    sees the old file or the new one, never a partial one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -108,15 +117,20 @@ def atomic_write(path: Path, data: bytes) -> None:
         pass
 
 
-def write_manifest(run_dir: Path, manifest: dict) -> None:
-    atomic_write(run_dir / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+def write_manifest(run_dir: Path, manifest: dict, name: str = MANIFEST) -> None:
+    atomic_write(run_dir / name, (json.dumps(manifest, indent=1) + "\n").encode())
 
 
-def read_manifest(run_dir: str | os.PathLike) -> dict:
+def rank_manifest_name(rank: int) -> str:
+    """Each torchrun rank's own progress manifest, merged into manifest.json at the end."""
+    return f"manifest-r{rank:03d}.json"
+
+
+def read_manifest(run_dir: str | os.PathLike, name: str = MANIFEST) -> dict:
     run_dir = Path(run_dir)
-    path = run_dir / MANIFEST
+    path = run_dir / name
     if not run_dir.is_dir() or not path.is_file():
-        raise GhostprojError(f"{run_dir} is not a ghostproj projection run (no {MANIFEST}).")
+        raise GhostprojError(f"{run_dir} is not a ghostproj projection run (no {path.name}).")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -249,13 +263,15 @@ class RunWriter:
     """Buffers per-example rows and writes full shards atomically, rewriting the manifest
     after each one so an interrupted run can resume from its last complete shard."""
 
-    def __init__(self, run_dir: Path, manifest: dict, shard_size: int, rank: int = 0):
+    def __init__(self, run_dir: Path, manifest: dict, shard_size: int, rank: int = 0,
+                 manifest_name: str = MANIFEST):
         if shard_size < 1:
             raise GhostprojError(f"--shard-size must be at least 1, got {shard_size}.")
         self.run_dir = run_dir
         self.manifest = manifest
         self.shard_size = shard_size
         self.rank = rank
+        self.manifest_name = manifest_name
         self.store_dtype = STORE_DTYPES[manifest["store_dtype"]]
         self._buf: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._buffered = 0
@@ -275,7 +291,7 @@ class RunWriter:
             self._flush(self._buffered)
         self.manifest["complete"] = True
         self.manifest["summary"] = summary
-        write_manifest(self.run_dir, self.manifest)
+        write_manifest(self.run_dir, self.manifest, self.manifest_name)
 
     def _flush(self, n: int) -> None:
         cols = [torch.cat([b[c] for b in self._buf]) for c in range(4)]
@@ -307,7 +323,7 @@ class RunWriter:
                 "index_max": int(take[1].max()),
             }
         )
-        write_manifest(self.run_dir, self.manifest)
+        write_manifest(self.run_dir, self.manifest, self.manifest_name)
 
 
 # -- reading a run ---------------------------------------------------------------------
@@ -450,3 +466,125 @@ def verify_run(path: str | os.PathLike, hash_shards: bool = True) -> VerifyRepor
     if run.manifest.get("complete") and count is not None and index.numel() != count:
         raise GhostprojError(f"{path} holds {index.numel()} rows but its data has {count} examples.")
     return VerifyReport(run.manifest, index.numel(), total)
+
+
+# -- locking --------------------------------------------------------------------------------
+class RunLock:
+    """One writer per run directory (per rank): a lock file holding pid and host. A lock
+    whose process is gone (same host) is stale and taken over, so a crash never blocks a
+    resume."""
+
+    def __init__(self, run_dir: Path, rank: int | None = None):
+        self.path = run_dir / (".lock" if rank is None else f".lock-r{rank:03d}")
+
+    def acquire(self) -> "RunLock":
+        import socket
+
+        me = f"{os.getpid()} {socket.gethostname()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self.path.read_text(errors="replace").split() if self.path.exists() else []
+                if len(holder) == 2 and holder[1] == socket.gethostname() and not _pid_alive(int(holder[0])):
+                    self.path.unlink(missing_ok=True)  # stale: its writer died
+                    continue
+                who = " ".join(holder) or "another process"
+                raise GhostprojError(
+                    f"{self.path.parent} is being written by process {who}; wait for it or remove {self.path} "
+                    "if that process is gone."
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            return self
+        raise GhostprojError(f"Cannot take the lock {self.path}.")
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# -- merging parts ------------------------------------------------------------------------------
+def merge_manifests(parts: list[dict]) -> dict:
+    """One complete manifest from the manifests of disjoint parts of one run (job-array
+    shards or torchrun ranks). Refuses parts that are incomparable, incomplete, overlapping
+    or missing."""
+    if not parts:
+        raise GhostprojError("There is nothing to merge.")
+    first = parts[0]
+    k = first.get("part", {}).get("num_shards", 1)
+    seen: dict[int, int] = {}
+    for n, m in enumerate(parts):
+        part = differing_part(first, m)
+        if part is not None:
+            raise GhostprojError(f"Part {n + 1} is not comparable with part 1: their {part} differ.")
+        if m.get("data", {}).get("sha256") != first.get("data", {}).get("sha256"):
+            raise GhostprojError(f"Part {n + 1} was projected from different data than part 1.")
+        info = m.get("part", {"shard_id": 0, "num_shards": 1})
+        if info["num_shards"] != k:
+            raise GhostprojError(f"Part {n + 1} splits the data into {info['num_shards']} shards, part 1 into {k}.")
+        if info["shard_id"] in seen:
+            raise GhostprojError(f"Parts {seen[info['shard_id']] + 1} and {n + 1} both hold shard {info['shard_id']}; "
+                                 "they overlap.")
+        seen[info["shard_id"]] = n
+        if not m.get("complete"):
+            raise GhostprojError(f"Part {n + 1} (shard {info['shard_id']}) is unfinished; rerun it first.")
+    missing = sorted(set(range(k)) - set(seen))
+    if missing:
+        raise GhostprojError(f"Shards {', '.join(map(str, missing))} of {k} are missing from the merge.")
+    merged = json.loads(json.dumps(first))
+    merged.pop("part", None)
+    merged["shards"] = sorted((s for m in parts for s in m["shards"]), key=lambda s: s["file"])
+    names = [s["file"] for s in merged["shards"]]
+    if len(set(names)) != len(names):
+        raise GhostprojError("Two parts hold shard files of the same name; they were written with the same rank.")
+    summary = dict(first.get("summary") or {})
+    for key in ("examples", "tokens", "no_label", "truncated", "prompt_too_long", "bytes"):
+        summary[key] = sum((m.get("summary") or {}).get(key, 0) for m in parts)
+    merged["summary"] = summary
+    merged["complete"] = True
+    return merged
+
+
+def merge_runs(out: str | os.PathLike, parts: list[str]) -> dict:
+    """Join job-array parts into one run directory ``out``: shards are hard-linked (copied
+    across file systems), every part is validated first, and nothing in the parts changes."""
+    import shutil
+
+    out = Path(out)
+    runs = [open_run(p) for p in parts]
+    merged = merge_manifests([r.manifest for r in runs])
+    seen: set[int] = set()
+    for r in runs:
+        idx = set(r.read_column("index").tolist())
+        if seen & idx:
+            raise GhostprojError(f"{r.path} holds examples that another part holds too.")
+        seen |= idx
+    if out.exists() and any(out.iterdir()):
+        raise GhostprojError(f"{out} is not empty; merge into a new directory.")
+    out.mkdir(parents=True, exist_ok=True)
+    sources = [(runs[0].path / PROJECTOR_FILE, out / PROJECTOR_FILE)]
+    for r in runs:
+        sources += [(h.path, out / h.path.name) for h in r.shards]
+    for src, dst in sources:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    write_manifest(out, merged)
+    return merged

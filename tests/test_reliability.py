@@ -1,0 +1,148 @@
+"""Crash safety, locking, disk checks, job arrays and torchrun."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ghostproj.scoring import load_projections
+from helpers import run_cli, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    words = "the cat sat on the mat bake the bread planets orbit the sun doctor treated fever".split()
+    rows = [{"text": " ".join(words[(i * 7 + j) % len(words)] for j in range(3 + i % 11))} for i in range(240)]
+    path = d / "corpus.jsonl"
+    write_jsonl(path, rows)
+    return path
+
+
+def project_args(model_dir, data, out, *extra):
+    return ["project", "--model", model_dir, "--data", data, "--out", out, "--rank", "16", "--shard-size", "16",
+            "--batch-size", "8", "--max-length", "24", *extra]
+
+
+def test_sigkill_at_several_points_then_resume_is_identical(capsys, tmp_path, gpt2_dir, corpus):
+    full = tmp_path / "full"
+    assert run_cli(project_args(gpt2_dir, corpus, full), capsys)[0] == 0
+    for kill_after in (1, 6):
+        part = tmp_path / f"killed{kill_after}"
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        proc = subprocess.Popen([sys.executable, "-m", "ghostproj", *map(str, project_args(gpt2_dir, corpus, part))],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                n = len(json.loads((part / "manifest.json").read_text())["shards"])
+            except (OSError, ValueError, KeyError):
+                n = 0
+            if n >= kill_after or proc.poll() is not None:
+                break
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        m = json.loads((part / "manifest.json").read_text())
+        assert not m["complete"], "the run finished before it could be killed"
+        code, _, err = run_cli(project_args(gpt2_dir, corpus, part), capsys)
+        assert code == 0 and "Resumed after" in err, err
+        names = sorted(p.name for p in full.iterdir())
+        assert sorted(p.name for p in part.iterdir()) == names
+        for name in names:
+            if name != "manifest.json":
+                assert (full / name).read_bytes() == (part / name).read_bytes(), name
+
+
+def test_second_writer_is_refused_and_a_stale_lock_is_taken_over(capsys, tmp_path, gpt2_dir, corpus):
+    out = tmp_path / "locked"
+    out.mkdir()
+    import socket
+
+    (out / ".lock").write_text(f"{os.getpid()} {socket.gethostname()}")  # a live holder: this test process
+    code, _, err = run_cli(project_args(gpt2_dir, corpus, out), capsys)
+    assert code == 2 and "is being written by process" in err
+    (out / ".lock").write_text(f"999999999 {socket.gethostname()}")  # its writer died
+    code, _, err = run_cli(project_args(gpt2_dir, corpus, out), capsys)
+    assert code == 0, err
+    assert not (out / ".lock").exists()
+
+
+def test_disk_checks(capsys, tmp_path, gpt2_dir, corpus, monkeypatch):
+    import errno
+
+    import ghostproj.project as project
+    import ghostproj.store as store
+
+    monkeypatch.setattr(project.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 1000))
+    code, _, err = run_cli(project_args(gpt2_dir, corpus, tmp_path / "small"), capsys)
+    assert code == 2 and "free space or pass --force" in err
+    monkeypatch.undo()
+    real = store.atomic_write
+    calls = {"n": 0}
+
+    def filling(path, data):
+        if path.name.startswith("grads-"):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+    monkeypatch.setattr(store, "atomic_write", filling)
+    out = tmp_path / "full-disk"
+    code, _, err = run_cli(project_args(gpt2_dir, corpus, out), capsys)
+    assert code == 2 and "is full after 32 examples" in err and "Traceback" not in err
+    monkeypatch.undo()
+    m = json.loads((out / "manifest.json").read_text())
+    assert len(m["shards"]) == 2 and not m["complete"]
+    assert sorted(p.name for p in out.glob("grads-*")) == [s["file"] for s in m["shards"]]  # no partial file
+    assert run_cli(project_args(gpt2_dir, corpus, out), capsys)[0] == 0
+
+
+def test_job_array_parts_merge_into_the_single_process_run(capsys, tmp_path, gpt2_dir, corpus):
+    single = tmp_path / "single"
+    assert run_cli(project_args(gpt2_dir, corpus, single, "--store-dtype", "float32"), capsys)[0] == 0
+    parts = []
+    for i in range(3):
+        part = tmp_path / f"part{i}"
+        code, _, err = run_cli(project_args(gpt2_dir, corpus, part, "--store-dtype", "float32", "--num-shards", "3",
+                                            "--shard-id", str(i)), capsys)
+        assert code == 0, err
+        parts.append(part)
+    code, _, err = run_cli(["inspect", "--merge", tmp_path / "merged", parts[0], parts[1]], capsys)
+    assert code == 2 and "Shards 2 of 3 are missing" in err
+    code, _, err = run_cli(["inspect", "--merge", tmp_path / "merged", parts[0], parts[0], parts[1]], capsys)
+    assert code == 2 and "overlap" in err
+    code, out, err = run_cli(["inspect", "--merge", tmp_path / "merged", *parts], capsys)
+    assert code == 0, err
+    a, b = load_projections(single), load_projections(tmp_path / "merged")
+    order = torch.argsort(b.index)
+    assert b.index[order].tolist() == a.index.tolist() == list(range(240))
+    assert torch.allclose(b.grads[order], a.grads, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+                    reason="torchrun is not installed")
+def test_torchrun_two_ranks_on_cpu(capsys, tmp_path, gpt2_dir, corpus):
+    single = tmp_path / "single"
+    assert run_cli(project_args(gpt2_dir, corpus, single, "--store-dtype", "float32"), capsys)[0] == 0
+    out = tmp_path / "ranks"
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    res = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29517", "-m", "ghostproj",
+                          *map(str, project_args(gpt2_dir, corpus, out, "--store-dtype", "float32"))],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["complete"] and {s["rank"] for s in m["shards"]} == {0, 1}
+    assert not list(out.glob("manifest-r*")) and not list(out.glob(".lock*"))
+    a, b = load_projections(single), load_projections(out)
+    order = torch.argsort(b.index)
+    assert b.index[order].tolist() == list(range(240))
+    assert torch.allclose(b.grads[order], a.grads, rtol=1e-4, atol=1e-6)
