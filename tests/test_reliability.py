@@ -135,7 +135,13 @@ def test_torchrun_two_ranks_on_cpu(capsys, tmp_path, gpt2_dir, corpus):
     out = tmp_path / "ranks"
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    res = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29517", "-m", "ghostproj",
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    res = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                          "-m", "ghostproj",
                           *map(str, project_args(gpt2_dir, corpus, out, "--store-dtype", "float32"))],
                          capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

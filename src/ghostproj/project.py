@@ -203,7 +203,10 @@ def _prepare_out_dir(out: Path, manifest: dict, resume: bool, manifest_name: str
         # what may already be there: the projector of a run that stopped before its first
         # manifest, and (torchrun) what sibling ranks wrote
         def ours(name: str) -> bool:
-            return name in (PROJECTOR_FILE, ".lock") or shared and name.startswith((".lock-r", "manifest-r", "grads-r"))
+            if name in (PROJECTOR_FILE, ".lock"):
+                return True
+            # torchrun siblings: their manifests, shards, locks and files being written
+            return shared and (name.startswith((".lock-r", "manifest-r", "grads-r")) or ".tmp-" in name)
         if any(not ours(p.name) for p in out.iterdir()):
             raise GhostprojError(f"Output directory {out} is not empty and holds no ghostproj run; choose another --out.")
         return None
