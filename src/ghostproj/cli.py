@@ -248,6 +248,62 @@ def score(
 
 
 @app.command()
+def fidelity(
+    model: Optional[str] = typer.Option(None, help="Model directory (default: the embedded demo model)."),
+    data: Optional[str] = typer.Option(None, help="Data file (default: the embedded demo corpus)."),
+    layers: Optional[str] = LayersOpt,
+    ranks: str = typer.Option("64,256,1024", help="Per-layer ranks to compare."),
+    samples: int = typer.Option(16, help="Calibration examples (exact gradients are held for these)."),
+    max_length: int = typer.Option(512, help="Truncate examples to this many tokens."),
+    dense: bool = typer.Option(True, "--dense/--no-dense", help="Also a dense Gaussian projection of equal size."),
+    seed: int = typer.Option(0, help="Projector seed."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    text_field: str = typer.Option("text", help="JSONL field holding the text."),
+) -> None:
+    """How well projected inner products match exact ones, per rank and layer."""
+    from rich.table import Table
+
+    from .checks import pick_mixed_lengths
+    from .data import read_records, tokenize_records
+    from .fidelity import run_fidelity
+    from .models import load_model, position_limit
+
+    try:
+        rank_list = [int(r) for r in ranks.split(",") if r.strip()]
+    except ValueError:
+        raise GhostprojError(f"--ranks must be comma-separated integers, got '{ranks}'.") from None
+    model, data = _default_model_and_data(model, data)
+    records = read_records(data)
+    net, tokenizer = load_model(model, "float32", device)
+    limit = position_limit(net)
+    examples = pick_mixed_lengths(tokenize_records(records, tokenizer, min(max_length, limit or max_length),
+                                                   text_field), samples)
+    report = run_fidelity(net, examples, _split(layers), rank_list, dense=dense, seed=seed)
+    con = _console()
+    table = Table(title=f"projected vs exact per-example gradient inner products ({report.examples} examples, "
+                        f"{report.examples * (report.examples - 1) // 2} pairs)", title_justify="left")
+    for col in ("rank", "D", "projection", "corr(ip)", "rel err(ip)", "corr(cos)", "abs err(cos)"):
+        table.add_column(col, justify="left" if col == "projection" else "right")
+    for rr in report.ranks:
+        rows = [("kronecker", rr.total)] + ([("dense", rr.dense_total)] if rr.dense_total else [])
+        for label, a in rows:
+            table.add_row(str(rr.rank), str(rr.dim), label, f"{a.ip_corr:.3f}", f"{a.ip_rel_err:.3f}",
+                          f"{a.cos_corr:.3f}", f"{a.cos_abs_err:.3f}")
+    con.print(table)
+    layer_table = Table(title="per layer: corr(ip) at each rank", title_justify="left")
+    layer_table.add_column("layer", overflow="fold")
+    for rr in report.ranks:
+        layer_table.add_column(f"r={rr.rank}", justify="right")
+    for name in report.ranks[0].per_layer:
+        layer_table.add_row(name, *(f"{rr.per_layer[name].ip_corr:.3f}" for rr in report.ranks))
+    con.print(layer_table)
+    if report.recommended is not None:
+        con.print(f"recommended --rank {report.recommended} ({report.rule}).")
+    else:
+        con.print(f"no rank tried reaches the bar ({report.rule}); try larger ranks.")
+
+
+@app.command()
 def inrun(
     model: Optional[str] = typer.Option(None, help="Model directory (default: the embedded demo model)."),
     train: Optional[str] = typer.Option(None, help="Training data (default: the embedded demo corpus)."),
