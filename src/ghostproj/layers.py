@@ -129,6 +129,16 @@ def _hf_conv1d_class():
     return Conv1D
 
 
+def expand_broadcast_ids(args: tuple, batch_size: int | None):
+    """Forward pre-hook body for embeddings: position ids are often [1, T] and broadcast
+    over the batch after the lookup; expanding them to [B, T] keeps the output gradient per
+    example. Returns new args, or None to leave them."""
+    ids = args[0] if args else None
+    if batch_size is not None and batch_size > 1 and torch.is_tensor(ids) and ids.dim() >= 1 and ids.shape[0] == 1:
+        return (ids.expand(batch_size, *ids.shape[1:]),) + tuple(args[1:])
+    return None
+
+
 def layer_type(module: nn.Module) -> type[DenseLayer] | None:
     """The supported layer class for ``module``, or None."""
     for cls in LAYER_TYPES:

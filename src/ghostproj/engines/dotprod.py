@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import GhostprojError
-from ..layers import Conv1DLayer, LinearLayer
+from ..layers import Conv1DLayer, LinearLayer, expand_broadcast_ids
 
 
 # -- one call of a covered module ----------------------------------------------------------
@@ -342,12 +342,7 @@ class GradDotProdEngine:
         return self
 
     def _expand_broadcast_ids(self, module, args):
-        """Position ids are often [1, T], broadcast over the batch after the lookup; expand
-        them so the output gradient stays per example."""
-        ids = args[0]
-        if self._n is not None and self._n > 1 and torch.is_tensor(ids) and ids.dim() >= 1 and ids.shape[0] == 1:
-            return (ids.expand(self._n, *ids.shape[1:]),) + tuple(args[1:])
-        return None
+        return expand_broadcast_ids(args, self._n)
 
     def detach(self) -> None:
         for h in self._handles:

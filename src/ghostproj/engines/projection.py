@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import GhostprojError
-from ..layers import LayerInfo, layer_type, select_layers
+from ..layers import LayerInfo, expand_broadcast_ids, layer_type, select_layers
 from ..projector import LayerProjector, build_projectors, choose_ranks
 
 
@@ -160,13 +160,7 @@ class GradProjectionEngine:
         return self
 
     def _expand_broadcast_ids(self, module, args):
-        """Position ids are often [1, T], broadcast over the batch after the lookup; expand
-        them so the output gradient stays per example."""
-        ids = args[0]
-        b = self._batch_size
-        if b is not None and b > 1 and torch.is_tensor(ids) and ids.dim() >= 1 and ids.shape[0] == 1:
-            return (ids.expand(b, *ids.shape[1:]),) + tuple(args[1:])
-        return None
+        return expand_broadcast_ids(args, self._batch_size)
 
     def detach(self) -> None:
         for h in self._handles:
