@@ -130,12 +130,37 @@ def test_embedding_projection_matches_reference(tokenizer):
     assert rel_err(engine_projected_grads(model, examples, engine), kron_reference(model, examples, engine)) <= 1e-4
 
 
-def test_missing_data_extra_is_one_sentence(capsys, tmp_path, gpt2_dir):
-    try:
-        import datasets  # noqa: F401
-        pytest.skip("the data extra is installed")
-    except ImportError:
-        pass
+def test_parquet_and_saved_hf_dataset(capsys, tmp_path, gpt2_dir, texts):
+    datasets = pytest.importorskip("datasets")
+    from ghostproj.models import load_model
+
+    rows = [{"text": t, "topic": str(i % 2)} for i, t in enumerate(texts)]
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "train.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    common = ["--model", gpt2_dir, "--rank", "16", "--store-dtype", "float32", "--max-length", "24"]
+    assert run_cli(["project", *common, "--data", tmp_path / "train.parquet", "--out", tmp_path / "pq"], capsys)[0] == 0
+    code, _, err = run_cli(["project", *common, "--hf-dataset", tmp_path / "saved", "--out", tmp_path / "hf"], capsys)
+    assert code == 0, err
+    model, tok = load_model(str(gpt2_dir), device="cpu")
+    examples = [Example(i, tok(t)["input_ids"][:24]) for i, t in enumerate(texts)]
+    ref = kron_reference(model, examples, GradProjectionEngine(model, None, rank=16))
+    for run in ("pq", "hf"):
+        got = load_projections(tmp_path / run)
+        assert got.index.tolist() == list(range(len(texts)))
+        assert rel_err(got.grads, ref) <= 1e-4
+
+
+def test_missing_data_extra_is_one_sentence(capsys, tmp_path, gpt2_dir, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets" or name.startswith("datasets."):
+            raise ImportError("No module named 'datasets'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
     path = tmp_path / "t.parquet"
     path.write_bytes(b"PAR1")
     code, _, err = run_cli(["project", "--model", gpt2_dir, "--data", path, "--out", tmp_path / "p"], capsys)
