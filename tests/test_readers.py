@@ -201,3 +201,32 @@ def test_lora_adapter_projection(capsys, tmp_path, gpt2_dir, data_file):
     code, _, err = run_cli(["project", "--model", gpt2_dir, "--data", data_file, "--adapter", bad, "--out",
                             tmp_path / "x"], capsys)
     assert code == 2 and "does not match the model" in err and "Traceback" not in err
+
+
+def test_plain_text_and_slow_tokenizer_fallback(capsys, tmp_path, gpt2_dir, tokenizer):
+    from ghostproj.models import load_model
+
+    txt = tmp_path / "lines.txt"
+    txt.write_text("the cat sat on the mat\n\nbake the bread\nplanets orbit the sun\n")
+    out = tmp_path / "txt.st"
+    assert run_cli(["project", "--model", gpt2_dir, "--data", txt, "--out", out, "--rank", "16",
+                    "--store-dtype", "float32"], capsys)[0] == 0
+    model, tok = load_model(str(gpt2_dir), device="cpu")
+    lines = ["the cat sat on the mat", "bake the bread", "planets orbit the sun"]
+    ref = kron_reference(model, [Example(i, tok(t)["input_ids"]) for i, t in enumerate(lines)],
+                         GradProjectionEngine(model, None, rank=16))
+    got = load_projections(out)
+    assert got.index.tolist() == [0, 1, 2] and rel_err(got.grads, ref) <= 1e-4
+
+    class NoOffsets:  # a tokenizer without character offsets
+        is_fast = False
+
+        def __call__(self, text, add_special_tokens=True, **kw):
+            return {"input_ids": tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]}
+    path = tmp_path / "pc.jsonl"
+    write_jsonl(path, [{"prompt": "the doctor", "completion": " treated the fever"}])
+    data = load_examples(DataSpec(str(path), prompt_field="prompt", completion_field="completion"), NoOffsets(), 64)
+    assert any("tokenized separately" in n for n in data.notes)
+    ex = data.examples[0]
+    n_prompt = len(tokenizer("the doctor")["input_ids"])
+    assert ex.loss_mask == [False] * n_prompt + [True] * (len(ex.input_ids) - n_prompt)

@@ -151,3 +151,15 @@ def test_inspect_detects_a_flipped_byte(capsys, runs, tmp_path):
     shard.write_bytes(bytes(data))
     code, _, err = run_cli(["inspect", copy], capsys)
     assert code != 0 and "grads-r000-00001.safetensors is damaged" in err
+
+
+def test_empty_query_set_is_refused(capsys, runs, tmp_path):
+    from ghostproj.store import encode_shard
+
+    train, _ = runs
+    m = json.loads((train / "manifest.json").read_text())
+    empty = tmp_path / "grads-r000-00000.safetensors"
+    empty.write_bytes(encode_shard(torch.zeros(0, m["dim"], dtype=torch.bfloat16), torch.zeros(0, dtype=torch.long),
+                                   torch.zeros(0), torch.zeros(0, dtype=torch.int32), m["fingerprint"]))
+    code, _, err = run_cli(["score", train, empty], capsys)
+    assert code == 2 and "The query set is empty" in err

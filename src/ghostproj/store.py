@@ -81,7 +81,9 @@ def fingerprint_parts(
 
 def differing_part(a: dict, b: dict) -> str | None:
     """The first fingerprint part (in words) on which two manifests disagree, or None."""
-    pa, pb = a.get("fingerprint_parts", {}), b.get("fingerprint_parts", {})
+    pa, pb = a.get("fingerprint_parts") or {}, b.get("fingerprint_parts") or {}
+    if not pa or not pb:  # a bare shard file carries only the fingerprint
+        return None if a.get("fingerprint") == b.get("fingerprint") else "fingerprint"
     for key, words in FINGERPRINT_PARTS.items():
         if pa.get(key) != pb.get(key):
             return words
