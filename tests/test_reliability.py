@@ -152,3 +152,48 @@ def test_torchrun_two_ranks_on_cpu(capsys, tmp_path, gpt2_dir, corpus):
     order = torch.argsort(b.index)
     assert b.index[order].tolist() == list(range(240))
     assert torch.allclose(b.grads[order], a.grads, rtol=1e-4, atol=1e-6)
+
+
+def _torchrun(n, args, timeout=300, popen=False):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    cmd = [torchrun, "--nproc-per-node", str(n), "--master-addr", "127.0.0.1", "--master-port", str(port),
+           "-m", "ghostproj", *map(str, args)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    if popen:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+                    reason="torchrun is not installed")
+def test_torchrun_resume_with_a_different_number_of_ranks(capsys, tmp_path, gpt2_dir, corpus):
+    single = tmp_path / "single"
+    assert run_cli(project_args(gpt2_dir, corpus, single, "--store-dtype", "float32"), capsys)[0] == 0
+    out = tmp_path / "ranks"
+    args = project_args(gpt2_dir, corpus, out, "--store-dtype", "float32")
+    proc = _torchrun(2, args, popen=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads((out / "manifest-r000.json").read_text())["shards"]) >= 2:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    res = _torchrun(3, args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["complete"] and not list(out.glob("manifest-r*"))
+    a, b = load_projections(single), load_projections(out)
+    order = torch.argsort(b.index)
+    assert b.index[order].tolist() == list(range(240))
+    assert torch.allclose(b.grads[order], a.grads, rtol=1e-4, atol=1e-6)

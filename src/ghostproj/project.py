@@ -33,6 +33,8 @@ from .store import (
     merge_manifests,
     rank_manifest_name,
     read_manifest,
+    read_rows,
+    read_shard_header,
     RunLock,
     weights_hash,
     write_manifest,
@@ -312,9 +314,14 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
     manifest_name = rank_manifest_name(shard_id) if dist is not None else MANIFEST
 
     out = Path(opts.out)
+    regroup = False
     if dist is not None:
         _sync_start(out, shard_id)
+        if not (out / MANIFEST).exists():
+            regroup, subset = _regroup_after_rank_change(out, manifest, examples, shard_id, num_shards, subset)
     old = _prepare_out_dir(out, manifest, opts.resume, manifest_name, shared=dist is not None)
+    if regroup and old is not None:
+        old["complete"] = False  # this rank takes on part of the work left by the earlier run
     summary.dim = engine.dim
     summary.truncated = sum(e.truncated for e in subset)
     summary.no_label = sum(e.n_label_positions == 0 for e in subset)
@@ -345,10 +352,10 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
                                 {"format": str(FORMAT_VERSION), "fingerprint": fp})
             write_manifest(out, manifest, manifest_name)
         writer = RunWriter(out, manifest, opts.shard_size, rank=shard_id, manifest_name=manifest_name)
-        start = writer.rows_written
-        summary.resumed_from = start
-        if start:
-            summary.notes.append(f"Resumed after {start} examples already written.")
+        start = 0 if regroup else writer.rows_written  # regrouped: the subset holds only rows still to do
+        summary.resumed_from = writer.rows_written
+        if summary.resumed_from:
+            summary.notes.append(f"Resumed after {summary.resumed_from} examples already written.")
         todo_batches = _batches_after(subset, opts, start, out)
         pad = pad_token_id(tokenizer)
         try:
@@ -413,17 +420,56 @@ def _sync_start(out: Path, rank: int) -> None:
     td.barrier()
 
 
+def _rank_manifests(out: Path) -> dict[int, dict]:
+    found = {}
+    for path in out.glob("manifest-r[0-9][0-9][0-9].json"):
+        found[int(path.name[10:13])] = read_manifest(out, path.name)
+    return found
+
+
+def _regroup_after_rank_change(out: Path, manifest: dict, examples: list[Example], rank: int, world: int,
+                               subset: list[Example]) -> tuple[bool, list[Example]]:
+    """A torchrun restarted with a different number of ranks: every rank reads what all
+    earlier ranks wrote and takes its share of the rows still missing. Returns (regrouped,
+    this rank's examples)."""
+    import torch.distributed as td
+
+    existing = _rank_manifests(out)
+    regroup = any((m.get("part") or {}).get("num_shards") != world for m in existing.values())
+    if regroup:
+        done: set[int] = set()
+        for m in existing.values():
+            part = differing_part(m, manifest)
+            if part is not None:
+                raise GhostprojError(f"{out} holds rank manifests of a different run (their {part} differ).")
+            for s in m["shards"]:
+                header = read_shard_header(out / s["file"])
+                done.update(read_rows(header, "index", 0, int(s["rows"])).tolist())
+        remaining = [e for e in examples if e.index not in done]
+        subset = remaining[rank::world]
+        manifest["part"]["rows"] = len(subset)
+    td.barrier()  # every rank decided before any rank rewrites its manifest
+    return regroup, subset
+
+
 def _finish_distributed(out: Path, rank: int, world: int) -> None:
-    """After every rank finished its part, rank 0 merges the rank manifests into manifest.json."""
+    """After every rank finished its part, rank 0 merges the rank manifests into manifest.json
+    (all of them, also those of ranks from an earlier run with more ranks) after checking that
+    every example is there exactly once."""
     import torch.distributed as td
 
     td.barrier()
-    if rank == 0:
-        names = [rank_manifest_name(r) for r in range(world)]
-        merged = merge_manifests([read_manifest(out, n) for n in names])
+    if rank == 0 and not (out / MANIFEST).exists():
+        ranks = _rank_manifests(out)
+        merged = merge_manifests([ranks[r] for r in sorted(ranks)], by_shard_id=False)
+        index = torch.cat([read_rows(read_shard_header(out / s["file"]), "index", 0, int(s["rows"]))
+                           for s in merged["shards"]]) if merged["shards"] else torch.empty(0, dtype=torch.long)
+        count = merged["data"]["count"]
+        if index.numel() != count or index.unique().numel() != index.numel():
+            raise GhostprojError(f"The ranks wrote {index.numel()} rows for {count} examples; rerun to repair.")
         write_manifest(out, merged)
-        for n in names:
-            (out / n).unlink(missing_ok=True)
+        for r in ranks:
+            (out / rank_manifest_name(r)).unlink(missing_ok=True)
     td.barrier()
 
 

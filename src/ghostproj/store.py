@@ -522,10 +522,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 # -- merging parts ------------------------------------------------------------------------------
-def merge_manifests(parts: list[dict]) -> dict:
+def merge_manifests(parts: list[dict], by_shard_id: bool = True) -> dict:
     """One complete manifest from the manifests of disjoint parts of one run (job-array
     shards or torchrun ranks). Refuses parts that are incomparable, incomplete, overlapping
-    or missing."""
+    or missing. ``by_shard_id=False`` (torchrun ranks, possibly from runs with different
+    numbers of ranks) skips the shard-id bookkeeping; the caller checks row coverage."""
     if not parts:
         raise GhostprojError("There is nothing to merge.")
     first = parts[0]
@@ -538,6 +539,10 @@ def merge_manifests(parts: list[dict]) -> dict:
         if m.get("data", {}).get("sha256") != first.get("data", {}).get("sha256"):
             raise GhostprojError(f"Part {n + 1} was projected from different data than part 1.")
         info = m.get("part", {"shard_id": 0, "num_shards": 1})
+        if not by_shard_id:
+            if not m.get("complete"):
+                raise GhostprojError(f"Part {n + 1} is unfinished; rerun it first.")
+            continue
         if info["num_shards"] != k:
             raise GhostprojError(f"Part {n + 1} splits the data into {info['num_shards']} shards, part 1 into {k}.")
         if info["shard_id"] in seen:
@@ -546,7 +551,7 @@ def merge_manifests(parts: list[dict]) -> dict:
         seen[info["shard_id"]] = n
         if not m.get("complete"):
             raise GhostprojError(f"Part {n + 1} (shard {info['shard_id']}) is unfinished; rerun it first.")
-    missing = sorted(set(range(k)) - set(seen))
+    missing = sorted(set(range(k)) - set(seen)) if by_shard_id else []
     if missing:
         raise GhostprojError(f"Shards {', '.join(map(str, missing))} of {k} are missing from the merge.")
     merged = json.loads(json.dumps(first))
