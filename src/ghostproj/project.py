@@ -372,6 +372,11 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
                 raise GhostprojError(f"The disk holding {out} is full after {writer.rows_written} examples; every "
                                      "complete shard is kept, free space and rerun to resume.") from None
             raise
+        finally:
+            try:
+                writer.close()  # a shard already encoded still reaches the disk on an interrupt
+            except OSError:
+                pass
     if dist is not None:
         _finish_distributed(out, shard_id, num_shards)
     summary.bytes = sum(s["bytes"] for s in manifest["shards"])

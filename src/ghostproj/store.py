@@ -263,7 +263,11 @@ def layers_from_manifest(manifest: dict) -> list[LayerInfo]:
 # -- writing a run ---------------------------------------------------------------------
 class RunWriter:
     """Buffers per-example rows and writes full shards atomically, rewriting the manifest
-    after each one so an interrupted run can resume from its last complete shard."""
+    after each one so an interrupted run can resume from its last complete shard.
+
+    Encoding, hashing and writing a shard happen on a background thread, so the model does
+    not wait for the disk; at most one shard is in flight, so memory stays bounded, and a
+    write error surfaces at the next ``add`` or at ``finish``."""
 
     def __init__(self, run_dir: Path, manifest: dict, shard_size: int, rank: int = 0,
                  manifest_name: str = MANIFEST):
@@ -277,6 +281,8 @@ class RunWriter:
         self.store_dtype = STORE_DTYPES[manifest["store_dtype"]]
         self._buf: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._buffered = 0
+        self._pending = None  # the shard write in flight
+        self._pool = None
 
     @property
     def rows_written(self) -> int:
@@ -291,6 +297,7 @@ class RunWriter:
     def finish(self, summary: dict) -> None:
         if self._buffered:
             self._flush(self._buffered)
+        self.close()
         self.manifest["complete"] = True
         self.manifest["summary"] = summary
         write_manifest(self.run_dir, self.manifest, self.manifest_name)
@@ -310,9 +317,32 @@ class RunWriter:
             raise GhostprojError(
                 f"Projected gradients exceed the range of {self.manifest['store_dtype']}; use --store-dtype bfloat16 or float32."
             )
+        self.wait()  # one shard in flight at a time; also re-raises its error
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ghostproj-writer")
+        self._pending = self._pool.submit(self._write, stored, take[1], take[2], take[3], n)
+
+    def wait(self) -> None:
+        """Block until the shard in flight is on disk (and its manifest entry written)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Finish the write in flight (if any) and stop the writer thread."""
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def _write(self, stored, index, loss, tokens, n: int) -> None:
         seq = sum(1 for s in self.manifest["shards"] if s.get("rank", 0) == self.rank)
         name = f"grads-r{self.rank:03d}-{seq:05d}.safetensors"
-        data = encode_shard(stored, take[1], take[2], take[3], self.manifest["fingerprint"])
+        data = encode_shard(stored, index, loss, tokens, self.manifest["fingerprint"])
         atomic_write(self.run_dir / name, data)
         self.manifest["shards"].append(
             {
@@ -321,8 +351,8 @@ class RunWriter:
                 "rows": n,
                 "sha256": _sha(data),
                 "bytes": len(data),
-                "index_min": int(take[1].min()),
-                "index_max": int(take[1].max()),
+                "index_min": int(index.min()),
+                "index_max": int(index.max()),
             }
         )
         write_manifest(self.run_dir, self.manifest, self.manifest_name)

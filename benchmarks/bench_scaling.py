@@ -1,0 +1,114 @@
+"""Scaling curves of the projection cost: time per example as sequence length, batch size,
+rank and number of layers grow, each against the training step of the same shape, so the
+cost model is visible. Prints the numbers and writes a PNG (when matplotlib is installed).
+
+    python benchmarks/bench_scaling.py [--png scaling.png] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from ghostproj.engines.projection import GradProjectionEngine
+from ghostproj.losses import causal_lm_losses
+
+BASE = {"seq": 128, "batch": 16, "rank": 256, "layers": 4}
+SWEEPS = {"seq": [32, 64, 128, 256], "batch": [4, 8, 16, 32], "rank": [16, 64, 256, 1024], "layers": [1, 2, 4, 8]}
+
+
+def model_for(layers, seq, device):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=8192, n_positions=max(seq, 256), n_embd=256, n_layer=layers, n_head=4,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).to(device).eval()
+
+
+def median_time(fn, device, repeats=3):
+    fn()
+    out = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def measure(cfg, device):
+    model = model_for(cfg["layers"], cfg["seq"], device)
+    ids = torch.randint(0, 8192, (cfg["batch"], cfg["seq"]), device=device)
+    engine = GradProjectionEngine(model, ["c_attn", "c_proj", "c_fc"], rank=cfg["rank"])
+
+    def project():
+        with engine:
+            causal_lm_losses(model(input_ids=ids).logits, ids)[0].sum().backward()
+            engine.collect()
+
+    def train():
+        for p in model.parameters():
+            p.requires_grad_(True)
+            p.grad = None
+        causal_lm_losses(model(input_ids=ids).logits, ids)[0].sum().backward()
+
+    t_project = median_time(project, device)
+    t_train = median_time(train, device)
+    return t_project / cfg["batch"], t_project / t_train
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--png", default="benchmarks/scaling.png")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    print(f"machine: {platform.machine()}, {args.device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(f"GPT-2 E256 V8192, all Conv1D layers projected; base {BASE}")
+    results = {}
+    for knob, values in SWEEPS.items():
+        rows = []
+        for v in values:
+            cfg = dict(BASE, **{knob: v})
+            per_example, ratio = measure(cfg, device)
+            rows.append((v, per_example, ratio))
+            print(f"  {knob:6s} = {v:5d}: {per_example * 1000:7.2f} ms/example, {ratio:.2f} x training step")
+        results[knob] = rows
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG written")
+        return
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, (knob, rows) in zip(axes, results.items()):
+        xs = [r[0] for r in rows]
+        ax.plot(xs, [r[1] * 1000 for r in rows], "o-", label="ms / example")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(knob)
+        ax.set_ylabel("ms per example")
+        twin = ax.twinx()
+        twin.plot(xs, [r[2] for r in rows], "s--", color="tab:orange", label="x training step")
+        twin.set_ylim(0, 1.2)
+        twin.set_ylabel("project / training step")
+        ax.set_title(f"{knob} (others at base)")
+    fig.suptitle(f"ghostproj project cost, {args.device}")
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=90)
+    print(f"wrote {args.png}")
+
+
+if __name__ == "__main__":
+    main()
