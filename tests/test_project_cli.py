@@ -145,3 +145,9 @@ def test_bad_inputs_get_one_sentence(capsys, tmp_path, gpt2_dir, data_file):
           match="Unknown --projector")
     fails("project", "--model", gpt2_dir, "--data", data_file, "--out", tmp_path / "y", "--store-dtype", "int8",
           match="Unknown --store-dtype")
+
+
+def test_hub_id_without_network_is_one_sentence(capsys, tmp_path, data_file):
+    code, _, err = run_cli(["project", "--model", "some-org/some-model", "--data", data_file, "--out",
+                            tmp_path / "h"], capsys)
+    assert code == 2 and "the hub could not be reached" in err and "Traceback" not in err
