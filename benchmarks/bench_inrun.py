@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
-
 import torch
 
 from ghostproj.engines.dotprod import GradDotProdEngine
 from ghostproj.losses import causal_lm_losses
+from timing import median_time
 
 
 def build(n_layer, n_embd, vocab, t, device):
@@ -27,21 +25,6 @@ def build(n_layer, n_embd, vocab, t, device):
 
     cfg = GPT2Config(vocab_size=vocab, n_positions=t, n_embd=n_embd, n_layer=n_layer, n_head=max(1, n_embd // 64))
     return GPT2LMHeadModel(cfg).to(device).train()
-
-
-def timed(fn, repeats, device):
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main():
@@ -68,7 +51,7 @@ def main():
         losses.sum().backward()
         opt.step()
 
-    t_plain = timed(plain_step, args.repeats, device)
+    t_plain = median_time(plain_step, device, args.repeats)
     print(f"machine: {platform.machine()} {args.device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), torch {torch.__version__}")
     print(f"GPT-2 L{args.layers} E{args.embd} V{args.vocab}, T={args.seq}, B={args.train_batch} + M={args.val_batch}")
     print(f"plain training step: {t_plain * 1000:.0f} ms")
@@ -84,7 +67,7 @@ def main():
             opt.step()
             engine.clear_gradients()
 
-        t = timed(engine_step, args.repeats, device)
+        t = median_time(engine_step, device, args.repeats)
         engine.detach()
         print(f"engine step, {method:11s}: {t * 1000:.0f} ms = {t / t_plain:.2f} x plain   (goal <= 1.3)")
 

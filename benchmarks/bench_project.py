@@ -21,7 +21,6 @@ import argparse
 import json
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ import torch
 
 from ghostproj.engines.projection import GradProjectionEngine
 from ghostproj.losses import causal_lm_losses
+from timing import median_time, sync
 
 
 def build(args, device):
@@ -41,24 +41,6 @@ def build(args, device):
                      n_head=max(1, args.embd // 64), bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
     return GPT2LMHeadModel(cfg).to(device).eval()
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, repeats, device):
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def steps(model, ids, args):
@@ -175,7 +157,7 @@ def main():
     model = build(args, device)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
     fns, engine = steps(model, ids, args)
-    t = {name: timed(fn, args.repeats, device) for name, fn in fns.items()}
+    t = {name: median_time(fn, device, args.repeats) for name, fn in fns.items()}
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"machine: {platform.machine()}, {gpu}, torch {torch.__version__}")
     print(f"GPT-2 L{args.layers} E{args.embd} V{args.vocab}, T={args.seq}, B={args.batch}, rank {args.rank}/layer, "
@@ -193,7 +175,7 @@ def main():
         with engine32:
             causal_lm_losses(model(input_ids=ids32).logits, ids32)[0].sum().backward()
             return engine32.collect()
-    t_engine = timed(engine_b32, args.repeats, device)
+    t_engine = median_time(engine_b32, device, args.repeats)
     t0 = time.perf_counter()
     ref = naive_loop(model, ids32, engine32)
     sync(device)

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
-
 import torch
 
 from ghostproj.engines.projection import GradProjectionEngine
 from ghostproj.losses import causal_lm_losses
+from timing import median_time
 
 BASE = {"seq": 128, "batch": 16, "rank": 256, "layers": 4}
 SWEEPS = {"seq": [32, 64, 128, 256], "batch": [4, 8, 16, 32], "rank": [16, 64, 256, 1024], "layers": [1, 2, 4, 8]}
@@ -30,20 +28,6 @@ def model_for(layers, seq, device):
     cfg = GPT2Config(vocab_size=8192, n_positions=max(seq, 256), n_embd=256, n_layer=layers, n_head=4,
                      bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(cfg).to(device).eval()
-
-
-def median_time(fn, device, repeats=3):
-    fn()
-    out = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
 
 
 def measure(cfg, device):
@@ -62,8 +46,8 @@ def measure(cfg, device):
             p.grad = None
         causal_lm_losses(model(input_ids=ids).logits, ids)[0].sum().backward()
 
-    t_project = median_time(project, device)
-    t_train = median_time(train, device)
+    t_project = median_time(project, device, repeats=3, warmup=1)
+    t_train = median_time(train, device, repeats=3, warmup=1)
     return t_project / cfg["batch"], t_project / t_train
 
 

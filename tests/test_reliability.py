@@ -133,17 +133,7 @@ def test_torchrun_two_ranks_on_cpu(capsys, tmp_path, gpt2_dir, corpus):
     single = tmp_path / "single"
     assert run_cli(project_args(gpt2_dir, corpus, single, "--store-dtype", "float32"), capsys)[0] == 0
     out = tmp_path / "ranks"
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    import socket
-
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    res = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
-                          "-m", "ghostproj",
-                          *map(str, project_args(gpt2_dir, corpus, out, "--store-dtype", "float32"))],
-                         capture_output=True, text=True, env=env, timeout=300)
+    res = _torchrun(2, project_args(gpt2_dir, corpus, out, "--store-dtype", "float32"))
     assert res.returncode == 0, res.stderr[-2000:]
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and {s["rank"] for s in m["shards"]} == {0, 1}
