@@ -163,3 +163,14 @@ def test_empty_query_set_is_refused(capsys, runs, tmp_path):
                                    torch.zeros(0), torch.zeros(0, dtype=torch.int32), m["fingerprint"]))
     code, _, err = run_cli(["score", train, empty], capsys)
     assert code == 2 and "The query set is empty" in err
+
+
+def test_influence_full_refuses_a_huge_fisher(runs, monkeypatch):
+    import ghostproj.scoring as scoring
+    from ghostproj.errors import GhostprojError
+
+    train, query = runs
+    monkeypatch.setattr(scoring, "MAX_FULL_FISHER_DIM", 32)
+    with pytest.raises(GhostprojError, match="influence-full needs a 64 x 64 Fisher"):
+        score(train, query, metric="influence-full")
+    score(train, query, metric="influence")  # block-diagonal still works

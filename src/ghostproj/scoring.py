@@ -287,8 +287,17 @@ def fisher_blocks(train_run: Run, cols, transform: Transform, blocks: list[Layer
     return [acc / n_train for acc in sums]
 
 
+MAX_FULL_FISHER_DIM = 16384  # a D x D float64 Fisher of 2 GiB
+
+
 def _precondition(train_run, cols, transform, blocks, q, damping, full, chunk_rows, n_train) -> torch.Tensor:
     """(F_l + lambda_l I)^{-1} applied to each query block; lambda_l = damping * mean diag F_l."""
+    if full and q.shape[1] > MAX_FULL_FISHER_DIM:
+        d = q.shape[1]
+        raise GhostprojError(
+            f"influence-full needs a {d} x {d} Fisher matrix ({d * d * 8 / 2**30:.1f} GiB); use --metric influence "
+            "(one block per layer) or score fewer --layers."
+        )
     fishers = fisher_blocks(train_run, cols, transform, blocks, full, chunk_rows, n_train)
     spans = [(0, q.shape[1])] if full else [(b.offset, b.offset + b.size) for b in blocks]
     out = torch.empty_like(q)

@@ -494,9 +494,11 @@ def verify_run(path: str | os.PathLike, hash_shards: bool = True) -> VerifyRepor
     index = run.read_column("index")
     if index.numel() != index.unique().numel():
         raise GhostprojError(f"{path} holds some examples more than once.")
-    count = run.manifest.get("data", {}).get("count")
+    part = run.manifest.get("part")
+    count = part["rows"] if part else run.manifest.get("data", {}).get("count")
     if run.manifest.get("complete") and count is not None and index.numel() != count:
-        raise GhostprojError(f"{path} holds {index.numel()} rows but its data has {count} examples.")
+        what = f"its part of the data has {count}" if part else f"its data has {count} examples"
+        raise GhostprojError(f"{path} holds {index.numel()} rows but {what}.")
     return VerifyReport(run.manifest, index.numel(), total)
 
 
