@@ -149,7 +149,7 @@ def main():
                 res = score(work / "train.st", work / "query.st", metric=metric, normalize=normalize, center=center,
                             top_k=10)
                 rows.append((metric, normalize, center, precision_at_k(res, train_topic, query_topic)))
-    print(f"\n| metric | --normalize | --center | precision@10 |\n| --- | --- | --- | --- |")
+    print("\n| metric | --normalize | --center | precision@10 |\n| --- | --- | --- | --- |")
     for metric, normalize, center, p in sorted(rows, key=lambda r: -r[3]):
         print(f"| {metric} | {normalize} | {'yes' if center else 'no'} | {p:.3f} |")
     print(f"| random baseline | | | {baseline:.3f} |")

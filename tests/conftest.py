@@ -1,4 +1,3 @@
-import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -1,5 +1,3 @@
-import torch
-
 from ghostproj import GradProjectionEngine
 from helpers import run_cli
 

@@ -1,5 +1,3 @@
-import json
-
 from ghostproj.demo import TOPICS, ensure_demo, generate_corpus
 from helpers import run_cli
 

@@ -6,7 +6,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ghostproj import GradProjectionEngine
-from ghostproj.checks import engine_projected_grads
 from ghostproj.data import read_records, tokenize_records
 from ghostproj.models import load_model
 from ghostproj.projector import make_matrix

@@ -242,14 +242,14 @@ def run_naive_check(model_path: str, data_path: str, layers: list[str] | None, *
                     text_field: str = "text", tolerance: float | None = None,
                     adapter: str | None = None, prompt_field: str | None = None,
                     completion_field: str | None = None, include_embeddings: bool = False) -> NaiveCheckResult:
-    from .data import read_records, tokenize_records
+    from .data import read_records
     from .models import load_model, pad_token_id, position_limit
-
     from .project import ADAPTER_LAYERS
     from .readers import DataSpec, load_examples
 
     spec = DataSpec(data_path, text_field=text_field, prompt_field=prompt_field, completion_field=completion_field)
-    read_records(data_path) if spec.resolved_format() in ("jsonl", "text") else None  # fail fast on bad data
+    if spec.resolved_format() in ("jsonl", "text"):
+        read_records(data_path)  # report a malformed file before the (slow) model load
     model, tokenizer = load_model(model_path, dtype, device, adapter=adapter)
     limit = position_limit(model)
     if limit is not None:

@@ -19,7 +19,7 @@ from .engines.projection import GradProjectionEngine
 from .errors import GhostprojError
 from .losses import LOSS_REDUCTIONS, causal_lm_losses
 from .models import config_hash, load_model, pad_token_id, position_limit
-from .progress import RateProgress, console
+from .progress import RateProgress
 from .projector import PROJECTOR_KINDS, load_projectors, projector_hash, save_projectors
 from .store import (
     FORMAT_VERSION,

@@ -15,7 +15,7 @@ import torch
 
 from .errors import GhostprojError
 from .layers import LayerInfo
-from .store import Run, differing_part, open_run, read_rows
+from .store import Run, differing_part, open_run
 
 METRICS = ("cosine", "dot", "influence", "influence-full")
 NORMALIZATIONS = ("none", "unit", "layer")
