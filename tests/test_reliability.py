@@ -119,6 +119,9 @@ def test_job_array_parts_merge_into_the_single_process_run(capsys, tmp_path, gpt
     assert code == 2 and "Shards 2 of 3 are missing" in err
     code, _, err = run_cli(["inspect", "--merge", tmp_path / "merged", parts[0], parts[0], parts[1]], capsys)
     assert code == 2 and "overlap" in err
+    code, _, err = run_cli(project_args(gpt2_dir, corpus, parts[1], "--store-dtype", "float32", "--num-shards", "4",
+                                        "--shard-id", "1"), capsys)
+    assert code == 2 and "holds part 1 of 3" in err
     code, out, err = run_cli(["inspect", parts[1]], capsys)
     assert code == 0 and "80 rows" in out, err
     code, out, err = run_cli(["inspect", "--merge", tmp_path / "merged", *parts], capsys)

@@ -224,6 +224,12 @@ def _prepare_out_dir(out: Path, manifest: dict, resume: bool, manifest_name: str
             raise GhostprojError(
                 f"{out} holds a run made with {flag} {old.get('settings', {}).get(key)}; rerun with the same value or choose another --out."
             )
+    if not shared:
+        old_part = {k: v for k, v in (old.get("part") or {}).items() if k != "rows"}
+        new_part = {k: v for k, v in (manifest.get("part") or {}).items() if k != "rows"}
+        if old_part != new_part:
+            was = f"part {old_part['shard_id']} of {old_part['num_shards']}" if old_part else "a whole run"
+            raise GhostprojError(f"{out} holds {was}; rerun with the same --num-shards/--shard-id or choose another --out.")
     if not resume and not old.get("complete"):
         raise GhostprojError(f"{out} holds an unfinished run and --no-resume was given; choose another --out.")
     return old
