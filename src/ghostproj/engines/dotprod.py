@@ -38,6 +38,7 @@ class _Use:
     kind: type
     x: torch.Tensor  # [N, S, n_in] float32 (token ids [N, S] for embeddings)
     delta: torch.Tensor | None = None  # [N, S, n_out] float32, per-example scale
+    per_example: dict = field(default_factory=dict)  # role -> [N, *shape], computed once per step
 
 
 class _ModuleMath:
@@ -53,24 +54,35 @@ class _ModuleMath:
         x = args[0].detach()
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
+    @staticmethod
+    def mask_delta(use: _Use, delta: torch.Tensor) -> torch.Tensor:
+        """The output gradient as the parameter sees it (embeddings drop their padding row)."""
+        return delta
+
     # default: materialize cheap per-example gradients [N, *shape]
     @classmethod
     def per_example(cls, use: _Use, role: str) -> torch.Tensor:
         raise NotImplementedError
 
     @classmethod
+    def _pe(cls, use: _Use, role: str) -> torch.Tensor:
+        if role not in use.per_example:  # used three times per step: validation, dots, training grad
+            use.per_example[role] = cls.per_example(use, role)
+        return use.per_example[role]
+
+    @classmethod
     def val_grad(cls, use: _Use, role: str, b: int, per_query: bool) -> torch.Tensor:
-        pe = cls.per_example(use, role)[b:]
+        pe = cls._pe(use, role)[b:]
         return pe if per_query else pe.sum(0, keepdim=True)
 
     @classmethod
     def train_dot(cls, use: _Use, role: str, b: int, g: torch.Tensor) -> torch.Tensor:
-        pe = cls.per_example(use, role)[:b]
+        pe = cls._pe(use, role)[:b]
         return pe.reshape(b, -1) @ g.reshape(g.shape[0], -1).t()
 
     @classmethod
     def train_grad(cls, use: _Use, role: str, b: int) -> torch.Tensor:
-        return cls.per_example(use, role)[:b].sum(0)
+        return cls._pe(use, role)[:b].sum(0)
 
     ghost = None  # optional token-Gram form: (use, role, b) -> [B, M]
 
@@ -155,17 +167,16 @@ class _EmbeddingMath(_ModuleMath):
         return ids.reshape(ids.shape[0], -1)
 
     @staticmethod
-    def _delta(use):
-        d = use.delta
+    def mask_delta(use, delta):
         pad = use.module.padding_idx
         if pad is not None:  # nn.Embedding never updates its padding row
-            d = d * (use.x != pad).unsqueeze(-1)
-        return d
+            delta = delta * (use.x != pad).unsqueeze(-1)
+        return delta
 
     @classmethod
     def val_grad(cls, use, role, b, per_query):
         w = use.module.weight
-        ids, d = use.x[b:], cls._delta(use)[b:]
+        ids, d = use.x[b:], use.delta[b:]
         rows = ids.shape[0] if per_query else 1
         g = torch.zeros(rows, *w.shape, dtype=torch.float32, device=d.device)
         for j in range(rows):
@@ -176,12 +187,12 @@ class _EmbeddingMath(_ModuleMath):
 
     @classmethod
     def train_dot(cls, use, role, b, g):
-        ids, d = use.x[:b], cls._delta(use)[:b]
+        ids, d = use.x[:b], use.delta[:b]
         return torch.stack([(g[m][ids] * d).sum(dim=(1, 2)) for m in range(g.shape[0])], dim=1)
 
     @classmethod
     def train_grad(cls, use, role, b):
-        ids, d = use.x[:b], cls._delta(use)[:b]
+        ids, d = use.x[:b], use.delta[:b]
         g = torch.zeros(use.module.weight.shape, dtype=torch.float32, device=d.device)
         return g.index_add_(0, ids.reshape(-1), d.reshape(-1, d.shape[-1]))
 
@@ -468,7 +479,7 @@ class GradDotProdEngine:
         if use.kind is _LayerNormMath:
             use.delta = g.reshape(use.x.shape)
         else:
-            use.delta = g.reshape(g.shape[0], -1, g.shape[-1])
+            use.delta = use.kind.mask_delta(use, g.reshape(g.shape[0], -1, g.shape[-1]))
         # a parameter is ready once every use of it in this forward has its gradient
         for key in list(self._use_params.get(id(use), [])):
             st = self._params[key]
@@ -505,6 +516,7 @@ class GradDotProdEngine:
                 pending.remove(key)
             if not pending:
                 use.x = use.delta = None
+                use.per_example.clear()
 
 
 def _delta_shape(use: _Use) -> tuple[int, ...]:
