@@ -26,6 +26,26 @@ def corpus(tmp_path_factory):
     return path
 
 
+needs_torchrun = pytest.mark.skipif(
+    shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+    reason="torchrun is not installed")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, gpt2_dir, corpus):
+    """The single-process float32 run the multi-process runs must reproduce."""
+    out = tmp_path_factory.mktemp("single") / "single"
+    assert run_cli(project_args(gpt2_dir, corpus, out, "--store-dtype", "float32"))[0] == 0
+    return out
+
+
+def assert_same_vectors(single_dir, other_dir):
+    a, b = load_projections(single_dir), load_projections(other_dir)
+    order = torch.argsort(b.index)
+    assert b.index[order].tolist() == a.index.tolist() == list(range(240))
+    assert torch.allclose(b.grads[order], a.grads, rtol=1e-4, atol=1e-6)
+
+
 def project_args(model_dir, data, out, *extra):
     return ["project", "--model", model_dir, "--data", data, "--out", out, "--rank", "16", "--shard-size", "16",
             "--batch-size", "8", "--max-length", "24", *extra]
@@ -105,9 +125,7 @@ def test_disk_checks(capsys, tmp_path, gpt2_dir, corpus, monkeypatch):
     assert run_cli(project_args(gpt2_dir, corpus, out), capsys)[0] == 0
 
 
-def test_job_array_parts_merge_into_the_single_process_run(capsys, tmp_path, gpt2_dir, corpus):
-    single = tmp_path / "single"
-    assert run_cli(project_args(gpt2_dir, corpus, single, "--store-dtype", "float32"), capsys)[0] == 0
+def test_job_array_parts_merge_into_the_single_process_run(capsys, tmp_path, gpt2_dir, corpus, single):
     parts = []
     for i in range(3):
         part = tmp_path / f"part{i}"
@@ -126,27 +144,18 @@ def test_job_array_parts_merge_into_the_single_process_run(capsys, tmp_path, gpt
     assert code == 0 and "80 rows" in out, err
     code, out, err = run_cli(["inspect", "--merge", tmp_path / "merged", *parts], capsys)
     assert code == 0, err
-    a, b = load_projections(single), load_projections(tmp_path / "merged")
-    order = torch.argsort(b.index)
-    assert b.index[order].tolist() == a.index.tolist() == list(range(240))
-    assert torch.allclose(b.grads[order], a.grads, rtol=1e-4, atol=1e-6)
+    assert_same_vectors(single, tmp_path / "merged")
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
-                    reason="torchrun is not installed")
-def test_torchrun_two_ranks_on_cpu(capsys, tmp_path, gpt2_dir, corpus):
-    single = tmp_path / "single"
-    assert run_cli(project_args(gpt2_dir, corpus, single, "--store-dtype", "float32"), capsys)[0] == 0
+@needs_torchrun
+def test_torchrun_two_ranks_on_cpu(tmp_path, gpt2_dir, corpus, single):
     out = tmp_path / "ranks"
     res = _torchrun(2, project_args(gpt2_dir, corpus, out, "--store-dtype", "float32"))
     assert res.returncode == 0, res.stderr[-2000:]
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and {s["rank"] for s in m["shards"]} == {0, 1}
     assert not list(out.glob("manifest-r*")) and not list(out.glob(".lock*"))
-    a, b = load_projections(single), load_projections(out)
-    order = torch.argsort(b.index)
-    assert b.index[order].tolist() == list(range(240))
-    assert torch.allclose(b.grads[order], a.grads, rtol=1e-4, atol=1e-6)
+    assert_same_vectors(single, out)
 
 
 def _torchrun(n, args, timeout=300, popen=False):
@@ -165,11 +174,8 @@ def _torchrun(n, args, timeout=300, popen=False):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
-                    reason="torchrun is not installed")
-def test_torchrun_resume_with_a_different_number_of_ranks(capsys, tmp_path, gpt2_dir, corpus):
-    single = tmp_path / "single"
-    assert run_cli(project_args(gpt2_dir, corpus, single, "--store-dtype", "float32"), capsys)[0] == 0
+@needs_torchrun
+def test_torchrun_resume_with_a_different_number_of_ranks(tmp_path, gpt2_dir, corpus, single):
     out = tmp_path / "ranks"
     args = project_args(gpt2_dir, corpus, out, "--store-dtype", "float32")
     proc = _torchrun(2, args, popen=True)
@@ -188,7 +194,4 @@ def test_torchrun_resume_with_a_different_number_of_ranks(capsys, tmp_path, gpt2
     assert res.returncode == 0, res.stderr[-2000:]
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and not list(out.glob("manifest-r*"))
-    a, b = load_projections(single), load_projections(out)
-    order = torch.argsort(b.index)
-    assert b.index[order].tolist() == list(range(240))
-    assert torch.allclose(b.grads[order], a.grads, rtol=1e-4, atol=1e-6)
+    assert_same_vectors(single, out)
