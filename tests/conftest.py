@@ -14,24 +14,22 @@ def tokenizer():
     return build_tokenizer()
 
 
-@pytest.fixture(scope="session")
-def gpt2_dir(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("gpt2")
+def _saved(tmp_path_factory, name, build, tokenizer):
+    d = tmp_path_factory.mktemp(name)
     torch.manual_seed(0)
-    model = tiny_gpt2(len(tokenizer))
-    model.save_pretrained(d)
+    build(len(tokenizer)).save_pretrained(d)
     tokenizer.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory, tokenizer):
+    return _saved(tmp_path_factory, "gpt2", tiny_gpt2, tokenizer)
 
 
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    model = tiny_llama(len(tokenizer))
-    model.save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
+    return _saved(tmp_path_factory, "llama", tiny_llama, tokenizer)
 
 
 @pytest.fixture(scope="session")
