@@ -95,6 +95,24 @@ def test_second_writer_is_refused_and_a_stale_lock_is_taken_over(capsys, tmp_pat
     assert not (out / ".lock").exists()
 
 
+def test_taking_the_lock_sweeps_temporaries_of_killed_writers_only(tmp_path):
+    import socket
+
+    from ghostproj.store import RunLock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    orphan = tmp_path / f".grads-r000-00001.safetensors.tmp-{host}-{dead.pid}"
+    live = tmp_path / f".grads-r001-00001.safetensors.tmp-{host}-{os.getpid()}"
+    elsewhere = tmp_path / f".manifest.json.tmp-{host}x-{dead.pid}"  # same pid, another host
+    for path in (orphan, live, elsewhere):
+        path.write_bytes(b"partial")
+    with RunLock(tmp_path):
+        assert not orphan.exists()
+        assert live.exists() and elsewhere.exists()
+
+
 def test_disk_checks(capsys, tmp_path, gpt2_dir, corpus, monkeypatch):
     import errno
 

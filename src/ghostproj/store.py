@@ -93,10 +93,37 @@ def differing_part(a: dict, b: dict) -> str | None:
 
 
 # -- atomic files ----------------------------------------------------------------------
+_TMP_MARK = ".tmp-"
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def sweep_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Remove temporary files left by writers on this host that were killed mid-write.
+    A temporary name carries its writer's host and pid, so a live writer's file (or one
+    from another host sharing the filesystem) is never touched."""
+    removed = []
+    prefix = _TMP_MARK + _host() + "-"
+    for path in run_dir.glob(".*" + _TMP_MARK + "*"):
+        cut = path.name.rfind(prefix)
+        pid = path.name[cut + len(prefix):] if cut >= 0 else ""
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary name, flush and fsync, then rename: a reader (or a resumed run)
     sees the old file or the new one, never a partial one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{_TMP_MARK}{_host()}-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -512,15 +539,13 @@ class RunLock:
         self.path = run_dir / (".lock" if rank is None else f".lock-r{rank:03d}")
 
     def acquire(self) -> "RunLock":
-        import socket
-
-        me = f"{os.getpid()} {socket.gethostname()}"
+        me = f"{os.getpid()} {_host()}"
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self.path.read_text(errors="replace").split() if self.path.exists() else []
-                if len(holder) == 2 and holder[1] == socket.gethostname() and not _pid_alive(int(holder[0])):
+                if len(holder) == 2 and holder[1] == _host() and not _pid_alive(int(holder[0])):
                     self.path.unlink(missing_ok=True)  # stale: its writer died
                     continue
                 who = " ".join(holder) or "another process"
@@ -530,6 +555,7 @@ class RunLock:
                 ) from None
             with os.fdopen(fd, "w") as f:
                 f.write(me)
+            sweep_stale_temporaries(self.path.parent)
             return self
         raise GhostprojError(f"Cannot take the lock {self.path}.")
 
