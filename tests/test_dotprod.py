@@ -207,3 +207,36 @@ def test_bf16_autocast_accumulates_in_float32():
     assert res.total.dtype == torch.float32
     expect = ref_pq.sum(1)
     assert (res.total.double() - expect).abs().max() <= 5e-2 * expect.abs().max()
+
+
+@pytest.mark.parametrize("method", ["ghost", "materialize"])
+def test_backward_inside_autocast_still_accumulates_in_float32(method):
+    """The whole step inside a bf16 autocast region: the engine's own products must not be
+    pushed down to bf16. Checked against float64 arithmetic on the very (bf16) inputs and
+    output gradients the pass produced; a bf16 product would be ~1e-3 off."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 48), nn.ReLU(), nn.Linear(48, 40), nn.ReLU(), nn.Linear(40, 3))
+    x, y = torch.randn(9, 5, 6), torch.randint(0, 3, (9, 5))
+    b, m = 6, 3
+    seen, handles = {}, []
+    engine = GradDotProdEngine(net, val_batch_size=m, method=method).attach()
+    for name in ("0", "2", "4"):
+        def fwd(mod, args, out, name=name):
+            seen[name] = [args[0].detach()]
+            out.register_hook(lambda g: seen[name].append(g))
+        handles.append(net.get_submodule(name).register_forward_hook(fwd))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+        nn.functional.cross_entropy(out.float().reshape(-1, 3), y.reshape(-1), reduction="sum").backward()
+        res = engine.collect()
+    engine.detach()
+    for h in handles:
+        h.remove()
+    assert seen["2"][0].dtype == torch.bfloat16 and seen["4"][1].dtype == torch.bfloat16
+    expect = torch.zeros(b, dtype=torch.float64)
+    for xs, gs in seen.values():
+        gw = torch.einsum("nso,nsi->noi", gs.double(), xs.double())  # per-example weight gradients
+        gb = gs.double().sum(1)
+        expect += (gw[:b] * gw[b:].sum(0)).sum((1, 2)) + gb[:b] @ gb[b:].sum(0)
+    assert res.total.dtype == torch.float32
+    assert (res.total.double() - expect).abs().max() <= 1e-5 * expect.abs().max()

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .fp32 import project_rows
+
 
 class DenseLayer:
     """A layer whose forward is an affine map of the last input dimension."""
@@ -42,7 +44,7 @@ class DenseLayer:
     @staticmethod
     def project_input(module: nn.Module, x: torch.Tensor, p_in_t: torch.Tensor) -> torch.Tensor:
         """P_in x_t for every token: [B, S, k_in] float32, from ``p_in_t`` = P_in^T."""
-        return x.detach().reshape(x.shape[0], -1, x.shape[-1]).float() @ p_in_t
+        return project_rows(x.detach().reshape(x.shape[0], -1, x.shape[-1]), p_in_t)
 
 
 class LinearLayer(DenseLayer):

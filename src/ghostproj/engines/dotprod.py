@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import GhostprojError
+from ..fp32 import no_autocast
 from ..layers import Conv1DLayer, LinearLayer, expand_broadcast_ids
 
 
@@ -36,7 +37,7 @@ class _Use:
     module: nn.Module
     name: str
     kind: type
-    x: torch.Tensor  # [N, S, n_in] float32 (token ids [N, S] for embeddings)
+    x: torch.Tensor  # [N, S, n_in] in the model's dtype until processed, then float32 (token ids [N, S] for embeddings)
     delta: torch.Tensor | None = None  # [N, S, n_out] float32, per-example scale
     per_example: dict = field(default_factory=dict)  # role -> [N, *shape], computed once per step
 
@@ -459,7 +460,9 @@ class GradDotProdEngine:
         elif n != self._n:
             raise RuntimeError(f"module '{name}' saw batch size {n}, another covered module saw {self._n}")
         x = math.save_input(module, args)
-        use = _Use(module, name, math, x if math is _EmbeddingMath else x.float())
+        # Kept in the model's dtype: a bf16 model's inputs are upcast only when their
+        # parameters are processed, never all at once for the whole forward pass.
+        use = _Use(module, name, math, x)
         params = [(role, p) for role, p in (("weight", getattr(module, "weight", None)), ("bias", getattr(module, "bias", None)))
                   if isinstance(p, nn.Parameter)]
         for role, p in params:
@@ -487,7 +490,14 @@ class GradDotProdEngine:
                 self._process(key)
 
     def _process(self, key: int) -> None:
+        with no_autocast(self._params[key].param.device):  # float32 products even inside an autocast region
+            self._process_param(key)
+
+    def _process_param(self, key: int) -> None:
         st = self._params[key]
+        for use, _ in st.roles:
+            if use.kind is not _EmbeddingMath and use.x.dtype != torch.float32:
+                use.x = use.x.float()
         b = self._n - self.val_batch_size
         m = self.val_batch_size
         dots = None

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import GhostprojError
+from ..fp32 import no_autocast, project_rows
 from ..layers import LayerInfo, expand_broadcast_ids, layer_type, select_layers
 from ..projector import LayerProjector, build_projectors, choose_ranks
 
@@ -246,7 +247,8 @@ class GradProjectionEngine:
     def _grad_hook(self, name: str, xp: torch.Tensor, p_out_t: torch.Tensor, transposed: bool,
                    grad: torch.Tensor) -> None:
         b = xp.shape[0]
-        dp = grad.reshape(b, -1, grad.shape[-1]).float() @ p_out_t  # [B, S, k_out] ([B, S, k_in] if transposed)
-        g = torch.bmm(xp.transpose(1, 2), dp) if transposed else torch.bmm(dp.transpose(1, 2), xp)  # [B, k_out, k_in]
+        dp = project_rows(grad.reshape(b, -1, grad.shape[-1]), p_out_t)  # [B, S, k_out] ([B, S, k_in] if transposed)
+        with no_autocast(dp.device):
+            g = torch.bmm(xp.transpose(1, 2), dp) if transposed else torch.bmm(dp.transpose(1, 2), xp)  # [B, k_out, k_in]
         prev = self._acc.get(name)
         self._acc[name] = g if prev is None else prev + g
