@@ -12,7 +12,11 @@ matter (absolute times only as context).
              (goal: engine >= 5x faster)
   memory     peak memory of project / train, each in a fresh process (goal <= 1.1)
 
-    python benchmarks/bench_project.py [--device cuda] [--vocab 50257]
+    python benchmarks/bench_project.py [--device cuda] [--vocab 50257] [--dtype bfloat16] [--profile]
+
+``--profile`` also prints where the time of a training step, a top-half projection and
+one naive example goes (torch.profiler, operators by self time), which is how a gap to a
+goal gets its cause named.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def build(args, device):
     cfg = GPT2Config(vocab_size=args.vocab, n_positions=args.seq, n_embd=args.embd, n_layer=args.layers,
                      n_head=max(1, args.embd // 64), bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
-    return GPT2LMHeadModel(cfg).to(device).eval()
+    return GPT2LMHeadModel(cfg).to(device=device, dtype=getattr(torch, args.dtype)).eval()
 
 
 def steps(model, ids, args):
@@ -100,6 +104,26 @@ def naive_loop(model, ids, engine):
     return torch.stack(out)
 
 
+def profile(fns: dict, device: torch.device, rows: int = 12) -> None:
+    """Operators by self time for each callable, one warm call each."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for name, fn in fns.items():
+        fn()
+        sync(device)
+        with torch_profile(activities=activities) as prof:
+            fn()
+            sync(device)
+        events = prof.key_averages()
+        total = sum(getattr(e, key) for e in events)
+        print(f"\nprofile: {name} ({total / 1000:.1f} ms of operator self time)")
+        for e in sorted(events, key=lambda e: getattr(e, key), reverse=True)[:rows]:
+            share = getattr(e, key) / max(total, 1)
+            print(f"  {share * 100:5.1f}%  {getattr(e, key) / 1000:8.2f} ms  {e.count:5d} calls  {e.key}")
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -149,6 +173,8 @@ def main():
     ap.add_argument("--rank", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--profile", action="store_true", help="print where the time goes")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -187,10 +213,15 @@ def main():
     peaks = {}
     for mode in ("train", "project"):
         cmd = [sys.executable, __file__, "--child", mode] + [f"--{k}={v}" for k, v in vars(args).items()
-                                                            if k not in ("child", "repeats")]
+                                                            if k not in ("child", "repeats", "profile")]
         peaks[mode] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)["peak"]
     print(f"peak memory above the model: train {peaks['train'] / 2**20:.0f} MiB, project {peaks['project'] / 2**20:.0f} MiB"
           f" -> project / train = {peaks['project'] / max(peaks['train'], 1):.2f}   (goal <= 1.1)")
+
+    if args.profile:
+        one = ids32[:1]
+        profile({"train": fns["train"], "top-half": fns["top-half"], "engine B=32": engine_b32,
+                 "naive, one example": lambda: naive_loop(model, one, engine32)}, device)
 
 
 if __name__ == "__main__":

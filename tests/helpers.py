@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from ghostproj.cli import main
+from ghostproj.data import collate
+from ghostproj.losses import causal_lm_losses
 
 CORPUS = [
     "the cat sat on the mat", "stocks fell as the bank raised rates", "the orchestra played a symphony",
@@ -101,3 +103,37 @@ def run_cli(args, capsys=None):
         captured = capsys.readouterr()
         return code, captured.out, captured.err
     return code, "", ""
+
+
+def captured_reference(model, engine, examples, autocast, device="cpu"):
+    """Float64 sum_t (P_out delta_t)(P_in x_t)^T from the very inputs and output gradients
+    (in whatever precision they arrive) that one batched backward pass produced."""
+    modules = dict(model.named_modules())
+    seen, handles = {}, []
+    engine.attach()  # first, so the capture hooks below see the output the engine hooks
+    for info in engine.layers:
+        def fwd(mod, args, out, name=info.name):
+            seen[name] = [args[0].detach()]
+            out.register_hook(lambda g: seen[name].append(g))
+        handles.append(modules[info.name].register_forward_hook(fwd))
+    try:
+        batch = collate(examples, 0).to(device)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(**batch.model_inputs()).logits
+            losses, _ = causal_lm_losses(logits, batch.labels, "mean")
+            losses.sum().backward()
+            got = engine.collect().cpu()
+    finally:
+        for h in handles:
+            h.remove()
+        engine.detach()
+    ref = torch.zeros(len(examples), engine.dim, dtype=torch.float64)
+    low = 0
+    for info in engine.layers:
+        x, g = (t.cpu() for t in seen[info.name])
+        low += x.dtype != torch.float32 or g.dtype != torch.float32
+        p = engine.projectors[info.name]
+        xp = x.double() @ p.p_in.double().t()
+        gp = g.double() @ p.p_out.double().t()
+        ref[:, info.offset:info.offset + info.size] = torch.einsum("bso,bsi->boi", gp, xp).reshape(len(examples), -1)
+    return got, ref, low

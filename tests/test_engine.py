@@ -5,7 +5,7 @@ from torch import nn
 from ghostproj import GradProjectionEngine, causal_lm_losses
 from ghostproj.checks import _module_state, engine_projected_grads, non_interference
 from ghostproj.data import Example, collate
-from helpers import kron_reference, rel_err, tiny_gpt2, tiny_llama
+from helpers import captured_reference, kron_reference, rel_err, tiny_gpt2, tiny_llama
 
 
 def make_examples(tokenizer, max_length=48):
@@ -196,40 +196,6 @@ def test_engine_errors_are_clear(tokenizer):
         GradProjectionEngine(tiny_llama(len(tokenizer)), ["q_proj"], bias=True)
 
 
-def _captured_reference(model, engine, examples, autocast):
-    """Float64 sum_t (P_out delta_t)(P_in x_t)^T from the very inputs and output gradients
-    (in whatever precision they arrive) that one batched backward pass produced."""
-    modules = dict(model.named_modules())
-    seen, handles = {}, []
-    engine.attach()  # first, so the capture hooks below see the output the engine hooks
-    for info in engine.layers:
-        def fwd(mod, args, out, name=info.name):
-            seen[name] = [args[0].detach()]
-            out.register_hook(lambda g: seen[name].append(g))
-        handles.append(modules[info.name].register_forward_hook(fwd))
-    try:
-        batch = collate(examples, 0)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logits = model(**batch.model_inputs()).logits
-            losses, _ = causal_lm_losses(logits, batch.labels, "mean")
-            losses.sum().backward()
-            got = engine.collect()
-    finally:
-        for h in handles:
-            h.remove()
-        engine.detach()
-    ref = torch.zeros(len(examples), engine.dim, dtype=torch.float64)
-    low = 0
-    for info in engine.layers:
-        x, g = seen[info.name]
-        low += x.dtype != torch.float32 or g.dtype != torch.float32
-        p = engine.projectors[info.name]
-        xp = x.double() @ p.p_in.double().t()
-        gp = g.double() @ p.p_out.double().t()
-        ref[:, info.offset:info.offset + info.size] = torch.einsum("bso,bsi->boi", gp, xp).reshape(len(examples), -1)
-    return got, ref, low
-
-
 @pytest.mark.parametrize("setting", ["autocast", "bf16-weights"])
 def test_low_precision_tensors_are_projected_in_float32_slices(tokenizer, monkeypatch, setting):
     import ghostproj.fp32
@@ -241,7 +207,7 @@ def test_low_precision_tensors_are_projected_in_float32_slices(tokenizer, monkey
         m = m.to(torch.bfloat16)
     examples = make_examples(tokenizer)
     engine = GradProjectionEngine(m, None, rank=64)
-    got, ref, low = _captured_reference(m, engine, examples, autocast=setting == "autocast")
+    got, ref, low = captured_reference(m, engine, examples, autocast=setting == "autocast")
     assert low >= 4  # the engine really saw bf16 activations or gradients
     assert got.dtype == torch.float32
     # float32 accumulation of the same bf16 inputs: a bf16 product anywhere would be ~1e-3 off

@@ -13,6 +13,7 @@ import torch
 
 from .errors import GhostprojError
 from .losses import IGNORE_INDEX
+from .transfer import to_device
 
 
 @dataclass
@@ -44,7 +45,9 @@ class Batch:
     labels: torch.Tensor  # [B, T], IGNORE_INDEX on padding and masked tokens
 
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) for t in (self.index, self.input_ids, self.attention_mask, self.position_ids, self.labels)))
+        device = torch.device(device)
+        return Batch(*(to_device(t, device) for t in (self.index, self.input_ids, self.attention_mask,
+                                                         self.position_ids, self.labels)))
 
     def model_inputs(self) -> dict:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}

@@ -21,6 +21,7 @@ from .losses import LOSS_REDUCTIONS, causal_lm_losses
 from .models import config_hash, load_model, pad_token_id, position_limit
 from .progress import RateProgress
 from .projector import PROJECTOR_KINDS, load_projectors, projector_hash, save_projectors
+from .transfer import HostCopy
 from .store import (
     FORMAT_VERSION,
     MANIFEST,
@@ -366,12 +367,16 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
         pad = pad_token_id(tokenizer)
         try:
             with RateProgress("projecting", total=len(subset) - start, enabled=opts.show_progress) as bar, engine:
+                # One batch in flight: batch t+1 is queued on the device before batch t's
+                # results are waited for and handed to the writer.
+                pending = None
                 for batch_examples in todo_batches:
-                    vectors, losses, counts = project_batch(model, engine, batch_examples, values["loss_reduction"],
-                                                            pad, device)
-                    index = torch.tensor([e.index for e in batch_examples], dtype=torch.long)
-                    writer.add(vectors, index, losses, counts)
-                    bar.advance(len(batch_examples), int(counts.sum()))
+                    launched = launch_batch(model, engine, batch_examples, values["loss_reduction"], pad, device)
+                    if pending is not None:
+                        _deliver(pending, writer, bar)
+                    pending = launched
+                if pending is not None:
+                    _deliver(pending, writer, bar)
             writer.finish({k: v for k, v in asdict(summary).items() if k not in ("out", "notes", "already_complete")})
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
@@ -484,23 +489,47 @@ def _finish_distributed(out: Path, rank: int, world: int) -> None:
     td.barrier()
 
 
-def project_batch(model, engine: GradProjectionEngine, examples: list[Example], loss_reduction: str, pad_id: int,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(vectors [B, D] float32 CPU, losses [B], label counts [B]) for one batch; examples with
-    no label position are not run and get zero vectors."""
-    b = len(examples)
-    vectors = torch.zeros(b, engine.dim, dtype=torch.float32)
-    losses = torch.zeros(b, dtype=torch.float32)
-    counts = torch.zeros(b, dtype=torch.int32)
+def _deliver(launched: "LaunchedBatch", writer: RunWriter, bar: RateProgress) -> None:
+    vectors, index, losses, counts = launched.result()
+    writer.add(vectors, index, losses, counts)
+    bar.advance(len(index), int(counts.sum()))
+
+
+class LaunchedBatch:
+    """One batch whose forward and backward have been queued on the device and whose
+    results are on their way to the host."""
+
+    def __init__(self, examples: list[Example], live: list[int], dim: int, copy: HostCopy | None):
+        self.examples = examples
+        self.live = live  # rows that have a label position and were run
+        self.dim = dim
+        self.copy = copy
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(vectors [B, D] float32, index [B], losses [B], label counts [B]) on the host;
+        examples with no label position were not run and get zero vectors."""
+        b = len(self.examples)
+        index = torch.tensor([e.index for e in self.examples], dtype=torch.long)
+        counts = torch.tensor([e.n_label_positions for e in self.examples], dtype=torch.int32)
+        losses = torch.zeros(b, dtype=torch.float32)
+        if self.copy is None:
+            return torch.zeros(b, self.dim, dtype=torch.float32), index, losses, counts
+        vectors_live, losses_live = self.copy.result()
+        vectors = torch.zeros(b, self.dim, dtype=torch.float32)
+        rows = torch.tensor(self.live)
+        vectors[rows] = vectors_live
+        losses[rows] = losses_live.float()
+        return vectors, index, losses, counts
+
+
+def launch_batch(model, engine: GradProjectionEngine, examples: list[Example], loss_reduction: str, pad_id: int,
+                 device: torch.device) -> LaunchedBatch:
+    """Queue one batch's forward, backward and projection; nothing here waits for the device."""
     live = [r for r, e in enumerate(examples) if e.n_label_positions > 0]
     if not live:
-        return vectors, losses, counts
+        return LaunchedBatch(examples, live, engine.dim, None)
     batch = collate([examples[r] for r in live], pad_id).to(device)
     logits = model(**batch.model_inputs()).logits
-    per_example, n = causal_lm_losses(logits, batch.labels, loss_reduction)
+    per_example, _ = causal_lm_losses(logits, batch.labels, loss_reduction)
     per_example.sum().backward()
-    rows = torch.tensor(live)
-    vectors[rows] = engine.collect().cpu()
-    losses[rows] = per_example.detach().float().cpu()
-    counts[rows] = n.to(torch.int32).cpu()
-    return vectors, losses, counts
+    return LaunchedBatch(examples, live, engine.dim, HostCopy([engine.collect(), per_example]))
