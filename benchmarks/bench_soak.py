@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import tempfile
 import threading
 import time
@@ -16,11 +15,7 @@ from pathlib import Path
 
 from ghostproj.demo import ensure_demo, generate_corpus
 from ghostproj.project import ProjectOptions, run_project
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+from timing import rss
 
 
 def main():
