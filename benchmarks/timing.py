@@ -36,20 +36,48 @@ def rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def heap_in_use() -> int:
+    """Bytes the C allocator has handed out and not taken back (glibc's mallinfo2: heap
+    blocks in use plus mmapped blocks); resident memory where that is unavailable. Unlike
+    resident memory it does not depend on when freed pages are returned to the system."""
+    global _mallinfo2
+    if _mallinfo2 is None:
+        try:
+            import ctypes
+
+            class Info(ctypes.Structure):
+                _fields_ = [(name, ctypes.c_size_t) for name in (
+                    "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                    "keepcost")]
+            fn = ctypes.CDLL("libc.so.6").mallinfo2
+            fn.restype = Info
+            _mallinfo2 = fn
+        except (OSError, AttributeError):
+            _mallinfo2 = False
+    if not _mallinfo2:
+        return rss()
+    info = _mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+_mallinfo2 = None
+
+
 def peak_memory(fn, device: torch.device) -> int:
     """Peak memory of one call of ``fn`` above what was in use before it: the allocator's
-    peak on CUDA, resident memory sampled every millisecond on the CPU."""
+    peak on CUDA, the C heap in use (:func:`heap_in_use`) sampled every millisecond on
+    the CPU."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         fn()
         return torch.cuda.max_memory_allocated() - base
-    base, high, done = rss(), [0], threading.Event()
+    base, high, done = heap_in_use(), [0], threading.Event()
 
     def sample():
         while not done.is_set():
-            high[0] = max(high[0], rss())
+            high[0] = max(high[0], heap_in_use())
             time.sleep(0.001)
     thread = threading.Thread(target=sample)
     thread.start()
