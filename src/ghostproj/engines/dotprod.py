@@ -124,8 +124,14 @@ class _DenseMath(_ModuleMath):
         x, d = use.x[:b], use.delta[:b]
         g = cls._to_layout(g)  # back to (n_out, n_in)
         out = torch.empty(b, g.shape[0], dtype=torch.float32, device=x.device)
-        for m in range(g.shape[0]):  # M' is small; one [B, S, n_out] temporary at a time
-            out[:, m] = ((x @ g[m].t()) * d).sum(dim=(1, 2))
+        # <G_i, g> = sum_t d_t . (g x_t) = sum_t (g^T d_t) . x_t: the same multiply-adds either
+        # way, so map onto the narrower side and keep the elementwise pass small.
+        narrow_in = x.shape[-1] <= d.shape[-1]
+        for m in range(g.shape[0]):  # M' is small; one [B, S, width] temporary at a time
+            if narrow_in:
+                out[:, m] = ((d @ g[m]) * x).sum(dim=(1, 2))
+            else:
+                out[:, m] = ((x @ g[m].t()) * d).sum(dim=(1, 2))
         return out
 
     @classmethod
