@@ -15,7 +15,9 @@ class RateProgress:
     """A progress bar over items that also reports a second quantity per second (tokens)."""
 
     def __init__(self, description: str, total: int, unit: str = "examples", extra_unit: str | None = "tokens",
-                 enabled: bool = True):
+                 enabled: bool = True, lazy: bool = False):
+        """``lazy``: show the bar only from :meth:`begin` or the first :meth:`advance`, so work
+        that fails its checks first prints its error without an empty bar above it."""
         self.unit = unit
         self.extra_unit = extra_unit
         self.start = time.perf_counter()
@@ -31,15 +33,26 @@ class RateProgress:
         ]
         self._progress = Progress(*columns, console=status, disable=not enabled, transient=False)
         self._task = self._progress.add_task(description, total=total, rates="")
+        self._lazy = lazy
+        self._shown = False
 
     def __enter__(self) -> "RateProgress":
-        self._progress.__enter__()
+        if not self._lazy:
+            self.begin()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._progress.__exit__(*exc)
+        if self._shown:
+            self._progress.__exit__(*exc)
+
+    def begin(self) -> None:
+        if not self._shown:
+            self._shown = True
+            self.start = time.perf_counter()
+            self._progress.__enter__()
 
     def advance(self, n: int, extra: int = 0) -> None:
+        self.begin()
         self.done += n
         self.extra += extra
         dt = max(time.perf_counter() - self.start, 1e-9)

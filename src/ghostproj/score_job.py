@@ -82,7 +82,7 @@ def run_score_command(train: str, query: str, *, metric: str, normalize: str | N
             raise GhostprojError(f"Some query rows have no field '{group_field}'.")
         groups = [str(g) for g in groups]
 
-    with RateProgress("scoring", total=train_run.rows, unit="rows", extra_unit=None) as bar:
+    with RateProgress("scoring", total=train_run.rows, unit="rows", extra_unit=None, lazy=True) as bar:
         result = score(train_run, query_run, metric=metric, normalize=normalize, center=center, damping=damping,
                        layers=layers, top_k=top_k, reduce=reduce, query_groups=groups, keep_matrix=out is not None,
                        chunk_rows=chunk_rows, progress=bar)

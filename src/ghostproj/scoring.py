@@ -138,14 +138,14 @@ class ScoreResult:
 
 
 def check_comparable(train: Run, query: Run) -> None:
-    if train.dim != query.dim:
-        raise GhostprojError(f"The runs have different dimensions (train D={train.dim}, query D={query.dim}).")
     part = differing_part(train.manifest, query.manifest)
     if part is not None:
         raise GhostprojError(
             f"The training and query runs are not comparable: their {part} differ "
             "(project the query set with --like TRAIN_DIR)."
         )
+    if train.dim != query.dim:
+        raise GhostprojError(f"The runs have different dimensions (train D={train.dim}, query D={query.dim}).")
 
 
 def _chunked(run: Run, cols: torch.Tensor | None, chunk_rows: int):
@@ -177,7 +177,8 @@ def score(
     ``normalize`` defaults to none; cosine always ends with a unit normalization.
     ``query_groups`` (one label per query row) makes ``reduce='max'`` take the max over
     group means (LESS-style); without it ``max`` is over single queries.
-    ``progress``: an object with ``advance(n)`` called per training chunk.
+    ``progress``: an object with ``advance(n)`` called per training chunk (and, if it has
+    one, ``begin()`` called once the arguments have been checked).
     """
     import time
 
@@ -206,6 +207,8 @@ def score(
     cols = _columns(selected, train_run.dim)
     blocks = _relative_blocks(selected)
     transform = Transform(blocks, normalize=normalize, unit_last=(metric == "cosine"))
+    if progress is not None and hasattr(progress, "begin"):
+        progress.begin()  # every check has passed: show the bar from here
 
     if center:
         total = torch.zeros(sum(b.size for b in blocks), dtype=torch.float64)
