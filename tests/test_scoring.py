@@ -127,6 +127,10 @@ def test_score_bad_inputs(capsys, runs, tmp_path, gpt2_dir, data_file):
     assert run_cli(["project", "--model", gpt2_dir, "--data", data_file, "--out", other, "--rank", "16",
                     "--layers", "c_attn,c_fc", "--seed", "1", "--max-length", "24"])[0] == 0
     fails("score", train, other, match="projector matrices differ")
+    wider = tmp_path / "wider.st"  # same seed and layers, another rank: D differs too, but the cause is named
+    assert run_cli(["project", "--model", gpt2_dir, "--data", data_file, "--out", wider, "--rank", "32",
+                    "--layers", "c_attn,c_fc", "--max-length", "24"])[0] == 0
+    fails("score", train, wider, match="k's (ranks) differ")
     fails("score", train, tmp_path, match="not a ghostproj projection run")
     fails("score", train, query, "--top-k", "11", match="--top-k 11")
     fails("score", train, query, "--metric", "magic", match="Unknown --metric")
