@@ -156,6 +156,7 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--profile", action="store_true", help="print where the time goes")
+    ap.add_argument("--compile", action="store_true", help="also time project with a torch.compile'd model")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -195,10 +196,26 @@ def main():
     peaks = {}
     for mode in ("train", "project"):
         cmd = [sys.executable, __file__, "--child", mode] + [f"--{k}={v}" for k, v in vars(args).items()
-                                                            if k not in ("child", "repeats", "profile")]
+                                                            if k not in ("child", "repeats", "profile", "compile")]
         peaks[mode] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)["peak"]
     print(f"peak memory above the model: train {peaks['train'] / 2**20:.0f} MiB, project {peaks['project'] / 2**20:.0f} MiB"
           f" -> project / train = {peaks['project'] / max(peaks['train'], 1):.2f}   (goal <= 1.1)")
+
+    if args.compile:
+        compiled = torch.compile(model)
+        engine_c = GradProjectionEngine(model, ["c_attn", "c_proj", "c_fc"], rank=args.rank)
+
+        def project_compiled():
+            with engine_c:
+                causal_lm_losses(compiled(input_ids=ids).logits, ids)[0].sum().backward()
+                engine_c.collect()
+        t0 = time.perf_counter()
+        project_compiled()
+        sync(device)
+        first = time.perf_counter() - t0
+        t_c = median_time(project_compiled, device, args.repeats)
+        t_e = median_time(fns["project"], device, args.repeats)
+        print(f"project compiled / eager = {t_c / t_e:.2f}   (first call, compiling: {first:.1f} s)")
 
     if args.profile:
         one = ids32[:1]

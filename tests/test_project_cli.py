@@ -150,3 +150,51 @@ def test_hub_id_without_network_is_one_sentence(capsys, tmp_path, data_file):
     code, _, err = run_cli(["project", "--model", "some-org/some-model", "--data", data_file, "--out",
                             tmp_path / "h"], capsys)
     assert code == 2 and "the hub could not be reached" in err and "Traceback" not in err
+
+
+def test_compile_gives_the_eager_vectors(capsys, tmp_path, gpt2_dir, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    # Graph capture with the engine's hooks left out of the graph is what --compile adds;
+    # the aot_eager backend (traced forward and backward graphs) exercises exactly that,
+    # without 20 s of C++ code generation.
+    real_compile, compiled = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or real_compile(m, backend="aot_eager"))
+    data = tmp_path / "long.jsonl"
+    write_jsonl(data, [{"text": "the orchestra played a symphony while the cat sat on the mat " * 2}] * 4 +
+                [{"text": "x"}])  # one example without a label position
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        code, _, err = project(capsys, gpt2_dir, data, tmp_path / name, "--rank", "16", "--batch-size", "2",
+                               "--max-length", "12", "--store-dtype", "float32", *extra)
+        assert code == 0, err
+        runs[name] = load_projections(tmp_path / name)
+    assert len(compiled) == 1 and counters["stats"]["unique_graphs"] > 0  # the model really ran compiled
+    assert torch.equal(runs["compiled"].index, runs["eager"].index)
+    assert runs["eager"].grads.abs().max() > 0
+    assert rel_err(runs["compiled"].grads, runs["eager"].grads) <= 1e-5
+
+
+def test_a_compile_failure_is_one_sentence_and_keeps_written_shards(capsys, tmp_path, gpt2_dir, data_file,
+                                                                     monkeypatch):
+    from torch._dynamo.exc import TorchRuntimeError
+
+    calls = []
+
+    def failing_compile(model):
+        def forward(**inputs):
+            calls.append(1)
+            if len(calls) > 2:  # the first two batches (one shard) get through
+                raise TorchRuntimeError("backend exploded\nlong details")
+            return model(**inputs)
+        return forward
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    out = tmp_path / "c"
+    code, _, err = project(capsys, gpt2_dir, data_file, out, "--rank", "16", "--batch-size", "2", "--shard-size", "4",
+                           "--max-length", "24", "--compile")
+    assert code == 2 and "torch.compile failed after 4 examples (backend exploded)" in err and "Traceback" not in err
+    m = json.loads((out / "manifest.json").read_text())
+    assert not m["complete"] and [s["rows"] for s in m["shards"]] == [4]
+    code, _, err = project(capsys, gpt2_dir, data_file, out, "--rank", "16", "--batch-size", "2", "--shard-size", "4",
+                           "--max-length", "24")
+    assert code == 0 and "Resumed after 4 examples" in err

@@ -96,6 +96,8 @@ def project(
     shard_id: int = typer.Option(0, help="...and project this one (then: ghostproj inspect --merge)."),
     force: bool = typer.Option(False, help="Start even if the disk looks too small."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted run in --out."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (pays on long runs; "
+                                 "compiles for seconds first and again for new shapes)."),
 ) -> None:
     """Project every example's loss gradient and write shards to OUT."""
     from .project import ProjectOptions, run_project
@@ -115,7 +117,7 @@ def project(
         completion_field=completion_field, messages_field=messages_field, format=format, token_dtype=token_dtype,
         split=split, token_budget=token_budget, include_embeddings=include_embeddings, revision=revision,
         adapter=adapter, num_shards=num_shards, shard_id=shard_id, force=force,
-        resume=resume,
+        resume=resume, compile=compile_model,
     )
     s = run_project(opts)
     con = _console()

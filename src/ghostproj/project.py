@@ -85,6 +85,7 @@ class ProjectOptions:
     shard_id: int = 0  # ... and project this one
     force: bool = False  # start even when the disk looks too small
     resume: bool = True
+    compile: bool = False  # torch.compile the model's forward (the engine's hooks stay eager)
     show_progress: bool = True
 
 
@@ -365,13 +366,14 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
             summary.notes.append(f"Resumed after {summary.resumed_from} examples already written.")
         todo_batches = _batches_after(subset, opts, start, out)
         pad = pad_token_id(tokenizer)
+        forward = torch.compile(model) if opts.compile else model
         try:
             with RateProgress("projecting", total=len(subset) - start, enabled=opts.show_progress) as bar, engine:
                 # One batch in flight: batch t+1 is queued on the device before batch t's
                 # results are waited for and handed to the writer.
                 pending = None
                 for batch_examples in todo_batches:
-                    launched = launch_batch(model, engine, batch_examples, values["loss_reduction"], pad, device)
+                    launched = launch_batch(forward, engine, batch_examples, values["loss_reduction"], pad, device)
                     if pending is not None:
                         _deliver(pending, writer, bar)
                     pending = launched
@@ -382,6 +384,13 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
             if exc.errno == errno.ENOSPC:
                 raise GhostprojError(f"The disk holding {out} is full after {writer.rows_written} examples; every "
                                      "complete shard is kept, free space and rerun to resume.") from None
+            raise
+        except Exception as exc:
+            if opts.compile and type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                writer.close()  # the shard in flight lands first, so the count below is what is on disk
+                raise GhostprojError(f"torch.compile failed after {writer.rows_written} examples ({first}); every "
+                                     "complete shard is kept, rerun without --compile to resume.") from None
             raise
         finally:
             try:

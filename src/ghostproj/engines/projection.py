@@ -149,15 +149,14 @@ class GradProjectionEngine:
             self._saved_requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
             for p, _ in self._saved_requires_grad:
                 p.requires_grad_(False)
-        for name, module in self._modules.items():
-            if not self._types[name].has_bias_column:  # embeddings: token ids in
+        uses = [(name, module, self._types[name], False) for name, module in self._modules.items()]
+        uses += [(name, module, layer_type(module), transposed) for name, module, transposed in self._tied]
+        for name, module, cls, transposed in uses:
+            if not cls.has_bias_column:  # embeddings: token ids in
                 self._handles.append(module.register_forward_pre_hook(self._expand_broadcast_ids))
-            self._handles.append(module.register_forward_hook(partial(self._forward_hook, name, self._types[name], False)))
-        for name, module, transposed in self._tied:
-            cls = layer_type(module)
-            if not cls.has_bias_column:
-                self._handles.append(module.register_forward_pre_hook(self._expand_broadcast_ids))
-            self._handles.append(module.register_forward_hook(partial(self._forward_hook, name, cls, transposed)))
+            # Kept out of torch.compile graphs: they register tensor hooks and fill Python state.
+            hook = torch.compiler.disable(partial(self._forward_hook, name, cls, transposed))
+            self._handles.append(module.register_forward_hook(hook))
         return self
 
     def _expand_broadcast_ids(self, module, args):
