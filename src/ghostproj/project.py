@@ -21,7 +21,6 @@ from .losses import LOSS_REDUCTIONS, causal_lm_losses
 from .models import config_hash, load_model, pad_token_id, position_limit
 from .progress import RateProgress
 from .projector import PROJECTOR_KINDS, load_projectors, projector_hash, save_projectors
-from .transfer import HostCopy
 from .store import (
     FORMAT_VERSION,
     MANIFEST,
@@ -40,6 +39,7 @@ from .store import (
     weights_hash,
     write_manifest,
 )
+from .transfer import HostCopy
 
 ADAPTER_LAYERS = r"re:\.lora_[AB]\.[^.]+$"
 # Settings a resumed run must share with the interrupted one, beyond the fingerprint.
