@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -53,23 +52,34 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--metric", default="dot")
     ap.add_argument("--keep", help="Keep the generated runs in this directory.")
+    ap.add_argument("--generate-into", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.generate_into:
+        root = Path(args.generate_into)
+        write_run(root / "train.st", args.n_train, args.dim, 0)
+        write_run(root / "query.st", args.n_query, args.dim, 1)
+        return
 
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="ghostproj-bench-"))
     train, query = root / "train.st", root / "query.st"
     try:
         t0 = time.perf_counter()
         if not train.exists():
-            write_run(train, args.n_train, args.dim, 0)
-            write_run(query, args.n_query, args.dim, 1)
+            # In a process of its own, so this process stays small while it starts the scorer.
+            subprocess.run([sys.executable, __file__, "--generate-into", str(root), f"--n-train={args.n_train}",
+                            f"--n-query={args.n_query}", f"--dim={args.dim}"], check=True)
         print(f"wrote {args.n_train} + {args.n_query} bf16 vectors of D={args.dim} in {time.perf_counter() - t0:.0f} s")
 
         cmd = [sys.executable, "-m", "ghostproj", "score", str(train), str(query), "--metric", args.metric,
                "--top-k", "10", "--show", "0", "--topk-out", str(root / "top.jsonl")]
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the generator's
         t_score = time.perf_counter() - t0
-        peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            raise SystemExit(f"ghostproj score failed with exit code {proc.returncode}")
+        peak_gb = usage.ru_maxrss * 1024 / 1e9
 
         flop = 2.0 * args.n_train * args.n_query * args.dim
         a = torch.randn(args.n_train, args.dim)
