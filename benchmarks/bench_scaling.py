@@ -2,13 +2,15 @@
 rank and number of layers grow, each against the training step of the same shape, so the
 cost model is visible. Prints the numbers and writes a PNG (when matplotlib is installed).
 
-    python benchmarks/bench_scaling.py [--png scaling.png] [--device cuda]
+    python benchmarks/bench_scaling.py [--png FILE (default: scaling.png beside this script)] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+from pathlib import Path
+
 import torch
 
 from ghostproj.engines.projection import GradProjectionEngine
@@ -53,7 +55,7 @@ def measure(cfg, device):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--png", default="benchmarks/scaling.png")
+    ap.add_argument("--png", default=str(Path(__file__).with_name("scaling.png")), help="where to write the plot")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
