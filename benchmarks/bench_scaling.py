@@ -85,6 +85,7 @@ def main():
         ax.set_xscale("log", base=2)
         ax.set_xlabel(knob)
         ax.set_ylabel("ms per example")
+        ax.set_ylim(bottom=0)  # differences of a few ms stay small on the plot, as they are
         twin = ax.twinx()
         twin.plot(xs, [r[2] for r in rows], "s--", color="tab:orange", label="x training step")
         twin.set_ylim(0, 1.2)
