@@ -213,3 +213,23 @@ def test_torchrun_resume_with_a_different_number_of_ranks(tmp_path, gpt2_dir, co
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and not list(out.glob("manifest-r*"))
     assert_same_vectors(single, out)
+
+
+def test_each_torchrun_rank_takes_its_own_gpu(monkeypatch):
+    from ghostproj import project
+    from ghostproj.errors import GhostprojError
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert project.device_for_this_process("auto") == "auto"  # not under torchrun
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert project.device_for_this_process("auto") == "cuda:1" and current == [1]
+    assert project.device_for_this_process("cuda") == "cuda:1"
+    assert project.device_for_this_process("cpu") == "cpu"
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(GhostprojError, match="only 2 GPU"):
+        project.device_for_this_process("auto")

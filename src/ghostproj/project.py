@@ -247,7 +247,8 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
     spec.resolved_format()  # refuse an unknown format before loading the model
     if spec.resolved_format() != "hf" and not Path(opts.data).is_file():
         raise GhostprojError(f"Data file {opts.data} does not exist.")
-    model, tokenizer = load_model(opts.model, opts.dtype, opts.device, opts.revision, opts.adapter)
+    model, tokenizer = load_model(opts.model, opts.dtype, device_for_this_process(opts.device), opts.revision,
+                                  opts.adapter)
     device = next(model.parameters()).device
 
     max_length = opts.max_length
@@ -308,7 +309,7 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
         "complete": False,
     }
 
-    dist = _distributed()
+    dist = _distributed(device)
     num_shards, shard_id = opts.num_shards, opts.shard_id
     if dist is not None:
         if num_shards != 1:
@@ -423,16 +424,33 @@ def _batches_after(subset: list[Example], opts: ProjectOptions, start: int, out:
     return todo
 
 
-def _distributed() -> tuple[int, int] | None:
+def device_for_this_process(device: str) -> str:
+    """``--device`` for this process. Under torchrun each rank takes the GPU of its
+    LOCAL_RANK and makes it current, so ranks never share GPU 0 and nccl, CUDA events
+    and pinned copies all act on the rank's own device."""
+    local = os.environ.get("LOCAL_RANK")
+    if local is None or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    if device not in ("auto", "cuda") or not torch.cuda.is_available():
+        return device  # the CPU, or a GPU the user named explicitly
+    index, visible = int(local), torch.cuda.device_count()
+    if index >= visible:
+        raise GhostprojError(f"torchrun started local rank {index}, but only {visible} GPU(s) are visible; "
+                             f"use --nproc-per-node {visible} or fewer.")
+    torch.cuda.set_device(index)
+    return f"cuda:{index}"
+
+
+def _distributed(device: torch.device) -> tuple[int, int] | None:
     """(rank, world size) under torchrun with more than one process, else None; sets up
-    the process group (nccl on GPUs, gloo on CPU) once."""
+    the process group once: nccl when this rank runs on a GPU, gloo on the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return None
     import torch.distributed as td
 
     if not td.is_initialized():
-        td.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        td.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return td.get_rank(), td.get_world_size()
 
 
