@@ -369,9 +369,7 @@ class GradDotProdEngine:
         for p, flag in self._saved_flags:
             p.requires_grad_(flag)
         self._saved_flags.clear()
-        for st in self._params.values():
-            if hasattr(st.param, "grad_dot_prod"):
-                del st.param.grad_dot_prod
+        self._drop_param_attributes()
         self._reset_step()
         self.optimizer = None
 
@@ -390,6 +388,20 @@ class GradDotProdEngine:
         self._paths: dict[str, str] = {}
         self._n: int | None = None
 
+    def _drop_param_attributes(self) -> None:
+        for st in self._params.values():
+            if hasattr(st.param, "grad_dot_prod"):
+                del st.param.grad_dot_prod
+
+    def _end_step(self) -> None:
+        self._drop_param_attributes()
+        self._reset_step()
+        self.step += 1
+
+    def _require_step(self) -> None:
+        if self._n is None:
+            raise RuntimeError("no forward pass with gradients enabled ran since the last step")
+
     def _finalize(self) -> None:
         """Process parameters whose uses got no gradient (they do not affect the loss)."""
         for key, st in list(self._params.items()):
@@ -402,8 +414,7 @@ class GradDotProdEngine:
 
     def results(self) -> DotProducts:
         """This step's dot products (after backward)."""
-        if self._n is None:
-            raise RuntimeError("no forward pass with gradients enabled ran since the last step")
+        self._require_step()
         self._finalize()
         per_param = {self.param_names[k]: v for k, v in self._dots.items()}
         total = sum(per_param.values())
@@ -415,15 +426,12 @@ class GradDotProdEngine:
         res = self.results()
         self.log.append({"step": self.step, "indices": None if indices is None else torch.as_tensor(indices).cpu(),
                          "dots": res.total.detach().cpu()})
-        for st in self._params.values():
-            if hasattr(st.param, "grad_dot_prod"):
-                del st.param.grad_dot_prod
+        self._drop_param_attributes()
         return res.total
 
     def prepare_gradients(self) -> None:
         """Put the gradient of (1/B) sum_{i<B} l_i (training part only) into ``.grad``."""
-        if self._n is None:
-            raise RuntimeError("no forward pass with gradients enabled ran since the last step")
+        self._require_step()
         self._finalize()
         for key, g in self._train_grads.items():
             p = self._params[key].param
@@ -434,21 +442,13 @@ class GradDotProdEngine:
         """Drop ``.grad`` of every parameter and this step's state; counts a step."""
         for p in self.model.parameters():
             p.grad = None
-        for st in self._params.values():
-            if hasattr(st.param, "grad_dot_prod"):
-                del st.param.grad_dot_prod
-        self._reset_step()
-        self.step += 1
+        self._end_step()
 
     def collect(self) -> DotProducts:
         """The context-manager API: results, training gradient into ``.grad``, state reset."""
         res = self.results()
         self.prepare_gradients()
-        for st in self._params.values():
-            if hasattr(st.param, "grad_dot_prod"):
-                del st.param.grad_dot_prod
-        self._reset_step()
-        self.step += 1
+        self._end_step()
         return res
 
     # -- hooks ---------------------------------------------------------------------------------
