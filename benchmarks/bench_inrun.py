@@ -17,14 +17,8 @@ import torch
 
 from ghostproj.engines.dotprod import GradDotProdEngine
 from ghostproj.losses import causal_lm_losses
+from gpt2 import build_gpt2
 from timing import median_time
-
-
-def build(n_layer, n_embd, vocab, t, device):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(vocab_size=vocab, n_positions=t, n_embd=n_embd, n_layer=n_layer, n_head=max(1, n_embd // 64))
-    return GPT2LMHeadModel(cfg).to(device).train()
 
 
 def main():
@@ -39,8 +33,7 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = build(args.layers, args.embd, args.vocab, args.seq, device)
+    model = build_gpt2(args.layers, args.embd, args.vocab, args.seq, device).train()
     n = args.train_batch + args.val_batch
     ids = torch.randint(0, args.vocab, (n, args.seq), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)

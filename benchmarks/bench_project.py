@@ -34,18 +34,12 @@ import torch
 
 from ghostproj.engines.projection import GradProjectionEngine
 from ghostproj.losses import causal_lm_losses
+from gpt2 import build_gpt2
 from timing import median_time, peak_memory, sync
 
 
 def build(args, device):
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    cfg = GPT2Config(vocab_size=args.vocab, n_positions=args.seq, n_embd=args.embd, n_layer=args.layers,
-                     n_head=max(1, args.embd // 64), bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(cfg).to(device=device, dtype=getattr(torch, args.dtype)).eval()
+    return build_gpt2(args.layers, args.embd, args.vocab, args.seq, device, getattr(torch, args.dtype))
 
 
 def steps(model, ids, args):

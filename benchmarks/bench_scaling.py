@@ -15,25 +15,15 @@ import torch
 
 from ghostproj.engines.projection import GradProjectionEngine
 from ghostproj.losses import causal_lm_losses
+from gpt2 import build_gpt2
 from timing import median_time
 
 BASE = {"seq": 128, "batch": 16, "rank": 256, "layers": 4}
 SWEEPS = {"seq": [32, 64, 128, 256], "batch": [4, 8, 16, 32], "rank": [16, 64, 256, 1024], "layers": [1, 2, 4, 8]}
 
 
-def model_for(layers, seq, device):
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=8192, n_positions=max(seq, 256), n_embd=256, n_layer=layers, n_head=4,
-                     bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg).to(device).eval()
-
-
 def measure(cfg, device):
-    model = model_for(cfg["layers"], cfg["seq"], device)
+    model = build_gpt2(cfg["layers"], 256, 8192, max(cfg["seq"], 256), device)
     ids = torch.randint(0, 8192, (cfg["batch"], cfg["seq"]), device=device)
     engine = GradProjectionEngine(model, ["c_attn", "c_proj", "c_fc"], rank=cfg["rank"])
 
