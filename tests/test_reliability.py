@@ -233,3 +233,15 @@ def test_each_torchrun_rank_takes_its_own_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "2")
     with pytest.raises(GhostprojError, match="only 2 GPU"):
         project.device_for_this_process("auto")
+
+
+def test_a_run_killed_while_writing_its_first_manifest_starts_again(capsys, tmp_path, gpt2_dir, corpus):
+    import socket
+
+    out = tmp_path / "first"
+    out.mkdir()
+    orphan = out / f".manifest.json.tmp-{socket.gethostname()}-999999999"
+    orphan.write_bytes(b"{")
+    code, _, err = run_cli(project_args(gpt2_dir, corpus, out), capsys)
+    assert code == 0, err
+    assert not orphan.exists()

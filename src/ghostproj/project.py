@@ -205,12 +205,12 @@ def _prepare_out_dir(out: Path, manifest: dict, resume: bool, manifest_name: str
         raise GhostprojError(f"{out} holds a different run; choose another --out.")
     if not (out / manifest_name).exists():
         # what may already be there: the projector of a run that stopped before its first
-        # manifest, and (torchrun) what sibling ranks wrote
+        # manifest, a killed writer's temporary file (swept once the lock is taken), and
+        # (torchrun) what sibling ranks wrote
         def ours(name: str) -> bool:
-            if name in (PROJECTOR_FILE, ".lock"):
+            if name in (PROJECTOR_FILE, ".lock") or ".tmp-" in name:
                 return True
-            # torchrun siblings: their manifests, shards, locks and files being written
-            return shared and (name.startswith((".lock-r", "manifest-r", "grads-r")) or ".tmp-" in name)
+            return shared and name.startswith((".lock-r", "manifest-r", "grads-r"))
         if any(not ours(p.name) for p in out.iterdir()):
             raise GhostprojError(f"Output directory {out} is not empty and holds no ghostproj run; choose another --out.")
         return None
