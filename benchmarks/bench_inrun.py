@@ -17,20 +17,15 @@ import torch
 
 from ghostproj.engines.dotprod import GradDotProdEngine
 from ghostproj.losses import causal_lm_losses
-from gpt2 import build_gpt2
+from gpt2 import add_model_args, build_gpt2
 from timing import median_time
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--embd", type=int, default=256)
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--seq", type=int, default=128)
+    add_model_args(ap)
     ap.add_argument("--train-batch", type=int, default=16)
     ap.add_argument("--val-batch", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
     model = build_gpt2(args.layers, args.embd, args.vocab, args.seq, device).train()

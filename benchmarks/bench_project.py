@@ -34,7 +34,7 @@ import torch
 
 from ghostproj.engines.projection import GradProjectionEngine
 from ghostproj.losses import causal_lm_losses
-from gpt2 import build_gpt2
+from gpt2 import add_model_args, build_gpt2
 from timing import median_time, peak_memory, sync
 
 
@@ -140,14 +140,9 @@ def memory_child(args) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--embd", type=int, default=256)
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--seq", type=int, default=128)
+    add_model_args(ap)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rank", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--profile", action="store_true", help="print where the time goes")
     ap.add_argument("--compile", action="store_true", help="also time project with a torch.compile'd model")
