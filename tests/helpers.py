@@ -105,9 +105,11 @@ def run_cli(args, capsys=None):
     return code, "", ""
 
 
-def captured_reference(model, engine, examples, autocast, device="cpu"):
+def captured_reference(model, engine, examples, autocast, device="cpu", round_matrices=False):
     """Float64 sum_t (P_out delta_t)(P_in x_t)^T from the very inputs and output gradients
-    (in whatever precision they arrive) that one batched backward pass produced."""
+    (in whatever precision they arrive) that one batched backward pass produced. With
+    ``round_matrices``, a matrix meeting a low-precision tensor is first rounded to that
+    tensor's dtype, as a GPU's tensor-core product sees it."""
     modules = dict(model.named_modules())
     seen, handles = {}, []
     engine.attach()  # first, so the capture hooks below see the output the engine hooks
@@ -133,7 +135,9 @@ def captured_reference(model, engine, examples, autocast, device="cpu"):
         x, g = (t.cpu() for t in seen[info.name])
         low += x.dtype != torch.float32 or g.dtype != torch.float32
         p = engine.projectors[info.name]
-        xp = x.double() @ p.p_in.double().t()
-        gp = g.double() @ p.p_out.double().t()
+        p_in = p.p_in.to(x.dtype) if round_matrices and x.dtype != torch.float32 else p.p_in
+        p_out = p.p_out.to(g.dtype) if round_matrices and g.dtype != torch.float32 else p.p_out
+        xp = x.double() @ p_in.double().t()
+        gp = g.double() @ p_out.double().t()
         ref[:, info.offset:info.offset + info.size] = torch.einsum("bso,bsi->boi", gp, xp).reshape(len(examples), -1)
     return got, ref, low

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .fp32 import project_rows
+from .fp32 import Projection
 
 
 class DenseLayer:
@@ -42,9 +42,9 @@ class DenseLayer:
         return getattr(module, "bias", None)
 
     @staticmethod
-    def project_input(module: nn.Module, x: torch.Tensor, p_in_t: torch.Tensor) -> torch.Tensor:
-        """P_in x_t for every token: [B, S, k_in] float32, from ``p_in_t`` = P_in^T."""
-        return project_rows(x.detach().reshape(x.shape[0], -1, x.shape[-1]), p_in_t)
+    def project_input(module: nn.Module, x: torch.Tensor, p_in: Projection) -> torch.Tensor:
+        """P_in x_t for every token of every example, as rows [B * S, k_in] float32."""
+        return p_in.rows(x.detach().reshape(-1, x.shape[-1]))
 
 
 class LinearLayer(DenseLayer):
@@ -73,7 +73,7 @@ class Conv1DLayer(DenseLayer):
 
     @staticmethod
     def matches(module: nn.Module) -> bool:
-        conv1d = _hf_conv1d_class()
+        conv1d = hf_conv1d_class()
         return conv1d is not None and isinstance(module, conv1d)
 
     @staticmethod
@@ -112,9 +112,9 @@ class EmbeddingLayer(DenseLayer):
         return None
 
     @staticmethod
-    def project_input(module: nn.Module, ids: torch.Tensor, p_in_t: torch.Tensor) -> torch.Tensor:
-        ids = ids.detach().reshape(ids.shape[0], -1)
-        xp = p_in_t[ids]
+    def project_input(module: nn.Module, ids: torch.Tensor, p_in: Projection) -> torch.Tensor:
+        ids = ids.detach().reshape(-1)
+        xp = p_in.full[ids]
         if module.padding_idx is not None:  # the padding row never receives a gradient
             xp = xp * (ids != module.padding_idx).unsqueeze(-1)
         return xp
@@ -123,7 +123,7 @@ class EmbeddingLayer(DenseLayer):
 LAYER_TYPES: tuple[type[DenseLayer], ...] = (LinearLayer, Conv1DLayer, EmbeddingLayer)
 
 
-def _hf_conv1d_class():
+def hf_conv1d_class():
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # transformers is a dependency, but keep layers usable without it

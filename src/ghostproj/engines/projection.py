@@ -3,20 +3,19 @@
 For a dense layer the per-example weight gradient is G_i = sum_t delta_{i,t} x_{i,t}^T, so
 its Kronecker projection P_out G_i P_in^T = sum_t (P_out delta_{i,t}) (P_in x_{i,t})^T
 needs only the projected activations (kept from the forward pass, k_in wide) and the
-projected output gradients (seen by a tensor hook on the layer output). G_i itself is
-never formed.
+projected output gradients (formed in the layer's backward). G_i itself is never formed.
+How one layer call does that is in :mod:`ghostproj.engines.calls`; this module holds the
+engine: layer choice, ranks and matrices, attaching, and collecting the vectors.
 """
 
 from __future__ import annotations
-
-from functools import partial
 
 import torch
 from torch import nn
 
 from ..errors import GhostprojError
-from ..fp32 import no_autocast, project_rows
-from ..layers import LayerInfo, expand_broadcast_ids, layer_type, select_layers
+from ..layers import LayerInfo, hf_conv1d_class, layer_type, select_layers
+from .calls import LayerCall, LayerMatrices, SharedInputs
 from ..projector import LayerProjector, build_projectors, choose_ranks
 
 
@@ -112,11 +111,14 @@ class GradProjectionEngine:
         self._types = {name: layer_type(module) for name, module in chosen}
         self._has_bias = {i.name: bias and self._types[i.name].has_bias_column for i in infos}
         self._tied = self._find_tied_uses(model)
-        self._handles: list = []
+        self._wrapped: list[tuple[nn.Module, object]] = []  # (module, its own instance forward or None)
         self._saved_requires_grad: list[tuple[nn.Parameter, bool]] = []
-        self._device_mats: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
-        self._acc: dict[str, torch.Tensor] = {}
-        self._batch_size: int | None = None
+        self._device_mats: dict[tuple, LayerMatrices] = {}
+        self._sinks: dict[tuple[torch.device, int], dict[str, torch.Tensor]] = {}
+        self.inputs = SharedInputs(self)
+        self.batch_size: int | None = None
+        self.device = torch.device("cpu")
+        self.step_sinks: dict[str, torch.Tensor] = {}
 
     def _find_tied_uses(self, model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
         """Other modules whose weight is the same Parameter as a projected layer's (GPT-2's
@@ -140,7 +142,7 @@ class GradProjectionEngine:
     # -- lifecycle ---------------------------------------------------------------------
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        return bool(self._wrapped)
 
     def attach(self) -> "GradProjectionEngine":
         if self.attached:
@@ -149,27 +151,36 @@ class GradProjectionEngine:
             self._saved_requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
             for p, _ in self._saved_requires_grad:
                 p.requires_grad_(False)
-        uses = [(name, module, self._types[name], False) for name, module in self._modules.items()]
-        uses += [(name, module, layer_type(module), transposed) for name, module, transposed in self._tied]
-        for name, module, cls, transposed in uses:
-            if not cls.has_bias_column:  # embeddings: token ids in
-                self._handles.append(module.register_forward_pre_hook(self._expand_broadcast_ids))
-            # Kept out of torch.compile graphs: they register tensor hooks and fill Python state.
-            hook = torch.compiler.disable(partial(self._forward_hook, name, cls, transposed))
-            self._handles.append(module.register_forward_hook(hook))
+        uses = [(name, module, False) for name, module in self._modules.items()]
+        uses += [(name, module, transposed) for name, module, transposed in self._tied]
+        for name, module, transposed in uses:
+            # The layer's forward is wrapped rather than hooked: a wrapped call keeps
+            # nn.Module's hook-free fast path and, being plain tensor code with an autograd
+            # Function, traces into a torch.compile graph without a break.
+            own = module.__dict__.get("forward")
+            inner = own if own is not None else module.forward
+            # A frozen plain Linear / Conv1D runs its product and the projection in one
+            # autograd node; anything else (an observed training loop, embeddings, tied or
+            # subclassed modules) keeps its own forward and backward, tapped at its output.
+            fused = (self.freeze_weights and not transposed and own is None
+                     and type(module) in (nn.Linear, hf_conv1d_class()))
+            use = LayerCall(self, name, module, layer_type(module), transposed, fused, inner)
+            module.forward = use
+            self._wrapped.append((module, own))
         return self
 
-    def _expand_broadcast_ids(self, module, args):
-        return expand_broadcast_ids(args, self._batch_size)
-
     def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        for module, own in self._wrapped:
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+        self._wrapped.clear()
         for p, flag in self._saved_requires_grad:
             p.requires_grad_(flag)
         self._saved_requires_grad = []
-        self._device_mats.clear()
+        # The device matrices, sinks and shared-input groups stay: a loop that attaches
+        # for every batch should not rebuild them.
         self.reset()
 
     def __enter__(self) -> "GradProjectionEngine":
@@ -181,73 +192,63 @@ class GradProjectionEngine:
     # -- results -------------------------------------------------------------------------
     def reset(self) -> None:
         """Drop accumulated gradients (call between batches if you skip :meth:`collect`)."""
-        self._acc.clear()
-        self._batch_size = None
+        for sink in self.step_sinks.values():
+            sink.grad = None
+        self.batch_size = None
+        self.step_sinks = {}
+        self.inputs.end_step()
 
     def collect(self) -> torch.Tensor:
         """[B, D] float32 projected gradients of the last backward pass(es); resets the state."""
-        if self._batch_size is None:
+        if self.batch_size is None:
             raise RuntimeError("no projected layer ran a forward pass with gradients enabled since the last collect()")
-        b = self._batch_size
-        device = next(iter(self._acc.values())).device if self._acc else torch.device("cpu")
+        b, sinks = self.batch_size, self.step_sinks
         blocks = []
         for info in self.layers:
-            g = self._acc.get(info.name)
+            g = sinks[info.name].grad
             if g is None:  # the layer did not run or did not affect the loss: its gradient is 0
-                blocks.append(torch.zeros(b, info.size, dtype=torch.float32, device=device))
-            else:
-                blocks.append(g.reshape(b, info.size))
+                g = torch.zeros(b, info.size, dtype=torch.float32, device=self.device)
+            blocks.append(g.view(b, info.size))
         self.reset()
         return torch.cat(blocks, dim=1)
 
-    # -- hooks ---------------------------------------------------------------------------
-    def _matrices(self, name: str, device: torch.device):
-        key = (name, device)
+    # -- per call ------------------------------------------------------------------------
+    def prepare(self, batch_size: int, device: torch.device | str) -> None:
+        """Make the per-layer result buffers for batches of ``batch_size`` on ``device``.
+        Optional in eager mode; under ``torch.compile`` call it before the forward pass of
+        every new batch size, since creating them inside a compiled region breaks the graph."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        key = (device, batch_size)
+        if key not in self._sinks:
+            # Leaves whose gradients receive each layer's [B, k_out, k_in] projected
+            # gradient: outputs of the backward pass rather than Python state, so compiled
+            # graphs and several calls of one layer (summed by autograd) need nothing special.
+            self._sinks[key] = {i.name: torch.zeros(batch_size, i.k_out, i.k_in, device=device, requires_grad=True)
+                                for i in self.layers}
+
+    def start_batch(self, name: str, x: torch.Tensor) -> None:
+        """Called by a layer whose input's batch size differs from the step's: the first
+        layer of a step sets it, any other is an error."""
+        b = x.shape[0]
+        if self.batch_size is not None:
+            raise RuntimeError(
+                f"layer '{name}' saw batch size {b} but another projected layer saw {self.batch_size}; "
+                "call collect() or reset() between batches"
+            )
+        self.batch_size, self.device = b, x.device
+        key = (x.device, b)
+        if key not in self._sinks:
+            self.prepare(b, x.device)
+        self.step_sinks = self._sinks[key]
+
+    def matrices(self, name: str, device: torch.device, dtype: torch.dtype) -> LayerMatrices:
+        """P_in^T, the bias column of P_in (or None) and P_out^T of one layer on ``device``,
+        for a model computing in ``dtype``."""
+        key = (name, device, dtype)
         mats = self._device_mats.get(key)
         if mats is None:
             p = self.projectors[name]
-            p_in = p.p_in.to(device=device, dtype=torch.float32)
-            if self._has_bias[name]:
-                # x is extended by a constant 1, so its column of P_in becomes an additive term.
-                mats = (p_in[:, :-1].t().contiguous(), p_in[:, -1].contiguous(), p.p_out.to(device).float().t().contiguous())
-            else:
-                mats = (p_in.t().contiguous(), None, p.p_out.to(device).float().t().contiguous())
-            self._device_mats[key] = mats
+            mats = self._device_mats[key] = LayerMatrices.of(p.p_in, p.p_out, self._has_bias[name], device, dtype)
         return mats
-
-    def _forward_hook(self, name: str, cls, transposed: bool, module: nn.Module, args, output):
-        if not torch.is_grad_enabled() or not torch.is_tensor(output):
-            return None
-        x = args[0]
-        b = x.shape[0]
-        if self._batch_size is None:
-            self._batch_size = b
-        elif self._batch_size != b:
-            raise RuntimeError(
-                f"layer '{name}' saw batch size {b} but another projected layer saw {self._batch_size}; "
-                "call collect() or reset() between batches"
-            )
-        p_in_t, p_in_bias, p_out_t = self._matrices(name, x.device)
-        if transposed:  # this module holds the layer's weight the other way round
-            p_in_t, p_out_t = p_out_t, p_in_t
-        with torch.no_grad():
-            xp = cls.project_input(module, x, p_in_t)
-            if p_in_bias is not None and not transposed:
-                xp += p_in_bias
-        replaced = None
-        if not output.requires_grad:
-            # Frozen weights and an input that needs no gradient: start the graph here, so
-            # backward stops at this layer instead of walking down to the embeddings.
-            output = output.detach().requires_grad_(True)
-            replaced = output
-        output.register_hook(partial(self._grad_hook, name, xp, p_out_t, transposed))
-        return replaced
-
-    def _grad_hook(self, name: str, xp: torch.Tensor, p_out_t: torch.Tensor, transposed: bool,
-                   grad: torch.Tensor) -> None:
-        b = xp.shape[0]
-        dp = project_rows(grad.reshape(b, -1, grad.shape[-1]), p_out_t)  # [B, S, k_out] ([B, S, k_in] if transposed)
-        with no_autocast(dp.device):
-            g = torch.bmm(xp.transpose(1, 2), dp) if transposed else torch.bmm(dp.transpose(1, 2), xp)  # [B, k_out, k_in]
-        prev = self._acc.get(name)
-        self._acc[name] = g if prev is None else prev + g

@@ -1,0 +1,266 @@
+"""One projected layer call: what replaces a module's forward while a
+:class:`~ghostproj.engines.projection.GradProjectionEngine` is attached.
+
+Per call the engine adds as little as a GPU's host can afford: one product for the
+projected input in the forward pass (one per group of layers reading the same input), and
+one product for the projected output gradient plus one batched per-example contraction in
+the backward pass. Everything runs inside an autograd Function, with no tensor hooks and
+no Python state written during backward: the per-example result is returned as the
+gradient of a "sink" leaf, so ``torch.compile`` can trace a whole model through it.
+
+- A frozen plain ``nn.Linear`` or HF ``Conv1D`` (projection mode) runs as one autograd
+  node, :class:`_ProjectedLinear`: the module's own forward, then in backward the input
+  gradient its own backward would give and the projected gradient.
+- Anything else (a model being trained while observed, embeddings, a tied output head,
+  subclasses of Linear) keeps its own forward and backward; :class:`_Tap`, an identity on
+  its output, adds the projection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..fp32 import Projection, no_autocast
+from ..layers import DenseLayer, EmbeddingLayer, LinearLayer, expand_broadcast_ids
+
+
+@dataclass
+class LayerMatrices:
+    """One layer's projections on one device: P_in^T (applied to inputs), the bias column
+    of P_in when --bias extends x by a constant 1 (else None), and P_out^T."""
+
+    p_in: Projection
+    bias_col: torch.Tensor | None
+    p_out: Projection
+
+    @classmethod
+    def of(cls, p_in: torch.Tensor, p_out: torch.Tensor, bias: bool, device: torch.device,
+           dtype: torch.dtype) -> "LayerMatrices":
+        p_in = p_in.to(device=device, dtype=torch.float32)
+        bias_col = None
+        if bias:  # x is extended by a constant 1, so its column of P_in becomes an additive term
+            p_in, bias_col = p_in[:, :-1], p_in[:, -1].contiguous()
+        p_out = p_out.to(device=device, dtype=torch.float32)
+        return cls(Projection(p_in.t().contiguous(), dtype), bias_col, Projection(p_out.t().contiguous(), dtype))
+
+
+def project(x: torch.Tensor, p: Projection, bias_col: torch.Tensor | None) -> torch.Tensor:
+    """Rows [B * S, k] float32 from an input [B, ..., n] (no graph is recorded)."""
+    xp = DenseLayer.project_input(None, x, p)
+    if bias_col is not None:
+        xp += bias_col
+    return xp
+
+
+def output_gradient_rows(grad: torch.Tensor, p_out: Projection) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the output gradient made contiguous, its projection as rows [B * S, k] float32)."""
+    grad = grad.contiguous()
+    return grad, p_out.rows(grad.view(-1, grad.shape[-1]))
+
+
+def contract(xp: torch.Tensor, dp: torch.Tensor, batch: int, transposed: bool) -> torch.Tensor:
+    """sum_t dp_t xp_t^T for every example, from rows [B * S, k]: [B, k_out, k_in]. A
+    transposed call (a tied module holding the weight the other way round) has P_out's
+    side in xp and P_in's in dp."""
+    xp, dp = xp.view(batch, -1, xp.shape[-1]), dp.view(batch, -1, dp.shape[-1])
+    return torch.bmm(xp.transpose(1, 2), dp) if transposed else torch.bmm(dp.transpose(1, 2), xp)
+
+
+class LayerCall:
+    """Stands in for ``module.forward`` while attached; ``inner`` is the forward it wraps."""
+
+    def __init__(self, engine, name: str, module: nn.Module, cls: type, transposed: bool, fused: bool,
+                 inner) -> None:
+        self.engine, self.name, self.module, self.inner = engine, name, module, inner
+        self.transposed, self.fused = transposed, fused
+        self.embedding = cls is EmbeddingLayer
+        self.conv1d = cls is not LinearLayer  # for fused calls: weight stored (n_in, n_out)
+        self.weight = module.weight
+        self.device: torch.device | None = None  # where and in which dtype ``mats`` apply
+        self.dtype: torch.dtype | None = None
+        self.mats: LayerMatrices | None = None
+
+    def use_matrices(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.mats, self.device, self.dtype = self.engine.matrices(self.name, device, dtype), device, dtype
+
+    def __call__(self, *args, **kwargs):
+        engine = self.engine
+        if self.fused and len(args) == 1 and not kwargs and torch.is_grad_enabled():
+            x = args[0]
+            if x.shape[0] != engine.batch_size:
+                engine.start_batch(self.name, x)
+            if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+                return _ProjectedLinear.apply(x, engine.step_sinks[self.name], self)
+            # Function.apply's Python wrapper only serves compilers and functorch transforms;
+            # eager calls go straight to the C++ entry point (a few microseconds per layer).
+            return _APPLY_FUSED(x, engine.step_sinks[self.name], self)
+        if self.embedding and engine.batch_size is not None:
+            args = expand_broadcast_ids(args, engine.batch_size) or args
+        y = self.inner(*args, **kwargs)
+        if not torch.is_grad_enabled() or not torch.is_tensor(y):
+            return y
+        x = args[0] if args else next(iter(kwargs.values()))
+        if x.shape[0] != engine.batch_size:
+            engine.start_batch(self.name, x)
+        xp, p_out = self.project_input(x, y.dtype)
+        return _Tap.apply(y, engine.step_sinks[self.name], xp, p_out, self.transposed, x.shape[0])
+
+    def project_input(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, Projection]:
+        """(the projected input as rows [B * S, k] float32, the projection for the output gradient);
+        ``dtype`` is the layer output's, the precision the layer computes in."""
+        if dtype is not self.dtype or x.device != self.device:
+            self.use_matrices(x.device, dtype)
+        mats = self.mats
+        if self.transposed:  # a tied module's input meets P_out, its output gradient P_in
+            if self.embedding:
+                return EmbeddingLayer.project_input(self.module, x, mats.p_out), mats.p_in
+            return project(x, mats.p_out, None), mats.p_in
+        if self.embedding:
+            return EmbeddingLayer.project_input(self.module, x, mats.p_in), mats.p_out
+        return self.engine.inputs.project(self, x, mats), mats.p_out
+
+
+class SharedInputs:
+    """Layers that read the very same input tensor (Llama's q/k/v and gate/up) project it
+    in one product against their stacked P_in. Which layers share an input is learnt in
+    the first step, from the tensors they were called with."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.learning = True
+        self._seen: list[tuple[str, torch.Tensor]] = []
+        self._groups: dict[str, _Group] = {}
+        self._pending: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+
+    def project(self, call: LayerCall, x: torch.Tensor, mats: LayerMatrices) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # one graph: the compiler sees every product anyway
+            return project(x, mats.p_in, mats.bias_col)
+        pending = self._pending
+        if pending is not None and pending[0] is x:
+            mine = pending[1].pop(call.name, None)
+            if mine is not None:
+                if not pending[1]:  # the group is done: hold its input no longer
+                    self._pending = None
+                return mine
+        group = self._groups.get(call.name)
+        if group is None:
+            if self.learning:
+                self._seen.append((call.name, x))
+            xp = mats.p_in.rows(x.detach().reshape(-1, x.shape[-1]))
+            if mats.bias_col is not None:
+                xp += mats.bias_col
+            return xp
+        stacked = group.matrices(self.engine, x.device, call.dtype)
+        parts = dict(zip(group.names, project(x, stacked.p_in, stacked.bias_col).split(group.widths, dim=-1)))
+        mine = parts.pop(call.name)
+        self._pending = (x, parts)
+        return mine
+
+    def end_step(self) -> None:
+        self._pending = None
+        if self.learning and self._seen:
+            self._learn()
+
+    def _learn(self) -> None:
+        by_input: dict[int, tuple[torch.Tensor, list[str]]] = {}
+        for name, x in self._seen:
+            entry = by_input.setdefault(id(x), (x, []))
+            if entry[0] is x and name not in entry[1]:
+                entry[1].append(name)
+        self._seen.clear()
+        self.learning = False
+        k_in = {i.name: i.k_in for i in self.engine.layers}
+        for _, names in by_input.values():
+            if len(names) > 1 and not any(n in self._groups for n in names):
+                group = _Group(names, [k_in[n] for n in names])
+                self._groups.update({n: group for n in names})
+
+
+class _Group:
+    """Layers sharing one input, and their stacked P_in^T per (device, dtype)."""
+
+    def __init__(self, names: list[str], widths: list[int]) -> None:
+        self.names, self.widths = names, widths
+        self._mats: dict[tuple, LayerMatrices] = {}
+
+    def matrices(self, engine, device: torch.device, dtype: torch.dtype) -> LayerMatrices:
+        mats = self._mats.get((device, dtype))
+        if mats is None:
+            parts = [engine.matrices(n, device, dtype) for n in self.names]
+            bias = None
+            if any(m.bias_col is not None for m in parts):
+                bias = torch.cat([m.bias_col if m.bias_col is not None else torch.zeros(w, device=device)
+                                  for m, w in zip(parts, self.widths)])
+            stacked = Projection(torch.cat([m.p_in.full for m in parts], dim=1), dtype)
+            mats = self._mats[(device, dtype)] = LayerMatrices(stacked, bias, parts[0].p_out)
+        return mats
+
+
+class _ProjectedLinear(torch.autograd.Function):
+    """A frozen Linear or Conv1D call and its projection in one autograd node. Forward runs
+    the module's own forward (bit-identical outputs, autocast included) and projects the
+    input; backward gives the input gradient the layer's own backward would (in the
+    precision it ran in) and the per-example projected gradient as the sink's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, sink, call):
+        y = call.inner(x)
+        dtype = y.dtype
+        if dtype is not call.dtype or x.device != call.device:
+            call.use_matrices(x.device, dtype)
+        ctx.save_for_backward(call.engine.inputs.project(call, x, call.mats))
+        ctx.call, ctx.p_out, ctx.batch = call, call.mats.p_out, x.shape[0]
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_autocast_enabled(grad.device.type):  # a backward() called inside an autocast region
+            with no_autocast(grad.device):
+                return _ProjectedLinear._backward(ctx, grad)
+        return _ProjectedLinear._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
+        (xp,) = ctx.saved_tensors
+        call = ctx.call
+        grad = grad.contiguous()
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # not for the lowest projected layer: backward ends here
+            w = call.weight if call.weight.dtype == grad.dtype else call.weight.to(grad.dtype)
+            grad_x = grad @ (w.t() if call.conv1d else w)
+        dp = ctx.p_out.rows(grad.view(-1, grad.shape[-1]))
+        b = ctx.batch
+        return grad_x, torch.bmm(dp.view(b, -1, dp.shape[-1]).transpose(1, 2), xp.view(b, -1, xp.shape[-1])), None
+
+
+_APPLY_FUSED = super(torch.autograd.Function, _ProjectedLinear).apply
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a layer's output y. Its backward passes y's gradient on and turns it into
+    the layer's per-example projected gradient sum_t (P_out delta_t)(P_in x_t)^T, returned
+    as the gradient of ``sink``."""
+
+    @staticmethod
+    def forward(ctx, y, sink, xp, p_out, transposed, batch):
+        ctx.save_for_backward(xp)
+        ctx.p_out, ctx.transposed, ctx.batch = p_out, transposed, batch
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_autocast_enabled(grad.device.type):
+            with no_autocast(grad.device):
+                return _Tap._backward(ctx, grad)
+        return _Tap._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
+        (xp,) = ctx.saved_tensors
+        # Made contiguous once here and passed on, so the layer's own backward (which
+        # flattens it too) does not copy it a second time.
+        grad, dp = output_gradient_rows(grad, ctx.p_out)
+        return grad, contract(xp, dp, ctx.batch, ctx.transposed), None, None, None, None
