@@ -245,3 +245,35 @@ def test_a_run_killed_while_writing_its_first_manifest_starts_again(capsys, tmp_
     code, _, err = run_cli(project_args(gpt2_dir, corpus, out), capsys)
     assert code == 0, err
     assert not orphan.exists()
+
+
+def _writer(tmp_path, store_dtype, shard_size=4):
+    from ghostproj.store import RunWriter
+
+    manifest = {"store_dtype": store_dtype, "shards": [], "fingerprint": "f" * 64}
+    return RunWriter(tmp_path, manifest, shard_size), manifest
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_gradient_stops_the_writer_naming_its_example(tmp_path, bad):
+    from ghostproj.errors import GhostprojError
+
+    writer, manifest = _writer(tmp_path, "bfloat16")
+    good = torch.randn(4, 6)
+    writer.add(good, torch.arange(4), torch.zeros(4), torch.ones(4, dtype=torch.int32))
+    broken = torch.randn(3, 6)
+    broken[1, 2] = bad
+    writer.add(broken, torch.arange(10, 13), torch.zeros(3), torch.ones(3, dtype=torch.int32))
+    with pytest.raises(GhostprojError, match="Example 11 produced a non-finite gradient"):
+        writer.finish({})
+    assert [s["rows"] for s in manifest["shards"]] == [4]  # the complete shard before it is kept
+
+
+def test_float16_storage_refuses_values_beyond_its_range(tmp_path):
+    from ghostproj.errors import GhostprojError
+
+    writer, manifest = _writer(tmp_path, "float16", shard_size=2)
+    writer.add(torch.full((2, 3), 1e5), torch.arange(2), torch.zeros(2), torch.ones(2, dtype=torch.int32))
+    with pytest.raises(GhostprojError, match="exceed the range of float16"):
+        writer.finish({})
+    assert manifest["shards"] == []

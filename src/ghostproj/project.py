@@ -85,7 +85,7 @@ class ProjectOptions:
     shard_id: int = 0  # ... and project this one
     force: bool = False  # start even when the disk looks too small
     resume: bool = True
-    compile: bool = False  # torch.compile the model's forward (the engine's hooks stay eager)
+    compile: bool = False  # torch.compile the model with the engine attached: one graph, no break per layer
     show_progress: bool = True
 
 
@@ -374,7 +374,8 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
                 # results are waited for and handed to the writer.
                 pending = None
                 for batch_examples in todo_batches:
-                    launched = launch_batch(forward, engine, batch_examples, values["loss_reduction"], pad, device)
+                    launched = launch_batch(forward, engine, batch_examples, values["loss_reduction"], pad, device,
+                                            STORE_DTYPES[opts.store_dtype])
                     if pending is not None:
                         _deliver(pending, writer, bar)
                     pending = launched
@@ -542,7 +543,9 @@ class LaunchedBatch:
         if self.copy is None:
             return torch.zeros(b, self.dim, dtype=torch.float32), index, losses, counts
         vectors_live, losses_live = self.copy.result()
-        vectors = torch.zeros(b, self.dim, dtype=torch.float32)
+        if len(self.live) == b:  # every example had a label position: nothing to scatter
+            return vectors_live, index, losses_live.float(), counts
+        vectors = torch.zeros(b, self.dim, dtype=vectors_live.dtype)
         rows = torch.tensor(self.live)
         vectors[rows] = vectors_live
         losses[rows] = losses_live.float()
@@ -550,13 +553,19 @@ class LaunchedBatch:
 
 
 def launch_batch(model, engine: GradProjectionEngine, examples: list[Example], loss_reduction: str, pad_id: int,
-                 device: torch.device) -> LaunchedBatch:
+                 device: torch.device, store_dtype: torch.dtype = torch.float32) -> LaunchedBatch:
     """Queue one batch's forward, backward and projection; nothing here waits for the device."""
     live = [r for r, e in enumerate(examples) if e.n_label_positions > 0]
     if not live:
         return LaunchedBatch(examples, live, engine.dim, None)
     batch = collate([examples[r] for r in live], pad_id).to(device)
+    engine.prepare(len(live), device)  # result buffers made outside any compiled region
     logits = model(**batch.model_inputs()).logits
     per_example, _ = causal_lm_losses(logits, batch.labels, loss_reduction)
     per_example.sum().backward()
-    return LaunchedBatch(examples, live, engine.dim, HostCopy([engine.collect(), per_example]))
+    vectors = engine.collect()
+    if device.type == "cuda" and store_dtype in (torch.bfloat16, torch.float32):
+        # Converted on the device: half the bytes to copy and nothing left for the host to
+        # convert (bf16 keeps float32's range, so no overflow check is lost).
+        vectors = vectors.to(store_dtype)
+    return LaunchedBatch(examples, live, engine.dim, HostCopy([vectors, per_example]))

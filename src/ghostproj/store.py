@@ -50,6 +50,15 @@ def _sha(*chunks: bytes) -> str:
     return h.hexdigest()
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """One pass and no tensor-sized temporary: a NaN or an infinity shows in the minimum or
+    the maximum."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
 
@@ -330,26 +339,42 @@ class RunWriter:
         write_manifest(self.run_dir, self.manifest, self.manifest_name)
 
     def _flush(self, n: int) -> None:
-        cols = [torch.cat([b[c] for b in self._buf]) for c in range(4)]
-        take = [c[:n] for c in cols]
-        rest = [c[n:] for c in cols]
-        self._buf = [tuple(rest)] if rest[0].shape[0] else []
+        """Hand the first ``n`` buffered rows to the writer thread. Joining, checking,
+        converting and encoding them all happen there: on a GPU the main thread is what
+        keeps the device fed, so it only splits the list of batches."""
+        take, rest, count = [], [], 0
+        for part in self._buf:
+            rows = part[0].shape[0]
+            if count + rows <= n:
+                take.append(part)
+                count += rows
+            elif count < n:
+                k = n - count
+                take.append(tuple(c[:k] for c in part))
+                rest.append(tuple(c[k:] for c in part))
+                count = n
+            else:
+                rest.append(part)
+        self._buf = rest
         self._buffered -= n
-        grads = take[0].float()
-        if not torch.isfinite(grads).all():
-            bad = int(take[1][~torch.isfinite(grads).all(dim=1)][0])
-            raise GhostprojError(f"Example {bad} produced a non-finite gradient; the model or data is broken there.")
-        stored = grads.to(self.store_dtype)
-        if not torch.isfinite(stored).all():
-            raise GhostprojError(
-                f"Projected gradients exceed the range of {self.manifest['store_dtype']}; use --store-dtype bfloat16 or float32."
-            )
         self.wait()  # one shard in flight at a time; also re-raises its error
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ghostproj-writer")
-        self._pending = self._pool.submit(self._write, stored, take[1], take[2], take[3], n)
+        self._pending = self._pool.submit(self._encode_and_write, take, n)
+
+    def _encode_and_write(self, parts: list, n: int) -> None:
+        grads, index, loss, tokens = (torch.cat([p[c] for p in parts]) for c in range(4))
+        if not _all_finite(grads):
+            bad = int(index[~torch.isfinite(grads).all(dim=1)][0])
+            raise GhostprojError(f"Example {bad} produced a non-finite gradient; the model or data is broken there.")
+        stored = grads.to(self.store_dtype)
+        if stored.dtype != grads.dtype and not _all_finite(stored):
+            raise GhostprojError(
+                f"Projected gradients exceed the range of {self.manifest['store_dtype']}; use --store-dtype bfloat16 or float32."
+            )
+        self._write(stored, index, loss, tokens, n)
 
     def wait(self) -> None:
         """Block until the shard in flight is on disk (and its manifest entry written)."""
