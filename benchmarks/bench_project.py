@@ -95,7 +95,7 @@ def naive_loop(model, ids, engine):
         causal_lm_losses(model(input_ids=one).logits, one)[0].sum().backward()
         row = []
         for info in engine.layers:
-            g = modules[info.name].weight.grad.t()
+            g = modules[info.name].weight.grad.t().float()  # a bf16 model's gradient meets float32 matrices
             p = engine.projectors[info.name]
             row.append((p.p_out.to(g.device) @ g @ p.p_in.to(g.device).t()).reshape(-1))
         out.append(torch.cat(row))
