@@ -303,3 +303,28 @@ def test_compiled_model_has_no_graph_break_and_same_vectors(tokenizer, arch):
         torch.compile(loss, backend="aot_eager")(ids).backward()
         compiled = engine.collect()
     assert rel_err(compiled, eager) <= 1e-6
+
+
+def test_compiled_batches_of_varying_size_share_a_graph(tokenizer):
+    """--token-budget batches differ in size and length: after the first two shapes the
+    compiled graph is dynamic in both, and every batch's vectors equal the eager ones."""
+    from ghostproj.project import _dynamic_batch_sizes
+
+    torch.manual_seed(8)
+    m = tiny_llama(len(tokenizer))
+    engine = GradProjectionEngine(m, None, rank=64)
+
+    def loss(ids):
+        return causal_lm_losses(m(input_ids=ids).logits, ids)[0].sum()
+    compiled = torch.compile(loss, backend="aot_eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with engine, _dynamic_batch_sizes(True):
+        for b, t in ((3, 12), (4, 9), (5, 7), (2, 15), (6, 5)):
+            ids = torch.randint(0, len(tokenizer), (b, t))
+            loss(ids).backward()
+            eager = engine.collect()
+            engine.prepare(b, "cpu")
+            compiled(ids).backward()
+            assert rel_err(engine.collect(), eager) <= 1e-6
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import os
@@ -369,7 +370,8 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
         pad = pad_token_id(tokenizer)
         forward = torch.compile(model) if opts.compile else model
         try:
-            with RateProgress("projecting", total=len(subset) - start, enabled=opts.show_progress) as bar, engine:
+            with RateProgress("projecting", total=len(subset) - start, enabled=opts.show_progress) as bar, engine, \
+                    _dynamic_batch_sizes(opts.compile):
                 # One batch in flight: batch t+1 is queued on the device before batch t's
                 # results are waited for and handed to the writer.
                 pending = None
@@ -404,6 +406,17 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
     summary.bytes = sum(s["bytes"] for s in manifest["shards"])
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _dynamic_batch_sizes(compiling: bool):
+    """Under torch.compile, let the engine's per-layer result buffers (attributes reached
+    through the model's modules, which dynamo otherwise takes as fixed-size) follow the
+    batch size, so --token-budget batches share one graph instead of one each."""
+    if not compiling:
+        return contextlib.nullcontext()
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(force_nn_module_property_static_shapes=False)
 
 
 def _batches_after(subset: list[Example], opts: ProjectOptions, start: int, out: Path) -> list[list[Example]]:

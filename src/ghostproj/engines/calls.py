@@ -90,9 +90,12 @@ class LayerCall:
         engine = self.engine
         if self.fused and len(args) == 1 and not kwargs and torch.is_grad_enabled():
             x = args[0]
+            if torch.compiler.is_compiling():
+                self.begin(x)
+                return _ProjectedLinear.apply(x, engine.step_sinks[self.name], self)
             if x.shape[0] != engine.batch_size:
                 engine.start_batch(self.name, x)
-            if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            if torch._C._are_functorch_transforms_active():
                 return _ProjectedLinear.apply(x, engine.step_sinks[self.name], self)
             # Function.apply's Python wrapper only serves compilers and functorch transforms;
             # eager calls go straight to the C++ entry point (a few microseconds per layer).
@@ -103,10 +106,19 @@ class LayerCall:
         if not torch.is_grad_enabled() or not torch.is_tensor(y):
             return y
         x = args[0] if args else next(iter(kwargs.values()))
-        if x.shape[0] != engine.batch_size:
+        if torch.compiler.is_compiling():
+            self.begin(x)
+        elif x.shape[0] != engine.batch_size:
             engine.start_batch(self.name, x)
         xp, p_out = self.project_input(x, y.dtype)
         return _Tap.apply(y, engine.step_sinks[self.name], xp, p_out, self.transposed, x.shape[0])
+
+    def begin(self, x: torch.Tensor) -> None:
+        """Inside a compiled region: the step was begun by ``engine.prepare`` outside it, and
+        comparing batch sizes here would specialize the graph to one; only a step nobody
+        began is begun here (correct, at the price of a graph break)."""
+        if not self.engine.in_step:  # a flag, not the size: reading an int would be guarded on its value
+            self.engine.start_batch(self.name, x)
 
     def project_input(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, Projection]:
         """(the projected input as rows [B * S, k] float32, the projection for the output gradient);

@@ -117,6 +117,7 @@ class GradProjectionEngine:
         self._sinks: dict[tuple[torch.device, int], dict[str, torch.Tensor]] = {}
         self.inputs = SharedInputs(self)
         self.batch_size: int | None = None
+        self.in_step = False  # a step was begun (batch_size is set)
         self.device = torch.device("cpu")
         self.step_sinks: dict[str, torch.Tensor] = {}
 
@@ -165,6 +166,7 @@ class GradProjectionEngine:
             fused = (self.freeze_weights and not transposed and own is None
                      and type(module) in (nn.Linear, hf_conv1d_class()))
             use = LayerCall(self, name, module, layer_type(module), transposed, fused, inner)
+            use.use_matrices(module.weight.device, module.weight.dtype)  # made now, not inside a compiled graph
             module.forward = use
             self._wrapped.append((module, own))
         return self
@@ -195,6 +197,7 @@ class GradProjectionEngine:
         for sink in self.step_sinks.values():
             sink.grad = None
         self.batch_size = None
+        self.in_step = False
         self.step_sinks = {}
         self.inputs.end_step()
 
@@ -214,12 +217,19 @@ class GradProjectionEngine:
 
     # -- per call ------------------------------------------------------------------------
     def prepare(self, batch_size: int, device: torch.device | str) -> None:
-        """Make the per-layer result buffers for batches of ``batch_size`` on ``device``.
-        Optional in eager mode; under ``torch.compile`` call it before the forward pass of
-        every new batch size, since creating them inside a compiled region breaks the graph."""
+        """Begin a step of ``batch_size`` examples on ``device``. Optional in eager mode (the
+        first projected layer of a step does it); under ``torch.compile`` call it before
+        every forward pass, so that neither the result buffers nor the batch size are
+        made inside the compiled region (which would break the graph or specialize it to
+        one batch size)."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        if self.batch_size is not None:
+            if self.batch_size != batch_size:
+                raise RuntimeError(f"a step of batch size {self.batch_size} is in progress; call collect() or "
+                                   "reset() before starting one of another size")
+            return
         key = (device, batch_size)
         if key not in self._sinks:
             # Leaves whose gradients receive each layer's [B, k_out, k_in] projected
@@ -227,21 +237,21 @@ class GradProjectionEngine:
             # graphs and several calls of one layer (summed by autograd) need nothing special.
             self._sinks[key] = {i.name: torch.zeros(batch_size, i.k_out, i.k_in, device=device, requires_grad=True)
                                 for i in self.layers}
+            for sink in self._sinks[key].values():
+                # under torch.compile, batch sizes vary (--token-budget): one graph for all
+                torch._dynamo.maybe_mark_dynamic(sink, 0)
+        self.batch_size, self.device, self.step_sinks = batch_size, device, self._sinks[key]
+        self.in_step = True
 
     def start_batch(self, name: str, x: torch.Tensor) -> None:
         """Called by a layer whose input's batch size differs from the step's: the first
-        layer of a step sets it, any other is an error."""
-        b = x.shape[0]
+        layer of a step begins it, any other is an error."""
         if self.batch_size is not None:
             raise RuntimeError(
-                f"layer '{name}' saw batch size {b} but another projected layer saw {self.batch_size}; "
+                f"layer '{name}' saw batch size {x.shape[0]} but another projected layer saw {self.batch_size}; "
                 "call collect() or reset() between batches"
             )
-        self.batch_size, self.device = b, x.device
-        key = (x.device, b)
-        if key not in self._sinks:
-            self.prepare(b, x.device)
-        self.step_sinks = self._sinks[key]
+        self.prepare(x.shape[0], x.device)
 
     def matrices(self, name: str, device: torch.device, dtype: torch.dtype) -> LayerMatrices:
         """P_in^T, the bias column of P_in (or None) and P_out^T of one layer on ``device``,
