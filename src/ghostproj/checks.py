@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Example, collate
+from .engines.layer_types import projectable_type
 from .engines.projection import GradProjectionEngine
-from .layers import LayerInfo, layer_type
+from .layers import LayerInfo
 from .losses import IGNORE_INDEX, causal_lm_losses
 
 
@@ -41,7 +42,7 @@ def naive_projected_grads(
         m = modules[info.name]
         m.weight.requires_grad_(True)
         targets.append(m.weight)
-        if engine.bias and layer_type(m).has_bias_column:
+        if engine.bias and projectable_type(m).has_bias_column:
             m.bias.requires_grad_(True)
             targets.append(m.bias)
     device = next(model.parameters()).device
@@ -58,8 +59,8 @@ def naive_projected_grads(
             loss.backward()
             for info in engine.layers:
                 m = modules[info.name]
-                g = layer_type(m).weight_grad(m).double().cpu()
-                if engine.bias and layer_type(m).has_bias_column:
+                g = projectable_type(m).weight_grad(m).double().cpu()
+                if engine.bias and projectable_type(m).has_bias_column:
                     g = torch.cat([g, m.bias.grad.double().cpu()[:, None]], dim=1)
                 p = engine.projectors[info.name]
                 block = p.p_out.double() @ g @ p.p_in.double().t()

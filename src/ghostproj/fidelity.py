@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import Example, collate
+from .engines.layer_types import projectable_type
 from .engines.projection import GradProjectionEngine
 from .errors import GhostprojError
-from .layers import layer_type
 from .losses import causal_lm_losses
 
 
@@ -36,7 +36,7 @@ def exact_layer_grads(model, examples: list[Example], names: list[str], loss_red
             losses, _ = causal_lm_losses(model(input_ids=batch.input_ids).logits, batch.labels, loss_reduction)
             losses.sum().backward()
             for n in names:
-                g = layer_type(modules[n]).weight_grad(modules[n])
+                g = projectable_type(modules[n]).weight_grad(modules[n])
                 out[n].append(g.detach().double().cpu().reshape(-1))
     finally:
         for n in names:

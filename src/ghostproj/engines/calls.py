@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..fp32 import Projection, no_autocast
-from ..layers import DenseLayer, EmbeddingLayer, LinearLayer, expand_broadcast_ids
+from .layer_types import EmbeddingLayer, LayerType, LinearLayer, expand_broadcast_ids
 
 
 @dataclass
@@ -49,7 +49,7 @@ class LayerMatrices:
 
 def project(x: torch.Tensor, p: Projection, bias_col: torch.Tensor | None) -> torch.Tensor:
     """Rows [B * S, k] float32 from an input [B, ..., n] (no graph is recorded)."""
-    xp = DenseLayer.project_input(None, x, p)
+    xp = LayerType.project_input(None, x, p)
     if bias_col is not None:
         xp += bias_col
     return xp

@@ -23,241 +23,13 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import GhostprojError
 from ..fp32 import no_autocast
-from ..layers import Conv1DLayer, LinearLayer, expand_broadcast_ids
-
-
-# -- one call of a covered module ----------------------------------------------------------
-@dataclass
-class _Use:
-    module: nn.Module
-    name: str
-    kind: type
-    x: torch.Tensor  # [N, S, n_in] in the model's dtype until processed, then float32 (token ids [N, S] for embeddings)
-    delta: torch.Tensor | None = None  # [N, S, n_out] float32, per-example scale
-    per_example: dict = field(default_factory=dict)  # role -> [N, *shape], computed once per step
-
-
-class _ModuleMath:
-    """Per-type maths. ``role`` is 'weight' or 'bias'. Tensors G in the parameter's layout,
-    with a leading query axis of size M' (1 when summed over the validation examples)."""
-
-    @staticmethod
-    def matches(module: nn.Module) -> bool:
-        raise NotImplementedError
-
-    @staticmethod
-    def save_input(module, args) -> torch.Tensor:
-        x = args[0].detach()
-        return x.reshape(x.shape[0], -1, x.shape[-1])
-
-    @staticmethod
-    def mask_delta(use: _Use, delta: torch.Tensor) -> torch.Tensor:
-        """The output gradient as the parameter sees it (embeddings drop their padding row)."""
-        return delta
-
-    # default: materialize cheap per-example gradients [N, *shape]
-    @classmethod
-    def per_example(cls, use: _Use, role: str) -> torch.Tensor:
-        raise NotImplementedError
-
-    @classmethod
-    def _pe(cls, use: _Use, role: str) -> torch.Tensor:
-        if role not in use.per_example:  # used three times per step: validation, dots, training grad
-            use.per_example[role] = cls.per_example(use, role)
-        return use.per_example[role]
-
-    @classmethod
-    def val_grad(cls, use: _Use, role: str, b: int, per_query: bool) -> torch.Tensor:
-        pe = cls._pe(use, role)[b:]
-        return pe if per_query else pe.sum(0, keepdim=True)
-
-    @classmethod
-    def train_dot(cls, use: _Use, role: str, b: int, g: torch.Tensor) -> torch.Tensor:
-        pe = cls._pe(use, role)[:b]
-        return pe.reshape(b, -1) @ g.reshape(g.shape[0], -1).t()
-
-    @classmethod
-    def train_grad(cls, use: _Use, role: str, b: int) -> torch.Tensor:
-        return cls._pe(use, role)[:b].sum(0)
-
-    ghost = None  # optional token-Gram form: (use, role, b) -> [B, M]
-
-    @staticmethod
-    def costs(use: _Use, b: int, m: int, per_query: bool) -> tuple[float, float]:
-        return float("inf"), 0.0
-
-
-class _DenseMath(_ModuleMath):
-    layer = LinearLayer
-    transposed = False  # Conv1D stores (n_in, n_out)
-
-    @classmethod
-    def matches(cls, module):
-        return cls.layer.matches(module)
-
-    @classmethod
-    def _to_layout(cls, g):  # (.., n_out, n_in) -> parameter layout
-        return g.transpose(-1, -2) if cls.transposed else g
-
-    @classmethod
-    def per_example(cls, use, role):
-        assert role == "bias"
-        return use.delta.sum(1)
-
-    @classmethod
-    def val_grad(cls, use, role, b, per_query):
-        if role == "bias":
-            return super().val_grad(use, role, b, per_query)
-        x, d = use.x[b:], use.delta[b:]
-        g = torch.einsum("jso,jsi->joi", d, x) if per_query else torch.einsum("jso,jsi->oi", d, x)[None]
-        return cls._to_layout(g)
-
-    @classmethod
-    def train_dot(cls, use, role, b, g):
-        if role == "bias":
-            return super().train_dot(use, role, b, g)
-        x, d = use.x[:b], use.delta[:b]
-        g = cls._to_layout(g)  # back to (n_out, n_in)
-        out = torch.empty(b, g.shape[0], dtype=torch.float32, device=x.device)
-        # <G_i, g> = sum_t d_t . (g x_t) = sum_t (g^T d_t) . x_t: the same multiply-adds either
-        # way, so map onto the narrower side and keep the elementwise pass small.
-        narrow_in = x.shape[-1] <= d.shape[-1]
-        for m in range(g.shape[0]):  # M' is small; one [B, S, width] temporary at a time
-            if narrow_in:
-                out[:, m] = ((d @ g[m]) * x).sum(dim=(1, 2))
-            else:
-                out[:, m] = ((x @ g[m].t()) * d).sum(dim=(1, 2))
-        return out
-
-    @classmethod
-    def train_grad(cls, use, role, b):
-        if role == "bias":
-            return super().train_grad(use, role, b)
-        return cls._to_layout(torch.einsum("bso,bsi->oi", use.delta[:b], use.x[:b]))
-
-    @staticmethod
-    def ghost(use, role, b):
-        x_tr, x_val = use.x[:b], use.x[b:]
-        d_tr, d_val = use.delta[:b], use.delta[b:]
-        gx = torch.einsum("bsi,mti->bmst", x_tr, x_val)
-        gd = torch.einsum("bso,mto->bmst", d_tr, d_val)
-        return (gx * gd).sum(dim=(2, 3))
-
-    @staticmethod
-    def costs(use, b, m, per_query):
-        """(ghost, materialize) multiply-adds for this call's actual sequence length."""
-        t = use.x.shape[1]
-        n_in, n_out = use.x.shape[-1], use.delta.shape[-1]
-        ghost = b * m * t * t * (n_in + n_out)
-        materialize = m * t * n_in * n_out + b * (m if per_query else 1) * t * n_in * n_out
-        return float(ghost), float(materialize)
-
-
-class _Conv1DMath(_DenseMath):
-    layer = Conv1DLayer
-    transposed = True
-
-
-class _EmbeddingMath(_ModuleMath):
-    @staticmethod
-    def matches(module):
-        return isinstance(module, nn.Embedding)
-
-    @staticmethod
-    def save_input(module, args):
-        ids = args[0].detach()
-        return ids.reshape(ids.shape[0], -1)
-
-    @staticmethod
-    def mask_delta(use, delta):
-        pad = use.module.padding_idx
-        if pad is not None:  # nn.Embedding never updates its padding row
-            delta = delta * (use.x != pad).unsqueeze(-1)
-        return delta
-
-    @classmethod
-    def val_grad(cls, use, role, b, per_query):
-        w = use.module.weight
-        ids, d = use.x[b:], use.delta[b:]
-        rows = ids.shape[0] if per_query else 1
-        g = torch.zeros(rows, *w.shape, dtype=torch.float32, device=d.device)
-        for j in range(rows):
-            sel_ids = ids[j] if per_query else ids.reshape(-1)
-            sel_d = d[j] if per_query else d.reshape(-1, d.shape[-1])
-            g[j].index_add_(0, sel_ids, sel_d)
-        return g
-
-    @classmethod
-    def train_dot(cls, use, role, b, g):
-        ids, d = use.x[:b], use.delta[:b]
-        return torch.stack([(g[m][ids] * d).sum(dim=(1, 2)) for m in range(g.shape[0])], dim=1)
-
-    @classmethod
-    def train_grad(cls, use, role, b):
-        ids, d = use.x[:b], use.delta[:b]
-        g = torch.zeros(use.module.weight.shape, dtype=torch.float32, device=d.device)
-        return g.index_add_(0, ids.reshape(-1), d.reshape(-1, d.shape[-1]))
-
-
-class _LayerNormMath(_ModuleMath):
-    @staticmethod
-    def matches(module):
-        return isinstance(module, nn.LayerNorm)
-
-    @staticmethod
-    def save_input(module, args):
-        x = args[0].detach()
-        k = len(module.normalized_shape)
-        return x.reshape(x.shape[0], -1, *x.shape[x.dim() - k:])
-
-    @classmethod
-    def per_example(cls, use, role):
-        d = use.delta.reshape(use.x.shape)
-        if role == "bias":
-            return d.sum(1)
-        xhat = F.layer_norm(use.x, use.module.normalized_shape, eps=use.module.eps)
-        return (d * xhat).sum(1)
-
-
-class _RMSNormMath(_ModuleMath):
-    """RMSNorm-style modules (Llama, Mistral, Qwen, T5...): y = w * x / rms(x) (or (1 + w) *
-    ...), so the per-example weight gradient is sum_t delta_t * x_t / rms(x_t) either way."""
-
-    @staticmethod
-    def matches(module):
-        w = getattr(module, "weight", None)
-        return (type(module).__name__.endswith("RMSNorm") or type(module).__name__ == "T5LayerNorm") and \
-            isinstance(w, torch.Tensor) and w.dim() == 1 and getattr(module, "bias", None) is None and \
-            _rms_eps(module) is not None
-
-    @classmethod
-    def per_example(cls, use, role):
-        x = use.x
-        xhat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _rms_eps(use.module))
-        return (use.delta * xhat).sum(1)
-
-
-def _rms_eps(module):
-    for attr in ("variance_epsilon", "eps", "epsilon"):
-        value = getattr(module, attr, None)
-        if isinstance(value, float):
-            return value
-    return None
-
-
-MODULE_MATHS: tuple[type[_ModuleMath], ...] = (_DenseMath, _Conv1DMath, _EmbeddingMath, _LayerNormMath, _RMSNormMath)
-
-
-def module_math(module: nn.Module) -> type[_ModuleMath] | None:
-    for cls in MODULE_MATHS:
-        if cls.matches(module):
-            return cls
-    return None
+from ..layers import pattern_matches
+from .attachment import AttachedEngine, Attachment
+from .layer_types import LayerType, Use, expand_broadcast_ids, layer_type
 
 
 # -- the engine ----------------------------------------------------------------------------
@@ -275,10 +47,10 @@ class DotProducts:
 class _ParamState:
     name: str
     param: nn.Parameter
-    roles: list[tuple[_Use, str]] = field(default_factory=list)
+    roles: list[tuple[Use, str]] = field(default_factory=list)
 
 
-class GradDotProdEngine:
+class GradDotProdEngine(AttachedEngine):
     """Per-example gradient dot products with a validation batch, in the training backward.
 
     The batch is B training examples followed by ``val_batch_size`` (M) validation
@@ -296,8 +68,6 @@ class GradDotProdEngine:
     def __init__(self, module: nn.Module, val_batch_size: int, layers: list[str] | None = None,
                  per_query: bool = False, loss_reduction: str = "sum", uncovered: str = "error",
                  method: str = "auto") -> None:
-        from ..layers import _pattern_matches
-
         if val_batch_size < 1:
             raise GhostprojError(f"val_batch_size must be at least 1, got {val_batch_size}.")
         if loss_reduction not in ("sum", "mean"):
@@ -311,12 +81,12 @@ class GradDotProdEngine:
         self.per_query = per_query
         self.loss_reduction = loss_reduction
         self.method = method
-        covered: dict[str, tuple[nn.Module, type[_ModuleMath]]] = {}
+        covered: dict[str, tuple[nn.Module, type[LayerType]]] = {}
         for name, m in module.named_modules():
-            math = module_math(m)
+            math = layer_type(m)
             if math is None or not any(p.requires_grad for p in m.parameters(recurse=False)):
                 continue
-            if layers and not any(_pattern_matches(p, name) for p in layers):
+            if layers and not any(pattern_matches(p, name) for p in layers):
                 continue
             covered[name] = (m, math)
         if not covered:
@@ -335,8 +105,7 @@ class GradDotProdEngine:
         for n, p in module.named_parameters(remove_duplicate=False):
             if id(p) in covered_ids:
                 self.param_names.setdefault(id(p), n)
-        self._handles: list = []
-        self._saved_flags: list[tuple[nn.Parameter, bool]] = []
+        self._attachment = Attachment()
         self.optimizer = None
         self.step = 0
         self.log: list[dict] = []
@@ -344,40 +113,26 @@ class GradDotProdEngine:
 
     # -- lifecycle -----------------------------------------------------------------------
     def attach(self, optimizer=None) -> "GradDotProdEngine":
-        if self._handles:
+        if self._attachment.active:
             raise RuntimeError("GradDotProdEngine is already attached")
         self.optimizer = optimizer
         freeze = {id(p) for m, _ in self._covered.values() for p in m.parameters(recurse=False)}
-        for p in self.model.parameters():
-            if id(p) in freeze or (self._freeze_extra and p.requires_grad):
-                self._saved_flags.append((p, p.requires_grad))
-        for p, _ in self._saved_flags:
-            p.requires_grad_(False)
+        self._attachment.freeze([p for p in self.model.parameters()
+                                 if id(p) in freeze or (self._freeze_extra and p.requires_grad)])
         for name, (m, math) in self._covered.items():
-            if math is _EmbeddingMath:
-                self._handles.append(m.register_forward_pre_hook(self._expand_broadcast_ids))
-            self._handles.append(m.register_forward_hook(partial(self._forward_hook, name, math)))
+            if math.takes_token_ids:
+                self._attachment.hook(m.register_forward_pre_hook(self._expand_broadcast_ids))
+            self._attachment.hook(m.register_forward_hook(partial(self._forward_hook, name, math)))
         return self
 
     def _expand_broadcast_ids(self, module, args):
         return expand_broadcast_ids(args, self._n)
 
     def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        for p, flag in self._saved_flags:
-            p.requires_grad_(flag)
-        self._saved_flags.clear()
+        self._attachment.undo()
         self._drop_param_attributes()
         self._reset_step()
         self.optimizer = None
-
-    def __enter__(self) -> "GradDotProdEngine":
-        return self.attach()
-
-    def __exit__(self, *exc) -> None:
-        self.detach()
 
     # -- per-step API ------------------------------------------------------------------------
     def _reset_step(self) -> None:
@@ -409,7 +164,8 @@ class GradDotProdEngine:
                 continue
             for use, _ in st.roles:
                 if use.delta is None:
-                    use.delta = torch.zeros(_delta_shape(use), dtype=torch.float32, device=use.x.device)
+                    use.delta = torch.zeros(use.kind.zero_output_gradient_shape(use), dtype=torch.float32,
+                                            device=use.x.device)
             self._process(key)
 
     def results(self) -> DotProducts:
@@ -468,7 +224,7 @@ class GradDotProdEngine:
         x = math.save_input(module, args)
         # Kept in the model's dtype: a bf16 model's inputs are upcast only when their
         # parameters are processed, never all at once for the whole forward pass.
-        use = _Use(module, name, math, x)
+        use = Use(module, name, math, x)
         params = [(role, p) for role, p in (("weight", getattr(module, "weight", None)), ("bias", getattr(module, "bias", None)))
                   if isinstance(p, nn.Parameter)]
         for role, p in params:
@@ -482,13 +238,10 @@ class GradDotProdEngine:
         output.register_hook(partial(self._grad_hook, use))
         return replaced
 
-    def _grad_hook(self, use: _Use, grad: torch.Tensor) -> None:
+    def _grad_hook(self, use: Use, grad: torch.Tensor) -> None:
         scale = float(self._n) if self.loss_reduction == "mean" else 1.0
         g = grad.float() * scale if scale != 1.0 else grad.float()
-        if use.kind is _LayerNormMath:
-            use.delta = g.reshape(use.x.shape)
-        else:
-            use.delta = use.kind.mask_delta(use, g.reshape(g.shape[0], -1, g.shape[-1]))
+        use.delta = use.kind.output_gradient(use, g)
         # a parameter is ready once every use of it in this forward has its gradient
         for key in list(self._use_params.get(id(use), [])):
             st = self._params[key]
@@ -502,7 +255,7 @@ class GradDotProdEngine:
     def _process_param(self, key: int) -> None:
         st = self._params[key]
         for use, _ in st.roles:
-            if use.kind is not _EmbeddingMath and use.x.dtype != torch.float32:
+            if not use.kind.takes_token_ids and use.x.dtype != torch.float32:
                 use.x = use.x.float()
         b = self._n - self.val_batch_size
         m = self.val_batch_size
@@ -533,15 +286,3 @@ class GradDotProdEngine:
             if not pending:
                 use.x = use.delta = None
                 use.per_example.clear()
-
-
-def _delta_shape(use: _Use) -> tuple[int, ...]:
-    """Shape of a zero output gradient for a use that did not affect the loss."""
-    m = use.module
-    if use.kind is _EmbeddingMath:
-        return (*use.x.shape, m.weight.shape[1])
-    if use.kind is _Conv1DMath:
-        return (*use.x.shape[:2], m.weight.shape[1])
-    if use.kind is _DenseMath:
-        return (*use.x.shape[:2], m.out_features)
-    return tuple(use.x.shape)

@@ -14,9 +14,11 @@ import torch
 from torch import nn
 
 from ..errors import GhostprojError
-from ..layers import LayerInfo, hf_conv1d_class, layer_type, select_layers
-from .calls import LayerCall, LayerMatrices, SharedInputs
+from ..layers import LayerInfo, select_layers
 from ..projector import LayerProjector, build_projectors, choose_ranks
+from .attachment import AttachedEngine, Attachment
+from .calls import LayerCall, LayerMatrices, SharedInputs
+from .layer_types import hf_conv1d_class, projectable_type
 
 
 def split_ranks(
@@ -37,7 +39,7 @@ def split_ranks(
     return k_in, k_out
 
 
-class GradProjectionEngine:
+class GradProjectionEngine(AttachedEngine):
     """Attach to Linear / Conv1D layers of any module; after a backward pass of the sum of
     per-example losses, :meth:`collect` returns a [B, D] float32 tensor.
 
@@ -79,7 +81,7 @@ class GradProjectionEngine:
         infos: list[LayerInfo] = []
         offset = 0
         for name, module in chosen:
-            cls = layer_type(module)
+            cls = projectable_type(module)
             n_in, n_out = cls.dims(module)
             if bias and cls.has_bias_column:
                 if cls.bias(module) is None:
@@ -108,11 +110,10 @@ class GradProjectionEngine:
         self.projectors: dict[str, LayerProjector] = {i.name: projectors[i.name] for i in infos}
 
         self._modules = {name: module for name, module in chosen}
-        self._types = {name: layer_type(module) for name, module in chosen}
+        self._types = {name: projectable_type(module) for name, module in chosen}
         self._has_bias = {i.name: bias and self._types[i.name].has_bias_column for i in infos}
         self._tied = self._find_tied_uses(model)
-        self._wrapped: list[tuple[nn.Module, object]] = []  # (module, its own instance forward or None)
-        self._saved_requires_grad: list[tuple[nn.Parameter, bool]] = []
+        self._attachment = Attachment()
         self._device_mats: dict[tuple, LayerMatrices] = {}
         self._sinks: dict[tuple[torch.device, int], dict[str, torch.Tensor]] = {}
         self.inputs = SharedInputs(self)
@@ -131,7 +132,7 @@ class GradProjectionEngine:
         selected = {id(m) for m in self._modules.values()}
         for name, module in self._modules.items():
             for other_name, other in model.named_modules():
-                cls = layer_type(other)
+                cls = projectable_type(other)
                 if other is module or id(other) in selected or cls is None or other.weight is not module.weight:
                     continue
                 transposed = cls.stores_transposed != self._types[name].stores_transposed
@@ -143,53 +144,38 @@ class GradProjectionEngine:
     # -- lifecycle ---------------------------------------------------------------------
     @property
     def attached(self) -> bool:
-        return bool(self._wrapped)
+        return self._attachment.active
 
     def attach(self) -> "GradProjectionEngine":
         if self.attached:
             raise RuntimeError("GradProjectionEngine is already attached")
         if self.freeze_weights:
-            self._saved_requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
-            for p, _ in self._saved_requires_grad:
-                p.requires_grad_(False)
+            self._attachment.freeze(self.model.parameters())
         uses = [(name, module, False) for name, module in self._modules.items()]
         uses += [(name, module, transposed) for name, module, transposed in self._tied]
         for name, module, transposed in uses:
             # The layer's forward is wrapped rather than hooked: a wrapped call keeps
             # nn.Module's hook-free fast path and, being plain tensor code with an autograd
-            # Function, traces into a torch.compile graph without a break.
-            own = module.__dict__.get("forward")
-            inner = own if own is not None else module.forward
-            # A frozen plain Linear / Conv1D runs its product and the projection in one
-            # autograd node; anything else (an observed training loop, embeddings, tied or
-            # subclassed modules) keeps its own forward and backward, tapped at its output.
-            fused = (self.freeze_weights and not transposed and own is None
+            # Function, traces into a torch.compile graph without a break. A frozen plain
+            # Linear / Conv1D runs its product and the projection in one autograd node;
+            # anything else (an observed training loop, embeddings, tied or subclassed
+            # modules, a forward someone else replaced) keeps its own forward and backward,
+            # tapped at its output.
+            fused = (self.freeze_weights and not transposed and "forward" not in module.__dict__
                      and type(module) in (nn.Linear, hf_conv1d_class()))
-            use = LayerCall(self, name, module, layer_type(module), transposed, fused, inner)
-            use.use_matrices(module.weight.device, module.weight.dtype)  # made now, not inside a compiled graph
-            module.forward = use
-            self._wrapped.append((module, own))
+
+            def make(inner, name=name, module=module, transposed=transposed, fused=fused):
+                call = LayerCall(self, name, module, projectable_type(module), transposed, fused, inner)
+                call.use_matrices(module.weight.device, module.weight.dtype)  # made now, not in a compiled graph
+                return call
+            self._attachment.wrap_forward(module, make)
         return self
 
     def detach(self) -> None:
-        for module, own in self._wrapped:
-            if own is None:
-                del module.forward
-            else:
-                module.forward = own
-        self._wrapped.clear()
-        for p, flag in self._saved_requires_grad:
-            p.requires_grad_(flag)
-        self._saved_requires_grad = []
+        self._attachment.undo()
         # The device matrices, sinks and shared-input groups stay: a loop that attaches
         # for every batch should not rebuild them.
         self.reset()
-
-    def __enter__(self) -> "GradProjectionEngine":
-        return self.attach()
-
-    def __exit__(self, *exc) -> None:
-        self.detach()
 
     # -- results -------------------------------------------------------------------------
     def reset(self) -> None:
