@@ -88,6 +88,7 @@ class Projection:
         self.low = None
         if dtype != torch.float32 and full.device.type == "cuda" and mm_out_float32_supported(full.device, dtype):
             self.low = full.to(dtype)
+        self._low_dtype = None if self.low is None else dtype
         self._autocast_type = full.device.type
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,13 +97,12 @@ class Projection:
         if torch.is_autocast_enabled(self._autocast_type):
             with no_autocast(x.device):
                 return self._rows(x)
-        if x.dtype is torch.float32:
-            return torch.mm(x, self.full)
         return self._rows(x)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
+        dtype = x.dtype
+        if dtype is torch.float32:
             return torch.mm(x, self.full)
-        if self.low is not None and x.dtype == self.low.dtype:
+        if dtype is self._low_dtype:
             return torch.mm(x, self.low, out_dtype=torch.float32)
         return _float32_rows(x, self.full)

@@ -235,7 +235,7 @@ class _ProjectedLinear(torch.autograd.Function):
         return _ProjectedLinear._backward(ctx, grad)
 
     @staticmethod
-    def _backward(ctx, grad):
+    def _backward(ctx, grad):  # kept flat: it runs once per projected layer and step
         (xp,) = ctx.saved_tensors
         call = ctx.call
         grad = grad.contiguous()
