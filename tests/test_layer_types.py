@@ -1,6 +1,8 @@
 """One harness for every supported layer type (ghostproj.engines.layer_types): the layer
 alone under a fixed nonlinear head, both engines against per-example autograd."""
 
+import zlib
+
 import pytest
 import torch
 from torch import nn
@@ -8,6 +10,12 @@ from torch import nn
 from ghostproj import GradDotProdEngine, GradProjectionEngine
 from ghostproj.engines.layer_types import LAYER_TYPES, layer_type
 from helpers import rel_err
+
+
+def whole_rel_err(got, ref):
+    """|got - ref| / |ref| over the whole tensor: a row near zero is not held to a relative
+    precision that float32 cancellation cannot give it."""
+    return ((got.double() - ref.double()).norm() / ref.double().norm()).item()
 
 N_IN, N_OUT, SEQ, VOCAB = 6, 5, 4, 11
 
@@ -53,7 +61,7 @@ class Probe(nn.Module):
 
 
 def probe_and_inputs(name, n):
-    torch.manual_seed(hash(name) % 1000)
+    torch.manual_seed(zlib.crc32(name.encode()))
     make, ids = CASES[name]
     net = Probe(make())
     with torch.no_grad():
@@ -116,5 +124,5 @@ def test_in_run_dot_products_of_each_layer_type(name, per_query, method):
         val = flat[b:] if per_query else flat[b:].sum(0, keepdim=True)
         ref = flat[:b] @ val.t()
         got = result.per_param[f"layer.{n}"]
-        assert rel_err(got.reshape(b, -1), ref) <= 1e-5, n
-        assert rel_err(train_grads[n].reshape(1, -1), g[:b].mean(0).reshape(1, -1)) <= 1e-5, n
+        assert whole_rel_err(got.reshape(b, -1), ref) <= 1e-5, n
+        assert whole_rel_err(train_grads[n], g[:b].mean(0)) <= 1e-5, n
