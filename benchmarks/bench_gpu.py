@@ -30,7 +30,6 @@ import io
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,8 @@ from ghostproj.engines.projection import GradProjectionEngine
 from ghostproj.losses import causal_lm_losses
 from gpt2 import build_gpt2
 from llama import SMOLLM2_135M, build_llama
-from timing import sync
+from steps import step_modes
+from timing import median_time, sync
 
 RESULTS: dict = {}
 
@@ -54,19 +54,6 @@ def record(key: str, value) -> None:
     if ARGS.out:
         Path(ARGS.out).mkdir(parents=True, exist_ok=True)
         (Path(ARGS.out) / "bench_gpu.json").write_text(json.dumps(RESULTS, indent=1))
-
-
-def wall_ms(fn, device, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
 
 
 def gpu_busy(fn, device) -> tuple[float, int]:
@@ -88,51 +75,11 @@ def gpu_busy(fn, device) -> tuple[float, int]:
     return busy / 1000, kernels
 
 
-def step_modes(model, ids, first_block: torch.nn.Module, compiled=None):
-    """train / floor / project callables over one batch; ``compiled`` is the model to call
-    (the same model under torch.compile), the engine attached to the eager modules."""
-    call = compiled if compiled is not None else model
-
-    def loss():
-        return causal_lm_losses(call(input_ids=ids).logits, ids)[0].sum()
-
-    engine = GradProjectionEngine(model, None, rank=256)
-
-    def train():
-        if engine.attached:
-            engine.detach()
-        for p in model.parameters():
-            p.requires_grad_(True)
-            p.grad = None
-        loss().backward()
-
-    def floor():
-        if engine.attached:
-            engine.detach()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        handle = first_block.register_forward_pre_hook(
-            lambda m, a, kw: ((a[0].detach().requires_grad_(True),) + a[1:], kw) if a else
-            ((), {**kw, "hidden_states": kw["hidden_states"].detach().requires_grad_(True)}), with_kwargs=True)
-        try:
-            loss().backward()
-        finally:
-            handle.remove()
-
-    def project():
-        if not engine.attached:
-            engine.attach()
-        engine.prepare(ids.shape[0], ids.device)
-        loss().backward()
-        engine.collect()
-    return {"train": train, "floor": floor, "project": project}, engine
-
-
 def kernels(name: str, model, first_block, device, batch: int, seq: int, vocab: int, compiled: bool,
             modes=("train", "floor", "project")) -> None:
     ids = torch.randint(0, vocab, (batch, seq), device=device)
     call = torch.compile(model) if compiled else None
-    fns, engine = step_modes(model, ids, first_block, call)
+    fns, engine = step_modes(model, ids, first_block, compiled=call)
     fns = {mode: fns[mode] for mode in modes}
     label = f"{name}{' compiled' if compiled else ''}"
     row = {"layers": len(engine.layers)}
@@ -141,7 +88,7 @@ def kernels(name: str, model, first_block, device, batch: int, seq: int, vocab: 
         fn()  # first call: compilation, if any
         sync(device)
         first = time.perf_counter() - t0
-        row[mode] = {"wall_ms": wall_ms(fn, device, ARGS.repeats), "first_call_s": first}
+        row[mode] = {"wall_ms": median_time(fn, device, ARGS.repeats, warmup=3) * 1000, "first_call_s": first}
         row[mode]["gpu_ms"], row[mode]["kernels"] = gpu_busy(fn, device)
         print(f"  {label:22s} {mode:8s} wall {row[mode]['wall_ms']:8.1f} ms   GPU-busy {row[mode]['gpu_ms']:7.1f} ms"
               f"   {row[mode]['kernels']:6d} kernels   (first call {first:.1f} s)", flush=True)

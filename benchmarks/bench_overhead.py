@@ -22,9 +22,8 @@ import platform
 
 import torch
 
-from ghostproj.engines.projection import GradProjectionEngine
-from ghostproj.losses import causal_lm_losses
 from llama import build_llama
+from steps import step_modes
 from timing import median_time
 
 # Operators that only make a new view or alias of existing storage: no data moves.
@@ -41,42 +40,6 @@ VIEW_OPS = {
 # already is.)
 NO_WORK_OPS = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::resolve_conj", "aten::resolve_neg",
                "aten::to", "aten::_to_copy"}
-
-
-def modes(model, ids, rank: int):
-    def loss():
-        return causal_lm_losses(model(input_ids=ids).logits, ids)[0].sum()
-
-    engine = GradProjectionEngine(model, ["re:layers\\.\\d+\\."], rank=rank)
-
-    def train():
-        if engine.attached:
-            engine.detach()
-        for p in model.parameters():
-            p.requires_grad_(True)
-            p.grad = None
-        loss().backward()
-
-    def floor():
-        if engine.attached:
-            engine.detach()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        first = model.model.layers[0]
-        handle = first.register_forward_pre_hook(
-            lambda m, a, kw: ((a[0].detach().requires_grad_(True),) + a[1:], kw) if a else
-            ((), {**kw, "hidden_states": kw["hidden_states"].detach().requires_grad_(True)}), with_kwargs=True)
-        try:
-            loss().backward()
-        finally:
-            handle.remove()
-
-    def project():  # attached once for a run of calls, as `ghostproj project` does
-        if not engine.attached:
-            engine.attach()
-        loss().backward()
-        engine.collect()
-    return {"train": train, "floor": floor, "project": project}, engine
 
 
 def operator_counts(fn) -> collections.Counter:
@@ -114,7 +77,7 @@ def main():
     device = torch.device("cpu")
     model = build_llama(args.layers, args.width, args.vocab, args.seq)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
-    fns, engine = modes(model, ids, args.rank)
+    fns, engine = step_modes(model, ids, model.model.layers[0], ["re:layers\\.\\d+\\."], args.rank)
     # Interleave the modes so slow drift of the machine hits all of them alike.
     times = {name: [] for name in fns}
     for _ in range(3):
