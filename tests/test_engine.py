@@ -328,3 +328,16 @@ def test_compiled_batches_of_varying_size_share_a_graph(tokenizer):
             compiled(ids).backward()
             assert rel_err(engine.collect(), eager) <= 1e-6
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
+
+
+def test_result_buffers_of_only_recent_batch_sizes_are_kept(tokenizer):
+    from ghostproj.engines.projection import SINK_SETS_KEPT
+
+    m = tiny_gpt2(len(tokenizer))
+    engine = GradProjectionEngine(m, None, rank=16)
+    with engine:
+        for b in range(1, SINK_SETS_KEPT + 4):
+            ids = torch.randint(0, len(tokenizer), (b, 5))
+            causal_lm_losses(m(input_ids=ids).logits, ids)[0].sum().backward()
+            assert engine.collect().shape == (b, engine.dim)
+    assert len(engine._sinks) == SINK_SETS_KEPT

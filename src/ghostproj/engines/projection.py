@@ -21,6 +21,11 @@ from .calls import LayerCall, LayerMatrices, SharedInputs
 from .layer_types import hf_conv1d_class, projectable_type
 
 
+# Batch sizes whose result buffers are kept (each is B x D floats); --token-budget
+# batches come sorted by length, so a size recurs in one stretch of the run.
+SINK_SETS_KEPT = 8
+
+
 def split_ranks(
     rank: int, n_in: int, n_out: int, rank_min: int = 1, rank_in: int | None = None, rank_out: int | None = None
 ) -> tuple[int, int]:
@@ -217,16 +222,21 @@ class GradProjectionEngine(AttachedEngine):
                                    "reset() before starting one of another size")
             return
         key = (device, batch_size)
-        if key not in self._sinks:
+        sinks = self._sinks.pop(key, None)
+        if sinks is None:
             # Leaves whose gradients receive each layer's [B, k_out, k_in] projected
             # gradient: outputs of the backward pass rather than Python state, so compiled
             # graphs and several calls of one layer (summed by autograd) need nothing special.
-            self._sinks[key] = {i.name: torch.zeros(batch_size, i.k_out, i.k_in, device=device, requires_grad=True)
-                                for i in self.layers}
-            for sink in self._sinks[key].values():
+            # Their values are never read, so they are left uninitialized.
+            sinks = {i.name: torch.empty(batch_size, i.k_out, i.k_in, device=device, requires_grad=True)
+                     for i in self.layers}
+            for sink in sinks.values():
                 # under torch.compile, batch sizes vary (--token-budget): one graph for all
                 torch._dynamo.maybe_mark_dynamic(sink, 0)
-        self.batch_size, self.device, self.step_sinks = batch_size, device, self._sinks[key]
+            while len(self._sinks) >= SINK_SETS_KEPT:  # B x D floats each: keep the recent sizes only
+                self._sinks.pop(next(iter(self._sinks)))
+        self._sinks[key] = sinks  # most recently used last
+        self.batch_size, self.device, self.step_sinks = batch_size, device, sinks
         self.in_step = True
 
     def start_batch(self, name: str, x: torch.Tensor) -> None:
