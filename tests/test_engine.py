@@ -341,3 +341,53 @@ def test_result_buffers_of_only_recent_batch_sizes_are_kept(tokenizer):
             causal_lm_losses(m(input_ids=ids).logits, ids)[0].sum().backward()
             assert engine.collect().shape == (b, engine.dim)
     assert len(engine._sinks) == SINK_SETS_KEPT
+
+
+class SharedInputNet(nn.Module):
+    """Two Linear layers with biases read one input tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(7, 6), nn.Linear(7, 5), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.head(h + torch.tanh(self.b(x)).sum(-1, keepdim=True))
+
+
+def test_grouped_layers_with_bias_columns_match_the_reference():
+    torch.manual_seed(9)
+    net = SharedInputNet()
+    x, y = torch.randn(4, 2, 7), torch.randint(0, 3, (4, 2))
+    engine = GradProjectionEngine(net, ["re:^[ab]$"], rank=12, bias=True)
+
+    def loss(rows=slice(None)):
+        return nn.functional.cross_entropy(net(x[rows]).reshape(-1, 3), y[rows].reshape(-1), reduction="sum")
+    with engine:
+        steps = []
+        for _ in range(2):
+            loss().backward()
+            steps.append(engine.collect())
+        assert [g.names for g in set(engine.inputs._groups.values())] == [["a", "b"]]
+    for p in net.parameters():
+        p.requires_grad_(True)
+    ref = torch.zeros(4, engine.dim, dtype=torch.float64)
+    for i in range(4):
+        net.zero_grad()
+        loss(slice(i, i + 1)).backward()
+        for info in engine.layers:
+            m = getattr(net, info.name)
+            g = torch.cat([m.weight.grad, m.bias.grad[:, None]], dim=1).double()
+            p = engine.projectors[info.name]
+            ref[i, info.offset:info.offset + info.size] = (p.p_out.double() @ g @ p.p_in.double().t()).reshape(-1)
+    for got in steps:
+        assert rel_err(got, ref) <= 1e-5
+
+
+def test_a_step_begun_for_one_batch_size_refuses_another(tokenizer):
+    m = tiny_gpt2(len(tokenizer))
+    engine = GradProjectionEngine(m, None, rank=16)
+    with engine:
+        engine.prepare(3, "cpu")
+        with pytest.raises(RuntimeError, match="batch size"):
+            m(input_ids=torch.randint(0, len(tokenizer), (2, 5)))
