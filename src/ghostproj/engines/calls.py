@@ -238,12 +238,12 @@ class _ProjectedLinear(torch.autograd.Function):
     def _backward(ctx, grad):  # kept flat: it runs once per projected layer and step
         (xp,) = ctx.saved_tensors
         call = ctx.call
-        grad = grad.contiguous()
+        rows = grad.contiguous().view(-1, grad.shape[-1])
         grad_x = None
         if ctx.needs_input_grad[0]:  # not for the lowest projected layer: backward ends here
-            w = call.weight if call.weight.dtype == grad.dtype else call.weight.to(grad.dtype)
-            grad_x = grad @ (w.t() if call.conv1d else w)
-        dp = ctx.p_out.rows(grad.view(-1, grad.shape[-1]))
+            w = call.weight if call.weight.dtype is grad.dtype else call.weight.to(grad.dtype)
+            grad_x = torch.mm(rows, w.t() if call.conv1d else w).view(*grad.shape[:-1], w.shape[0 if call.conv1d else 1])
+        dp = ctx.p_out.rows(rows)
         b = ctx.batch
         return grad_x, torch.bmm(dp.view(b, -1, dp.shape[-1]).transpose(1, 2), xp.view(b, -1, xp.shape[-1])), None
 
