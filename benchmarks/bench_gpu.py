@@ -196,10 +196,12 @@ def end_to_end(device) -> None:
     def ours(data: Path, out: str) -> list[str]:
         return ["project", "--data", str(data), "--out", str(work / out), "--model", str(model_dir),
                 "--token-budget", str(ARGS.budget), "--dtype", "bfloat16", "--device", device.type, "--rank", "256",
-                "--max-length", "8192", "--no-resume"]
+                "--max-length", "8192", "--no-resume", "--shard-size", "256"]
 
     # In one warm process (every batch shape seen once before): the whole command on all
     # documents, less the same command on 16 of them (model load, tokenizer, start-up).
+    # Shards of 256 rows, so that writing overlaps the projection as in a long run, rather
+    # than one shard written after the last batch.
     (work / "tiny.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:16]))
     in_process(ours(work / "docs.jsonl", "warm.st"))
     t_tiny = in_process(ours(work / "tiny.jsonl", "tiny.st"))
