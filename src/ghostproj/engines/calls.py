@@ -161,10 +161,7 @@ class SharedInputs:
         if group is None:
             if self.learning:
                 self._seen.append((call.name, x))
-            xp = mats.p_in.rows(x.detach().reshape(-1, x.shape[-1]))
-            if mats.bias_col is not None:
-                xp += mats.bias_col
-            return xp
+            return project(x, mats.p_in, mats.bias_col)
         stacked = group.matrices(self.engine, x.device, call.dtype)
         parts = dict(zip(group.names, project(x, stacked.p_in, stacked.bias_col).split(group.widths, dim=-1)))
         mine = parts.pop(call.name)
