@@ -2,8 +2,9 @@
 against one whole float32 copy, on one Llama-7B-shaped MLP input.
 
 The engine accumulates in float32. Upcasting a whole [B, T, 11008] bf16 activation first
-costs a float32 copy twice its size; ``ghostproj.fp32.project_rows`` upcasts slices of at
-most 64 MiB. Each variant runs in a fresh process; its peak memory above the input is
+costs a float32 copy twice its size; the engine's route (``ghostproj.fp32.Projection``)
+upcasts slices of at most 64 MiB on the CPU and, on a GPU, makes no copy at all (a
+tensor-core product with a float32 result). Each variant runs in a fresh process; its peak memory above the input is
 read from the allocator (CUDA) or from resident memory sampled every millisecond (CPU).
 
     python benchmarks/bench_precision.py [--device cuda] [--tokens 8192] [--width 11008]
@@ -19,7 +20,7 @@ import sys
 
 import torch
 
-from ghostproj.fp32 import project_rows
+from ghostproj.fp32 import Projection
 from timing import median_time, peak_memory
 
 
@@ -32,8 +33,10 @@ def child(args) -> None:
     def whole():
         return x.float() @ w
 
+    projection = Projection(w, torch.bfloat16)
+
     def sliced():
-        return project_rows(x, w)
+        return projection.rows(x)
 
     fn = whole if args.child == "whole" else sliced
     seconds = median_time(fn, device, repeats=3, warmup=1)

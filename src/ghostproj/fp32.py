@@ -34,20 +34,6 @@ def no_autocast(device: torch.device):
         return contextlib.nullcontext()
 
 
-def project_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x`` [..., n] (any float dtype) times ``w`` [n, k] float32, as float32 [..., k].
-
-    A float32 ``x`` is multiplied directly; a lower-precision one in slices of at most
-    :data:`UPCAST_BYTES` of float32.
-    """
-    n, k = w.shape
-    rows = x.reshape(-1, n)
-    if torch.is_autocast_enabled(x.device.type):
-        with no_autocast(x.device):
-            return _float32_rows(rows, w).view(*x.shape[:-1], k)
-    return _float32_rows(rows, w).view(*x.shape[:-1], k)
-
-
 def _float32_rows(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """rows [N, n] times float32 w [n, k]: a new float32 [N, k] tensor."""
     if rows.dtype == torch.float32:

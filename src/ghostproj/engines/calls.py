@@ -240,9 +240,7 @@ class _ProjectedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # not for the lowest projected layer: backward ends here
             w = call.weight if call.weight.dtype is grad.dtype else call.weight.to(grad.dtype)
             grad_x = torch.mm(rows, w.t() if call.conv1d else w).view(*grad.shape[:-1], w.shape[0 if call.conv1d else 1])
-        dp = ctx.p_out.rows(rows)
-        b = ctx.batch
-        return grad_x, torch.bmm(dp.view(b, -1, dp.shape[-1]).transpose(1, 2), xp.view(b, -1, xp.shape[-1])), None
+        return grad_x, contract(xp, ctx.p_out.rows(rows), ctx.batch, False), None
 
 
 _APPLY_FUSED = super(torch.autograd.Function, _ProjectedLinear).apply
