@@ -82,7 +82,7 @@ def test_layer_subset(runs):
     train, query = runs
     sub = load_projections(train, layers=["h.1.mlp"])
     assert [l.name for l in sub.layers] == ["transformer.h.1.mlp.c_fc"] and sub.grads.shape[1] == 16
-    res = score(train, query, metric="dot", layers=["h.1.mlp"], keep_matrix=True)
+    res = score(train, query, metric="dot", normalize="none", layers=["h.1.mlp"], keep_matrix=True)
     full = load_projections(train).grads
     off = [l for l in load_projections(train).layers if l.name == "transformer.h.1.mlp.c_fc"][0].offset
     ref = full[:, off:off + 16].double() @ load_projections(query).grads[:, off:off + 16].double().T
@@ -132,7 +132,7 @@ def test_score_bad_inputs(capsys, runs, tmp_path, gpt2_dir, data_file):
                     "--layers", "c_attn,c_fc", "--max-length", "24"])[0] == 0
     fails("score", train, wider, match="k's (ranks) differ")
     fails("score", train, tmp_path, match="not a ghostproj projection run")
-    fails("score", train, query, "--top-k", "11", match="--top-k 11")
+    fails("score", train, query, "--top-k", "0", match="--top-k must be at least 1")
     fails("score", train, query, "--metric", "magic", match="Unknown --metric")
     # a truncated shard is named before anything is read
     shard = sorted(other.glob("grads-*.safetensors"))[0]

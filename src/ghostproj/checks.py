@@ -237,25 +237,36 @@ def pick_mixed_lengths(examples: list[Example], samples: int) -> list[Example]:
     return chosen
 
 
-def run_naive_check(model_path: str, data_path: str, layers: list[str] | None, *, samples: int = 8,
-                    rank: int = 256, projector: str = "gaussian", seed: int = 0, loss_reduction: str = "mean",
-                    bias: bool = False, max_length: int = 512, dtype: str = "float32", device: str = "auto",
-                    text_field: str = "text", tolerance: float | None = None,
-                    adapter: str | None = None, prompt_field: str | None = None,
-                    completion_field: str | None = None, include_embeddings: bool = False) -> NaiveCheckResult:
+def load_model_and_data(model_path: str, data_path: str, dtype: str, device: str, max_length: int,
+                        adapter: str | None = None, **fields):
+    """(model, tokenizer, LoadedData) for the checks, read as `project` reads them: every
+    data format and layout, examples cut to the model's position limit. A malformed data
+    file is reported before the (slow) model load."""
     from .data import read_records
-    from .models import load_model, pad_token_id, position_limit
-    from .project import ADAPTER_LAYERS
+    from .models import load_model, position_limit
     from .readers import DataSpec, load_examples
 
-    spec = DataSpec(data_path, text_field=text_field, prompt_field=prompt_field, completion_field=completion_field)
+    spec = DataSpec(data_path, **fields)
     if spec.resolved_format() in ("jsonl", "text"):
-        read_records(data_path)  # report a malformed file before the (slow) model load
+        read_records(data_path)
     model, tokenizer = load_model(model_path, dtype, device, adapter=adapter)
     limit = position_limit(model)
     if limit is not None:
         max_length = min(max_length, limit)
-    data = load_examples(spec, tokenizer, max_length, getattr(model.config, "vocab_size", None))
+    return model, tokenizer, load_examples(spec, tokenizer, max_length, getattr(model.config, "vocab_size", None))
+
+
+def run_naive_check(model_path: str, data_path: str, layers: list[str] | None, *, samples: int = 8,
+                    rank: int = 256, projector: str = "gaussian", seed: int = 0, loss_reduction: str = "mean",
+                    bias: bool = False, max_length: int = 512, dtype: str = "float32", device: str = "auto",
+                    tolerance: float | None = None, adapter: str | None = None,
+                    include_embeddings: bool = False, **fields) -> NaiveCheckResult:
+    """``fields``: text_field, prompt_field, completion_field, messages_field, format, as
+    for `project` (the layout is read from the data when none is given)."""
+    from .models import load_model, pad_token_id
+    from .project import ADAPTER_LAYERS
+
+    model, tokenizer, data = load_model_and_data(model_path, data_path, dtype, device, max_length, adapter, **fields)
     examples = pick_mixed_lengths(data.examples, samples)
     if layers is None and adapter:
         layers = [ADAPTER_LAYERS]
@@ -293,21 +304,17 @@ def detach_problems(model: nn.Module, batch_examples: list[Example], layers: lis
 
 def run_non_interference(model_path: str, data_path: str, layers: list[str] | None, *, steps: int = 3,
                          batch_size: int = 4, lr: float = 1e-3, optimizer: str = "adamw", max_length: int = 128,
-                         device: str = "auto", text_field: str = "text") -> NonInterferenceResult:
-    from .data import fixed_size_batches, read_records, tokenize_records
+                         device: str = "auto", **fields) -> NonInterferenceResult:
+    from .data import fixed_size_batches
     from .errors import GhostprojError
-    from .models import load_model, pad_token_id, position_limit
+    from .models import pad_token_id
 
     if steps < 1:
         raise GhostprojError(f"--steps must be at least 1, got {steps}.")
     if optimizer not in ("adamw", "sgd"):
         raise GhostprojError(f"Unknown --optimizer '{optimizer}'; choose adamw or sgd.")
-    records = read_records(data_path)
-    model, tokenizer = load_model(model_path, "float32", device)
-    limit = position_limit(model)
-    if limit is not None:
-        max_length = min(max_length, limit)
-    examples = [e for e in tokenize_records(records, tokenizer, max_length, text_field) if e.n_label_positions > 0]
+    model, tokenizer, data = load_model_and_data(model_path, data_path, "float32", device, max_length, **fields)
+    examples = [e for e in data.examples if e.n_label_positions > 0]
     if not examples:
         raise GhostprojError("No example in the data has a label position to train on.")
     batches = list(fixed_size_batches(examples[: batch_size * steps], batch_size))

@@ -14,10 +14,83 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
     help="Per-example gradient projection and influence scoring for transformer language models.",
 )
 
-LayersOpt = typer.Option(None, "--layers", help="Comma-separated module-name patterns (substring, or re:REGEX).")
+# Help panels, so that long commands read as groups of a few options.
+MODEL, DATA, PROJECTION, OUTPUT, RUN, SCORING = "Model", "Data", "Projection", "Output", "Run", "Scoring"
+DEMO_MODEL, DEMO_DATA = "the embedded demo model", "the embedded demo corpus"
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"ghostproj {version('ghostproj')}")
+        except PackageNotFoundError:
+            from . import __version__
+
+            typer.echo(f"ghostproj {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                        help="Print the version and exit.")) -> None:
+    """Per-example gradient projection and influence scoring for transformer language models.
+
+    Exit codes: 0 success; 1 a check failed (naive-check, non-interf); 2 bad input or a
+    damaged run (one sentence on stderr); 3 inspect found an unfinished run; 130 interrupted."""
+
+
+def _model_opt(panel: str = MODEL):
+    return typer.Option(None, "--model", help="Model directory or hub id.", rich_help_panel=panel,
+                        show_default=DEMO_MODEL)
+
+
+def _data_opt(flag: str = "--data", default: str = DEMO_DATA):
+    return typer.Option(None, flag, help="JSONL, plain text (one example per line), .bin, Parquet.",
+                        rich_help_panel=DATA, show_default=default)
+
+
+def _layers_opt(help: str = "Module-name patterns, comma-separated (substring, or re:REGEX)."):
+    return typer.Option(None, "--layers", help=help, rich_help_panel=PROJECTION,
+                        show_default="every Linear / Conv1D but the output head")
+
+
+def _device_opt():
+    return typer.Option("auto", help="auto, cpu or cuda.", rich_help_panel=RUN)
+
+
+def _max_length_opt(default: int = 512):
+    return typer.Option(default, help="Truncate examples to this many tokens.", rich_help_panel=DATA)
+
+
+def _text_field_opt():
+    return typer.Option(None, help="JSONL field holding the text.", rich_help_panel=DATA,
+                        show_default="from the first row: text, prompt+completion or messages")
+
+
+def _prompt_field_opt():
+    return typer.Option(None, help="Field of the prompt (no loss on its tokens).", rich_help_panel=DATA,
+                        show_default="'prompt' when the first row has it")
+
+
+def _completion_field_opt():
+    return typer.Option(None, help="Field of the completion (carries the loss).", rich_help_panel=DATA,
+                        show_default="'completion' when the first row has it")
+
+
+def _messages_field_opt():
+    return typer.Option(None, help="Field of a chat (loss on assistant turns only).", rich_help_panel=DATA,
+                        show_default="'messages' when the first row has it")
+
+
+def _fields(text_field, prompt_field, completion_field, messages_field) -> dict:
+    return dict(text_field=text_field, prompt_field=prompt_field, completion_field=completion_field,
+                messages_field=messages_field)
 
 
 def _split(value: Optional[str]) -> Optional[list[str]]:
@@ -39,6 +112,17 @@ def _status():
     return status
 
 
+def _notes(notes) -> None:
+    for note in notes:
+        _status().print(f"[yellow]note:[/yellow] {_escape(note)}")
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
 def _default_model_and_data(model: Optional[str], data: Optional[str]) -> tuple[str, str]:
     """The embedded demo model and corpus stand in for whatever the user left out."""
     if model is not None and data is not None:
@@ -51,56 +135,69 @@ def _default_model_and_data(model: Optional[str], data: Optional[str]) -> tuple[
     return str(assets.model), data if data is not None else str(assets.train)
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 @app.command()
 def project(
-    model: Optional[str] = typer.Option(None, help="Model directory or hub id (default: the embedded demo model)."),
-    data: Optional[str] = typer.Option(None, help="JSONL (text field) or plain-text file, one example per line."),
-    out: str = typer.Option("train.st", help="Output run directory."),
-    layers: Optional[str] = LayersOpt,
-    rank: Optional[int] = typer.Option(None, help="Per-layer budget r: k_in * k_out <= r (default 256)."),
-    rank_min: Optional[int] = typer.Option(None, help="Smallest k_in / k_out (default 1)."),
-    rank_in: Optional[int] = typer.Option(None, help="Fix k_in for every layer."),
-    rank_out: Optional[int] = typer.Option(None, help="Fix k_out for every layer."),
-    projector: Optional[str] = typer.Option(None, help="gaussian (default), rademacher or orthonormal."),
-    seed: Optional[int] = typer.Option(None, help="Projector seed (default 0)."),
-    like: Optional[str] = typer.Option(None, help="Reuse layers, k's, matrices and loss settings of this run."),
-    batch_size: int = typer.Option(8, help="Examples per batch."),
-    max_length: int = typer.Option(512, help="Truncate examples to this many tokens."),
-    loss_reduction: Optional[str] = typer.Option(None, help="Per-example loss: mean (default) or sum over tokens."),
-    bias: Optional[bool] = typer.Option(None, "--bias/--no-bias", help="Include layer biases."),
-    store_dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32."),
-    shard_size: int = typer.Option(4096, help="Rows per shard file."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("float32", help="Model weights: float32, bfloat16 or float16."),
-    text_field: str = typer.Option("text", help="JSONL field holding the text."),
-    prompt_field: Optional[str] = typer.Option(None, help="JSONL field of the prompt (no loss on its tokens)."),
-    completion_field: Optional[str] = typer.Option(None, help="JSONL field of the completion (carries the loss)."),
-    messages_field: Optional[str] = typer.Option(None, help="JSONL field of a chat (loss on assistant turns)."),
-    format: str = typer.Option("auto", "--format", help="auto, jsonl, text, bin, parquet or hf."),
-    token_dtype: Optional[str] = typer.Option(None, help=".bin token width: uint16 or uint32 (default by vocab)."),
-    hf_dataset: Optional[str] = typer.Option(None, help="HF dataset name or saved directory (needs the data extra)."),
-    split: str = typer.Option("train", help="Split of --hf-dataset."),
-    token_budget: Optional[int] = typer.Option(None, help="Batch by length buckets up to N padded tokens."),
-    include_embeddings: bool = typer.Option(False, help="Also project nn.Embedding layers (default set)."),
-    revision: Optional[str] = typer.Option(None, help="Model revision (hub models)."),
-    adapter: Optional[str] = typer.Option(None, help="PEFT LoRA adapter directory (needs the peft extra)."),
-    num_shards: int = typer.Option(1, help="Job arrays: split the examples into this many parts..."),
-    shard_id: int = typer.Option(0, help="...and project this one (then: ghostproj inspect --merge)."),
-    force: bool = typer.Option(False, help="Start even if the disk looks too small."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted run in --out."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (pays on long runs; "
-                                 "compiles for seconds first and again for new shapes)."),
+    model: Optional[str] = _model_opt(),
+    dtype: str = typer.Option("float32", help="Model weights: float32, bfloat16 or float16.", rich_help_panel=MODEL),
+    revision: Optional[str] = typer.Option(None, help="Model revision (hub models).", rich_help_panel=MODEL,
+                                           show_default="the default branch"),
+    adapter: Optional[str] = typer.Option(None, help="PEFT LoRA adapter directory (needs the peft extra).",
+                                          rich_help_panel=MODEL, show_default="none"),
+    data: Optional[str] = _data_opt(),
+    format: str = typer.Option("auto", "--format", help="auto (by suffix), jsonl, text, bin, parquet or hf.",
+                               rich_help_panel=DATA),
+    text_field: Optional[str] = _text_field_opt(),
+    prompt_field: Optional[str] = _prompt_field_opt(),
+    completion_field: Optional[str] = _completion_field_opt(),
+    messages_field: Optional[str] = _messages_field_opt(),
+    hf_dataset: Optional[str] = typer.Option(None, help="HF dataset name or saved directory (needs the data extra).",
+                                             rich_help_panel=DATA, show_default="none"),
+    split: str = typer.Option("train", help="Split of --hf-dataset.", rich_help_panel=DATA),
+    token_dtype: Optional[str] = typer.Option(None, help=".bin token width: uint16 or uint32.", rich_help_panel=DATA,
+                                              show_default="by vocabulary size"),
+    max_length: int = _max_length_opt(),
+    layers: Optional[str] = _layers_opt(),
+    include_embeddings: bool = typer.Option(False, "--include-embeddings", help="Also project nn.Embedding layers.",
+                                            rich_help_panel=PROJECTION),
+    rank: Optional[int] = typer.Option(None, help="Per-layer budget r: k_in * k_out <= r.", rich_help_panel=PROJECTION,
+                                       show_default="256"),
+    rank_min: Optional[int] = typer.Option(None, help="Smallest k_in / k_out.", rich_help_panel=PROJECTION,
+                                           show_default="1"),
+    rank_in: Optional[int] = typer.Option(None, help="Fix k_in for every layer.", rich_help_panel=PROJECTION,
+                                          show_default="from --rank"),
+    rank_out: Optional[int] = typer.Option(None, help="Fix k_out for every layer.", rich_help_panel=PROJECTION,
+                                           show_default="from --rank"),
+    projector: Optional[str] = typer.Option(None, help="gaussian, rademacher or orthonormal.",
+                                            rich_help_panel=PROJECTION, show_default="gaussian"),
+    seed: Optional[int] = typer.Option(None, help="Projector seed.", rich_help_panel=PROJECTION, show_default="0"),
+    loss_reduction: Optional[str] = typer.Option(None, help="Per-example loss: mean or sum over tokens.",
+                                                 rich_help_panel=PROJECTION, show_default="mean"),
+    bias: Optional[bool] = typer.Option(None, "--bias/--no-bias", help="Include layer biases.",
+                                        rich_help_panel=PROJECTION, show_default="--no-bias"),
+    like: Optional[str] = typer.Option(None, help="Reuse layers, k's, matrices and loss settings of this run.",
+                                       rich_help_panel=PROJECTION, show_default="none"),
+    out: str = typer.Option("train.st", help="Output run directory.", rich_help_panel=OUTPUT),
+    store_dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32.", rich_help_panel=OUTPUT),
+    shard_size: int = typer.Option(4096, help="Rows per shard file.", rich_help_panel=OUTPUT),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted run in --out.",
+                                rich_help_panel=OUTPUT),
+    verify: bool = typer.Option(False, "--verify", help="On resume or rerun, hash every shard (not only the last).",
+                                rich_help_panel=OUTPUT),
+    force: bool = typer.Option(False, "--force", help="Start even if the disk looks too small.",
+                               rich_help_panel=OUTPUT),
+    device: str = _device_opt(),
+    batch_size: int = typer.Option(8, help="Examples per batch.", rich_help_panel=RUN),
+    token_budget: Optional[int] = typer.Option(None, help="Batch by length buckets up to N padded tokens.",
+                                               rich_help_panel=RUN, show_default="fixed --batch-size"),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (pays on long runs).",
+                                       rich_help_panel=RUN),
+    num_shards: int = typer.Option(1, help="Job arrays: split the examples into this many parts.",
+                                   rich_help_panel=RUN),
+    shard_id: int = typer.Option(0, help="Job arrays: the part to project (then inspect --merge).",
+                                 rich_help_panel=RUN),
 ) -> None:
     """Project every example's loss gradient and write shards to OUT."""
-    from .project import ProjectOptions, run_project
+    from .project import ProjectOptions, ProjectSummary, run_project
 
     if hf_dataset is not None:
         if data is not None:
@@ -117,21 +214,30 @@ def project(
         completion_field=completion_field, messages_field=messages_field, format=format, token_dtype=token_dtype,
         split=split, token_budget=token_budget, include_embeddings=include_embeddings, revision=revision,
         adapter=adapter, num_shards=num_shards, shard_id=shard_id, force=force,
-        resume=resume, compile=compile_model,
+        resume=resume, verify=verify, compile=compile_model,
     )
-    s = run_project(opts)
+    s = ProjectSummary(out=out)
+    try:
+        run_project(opts, s)
+    finally:
+        _notes(s.notes)  # also when interrupted or refused: what was learnt is not lost
+    from .progress import human_bytes
+
     con = _console()
-    for note in s.notes:
-        _status().print(f"[yellow]note:[/yellow] {note}")
     if s.already_complete:
-        con.print(f"{out} already holds this complete run ({s.examples} examples); nothing to do.", soft_wrap=True)
+        con.print(f"{_escape(out)} already holds this complete run ({s.examples} examples); nothing to do.",
+                  soft_wrap=True)
+        return
+    if s.repaired and s.resumed_from == s.examples:
+        con.print(f"[green]repaired[/green]: {s.repaired} damaged shard(s) of the complete run in {_escape(out)} "
+                  "recomputed.", soft_wrap=True)
         return
     con.print(
         f"[green]done[/green]: {s.examples} examples, {s.tokens} label tokens, D={s.dim}, "
         f"{s.no_label} without label positions (zero vectors"
         + (f"; {s.prompt_too_long} of them skipped because the prompt fills --max-length" if s.prompt_too_long else "")
         + f"), {s.truncated} truncated, "
-        f"{_human_bytes(s.bytes)} in {out}, {s.seconds:.1f} s",
+        f"{human_bytes(s.bytes)} in {_escape(out)}, {s.seconds:.1f} s",
         soft_wrap=True,
     )
 
@@ -152,24 +258,28 @@ def _error_table(title: str, rows, tolerance: float):
 
 @app.command("naive-check")
 def naive_check(
-    model: Optional[str] = typer.Option(None, help="Model directory (default: the embedded demo model)."),
-    data: Optional[str] = typer.Option(None, help="Data file (default: the embedded demo corpus)."),
-    layers: Optional[str] = LayersOpt,
-    samples: int = typer.Option(8, help="Examples in the padded batch."),
-    rank: int = typer.Option(256, help="Per-layer budget."),
-    projector: str = typer.Option("gaussian", help="gaussian, rademacher or orthonormal."),
-    seed: int = typer.Option(0, help="Projector seed."),
-    loss_reduction: str = typer.Option("mean", help="mean or sum."),
-    bias: bool = typer.Option(False, "--bias/--no-bias", help="Include layer biases."),
-    max_length: int = typer.Option(512, help="Truncate examples to this many tokens."),
-    dtype: str = typer.Option("float32", help="Model weights dtype."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    text_field: str = typer.Option("text", help="JSONL field holding the text."),
-    tolerance: Optional[float] = typer.Option(None, help="Max relative error (default 1e-4, 5e-2 for 16-bit models)."),
-    adapter: Optional[str] = typer.Option(None, help="PEFT LoRA adapter directory."),
-    prompt_field: Optional[str] = typer.Option(None, help="JSONL field of the prompt (no loss on its tokens)."),
-    completion_field: Optional[str] = typer.Option(None, help="JSONL field of the completion."),
-    include_embeddings: bool = typer.Option(False, help="Also check nn.Embedding layers."),
+    model: Optional[str] = _model_opt(),
+    dtype: str = typer.Option("float32", help="Model weights: float32, bfloat16 or float16.", rich_help_panel=MODEL),
+    adapter: Optional[str] = typer.Option(None, help="PEFT LoRA adapter directory.", rich_help_panel=MODEL,
+                                          show_default="none"),
+    data: Optional[str] = _data_opt(),
+    text_field: Optional[str] = _text_field_opt(),
+    prompt_field: Optional[str] = _prompt_field_opt(),
+    completion_field: Optional[str] = _completion_field_opt(),
+    messages_field: Optional[str] = _messages_field_opt(),
+    samples: int = typer.Option(8, help="Examples in the padded batch.", rich_help_panel=DATA),
+    max_length: int = _max_length_opt(),
+    layers: Optional[str] = _layers_opt(),
+    include_embeddings: bool = typer.Option(False, "--include-embeddings", help="Also check nn.Embedding layers.",
+                                            rich_help_panel=PROJECTION),
+    rank: int = typer.Option(256, help="Per-layer budget.", rich_help_panel=PROJECTION),
+    projector: str = typer.Option("gaussian", help="gaussian, rademacher or orthonormal.", rich_help_panel=PROJECTION),
+    seed: int = typer.Option(0, help="Projector seed.", rich_help_panel=PROJECTION),
+    loss_reduction: str = typer.Option("mean", help="mean or sum.", rich_help_panel=PROJECTION),
+    bias: bool = typer.Option(False, "--bias/--no-bias", help="Include layer biases.", rich_help_panel=PROJECTION),
+    tolerance: Optional[float] = typer.Option(None, help="Max relative error.", rich_help_panel=RUN,
+                                              show_default="1e-4; 5e-2 for 16-bit models"),
+    device: str = _device_opt(),
 ) -> None:
     """Prove the engine equals the slow exact computation on your model and data."""
     from .checks import run_naive_check
@@ -177,9 +287,9 @@ def naive_check(
     model, data = _default_model_and_data(model, data)
     result = run_naive_check(model, data, _split(layers), samples=samples, rank=rank, projector=projector,
                              seed=seed, loss_reduction=loss_reduction, bias=bias, max_length=max_length,
-                             dtype=dtype, device=device, text_field=text_field, tolerance=tolerance,
-                             adapter=adapter, prompt_field=prompt_field, completion_field=completion_field,
-                             include_embeddings=include_embeddings)
+                             dtype=dtype, device=device, tolerance=tolerance, adapter=adapter,
+                             include_embeddings=include_embeddings,
+                             **_fields(text_field, prompt_field, completion_field, messages_field))
     con = _console()
     con.print(_error_table(
         f"engine vs naive reference ({result.n_examples} examples, lengths {result.min_len}-{result.max_len}, "
@@ -192,24 +302,28 @@ def naive_check(
 
 @app.command("non-interf")
 def non_interf(
-    model: Optional[str] = typer.Option(None, help="Model directory (default: the embedded demo model)."),
-    data: Optional[str] = typer.Option(None, help="Data file (default: the embedded demo corpus)."),
-    layers: Optional[str] = LayersOpt,
-    steps: int = typer.Option(3, help="Optimizer steps."),
-    batch_size: int = typer.Option(4, help="Examples per step."),
-    lr: float = typer.Option(1e-3, help="Learning rate."),
-    optimizer: str = typer.Option("adamw", help="adamw or sgd."),
-    max_length: int = typer.Option(128, help="Truncate examples to this many tokens."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    text_field: str = typer.Option("text", help="JSONL field holding the text."),
-    tolerance: float = typer.Option(1e-6, help="Max relative difference."),
+    model: Optional[str] = _model_opt(),
+    data: Optional[str] = _data_opt(),
+    text_field: Optional[str] = _text_field_opt(),
+    prompt_field: Optional[str] = _prompt_field_opt(),
+    completion_field: Optional[str] = _completion_field_opt(),
+    messages_field: Optional[str] = _messages_field_opt(),
+    max_length: int = _max_length_opt(128),
+    layers: Optional[str] = _layers_opt(),
+    steps: int = typer.Option(3, help="Optimizer steps.", rich_help_panel=RUN),
+    batch_size: int = typer.Option(4, help="Examples per step.", rich_help_panel=RUN),
+    lr: float = typer.Option(1e-3, help="Learning rate.", rich_help_panel=RUN),
+    optimizer: str = typer.Option("adamw", help="adamw or sgd.", rich_help_panel=RUN),
+    tolerance: float = typer.Option(1e-6, help="Max relative difference.", rich_help_panel=RUN),
+    device: str = _device_opt(),
 ) -> None:
     """Prove attaching the engine changes nothing about training."""
     from .checks import run_non_interference
 
     model, data = _default_model_and_data(model, data)
     result = run_non_interference(model, data, _split(layers), steps=steps, batch_size=batch_size, lr=lr,
-                                  optimizer=optimizer, max_length=max_length, device=device, text_field=text_field)
+                                  optimizer=optimizer, max_length=max_length, device=device,
+                                  **_fields(text_field, prompt_field, completion_field, messages_field))
     con = _console()
     con.print(_error_table(f"training with vs without the engine ({steps} {optimizer} steps)",
                            [(c.what, c.max_rel, c.max_abs) for c in result.comparisons], tolerance))
@@ -225,19 +339,31 @@ def non_interf(
 def score(
     train: str = typer.Argument(..., help="Training run directory or shard file."),
     query: str = typer.Argument(..., help="Query run directory or shard file (projected with --like TRAIN)."),
-    metric: str = typer.Option("cosine", help="cosine, dot, influence or influence-full."),
-    normalize: Optional[str] = typer.Option(None, help="none, unit or layer (per-layer unit norm before combining)."),
-    center: bool = typer.Option(False, "--center/--no-center", help="Subtract the training mean vector first."),
-    damping: float = typer.Option(0.1, help="Influence damping: lambda_l = damping * mean diag F_l."),
-    layers: Optional[str] = typer.Option(None, "--layers", help="Score only these projected layers (patterns)."),
-    top_k: int = typer.Option(10, help="Best training examples kept per query."),
-    show: int = typer.Option(3, help="Queries whose top-k table is printed (0: none)."),
-    out: Optional[str] = typer.Option(None, help="Write the full scores matrix (safetensors)."),
-    topk_out: Optional[str] = typer.Option(None, help="Write the top-k per query (JSONL)."),
-    reduce: Optional[str] = typer.Option(None, help="One score per training example: mean or max."),
-    group_field: Optional[str] = typer.Option(None, help="Query data field grouping queries for --reduce max."),
-    select_out: Optional[str] = typer.Option(None, help="Write the per-example scores (.jsonl or .safetensors)."),
-    chunk_rows: int = typer.Option(8192, help="Training rows read per chunk."),
+    metric: str = typer.Option("cosine", help="cosine, dot, influence or influence-full.", rich_help_panel=SCORING),
+    normalize: str = typer.Option(
+        "layer", help="none, unit or layer. layer (unit norm per layer, then combined) ranked best on real data.",
+        rich_help_panel=SCORING),
+    center: bool = typer.Option(False, "--center/--no-center", help="Subtract the training mean vector first.",
+                                rich_help_panel=SCORING),
+    damping: float = typer.Option(0.1, help="Influence damping: lambda_l = damping * mean diag F_l.",
+                                  rich_help_panel=SCORING),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Score only these projected layers (patterns).",
+                                         rich_help_panel=SCORING, show_default="all"),
+    top_k: int = typer.Option(10, help="Best training examples kept per query.", rich_help_panel=SCORING),
+    reduce: Optional[str] = typer.Option(None, help="One score per training example: mean or max.",
+                                         rich_help_panel=SCORING, show_default="none"),
+    group_field: Optional[str] = typer.Option(None, help="Query data field grouping queries for --reduce max.",
+                                              rich_help_panel=SCORING, show_default="none"),
+    show: int = typer.Option(3, help="Queries whose top-k table is printed (0: none).", rich_help_panel=OUTPUT),
+    out: Optional[str] = typer.Option(None, help="Write the full scores matrix (safetensors).",
+                                      rich_help_panel=OUTPUT, show_default="not written"),
+    topk_out: Optional[str] = typer.Option(None, help="Write the top-k per query (JSONL).", rich_help_panel=OUTPUT,
+                                           show_default="not written"),
+    select_out: Optional[str] = typer.Option(None, help="Write the per-example scores (.jsonl or .safetensors).",
+                                             rich_help_panel=OUTPUT, show_default="not written"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace output files that already exist.",
+                                   rich_help_panel=OUTPUT),
+    chunk_rows: int = typer.Option(8192, help="Training rows read per chunk.", rich_help_panel=RUN),
 ) -> None:
     """Score training examples against query examples (similarity or influence)."""
     from .score_job import run_score_command
@@ -245,42 +371,37 @@ def score(
     run_score_command(
         train, query, metric=metric, normalize=normalize, center=center, damping=damping, layers=_split(layers),
         top_k=top_k, show=show, out=out, topk_out=topk_out, reduce=reduce, group_field=group_field,
-        select_out=select_out, chunk_rows=chunk_rows, console=_console(), status=_status(),
+        select_out=select_out, chunk_rows=chunk_rows, overwrite=overwrite, console=_console(), status=_status(),
     )
 
 
 @app.command()
 def fidelity(
-    model: Optional[str] = typer.Option(None, help="Model directory (default: the embedded demo model)."),
-    data: Optional[str] = typer.Option(None, help="Data file (default: the embedded demo corpus)."),
-    layers: Optional[str] = LayersOpt,
-    ranks: str = typer.Option("64,256,1024", help="Per-layer ranks to compare."),
-    samples: int = typer.Option(16, help="Calibration examples (exact gradients are held for these)."),
-    max_length: int = typer.Option(512, help="Truncate examples to this many tokens."),
-    dense: bool = typer.Option(True, "--dense/--no-dense", help="Also a dense Gaussian projection of equal size."),
-    seed: int = typer.Option(0, help="Projector seed."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    text_field: str = typer.Option("text", help="JSONL field holding the text."),
+    model: Optional[str] = _model_opt(),
+    data: Optional[str] = _data_opt(),
+    text_field: Optional[str] = _text_field_opt(),
+    prompt_field: Optional[str] = _prompt_field_opt(),
+    completion_field: Optional[str] = _completion_field_opt(),
+    messages_field: Optional[str] = _messages_field_opt(),
+    samples: int = typer.Option(16, help="Calibration examples (exact gradients are held for these).",
+                                rich_help_panel=DATA),
+    max_length: int = _max_length_opt(),
+    layers: Optional[str] = _layers_opt(),
+    ranks: str = typer.Option("64,256,1024", help="Per-layer ranks to compare.", rich_help_panel=PROJECTION),
+    dense: bool = typer.Option(True, "--dense/--no-dense", help="Also a dense Gaussian projection of equal size.",
+                               rich_help_panel=PROJECTION),
+    seed: int = typer.Option(0, help="Projector seed.", rich_help_panel=PROJECTION),
+    device: str = _device_opt(),
 ) -> None:
     """How well projected inner products match exact ones, per rank and layer."""
     from rich.table import Table
 
-    from .checks import pick_mixed_lengths
-    from .data import read_records, tokenize_records
-    from .fidelity import run_fidelity
-    from .models import load_model, position_limit
+    from .fidelity import run_fidelity_check
 
-    try:
-        rank_list = [int(r) for r in ranks.split(",") if r.strip()]
-    except ValueError:
-        raise GhostprojError(f"--ranks must be comma-separated integers, got '{ranks}'.") from None
     model, data = _default_model_and_data(model, data)
-    records = read_records(data)
-    net, tokenizer = load_model(model, "float32", device)
-    limit = position_limit(net)
-    examples = pick_mixed_lengths(tokenize_records(records, tokenizer, min(max_length, limit or max_length),
-                                                   text_field), samples)
-    report = run_fidelity(net, examples, _split(layers), rank_list, dense=dense, seed=seed)
+    report = run_fidelity_check(model, data, _split(layers), ranks, samples=samples, max_length=max_length,
+                                dense=dense, seed=seed, device=device,
+                                **_fields(text_field, prompt_field, completion_field, messages_field))
     con = _console()
     table = Table(title=f"projected vs exact per-example gradient inner products ({report.examples} examples, "
                         f"{report.examples * (report.examples - 1) // 2} pairs)", title_justify="left")
@@ -307,26 +428,34 @@ def fidelity(
 
 @app.command()
 def inrun(
-    model: Optional[str] = typer.Option(None, help="Model directory (default: the embedded demo model)."),
-    train: Optional[str] = typer.Option(None, help="Training data (default: the embedded demo corpus)."),
-    val: Optional[str] = typer.Option(None, help="Validation data (default: the embedded demo queries)."),
-    out: str = typer.Option("inrun-out", help="Output directory (dots, values, final model)."),
-    steps: int = typer.Option(100, help="Optimizer steps."),
-    batch_size: int = typer.Option(8, help="Training examples per step."),
-    lr: float = typer.Option(1e-4, help="Learning rate."),
-    optimizer: str = typer.Option("adamw", help="sgd or adamw."),
-    val_size: Optional[int] = typer.Option(None, help="Use the first N validation examples."),
-    seed: int = typer.Option(0, help="Seed of the batch order and dropout."),
-    max_length: int = typer.Option(512, help="Truncate examples to this many tokens."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    text_field: str = typer.Option("text", help="JSONL field holding the text."),
-    freeze_uncovered: bool = typer.Option(False, help="Freeze trainable parameters outside supported layers."),
-    show: int = typer.Option(5, help="Most and least valuable examples printed."),
+    model: Optional[str] = _model_opt(),
+    train: Optional[str] = _data_opt("--train"),
+    val: Optional[str] = _data_opt("--val", "the embedded demo queries"),
+    text_field: Optional[str] = _text_field_opt(),
+    prompt_field: Optional[str] = _prompt_field_opt(),
+    completion_field: Optional[str] = _completion_field_opt(),
+    messages_field: Optional[str] = _messages_field_opt(),
+    val_size: Optional[int] = typer.Option(None, help="Use the first N validation examples.", rich_help_panel=DATA,
+                                           show_default="all; 16 for the demo"),
+    max_length: int = _max_length_opt(),
+    out: str = typer.Option("inrun-out", help="Output directory (dots, values, final model).",
+                            rich_help_panel=OUTPUT),
+    show: int = typer.Option(5, help="Most and least valuable examples printed.", rich_help_panel=OUTPUT),
+    steps: int = typer.Option(100, help="Optimizer steps.", rich_help_panel=RUN),
+    batch_size: int = typer.Option(8, help="Training examples per step.", rich_help_panel=RUN),
+    lr: float = typer.Option(1e-4, help="Learning rate.", rich_help_panel=RUN),
+    optimizer: str = typer.Option("adamw", help="sgd or adamw.", rich_help_panel=RUN),
+    seed: int = typer.Option(0, help="Seed of the batch order and dropout.", rich_help_panel=RUN),
+    freeze_uncovered: bool = typer.Option(False, "--freeze-uncovered",
+                                          help="Freeze trainable parameters outside supported layers.",
+                                          rich_help_panel=RUN),
+    device: str = _device_opt(),
 ) -> None:
     """Fine-tune with in-run data valuation: per-step gradient dot products with a validation batch."""
     from rich.table import Table
 
     from .inrun import InrunOptions, run_inrun
+    from .progress import shorten
 
     if model is None or train is None or val is None:
         if model is not None and (train is None or val is None):
@@ -341,12 +470,16 @@ def inrun(
             val_size = 16
     res = run_inrun(InrunOptions(model=model, train=train, val=val, out=out, steps=steps, batch_size=batch_size,
                                  lr=lr, optimizer=optimizer, val_size=val_size, seed=seed, max_length=max_length,
-                                 device=device, text_field=text_field,
+                                 device=device, fields=_fields(text_field, prompt_field, completion_field,
+                                                               messages_field),
                                  uncovered="freeze" if freeze_uncovered else "error"))
+    _notes(res.notes)
     con = _console()
     seen = (res.counts > 0).nonzero().flatten()
     if show > 0 and len(seen):
-        order = seen[torch_argsort(res.values[seen])]
+        import torch
+
+        order = seen[torch.argsort(res.values[seen])]
         table = Table(title="in-run value = sum over steps of -lr * dot (negative: the example lowered the "
                             "validation loss)", title_justify="left")
         for col in ("", "train", "value", "steps drawn", "text"):
@@ -355,68 +488,47 @@ def inrun(
         for label, rows in (("most valuable", order[:n]), ("least valuable", order[-n:].flip(0))):
             for i in rows.tolist():
                 table.add_row(label, str(i), f"{float(res.values[i]):.3e}", str(int(res.counts[i])),
-                              _shorten(res.train_texts[i]))
+                              shorten(res.train_texts[i]))
         con.print(table)
     con.print(f"[green]done[/green]: {res.steps} steps over {res.train_count} training examples with a validation "
               f"batch of {res.val_count}; final training loss {res.final_loss:.3f}; {res.seconds:.1f} s; "
-              f"wrote {res.out}/dots.safetensors, values.safetensors and model/")
+              f"wrote {_escape(res.out)}/dots.safetensors, values.safetensors and model/")
 
 
-def torch_argsort(values):
-    import torch
-
-    return torch.argsort(values)
-
-
-def _shorten(text, width: int = 70) -> str:
-    from rich.markup import escape
-
-    text = " ".join(str(text).split())
-    return escape(text if len(text) <= width else text[: width - 1] + "…")
+INCOMPLETE_EXIT = 3  # `inspect` of a run that is not finished: scripts can gate on it
 
 
 @app.command()
 def inspect(
     run_dirs: list[str] = typer.Argument(..., help="Run directory; with --merge: OUT then the part directories."),
-    quick: bool = typer.Option(False, help="Skip hashing the shards."),
-    merge: bool = typer.Option(False, help="Join the runs of --num-shards/--shard-id jobs into OUT."),
+    quick: bool = typer.Option(False, "--quick", help="Skip hashing the shards."),
+    merge: bool = typer.Option(False, "--merge", help="Join the runs of --num-shards/--shard-id jobs into OUT."),
 ) -> None:
-    """Show a run and verify its shards (or merge job-array parts into one run)."""
-    from rich.table import Table
+    """Show a run and verify its shards (or merge job-array parts into one run).
 
-    from .store import merge_runs, verify_run
+    Exits 0 for a complete, verified run, 3 for an unfinished one and 2 for a damaged one."""
+    from .inspect_run import describe_run
 
     if merge:
+        from .store import merge_runs
+
         if len(run_dirs) < 2:
             raise GhostprojError("--merge needs OUT followed by the part directories.")
         merge_runs(run_dirs[0], run_dirs[1:])
-        _status().print(f"merged {len(run_dirs) - 1} parts into {run_dirs[0]}")
+        _status().print(f"merged {len(run_dirs) - 1} parts into {_escape(run_dirs[0])}")
     elif len(run_dirs) != 1:
         raise GhostprojError("inspect takes one run directory (or --merge OUT PART...).")
-    run_dir = run_dirs[0]
-    report = verify_run(run_dir, hash_shards=not quick)
-    m = report.manifest
-    con = _console()
-    con.print(f"[bold]{run_dir}[/bold]: model {m['model']['path']} ({m['model']['class']}, {m['model'].get('dtype')}), "
-              f"data {m['data']['path']} ({m['data']['count']} examples)")
-    con.print(f"D={m['dim']}, store {m['store_dtype']}, projector {m['projector']['kind']} seed {m['projector']['seed']}, "
-              f"loss {m['loss_reduction']}, bias {m['bias']}, fingerprint {m['fingerprint'][:16]}")
-    table = Table()
-    for col in ("layer", "type", "n_in", "n_out", "k_in", "k_out", "offset"):
-        table.add_column(col, justify="left" if col in ("layer", "type") else "right")
-    for layer in m["layers"]:
-        table.add_row(*(str(layer[c]) for c in ("name", "type", "n_in", "n_out", "k_in", "k_out", "offset")))
-    con.print(table)
-    state = "complete" if m.get("complete") else "INCOMPLETE (rerun the same project command to resume)"
-    con.print(f"{report.rows} rows in {len(m['shards'])} shards, {_human_bytes(report.bytes)}, {state}; "
-              f"shards {'verified (sha256)' if not quick else 'checked (sizes and headers)'}.")
+    complete = describe_run(run_dirs[0], _console(), hash_shards=not quick)
+    if not complete:
+        raise typer.Exit(INCOMPLETE_EXIT)
 
 
 @app.command()
 def demo(
-    out: str = typer.Option("ghostproj-demo", help="Directory for the demo's projection runs."),
-    top_k: int = typer.Option(10, help="Matches per query."),
-    show: int = typer.Option(3, help="Queries whose matches are printed."),
+    out: str = typer.Option("ghostproj-demo", help="Directory for the demo's projection runs.",
+                            rich_help_panel=OUTPUT),
+    top_k: int = typer.Option(10, help="Matches per query.", rich_help_panel=SCORING),
+    show: int = typer.Option(3, help="Queries whose matches are printed.", rich_help_panel=OUTPUT),
 ) -> None:
     """Project the embedded corpus, score held-out queries and show what ghostproj finds."""
     from .demo import run_demo
@@ -424,22 +536,41 @@ def demo(
     run_demo(out, _console(), _status(), top_k=top_k, show=show)
 
 
+class Interrupted(BaseException):
+    """Ctrl-C, raised in place of KeyboardInterrupt so that it reaches :func:`main` (the
+    command-line framework would turn a KeyboardInterrupt into a silent exit first)."""
+
+
+def _on_sigint(signum, frame):
+    raise Interrupted()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one sentence on stderr and a non-zero exit."""
+    import signal
+    import threading
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, _on_sigint)
     try:
         app(args=argv)  # standalone: usage errors print usage and exit 2
     except GhostprojError as exc:
-        from rich.markup import escape
-
-        _status().print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        _status().print(f"[red]error:[/red] {_escape(exc)}", highlight=False)
         sys.exit(2)
-    except KeyboardInterrupt:
-        _status().print("[yellow]interrupted[/yellow]: every shard already written is kept; rerun to resume.")
+    except (Interrupted, KeyboardInterrupt):
+        _status().print("[yellow]interrupted[/yellow]: every shard already written is kept; rerun the same "
+                        "command to resume.")
         sys.exit(130)
     except OSError as exc:
-        _status().print(f"[red]error:[/red] {exc.strerror or exc} ({exc.filename or 'file system'}).", highlight=False)
+        what = exc.strerror or str(exc)
+        _status().print(f"[red]error:[/red] {_escape(what)} ({_escape(exc.filename or 'file system')}).",
+                        highlight=False)
         sys.exit(2)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

@@ -76,28 +76,33 @@ def read_records(path: str | os.PathLike) -> Records:
         raise GhostprojError(f"Data file {p} does not exist.")
     if p.is_dir():
         raise GhostprojError(f"Data path {p} is a directory, not a file.")
+    if not os.access(p, os.R_OK):
+        raise GhostprojError(f"Cannot read data file {p}: permission denied (fix its permissions).")
     rows: list[dict] = []
-    try:
-        with open(p, encoding="utf-8") as f:
-            if p.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-                for lineno, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise GhostprojError(f"{p} line {lineno} is not valid JSON ({exc.msg}).") from None
-                    if not isinstance(obj, dict):
-                        raise GhostprojError(f"{p} line {lineno} is not a JSON object.")
-                    obj["_line"] = lineno
-                    rows.append(obj)
+    jsonl = p.suffix.lower() in (".jsonl", ".json", ".ndjson")
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise GhostprojError(f"{p} line {lineno} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                     f"{exc.start + 1}); save the file as UTF-8.") from None
+            if jsonl:
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    cause = exc.msg.removesuffix(" at")
+                    raise GhostprojError(f"{p} line {lineno} is not valid JSON ({cause} at column {exc.colno}).") from None
+                if not isinstance(obj, dict):
+                    raise GhostprojError(f"{p} line {lineno} is not a JSON object.")
+                obj["_line"] = lineno
+                rows.append(obj)
             else:
-                for lineno, line in enumerate(f, start=1):
-                    text = line.rstrip("\n").rstrip("\r")
-                    if text.strip():
-                        rows.append({"text": text, "_line": lineno})
-    except UnicodeDecodeError:
-        raise GhostprojError(f"{p} is not UTF-8 text; pass a JSONL or plain-text file.") from None
+                text = line.rstrip("\n").rstrip("\r")
+                if text.strip():
+                    rows.append({"text": text, "_line": lineno})
     if not rows:
         raise GhostprojError(f"Data file {p} holds no examples.")
     return Records(str(p), rows)

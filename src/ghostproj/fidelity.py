@@ -141,3 +141,23 @@ def run_fidelity(model, examples: list[Example], layers: list[str] | None, ranks
             report.recommended = rr.rank
             break
     return report
+
+
+def run_fidelity_check(model_path: str, data_path: str, layers: list[str] | None, ranks: str, *, samples: int = 16,
+                       max_length: int = 512, dense: bool = True, seed: int = 0, device: str = "auto",
+                       **fields) -> FidelityReport:
+    """The `fidelity` command: load the model and data as `project` does, pick calibration
+    examples of mixed lengths and compare projected with exact inner products. ``ranks``
+    is the comma-separated list the user typed."""
+    from .checks import load_model_and_data, pick_mixed_lengths
+    from .errors import GhostprojError
+
+    try:
+        rank_list = [int(r) for r in ranks.split(",") if r.strip()]
+    except ValueError:
+        raise GhostprojError(f"--ranks must be comma-separated integers, got '{ranks}'.") from None
+    if not rank_list or min(rank_list) < 1:
+        raise GhostprojError(f"--ranks must list positive integers, got '{ranks}'.")
+    model, _, data = load_model_and_data(model_path, data_path, "float32", device, max_length, **fields)
+    examples = pick_mixed_lengths(data.examples, samples)
+    return run_fidelity(model, examples, layers, rank_list, dense=dense, seed=seed)

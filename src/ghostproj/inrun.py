@@ -4,17 +4,18 @@ every training example's gradient dot product with the validation batch."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .data import Example, collate, read_records, tokenize_records
+from .data import Example, collate, example_text, read_records
 from .engines.dotprod import GradDotProdEngine
 from .errors import GhostprojError
 from .losses import causal_lm_losses
 from .models import load_model, pad_token_id, position_limit
 from .progress import RateProgress
+from .readers import DataSpec, load_examples
 from .store import atomic_write, encode_safetensors
 
 MAX_VAL_BATCH = 512  # every step carries the whole validation batch
@@ -34,7 +35,7 @@ class InrunOptions:
     seed: int = 0
     max_length: int = 512
     device: str = "auto"
-    text_field: str = "text"
+    fields: dict = field(default_factory=dict)  # text_field, prompt_field, ...: as for `project`
     uncovered: str = "error"
     show_progress: bool = True
 
@@ -50,6 +51,7 @@ class InrunResult:
     values: torch.Tensor  # [N_train]
     counts: torch.Tensor  # [N_train] times each example was drawn
     train_texts: list[str]
+    notes: list[str] = field(default_factory=list)
 
 
 def _check(opts: InrunOptions) -> None:
@@ -81,12 +83,16 @@ def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[torch.Te
 def run_inrun(opts: InrunOptions) -> InrunResult:
     t0 = time.perf_counter()
     _check(opts)
-    train_records, val_records = read_records(opts.train), read_records(opts.val)
+    specs = [DataSpec(path, **opts.fields) for path in (opts.train, opts.val)]
+    for spec in specs:
+        if spec.resolved_format() in ("jsonl", "text"):
+            read_records(spec.path)  # a malformed file is reported before the model load
     model, tokenizer = load_model(opts.model, "float32", opts.device)
     limit = position_limit(model)
     max_length = min(opts.max_length, limit) if limit else opts.max_length
-    train = tokenize_records(train_records, tokenizer, max_length, opts.text_field)
-    val = tokenize_records(val_records, tokenizer, max_length, opts.text_field)
+    vocab = getattr(model.config, "vocab_size", None)
+    train_data, val_data = (load_examples(spec, tokenizer, max_length, vocab) for spec in specs)
+    train, val = train_data.examples, val_data.examples
     if opts.val_size is not None:
         if opts.val_size > len(val):
             raise GhostprojError(f"--val-size {opts.val_size} is larger than the {len(val)} validation examples.")
@@ -149,6 +155,7 @@ def run_inrun(opts: InrunOptions) -> InrunResult:
         {"index": torch.arange(len(train)), "value": values.float(), "count": counts}, meta))
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
-    texts = [train_records.rows[i].get(opts.text_field, "") for i in range(len(train))]
+    texts = ([example_text(train_data.records, i, specs[0].describe()) for i in range(len(train))]
+             if train_data.records is not None else [""] * len(train))
     return InrunResult(out, opts.steps, len(train), len(val), loss_value, time.perf_counter() - t0, values.float(),
-                       counts, texts)
+                       counts, texts, train_data.notes + val_data.notes)

@@ -53,10 +53,16 @@ class LayerInfo:
 
 
 def pattern_matches(pattern: str, name: str) -> bool:
+    """``re:REGEX`` searches ``name`` for REGEX; anything else is a substring."""
     import re
 
+    from .errors import GhostprojError
+
     if pattern.startswith("re:"):
-        return re.search(pattern[3:], name) is not None
+        try:
+            return re.search(pattern[3:], name) is not None
+        except re.error as exc:
+            raise GhostprojError(f"Layer pattern '{pattern}' is not a valid regular expression ({exc}).") from None
     return pattern in name
 
 

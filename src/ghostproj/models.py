@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import os
 from pathlib import Path
 
 import torch
@@ -44,6 +45,10 @@ def load_model(path: str, dtype: str = "float32", device: str = "auto", revision
         raise GhostprojError(f"Model directory {path} does not exist.")
     if local.exists() and not (local / "config.json").is_file():
         raise GhostprojError(f"{path} is not a model directory (it has no config.json).")
+    if local.is_dir():
+        unreadable = [f.name for f in sorted(local.iterdir()) if f.is_file() and not os.access(f, os.R_OK)]
+        if unreadable:
+            raise GhostprojError(f"Cannot read {local / unreadable[0]}: permission denied (fix its permissions).")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

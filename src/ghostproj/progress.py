@@ -11,6 +11,22 @@ console = Console(soft_wrap=True)  # results (tables, summaries)
 status = Console(stderr=True, soft_wrap=True)  # progress, notes and errors, kept out of piped results
 
 
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def shorten(text, width: int = 70) -> str:
+    """One line of a user's text, safe to print in a table (rich markup escaped)."""
+    from rich.markup import escape
+
+    text = " ".join(str(text).split())
+    return escape(text if len(text) <= width else text[: width - 1] + "…")
+
+
 class RateProgress:
     """A progress bar over items that also reports a second quantity per second (tokens)."""
 

@@ -28,6 +28,7 @@ from .store import (
     PROJECTOR_FILE,
     STORE_DTYPES,
     RunWriter,
+    damaged_shards,
     differing_part,
     fingerprint,
     fingerprint_parts,
@@ -36,6 +37,8 @@ from .store import (
     read_manifest,
     read_rows,
     read_shard_header,
+    require_keys,
+    sampled_weights_hash,
     RunLock,
     weights_hash,
     write_manifest,
@@ -71,7 +74,7 @@ class ProjectOptions:
     shard_size: int = 4096
     device: str = "auto"
     dtype: str = "float32"
-    text_field: str = "text"
+    text_field: str | None = None  # None: the layout is read from the data's first row
     prompt_field: str | None = None
     completion_field: str | None = None
     messages_field: str | None = None
@@ -86,6 +89,7 @@ class ProjectOptions:
     shard_id: int = 0  # ... and project this one
     force: bool = False  # start even when the disk looks too small
     resume: bool = True
+    verify: bool = False  # on resume or rerun, hash every shard, not only the last one
     compile: bool = False  # torch.compile the model with the engine attached: one graph, no break per layer
     show_progress: bool = True
 
@@ -102,6 +106,7 @@ class ProjectSummary:
     bytes: int = 0
     seconds: float = 0.0
     resumed_from: int = 0
+    repaired: int = 0  # damaged or missing shards recomputed
     already_complete: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -116,6 +121,7 @@ def _apply_like(opts: ProjectOptions) -> tuple[dict | None, dict]:
     if not opts.like:
         return None, {k: (v if v is not None else _DEFAULTS[k]) for k, v in resolved.items()}
     like = read_manifest(opts.like)
+    require_keys(like, ("projector", "loss_reduction", "bias"), Path(opts.like) / MANIFEST, "--like")
     recorded = {
         "projector": like["projector"]["kind"],
         "seed": like["projector"]["seed"],
@@ -175,8 +181,10 @@ def build_engine(model, opts: ProjectOptions, values: dict, like: dict | None) -
     missing = [n for n in names if n not in modules]
     if missing:
         raise GhostprojError(f"The model has no layer '{missing[0]}' that the --like run projects.")
-    projectors = load_projectors(Path(opts.like) / PROJECTOR_FILE, names)
     ranks = {layer["name"]: (int(layer["k_in"]), int(layer["k_out"])) for layer in like["layers"]}
+    widths = {layer["name"]: (int(layer["n_in"]), int(layer["n_out"])) for layer in like["layers"]}
+    projectors = load_projectors(Path(opts.like) / PROJECTOR_FILE, names,
+                                 {n: (ranks[n], widths[n]) for n in names})
     engine = GradProjectionEngine(
         model,
         ["re:^" + re.escape(n) + "$" for n in names],
@@ -238,11 +246,13 @@ def _prepare_out_dir(out: Path, manifest: dict, resume: bool, manifest_name: str
     return old
 
 
-def run_project(opts: ProjectOptions) -> ProjectSummary:
+def run_project(opts: ProjectOptions, summary: ProjectSummary | None = None) -> ProjectSummary:
+    """Project ``opts.data`` into ``opts.out``. ``summary``, when given, is filled in as the
+    run goes, so a caller still has its notes when the run is interrupted or refused."""
     t0 = time.perf_counter()
     like, values = _apply_like(opts)
     _check_choices(opts, values)
-    summary = ProjectSummary(out=opts.out)
+    summary = summary if summary is not None else ProjectSummary(out=opts.out)
     spec = DataSpec(opts.data, opts.format, opts.text_field, opts.prompt_field, opts.completion_field,
                     opts.messages_field, opts.token_dtype, opts.split)
     spec.resolved_format()  # refuse an unknown format before loading the model
@@ -268,8 +278,15 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
         weight_tensors.append((info.name + ".weight", modules[info.name].weight))
         if engine.bias:
             weight_tensors.append((info.name + ".bias", modules[info.name].bias))
-    parts = fingerprint_parts(engine.layers, weights_hash(weight_tensors), projector_hash(engine.projectors),
+    weights_sha = weights_hash(weight_tensors)
+    if opts.adapter:
+        # the adapter's matrices alone do not say which base they sit on: runs over
+        # different bases must not compare as equal
+        base = [(n, p) for n, p in model.named_parameters() if ".lora_" not in n]
+        weights_sha = fingerprint({"adapter": weights_sha, "base": sampled_weights_hash(base)})
+    parts = fingerprint_parts(engine.layers, weights_sha, projector_hash(engine.projectors),
                               values["loss_reduction"], values["bias"])
+    summary.notes += _capped_rank_notes(engine, values, opts)
     fp = fingerprint(parts)
     manifest = {
         "format": FORMAT_VERSION,
@@ -338,7 +355,17 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
     summary.prompt_too_long = sum(e.prompt_filled for e in subset)
     summary.examples = len(subset)
     summary.tokens = sum(e.n_label_positions for e in subset)
-    if old is not None and old.get("complete"):
+    damaged = []
+    if old is not None:
+        if dist is None:
+            damaged = damaged_shards(out, old, opts.verify)
+        else:
+            damaged = damaged_shards(out, old, opts.verify) if not (out / MANIFEST).exists() else []
+            if damaged:
+                pos, why = damaged[0]
+                raise GhostprojError(f"Shard {out / old['shards'][pos]['file']} is damaged ({why}); rerun this "
+                                     "project command without torchrun to recompute it.")
+    if old is not None and old.get("complete") and not damaged:
         summary.already_complete = True
         summary.bytes = sum(s.get("bytes", 0) for s in old["shards"])
         summary.seconds = time.perf_counter() - t0
@@ -356,6 +383,8 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
         if old is not None:
             manifest["shards"] = old["shards"]
             manifest["created"] = old.get("created", manifest["created"])
+            if old.get("complete"):
+                manifest["complete"], manifest["summary"] = True, old.get("summary")
         else:
             if shard_id == 0 or dist is None:
                 save_projectors(out / PROJECTOR_FILE, engine.projectors,
@@ -366,12 +395,30 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
         summary.resumed_from = writer.rows_written
         if summary.resumed_from:
             summary.notes.append(f"Resumed after {summary.resumed_from} examples already written.")
-        todo_batches = _batches_after(subset, opts, start, out)
+        planned = _planned_batches(subset, opts)
+        todo_batches = _batches_after(planned, start, out)
+        repairs = _repair_plan(planned, manifest["shards"], damaged, out)
+        for pos, why in damaged:
+            summary.notes.append(f"Shard {manifest['shards'][pos]['file']} was damaged ({why}); recomputing its "
+                                 f"{manifest['shards'][pos]['rows']} examples.")
+        summary.repaired = len(repairs)
         pad = pad_token_id(tokenizer)
         forward = torch.compile(model) if opts.compile else model
+        total = len(subset) - start + sum(manifest["shards"][r.pos]["rows"] for r in repairs)
         try:
-            with RateProgress("projecting", total=len(subset) - start, enabled=opts.show_progress) as bar, engine, \
+            with RateProgress("projecting", total=total, enabled=opts.show_progress) as bar, engine, \
                     _dynamic_batch_sizes(opts.compile):
+                for repair in repairs:
+                    parts = [launch_batch(forward, engine, b, values["loss_reduction"], pad, device,
+                                          STORE_DTYPES[opts.store_dtype]).result() for b in repair.batches]
+                    rows = [torch.cat([p[c] for p in parts])[repair.begin:repair.end] for c in range(4)]
+                    entry = manifest["shards"][repair.pos]
+                    if "index_min" in entry and (int(rows[1].min()), int(rows[1].max())) != (
+                            entry["index_min"], entry["index_max"]):
+                        raise GhostprojError(f"{out} does not follow this version's example order; the damaged "
+                                             f"shard {entry['file']} cannot be recomputed in place.")
+                    writer.replace_shard(repair.pos, *rows)
+                    bar.advance(repair.end - repair.begin, int(rows[3].sum()))
                 # One batch in flight: batch t+1 is queued on the device before batch t's
                 # results are waited for and handed to the writer.
                 pending = None
@@ -383,7 +430,9 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
                     pending = launched
                 if pending is not None:
                     _deliver(pending, writer, bar)
-            writer.finish({k: v for k, v in asdict(summary).items() if k not in ("out", "notes", "already_complete")})
+            if not manifest.get("complete"):
+                writer.finish({k: v for k, v in asdict(summary).items()
+                               if k not in ("out", "notes", "already_complete", "repaired")}, started=t0)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise GhostprojError(f"The disk holding {out} is full after {writer.rows_written} examples; every "
@@ -408,6 +457,20 @@ def run_project(opts: ProjectOptions) -> ProjectSummary:
     return summary
 
 
+def _capped_rank_notes(engine: GradProjectionEngine, values: dict, opts: ProjectOptions) -> list[str]:
+    """Say so when --rank asks for more than some layers have: they are projected at their
+    full size, and the run is smaller than the user may think."""
+    rank = values.get("rank")
+    if rank is None or opts.rank_in is not None or opts.rank_out is not None:
+        return []
+    capped = [i for i in engine.layers if i.k_in == i.n_in and i.k_out == i.n_out and i.size < rank]
+    if not capped:
+        return []
+    first = capped[0]
+    return [f"--rank {rank} exceeds the full size of {len(capped)} layer(s) (e.g. {first.name}: {first.n_in} x "
+            f"{first.n_out} = {first.size}); they are projected at that full size."]
+
+
 def _dynamic_batch_sizes(compiling: bool):
     """Under torch.compile, let the engine's per-layer result buffers (attributes reached
     through the model's modules, which dynamo otherwise takes as fixed-size) follow the
@@ -419,14 +482,18 @@ def _dynamic_batch_sizes(compiling: bool):
     return torch._dynamo.config.patch(force_nn_module_property_static_shapes=False)
 
 
-def _batches_after(subset: list[Example], opts: ProjectOptions, start: int, out: Path) -> list[list[Example]]:
-    """The batches still to run when ``start`` rows are already written."""
+def _planned_batches(subset: list[Example], opts: ProjectOptions) -> list[list[Example]]:
+    """Every batch of the run, in the order their rows are written. The order is
+    deterministic, so a resumed run skips exactly the examples already written and a
+    damaged shard's examples can be found again."""
     if opts.token_budget is not None:
-        # length buckets remove most padding; the order is deterministic, so a resumed run
-        # skips exactly the examples already written
-        batches = list(token_budget_batches(subset, opts.token_budget))
-    else:
-        batches = list(fixed_size_batches(subset, opts.batch_size))
+        # length buckets remove most padding
+        return list(token_budget_batches(subset, opts.token_budget))
+    return list(fixed_size_batches(subset, opts.batch_size))
+
+
+def _batches_after(batches: list[list[Example]], start: int, out: Path) -> list[list[Example]]:
+    """The batches still to run when ``start`` rows are already written."""
     todo, skipped = [], 0
     for batch in batches:
         if skipped + len(batch) <= start:
@@ -436,6 +503,39 @@ def _batches_after(subset: list[Example], opts: ProjectOptions, start: int, out:
     if skipped != start:
         raise GhostprojError(f"{out} ends inside a batch; it was not written by this version of ghostproj.")
     return todo
+
+
+@dataclass
+class _Repair:
+    """A damaged shard (its position in the manifest) and how to recompute it: these
+    batches, whose concatenated rows [begin, end) are the shard's rows. Whole batches are
+    run, so each example is computed in the very batch it was computed in before."""
+
+    pos: int
+    batches: list[list[Example]]
+    begin: int
+    end: int
+
+
+def _repair_plan(batches: list[list[Example]], shards: list[dict], damaged: list[tuple[int, str]],
+                 out: Path) -> list[_Repair]:
+    starts, row = [], 0
+    for entry in shards:
+        starts.append(row)
+        row += int(entry["rows"])
+    plan = []
+    for pos, _ in damaged:
+        lo, hi = starts[pos], starts[pos] + int(shards[pos]["rows"])
+        chosen, first, at = [], None, 0
+        for batch in batches:
+            if at + len(batch) > lo and at < hi:
+                first = at if first is None else first
+                chosen.append(batch)
+            at += len(batch)
+        if hi > at or first is None:
+            raise GhostprojError(f"{out} lists more rows than its data has; it cannot be repaired in place.")
+        plan.append(_Repair(pos, chosen, lo - first, hi - first))
+    return plan
 
 
 def device_for_this_process(device: str) -> str:

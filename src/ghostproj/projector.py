@@ -105,9 +105,15 @@ def save_projectors(path, projectors: dict[str, LayerProjector], metadata: dict[
     atomic_write(Path(path), encode_safetensors(tensors, metadata))
 
 
-def load_projectors(path, layer_names: list[str]) -> dict[str, LayerProjector]:
+def load_projectors(path, layer_names: list[str],
+                    shapes: dict[str, tuple[tuple[int, int], tuple[int, int]]] | None = None) -> dict[str, LayerProjector]:
+    """The matrices of ``layer_names`` from a projector file. ``shapes`` maps a layer to
+    ((k_in, k_out), (n_in, n_out)) as its manifest records them; the file is refused when
+    a matrix is not float32 of exactly that shape."""
     from safetensors import safe_open
 
+    if not Path(path).is_file():
+        raise GhostprojError(f"Projector file {path} is missing; the run cannot be reused without it.")
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = set(f.keys())
@@ -119,7 +125,16 @@ def load_projectors(path, layer_names: list[str]) -> dict[str, LayerProjector]:
     except GhostprojError:
         raise
     except Exception as exc:  # safetensors raises several types for damaged files
-        raise GhostprojError(f"Cannot read projector file {path}: {exc}.") from None
+        raise GhostprojError(f"Cannot read projector file {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.") from None
+    for name, p in out.items():
+        if p.p_in.dtype != torch.float32 or p.p_out.dtype != torch.float32:
+            raise GhostprojError(f"{path} is damaged: the matrices of '{name}' are not float32.")
+        if shapes is not None and name in shapes:
+            (k_in, k_out), (n_in, n_out) = shapes[name]
+            if tuple(p.p_in.shape) != (k_in, n_in) or tuple(p.p_out.shape) != (k_out, n_out):
+                raise GhostprojError(
+                    f"{path} does not match its manifest: layer '{name}' has matrices {tuple(p.p_in.shape)} and "
+                    f"{tuple(p.p_out.shape)}, the manifest needs {(k_in, n_in)} and {(k_out, n_out)}.")
     return out
 
 

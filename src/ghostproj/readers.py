@@ -24,7 +24,7 @@ FORMATS = ("auto", "jsonl", "text", "bin", "parquet", "hf")
 class DataSpec:
     path: str
     format: str = "auto"
-    text_field: str = "text"
+    text_field: str | None = None  # None with no other field given: the layout is read from the first row
     prompt_field: str | None = None
     completion_field: str | None = None
     messages_field: str | None = None
@@ -55,7 +55,7 @@ class DataSpec:
             elif self.prompt_field:
                 d["prompt_field"], d["completion_field"] = self.prompt_field, self.completion_field
             else:
-                d["text_field"] = self.text_field
+                d["text_field"] = self.text_field or "text"
         if fmt == "bin":
             d["token_dtype"] = self.token_dtype
         if fmt == "hf":
@@ -87,14 +87,54 @@ def load_examples(spec: DataSpec, tokenizer, max_length: int, vocab_size: int | 
         sha = file_sha256(spec.path)
     fields = sorted({k for row in records.rows for k in row if not k.startswith("_")})
     out = LoadedData([], records, sha, fields)
+    if fmt != "text":
+        note = resolve_layout(spec, records)
+        if note:
+            out.notes.append(note)
     if spec.messages_field:
         out.examples = _tokenize_chat(records, tokenizer, max_length, spec.messages_field)
     elif spec.prompt_field:
         out.examples, out.notes, out.prompt_too_long = _tokenize_prompt_completion(
             records, tokenizer, max_length, spec.prompt_field, spec.completion_field)
     else:
-        out.examples = tokenize_records(records, tokenizer, max_length, spec.text_field)
+        out.examples = tokenize_records(records, tokenizer, max_length, spec.text_field or "text")
+        blank = [records.rows[e.index].get("_line", e.index + 1) for e in out.examples
+                 if not record_text(records, e.index, spec.text_field or "text").strip()]
+        if blank:
+            where = ", ".join(map(str, blank[:5])) + (" ..." if len(blank) > 5 else "")
+            out.notes.append(f"{len(blank)} examples are empty or whitespace only (line {where}); they are kept "
+                             "so row numbers stay those of the file, and an empty one gets a zero vector.")
     return out
+
+
+# The dataset layouts recognised from the first row, in order (TRL's conventions).
+LAYOUTS = (("text",), ("prompt", "completion"), ("messages",))
+
+
+def resolve_layout(spec: DataSpec, records: Records) -> str | None:
+    """Fill in which fields hold the example when no field flag was given, from the first
+    row; returns a note saying which layout was chosen (None when the flags chose it)."""
+    if spec.messages_field or spec.prompt_field or spec.text_field:
+        return None
+    first = records.rows[0]
+    for layout in LAYOUTS:
+        if all(k in first for k in layout):
+            break
+    else:
+        have = ", ".join(f"'{k}'" for k in first if not k.startswith("_")) or "none"
+        raise GhostprojError(
+            f"{records.path} line {first.get('_line', 1)} has none of the layouts ghostproj reads ('text'; 'prompt' + "
+            f"'completion'; 'messages'); its fields are {have}. Name yours with --text-field, --prompt-field and "
+            "--completion-field, or --messages-field.")
+    if layout == ("text",):
+        spec.text_field = "text"
+        return None
+    if layout == ("messages",):
+        spec.messages_field = "messages"
+        return "data layout: chat 'messages' (loss on assistant turns only); --text-field and friends override it."
+    spec.prompt_field, spec.completion_field = "prompt", "completion"
+    return ("data layout: 'prompt' + 'completion' (loss on completion tokens only); --text-field and friends "
+            "override it.")
 
 
 # -- prompt / completion ------------------------------------------------------------------

@@ -10,27 +10,37 @@ from rich.table import Table
 
 from .data import example_text, record_field, records_for_run
 from .errors import GhostprojError
-from .progress import RateProgress
+from .progress import RateProgress, shorten
 from .scoring import ScoreResult, score
 from .store import atomic_write, encode_safetensors, open_run
 
 
-def _shorten(text, width: int = 90) -> str:
-    """One line of a user's text, safe to print (rich markup escaped)."""
-    from rich.markup import escape
+def check_outputs(outputs: list[tuple[str | None, str]], inputs: list[str], overwrite: bool) -> None:
+    """Refuse, before any work, an output that would land on an input, inside a projection
+    run directory, on another output, or (without ``overwrite``) on an existing file."""
+    from .store import MANIFEST
 
-    text = " ".join(str(text).split())
-    return escape(text if len(text) <= width else text[: width - 1] + "…")
-
-
-def _check_writable(path: str | None, flag: str) -> None:
-    if path is None:
-        return
-    parent = Path(path).resolve().parent
-    if not parent.is_dir():
-        raise GhostprojError(f"{flag} {path}: the directory {parent} does not exist.")
-    if Path(path).is_dir():
-        raise GhostprojError(f"{flag} {path} is a directory; give a file name.")
+    taken: dict[Path, str] = {}
+    protected = {Path(p).resolve() for p in inputs}
+    for path, flag in outputs:
+        if path is None:
+            continue
+        target = Path(path).resolve()
+        parent = target.parent
+        if not parent.is_dir():
+            raise GhostprojError(f"{flag} {path}: the directory {parent} does not exist.")
+        if target.is_dir():
+            raise GhostprojError(f"{flag} {path} is a directory; give a file name.")
+        if target in protected:
+            raise GhostprojError(f"{flag} {path} is one of the inputs; write the output elsewhere.")
+        if any(target.is_relative_to(p) for p in protected if p.is_dir()) or (parent / MANIFEST).exists():
+            raise GhostprojError(f"{flag} {path} is inside a projection run directory; write outputs elsewhere "
+                                 "so the run stays as `project` wrote it.")
+        if target in taken:
+            raise GhostprojError(f"{flag} and {taken[target]} name the same file {path}.")
+        taken[target] = flag
+        if target.exists() and not overwrite:
+            raise GhostprojError(f"{flag} {path} already exists; pass --overwrite to replace it.")
 
 
 def write_scores(path: str, result: ScoreResult) -> None:
@@ -60,9 +70,9 @@ def write_selection(path: str, result: ScoreResult) -> None:
 def run_score_command(train: str, query: str, *, metric: str, normalize: str | None, center: bool, damping: float,
                       layers: list[str] | None, top_k: int, show: int, out: str | None, topk_out: str | None,
                       reduce: str | None, group_field: str | None, select_out: str | None, chunk_rows: int,
-                      console, status) -> ScoreResult:
-    for path, flag in ((out, "--out"), (topk_out, "--topk-out"), (select_out, "--select-out")):
-        _check_writable(path, flag)
+                      console, status, overwrite: bool = False) -> ScoreResult:
+    check_outputs([(out, "--out"), (topk_out, "--topk-out"), (select_out, "--select-out")], [train, query],
+                  overwrite)
     if select_out and not reduce:
         raise GhostprojError("--select-out needs --reduce mean or --reduce max.")
     if group_field and reduce != "max":
@@ -86,6 +96,8 @@ def run_score_command(train: str, query: str, *, metric: str, normalize: str | N
         result = score(train_run, query_run, metric=metric, normalize=normalize, center=center, damping=damping,
                        layers=layers, top_k=top_k, reduce=reduce, query_groups=groups, keep_matrix=out is not None,
                        chunk_rows=chunk_rows, progress=bar)
+    for note in result.notes:
+        status.print(f"[yellow]note:[/yellow] {note}")
     if out:
         write_scores(out, result)
     if topk_out:
@@ -104,7 +116,7 @@ def run_score_command(train: str, query: str, *, metric: str, normalize: str | N
             qidx = int(result.query_index[j])
             title = f"query {qidx}"
             if query_records is not None:
-                title += ": " + _shorten(example_text(query_records, qidx, query_data), 80)
+                title += ": " + shorten(example_text(query_records, qidx, query_data), 80)
             table = Table(title=title, title_justify="left")
             table.add_column("rank", justify="right")
             table.add_column("train", justify="right")
@@ -115,7 +127,7 @@ def run_score_command(train: str, query: str, *, metric: str, normalize: str | N
                 tidx = int(result.topk_train[j, r])
                 cells = [str(r + 1), str(tidx), f"{float(result.topk_scores[j, r]):.4g}"]
                 if train_records is not None:
-                    cells.append(_shorten(example_text(train_records, tidx, train_data)))
+                    cells.append(shorten(example_text(train_records, tidx, train_data), 90))
                 table.add_row(*cells)
             console.print(table)
     if reduce and show > 0:
@@ -132,7 +144,7 @@ def run_score_command(train: str, query: str, *, metric: str, normalize: str | N
                 tidx = int(result.train_index[pos])
                 cells = [label, str(tidx), f"{float(result.selection[pos]):.4g}"]
                 if train_records is not None:
-                    cells.append(_shorten(example_text(train_records, tidx, train_data)))
+                    cells.append(shorten(example_text(train_records, tidx, train_data), 90))
                 table.add_row(*cells)
         console.print(table)
     status.print(f"[green]scored[/green] {train_run.rows} x {query_run.rows} ({metric}) in {result.seconds:.1f} s"

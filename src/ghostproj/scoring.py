@@ -7,14 +7,13 @@ state; the full N x M matrix is only held when the caller asks for it.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .errors import GhostprojError
-from .layers import LayerInfo
+from .layers import LayerInfo, pattern_matches
 from .store import Run, differing_part, open_run
 
 METRICS = ("cosine", "dot", "influence", "influence-full")
@@ -39,10 +38,7 @@ def _select_layers(layers: list[LayerInfo], patterns: list[str] | None) -> list[
         return layers
     chosen = []
     for pattern in patterns:
-        hits = [
-            info for info in layers
-            if (re.search(pattern[3:], info.name) if pattern.startswith("re:") else pattern in info.name)
-        ]
+        hits = [info for info in layers if pattern_matches(pattern, info.name)]
         if not hits:
             raise GhostprojError(
                 f"Layer pattern '{pattern}' matches no projected layer; the run has: {', '.join(i.name for i in layers)}."
@@ -66,13 +62,14 @@ def _relative_blocks(selected: list[LayerInfo]) -> list[LayerInfo]:
     return out
 
 
-def load_projections(path, layers: list[str] | None = None, mmap: bool = False) -> Projections:
+def load_projections(path, layers: list[str] | None = None, mmap: bool = False, verify: bool = True) -> Projections:
     """Vectors, dataset indices, losses and token counts of a run directory or shard file.
 
     ``layers`` restricts to those projected layers (patterns as in ``--layers``). With
     ``mmap=True`` the vectors stay on disk: ``grads`` is a list of per-shard memory-mapped
     tensors in the store dtype (all layers; select columns yourself with ``layers``'
-    offsets); otherwise ``grads`` is one float32 tensor in memory.
+    offsets); otherwise ``grads`` is one float32 tensor in memory. ``verify`` checks every
+    shard's sha256 against the manifest (while reading; with ``mmap``, in one pass first).
     """
     run = open_run(path)
     selected = _select_layers(run.layers, layers)
@@ -81,6 +78,8 @@ def load_projections(path, layers: list[str] | None = None, mmap: bool = False) 
     loss = run.read_column("loss")
     tokens = run.read_column("tokens")
     if mmap:
+        if verify:
+            run.verify_hashes()
         views = []
         for h in run.shards:
             dtype, shape, begin, _ = h.tensors["grads"]
@@ -90,7 +89,7 @@ def load_projections(path, layers: list[str] | None = None, mmap: bool = False) 
             views.append(t.view(torch.bfloat16) if dtype == torch.bfloat16 else t)
         return Projections(views, index, loss, tokens, run.layers, run.manifest)
     parts = []
-    for _, chunk in run.iter_chunks():
+    for _, chunk in run.iter_chunks(verify=verify):
         chunk = chunk.float()
         parts.append(chunk if cols is None else chunk[:, cols])
     grads = torch.cat(parts) if parts else torch.empty(0, sum(i.size for i in selected))
@@ -135,6 +134,7 @@ class ScoreResult:
     group_names: list[str] = field(default_factory=list)
     seconds: float = 0.0
     flops: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
 
 def check_comparable(train: Run, query: Run) -> None:
@@ -160,7 +160,7 @@ def score(
     train,
     query,
     metric: str = "cosine",
-    normalize: str | None = None,
+    normalize: str | None = "layer",
     center: bool = False,
     damping: float = 0.1,
     layers: list[str] | None = None,
@@ -174,7 +174,9 @@ def score(
     """Score every training vector against every query vector.
 
     ``train``/``query``: run directories or shard files (or opened :class:`Run` objects).
-    ``normalize`` defaults to none; cosine always ends with a unit normalization.
+    ``normalize`` defaults to ``layer`` (each layer's block to unit norm before the blocks
+    are combined), which ranked best on real data (README, "Choosing a metric"); ``none``
+    keeps the raw vectors. Cosine always ends with a unit normalization.
     ``query_groups`` (one label per query row) makes ``reduce='max'`` take the max over
     group means (LESS-style); without it ``max`` is over single queries.
     ``progress``: an object with ``advance(n)`` called per training chunk (and, if it has
@@ -200,8 +202,12 @@ def score(
         raise GhostprojError("The query set is empty.")
     if n_train == 0:
         raise GhostprojError("The training set is empty.")
-    if top_k is not None and not 1 <= top_k <= n_train:
-        raise GhostprojError(f"--top-k {top_k} must be between 1 and the number of training examples ({n_train}).")
+    notes = []
+    if top_k is not None and top_k < 1:
+        raise GhostprojError(f"--top-k must be at least 1, got {top_k}.")
+    if top_k is not None and top_k > n_train:
+        notes.append(f"--top-k {top_k} is more than the {n_train} training examples; keeping all {n_train}.")
+        top_k = n_train
 
     selected = _select_layers(train_run.layers, layers)
     cols = _columns(selected, train_run.dim)
@@ -274,7 +280,7 @@ def score(
         if progress is not None:
             progress.advance(n)
     return ScoreResult(train_index, query_index, matrix, best_vals, best_idx, selection, group_names,
-                       time.perf_counter() - t0, flops)
+                       time.perf_counter() - t0, flops, notes)
 
 
 def fisher_blocks(train_run: Run, cols, transform: Transform, blocks: list[LayerInfo], full: bool,

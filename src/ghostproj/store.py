@@ -75,6 +75,20 @@ def weights_hash(named_tensors: list[tuple[str, torch.Tensor]]) -> str:
     return h.hexdigest()
 
 
+def sampled_weights_hash(named_tensors: list[tuple[str, torch.Tensor]], per_tensor: int = 65536) -> str:
+    """A cheap identity of many weights: names, dtypes, shapes and an evenly strided sample
+    of at most ``per_tensor`` values of each. Two different checkpoints of a model differ
+    in it (fine-tuning moves every weight); hashing all bytes of a multi-billion-parameter
+    base would cost a full pass over it."""
+    h = hashlib.sha256()
+    for name, t in named_tensors:
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // per_tensor)
+        h.update(tensor_bytes(flat[::step][:per_tensor]))
+    return h.hexdigest()
+
+
 def fingerprint_parts(
     layers: list[LayerInfo], weights_sha: str, projector_sha: str, loss_reduction: str, bias: bool
 ) -> dict[str, str]:
@@ -167,26 +181,96 @@ def rank_manifest_name(rank: int) -> str:
 def read_manifest(run_dir: str | os.PathLike, name: str = MANIFEST) -> dict:
     run_dir = Path(run_dir)
     path = run_dir / name
+    if run_dir.is_file():
+        raise GhostprojError(f"{run_dir} is a file; give the run directory that holds it.")
     if not run_dir.is_dir() or not path.is_file():
         raise GhostprojError(f"{run_dir} is not a ghostproj projection run (no {path.name}).")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise GhostprojError(f"{path} is damaged: it is not valid JSON.") from None
+    except json.JSONDecodeError as exc:
+        raise GhostprojError(f"{path} is damaged: it is not valid JSON (line {exc.lineno}: {exc.msg}).") from None
+    except UnicodeDecodeError:
+        raise GhostprojError(f"{path} is damaged: it is not UTF-8 text.") from None
     if not isinstance(manifest, dict) or "format" not in manifest:
         raise GhostprojError(f"{path} is not a ghostproj manifest.")
     if manifest["format"] != FORMAT_VERSION:
         raise GhostprojError(
             f"{path} has format {manifest['format']}, but this ghostproj reads format {FORMAT_VERSION}."
         )
-    for key in ("fingerprint", "layers", "dim", "store_dtype", "shards"):
-        if key not in manifest:
-            raise GhostprojError(f"{path} is damaged: it lacks '{key}'.")
-    for shard in manifest["shards"]:
+    validate_manifest(manifest, path)
+    return manifest
+
+
+def _is_int(v, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+_LAYER_KEYS = {"name": str, "type": str, "n_in": int, "n_out": int, "k_in": int, "k_out": int, "offset": int}
+
+
+def validate_manifest(m: dict, path) -> None:
+    """Every field a reader relies on, checked before anything is read: a damaged or
+    hand-edited manifest is refused in one sentence rather than failing somewhere later."""
+    def bad(what: str):
+        return GhostprojError(f"{path} is damaged: {what}. Restore it, or project the run again into a new --out.")
+
+    for key, kind in (("fingerprint", str), ("layers", list), ("dim", int), ("store_dtype", str), ("shards", list)):
+        if key not in m:
+            raise bad(f"it lacks '{key}'")
+        if not isinstance(m[key], kind) or isinstance(m[key], bool):
+            raise bad(f"'{key}' is not a {kind.__name__}")
+    for key, kind in (("bias", bool), ("loss_reduction", str), ("projector", dict), ("model", dict),
+                      ("data", dict), ("complete", bool), ("settings", dict)):
+        if key in m and not isinstance(m[key], kind):
+            raise bad(f"'{key}' is not a {'boolean' if kind is bool else kind.__name__}")
+    if m["store_dtype"] not in STORE_DTYPES:
+        raise bad(f"its store dtype '{m['store_dtype']}' is none of {', '.join(STORE_DTYPES)}")
+    if not m["layers"]:
+        raise bad("it lists no layers")
+    offset = 0
+    for n, layer in enumerate(m["layers"]):
+        if not isinstance(layer, dict):
+            raise bad(f"layer entry {n} is not an object")
+        for key, kind in _LAYER_KEYS.items():
+            if key not in layer:
+                raise bad(f"layer entry {n} lacks '{key}'")
+            ok = isinstance(layer[key], str) if kind is str else _is_int(layer[key])
+            if not ok:
+                raise bad(f"layer entry {n} has a bad '{key}' ({layer[key]!r})")
+        if layer["k_in"] < 1 or layer["k_out"] < 1:
+            raise bad(f"layer '{layer['name']}' has a rank below 1")
+        if layer["offset"] != offset:
+            raise bad(f"layer '{layer['name']}' starts at column {layer['offset']}, not {offset} where the "
+                      "previous layer ends")
+        offset += layer["k_in"] * layer["k_out"]
+    if offset != m["dim"]:
+        raise bad(f"its layers add up to {offset} columns but 'dim' says {m['dim']}")
+    names = set()
+    for n, shard in enumerate(m["shards"]):
+        if not isinstance(shard, dict):
+            raise bad(f"shard entry {n} is not an object")
         name = shard.get("file", "")
         if not isinstance(name, str) or not SHARD_RE.match(name):
             raise GhostprojError(f"{path} names a shard '{name}' that is not a plain shard file name; refusing it.")
-    return manifest
+        if name in names:
+            raise bad(f"it lists shard {name} twice")
+        names.add(name)
+        if not _is_int(shard.get("rows")):
+            raise bad(f"shard {name} has no valid row count")
+        for key, ok in (("bytes", _is_int), ("sha256", lambda v: isinstance(v, str) and len(v) == 64),
+                        ("rank", _is_int)):
+            if key in shard and not ok(shard[key]):
+                raise bad(f"shard {name} has a bad '{key}'")
+    projector = m.get("projector")
+    if projector is not None and ("kind" not in projector or "seed" not in projector):
+        raise bad("its 'projector' lacks 'kind' or 'seed'")
+
+
+def require_keys(m: dict, keys: tuple[str, ...], path, why: str) -> None:
+    """Keys an older or hand-written manifest may lack but this use needs."""
+    for key in keys:
+        if key not in m:
+            raise GhostprojError(f"{path} lacks '{key}', which {why} needs; it was not written by `ghostproj project`.")
 
 
 # -- shard files ------------------------------------------------------------------------
@@ -239,9 +323,11 @@ def read_shard_header(path: Path) -> ShardHeader:
                 raise ValueError("header size out of range")
             header = json.loads(f.read(n).decode("utf-8"))
     except FileNotFoundError:
-        raise GhostprojError(f"Shard {path} is missing.") from None
+        raise GhostprojError(f"Shard {path} is missing; {REPAIR_HINT}.") from None
+    except PermissionError:
+        raise GhostprojError(f"Shard {path} cannot be read: permission denied.") from None
     except (ValueError, UnicodeDecodeError, OSError):
-        raise GhostprojError(f"Shard {path} is damaged: its header cannot be read.") from None
+        raise damaged_shard(path, "its header cannot be read") from None
     data_start = 8 + n
     metadata = header.pop("__metadata__", {}) or {}
     tensors = {}
@@ -255,7 +341,7 @@ def read_shard_header(path: Path) -> ShardHeader:
                 raise ValueError(name)
             tensors[name] = (dtype, shape, begin, end)
     except (KeyError, ValueError, TypeError):
-        raise GhostprojError(f"Shard {path} is damaged or truncated: its tensors do not fit the file.") from None
+        raise damaged_shard(path, "its tensors do not fit the file (truncated?)") from None
     return ShardHeader(path, data_start, tensors, metadata)
 
 
@@ -269,14 +355,15 @@ def validate_shard(header: ShardHeader, rows: int, dim: int, store_dtype: torch.
     for name, (dtype, shape) in want.items():
         got = header.tensors.get(name)
         if got is None or got[0] != dtype or got[1] != shape:
-            raise GhostprojError(f"Shard {header.path} does not match its manifest (tensor '{name}').")
+            raise damaged_shard(header.path, f"its tensor '{name}' does not match the manifest")
     if header.metadata.get("fingerprint") != fp:
-        raise GhostprojError(f"Shard {header.path} belongs to a different run (its fingerprint differs).")
+        raise GhostprojError(f"Shard {header.path} belongs to a different run (its fingerprint differs); "
+                             "it was copied in from elsewhere: remove it and rerun the project command.")
 
 
-def read_rows(header: ShardHeader, name: str, start: int, stop: int) -> torch.Tensor:
+def read_rows(header: ShardHeader, name: str, start: int, stop: int, hasher=None) -> torch.Tensor:
     """Rows [start, stop) of a 1-D or 2-D tensor, read from disk into fresh memory (no mmap,
-    so resident memory stays bounded by the chunk)."""
+    so resident memory stays bounded by the chunk). ``hasher`` is fed the bytes read."""
     dtype, shape, begin, _ = header.tensors[name]
     row_elems = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     itemsize = torch.empty(0, dtype=dtype).element_size()
@@ -286,10 +373,55 @@ def read_rows(header: ShardHeader, name: str, start: int, stop: int) -> torch.Te
         f.seek(header.data_start + begin + start * row_elems * itemsize)
         got = f.readinto(buf)
     if got != len(buf):
-        raise GhostprojError(f"Shard {header.path} is truncated.")
+        raise GhostprojError(f"Shard {header.path} is truncated; {REPAIR_HINT}")
+    if hasher is not None:
+        hasher.update(buf)
     t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
     t = t.view(dtype)
     return t.reshape((stop - start,) + tuple(shape[1:]))
+
+
+class ShardHasher:
+    """The sha256 of a shard file computed from the bytes a chunked read of its 'grads'
+    rows reads anyway: the bytes before them once, each chunk as it is read (in order),
+    the bytes after them at the end. Shards whose 'grads' rows are not read front to back
+    are hashed in one separate pass instead."""
+
+    def __init__(self, header: ShardHeader, expected: str) -> None:
+        self.header, self.expected = header, expected
+        self._h = hashlib.sha256()
+
+    def _raw(self, begin: int, end: int) -> bytes:
+        with open(self.header.path, "rb") as f:
+            f.seek(begin)
+            return f.read(end - begin)
+
+    def start(self) -> None:
+        self._h.update(self._raw(0, self.header.data_start + self.header.tensors["grads"][2]))
+
+    def update(self, data) -> None:
+        self._h.update(data)
+
+    def finish(self) -> None:
+        size = self.header.path.stat().st_size
+        self._h.update(self._raw(self.header.data_start + self.header.tensors["grads"][3], size))
+        if self._h.hexdigest() != self.expected:
+            raise damaged_shard(self.header.path, "its sha256 differs from the manifest")
+
+
+def file_sha256_matches(path: Path, expected: str) -> bool:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest() == expected
+
+
+REPAIR_HINT = "rerun the project command that wrote the run (it recomputes damaged shards), or restore the file"
+
+
+def damaged_shard(path: Path, why: str) -> GhostprojError:
+    return GhostprojError(f"Shard {path} is damaged: {why}; {REPAIR_HINT}.")
 
 
 def layers_from_manifest(manifest: dict) -> list[LayerInfo]:
@@ -330,12 +462,32 @@ class RunWriter:
         while self._buffered >= self.shard_size:
             self._flush(self.shard_size)
 
-    def finish(self, summary: dict) -> None:
+    def finish(self, summary: dict, started: float | None = None) -> None:
+        """Write what is buffered, then mark the run complete with ``summary``, its bytes
+        counted from the shards and its seconds from ``started`` (a perf_counter value)."""
+        import time
+
         if self._buffered:
             self._flush(self._buffered)
         self.close()
+        summary = dict(summary, bytes=sum(s["bytes"] for s in self.manifest["shards"]))
+        if started is not None:
+            summary["seconds"] = round(time.perf_counter() - started, 3)
         self.manifest["complete"] = True
         self.manifest["summary"] = summary
+        write_manifest(self.run_dir, self.manifest, self.manifest_name)
+
+    def replace_shard(self, pos: int, grads: torch.Tensor, index: torch.Tensor, loss: torch.Tensor,
+                      tokens: torch.Tensor) -> None:
+        """Rewrite the shard at ``pos`` of the manifest's list (a damaged or missing one)
+        with recomputed rows, under its own name, and record it."""
+        self.wait()
+        entry = self.manifest["shards"][pos]
+        stored = self._checked(grads, index)
+        data = encode_shard(stored, index, loss, tokens, self.manifest["fingerprint"])
+        atomic_write(self.run_dir / entry["file"], data)
+        entry.update(rows=int(grads.shape[0]), sha256=_sha(data), bytes=len(data), index_min=int(index.min()),
+                     index_max=int(index.max()))
         write_manifest(self.run_dir, self.manifest, self.manifest_name)
 
     def _flush(self, n: int) -> None:
@@ -366,6 +518,10 @@ class RunWriter:
 
     def _encode_and_write(self, parts: list, n: int) -> None:
         grads, index, loss, tokens = (torch.cat([p[c] for p in parts]) for c in range(4))
+        self._write(self._checked(grads, index), index, loss, tokens, n)
+
+    def _checked(self, grads: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``grads`` in the store dtype, refused when a value is or becomes non-finite."""
         if not _all_finite(grads):
             bad = int(index[~torch.isfinite(grads).all(dim=1)][0])
             raise GhostprojError(f"Example {bad} produced a non-finite gradient; the model or data is broken there.")
@@ -374,7 +530,7 @@ class RunWriter:
             raise GhostprojError(
                 f"Projected gradients exceed the range of {self.manifest['store_dtype']}; use --store-dtype bfloat16 or float32."
             )
-        self._write(stored, index, loss, tokens, n)
+        return stored
 
     def wait(self) -> None:
         """Block until the shard in flight is on disk (and its manifest entry written)."""
@@ -431,21 +587,37 @@ class Run:
     def layers(self) -> list[LayerInfo]:
         return layers_from_manifest(self.manifest)
 
-    def iter_chunks(self, chunk_rows: int = 8192, prefetch: bool = True, convert=None):
+    def iter_chunks(self, chunk_rows: int = 8192, prefetch: bool = True, convert=None, verify: bool = True):
         """Yield (index [n] int64, grads [n, D] in the store dtype, or ``convert(grads)``) in
         shard order. With ``prefetch`` the next chunk is read (and converted) in a background
-        thread while the caller computes on this one."""
-        spans = [(h, start, min(h.tensors["index"][1][0], start + chunk_rows))
-                 for h in self.shards for start in range(0, h.tensors["index"][1][0], chunk_rows)]
+        thread while the caller computes on this one. With ``verify`` each shard's sha256
+        (where the manifest records one) is computed from the bytes read, in that same
+        thread, and a shard that differs stops the iteration, naming it, before its last
+        chunk is yielded."""
+        entries = self.manifest["shards"]
+        spans = []
+        for h, entry in zip(self.shards, entries):
+            rows = h.tensors["index"][1][0]
+            hasher = ShardHasher(h, entry["sha256"]) if verify and "sha256" in entry else None
+            starts = list(range(0, rows, chunk_rows)) or [0]
+            for start in starts:
+                spans.append((h, start, min(rows, start + chunk_rows), hasher, start == starts[-1]))
 
         def load(span):
-            h, start, stop = span
-            grads = read_rows(h, "grads", start, stop)
+            h, start, stop, hasher, last = span
+            if hasher is not None and start == 0:
+                hasher.start()
+            grads = read_rows(h, "grads", start, stop, hasher)
+            if hasher is not None and last:
+                hasher.finish()
             return read_rows(h, "index", start, stop), (grads if convert is None else convert(grads))
 
+        spans = [s for s in spans if s[2] > s[1] or s[3] is not None]
         if not prefetch or len(spans) < 2:
             for span in spans:
-                yield load(span)
+                idx, grads = load(span)
+                if len(idx):
+                    yield idx, grads
             return
         from concurrent.futures import ThreadPoolExecutor
 
@@ -454,8 +626,17 @@ class Run:
             for nxt in spans[1:]:
                 current = pending.result()
                 pending = pool.submit(load, nxt)
+                if len(current[0]):
+                    yield current
+            current = pending.result()
+            if len(current[0]):
                 yield current
-            yield pending.result()
+
+    def verify_hashes(self) -> None:
+        """Hash every shard in full (for readers that do not stream the rows)."""
+        for h, entry in zip(self.shards, self.manifest["shards"]):
+            if "sha256" in entry and not file_sha256_matches(h.path, entry["sha256"]):
+                raise damaged_shard(h.path, "its sha256 differs from the manifest")
 
     def read_column(self, name: str) -> torch.Tensor:
         parts = [read_rows(h, name, 0, h.tensors[name][1][0]) for h in self.shards]
@@ -514,13 +695,39 @@ def open_run(path: str | os.PathLike, require_complete: bool = True) -> Run:
     for entry in manifest["shards"]:
         shard_path = base / entry["file"]
         if not shard_path.is_file():
-            raise GhostprojError(f"Shard {shard_path} is missing.")
+            raise GhostprojError(f"Shard {shard_path} is missing; {REPAIR_HINT}.")
         if "bytes" in entry and shard_path.stat().st_size != entry["bytes"]:
-            raise GhostprojError(f"Shard {shard_path} is damaged or truncated: its size differs from the manifest.")
+            raise damaged_shard(shard_path, "its size differs from the manifest")
         header = read_shard_header(shard_path)
         validate_shard(header, int(entry["rows"]), int(manifest["dim"]), store_dtype, manifest["fingerprint"])
         headers.append(header)
     return Run(base if p.is_dir() else p, manifest, headers)
+
+
+def damaged_shards(run_dir: Path, manifest: dict, hash_all: bool) -> list[tuple[int, str]]:
+    """(position in the manifest's shard list, what is wrong) for every listed shard that is
+    missing, of the wrong size, has a bad header or (for the last shard, which a crash is
+    likeliest to have hit, and for every shard with ``hash_all``) a differing sha256."""
+    store_dtype = STORE_DTYPES[manifest["store_dtype"]]
+    found = []
+    last = len(manifest["shards"]) - 1
+    for pos, entry in enumerate(manifest["shards"]):
+        path = run_dir / entry["file"]
+        if not path.is_file():
+            found.append((pos, "it is missing"))
+            continue
+        if "bytes" in entry and path.stat().st_size != entry["bytes"]:
+            found.append((pos, "its size differs from the manifest"))
+            continue
+        try:
+            validate_shard(read_shard_header(path), int(entry["rows"]), int(manifest["dim"]), store_dtype,
+                           manifest["fingerprint"])
+        except GhostprojError:
+            found.append((pos, "its header does not match the manifest"))
+            continue
+        if (hash_all or pos == last) and "sha256" in entry and not file_sha256_matches(path, entry["sha256"]):
+            found.append((pos, "its sha256 differs from the manifest"))
+    return found
 
 
 @dataclass
@@ -536,13 +743,8 @@ def verify_run(path: str | os.PathLike, hash_shards: bool = True) -> VerifyRepor
     total = 0
     for entry, header in zip(run.manifest["shards"], run.shards):
         total += header.path.stat().st_size
-        if hash_shards and "sha256" in entry:
-            h = hashlib.sha256()
-            with open(header.path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    h.update(chunk)
-            if h.hexdigest() != entry["sha256"]:
-                raise GhostprojError(f"Shard {header.path} is damaged: its sha256 differs from the manifest.")
+        if hash_shards and "sha256" in entry and not file_sha256_matches(header.path, entry["sha256"]):
+            raise damaged_shard(header.path, "its sha256 differs from the manifest")
     index = run.read_column("index")
     if index.numel() != index.unique().numel():
         raise GhostprojError(f"{path} holds some examples more than once.")
