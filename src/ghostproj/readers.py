@@ -94,8 +94,9 @@ def load_examples(spec: DataSpec, tokenizer, max_length: int, vocab_size: int | 
     if spec.messages_field:
         out.examples = _tokenize_chat(records, tokenizer, max_length, spec.messages_field)
     elif spec.prompt_field:
-        out.examples, out.notes, out.prompt_too_long = _tokenize_prompt_completion(
+        out.examples, notes, out.prompt_too_long = _tokenize_prompt_completion(
             records, tokenizer, max_length, spec.prompt_field, spec.completion_field)
+        out.notes += notes
     else:
         out.examples = tokenize_records(records, tokenizer, max_length, spec.text_field or "text")
         blank = [records.rows[e.index].get("_line", e.index + 1) for e in out.examples
