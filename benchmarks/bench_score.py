@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--n-query", type=int, default=1_000)
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--metric", default="dot")
+    ap.add_argument("--normalize", default="layer", help="as score's --normalize (default: score's default)")
     ap.add_argument("--keep", help="Keep the generated runs in this directory.")
     ap.add_argument("--generate-into", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -71,7 +72,7 @@ def main() -> None:
         print(f"wrote {args.n_train} + {args.n_query} bf16 vectors of D={args.dim} in {time.perf_counter() - t0:.0f} s")
 
         cmd = [sys.executable, "-m", "ghostproj", "score", str(train), str(query), "--metric", args.metric,
-               "--top-k", "10", "--show", "0", "--topk-out", str(root / "top.jsonl")]
+               "--normalize", args.normalize, "--top-k", "10", "--show", "0", "--topk-out", str(root / "top.jsonl"), "--overwrite"]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the generator's
@@ -92,7 +93,7 @@ def main() -> None:
 
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads")
-        print(f"score ({args.metric}, top-10, whole process): {t_score:.1f} s = {flop / t_score / 1e9:.1f} GFLOP/s")
+        print(f"score ({args.metric}, --normalize {args.normalize}, top-10, sha256 verified, whole process): {t_score:.1f} s = {flop / t_score / 1e9:.1f} GFLOP/s")
         print(f"in-memory torch.matmul [{args.n_train}x{args.dim}] @ [{args.dim}x{args.n_query}]: {t_mm:.1f} s = "
               f"{flop / t_mm / 1e9:.1f} GFLOP/s")
         print(f"ratio score / matmul GFLOP/s: {t_mm / t_score:.2f}   (goal >= 0.7)")

@@ -107,20 +107,74 @@ class Transform:
     mean: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The transformed rows; ``x`` (a fresh float32 chunk) may be changed in place."""
         if self.mean is not None:
-            x = x - self.mean
+            x = x.sub_(self.mean)
         if self.normalize == "layer":
-            parts = []
-            for b in self.blocks:
-                block = x[:, b.offset : b.offset + b.size]
-                norm = block.norm(dim=1, keepdim=True)
-                parts.append(torch.where(norm > 0, block / norm.clamp(min=1e-30), torch.zeros_like(block)))
-            x = torch.cat(parts, dim=1)
+            _unit_blocks_(x, self.blocks)
         if self.normalize == "unit" or self.unit_last:
-            norm = x.norm(dim=1, keepdim=True)
-            # zero vectors (no label positions) score 0, never NaN
-            x = torch.where(norm > 0, x / norm.clamp(min=1e-30), torch.zeros_like(x))
+            _unit_rows_(x)
         return x
+
+
+def _unit_rows_(x: torch.Tensor) -> torch.Tensor:
+    """Scale each row of ``x`` (a matrix or a view of one) to unit norm in place; zero rows
+    (no label positions) stay zero, so they score 0, never NaN."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x.mul_(torch.where(norm > 0, norm.reciprocal(), torch.zeros_like(norm)))
+
+
+def _unit_blocks_(x: torch.Tensor, blocks: list[LayerInfo]) -> None:
+    """Each layer's block of every row to unit norm, in place: one pass over a [n, L, s]
+    view when the blocks are of equal size (the usual case), else block by block."""
+    sizes = {b.size for b in blocks}
+    if len(sizes) == 1 and x.is_contiguous():
+        _unit_rows_(x.view(x.shape[0], len(blocks), sizes.pop()))
+        return
+    for b in blocks:
+        _unit_rows_(x[:, b.offset : b.offset + b.size])
+
+
+class _RowWorkers:
+    """Scores a chunk's rows on one thread per core, each with a single intra-op thread.
+    One multi-threaded GEMM stalls all its threads whenever the reader thread (reading,
+    hashing, converting the next chunk) takes a core; independent single-threaded GEMMs
+    over slices of the rows keep every core busy instead."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._pool = None
+        if threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ghostproj-score",
+                                            initializer=torch.set_num_threads, initargs=(1,))
+
+    def scores(self, x: torch.Tensor, transform: "Transform", q_t: torch.Tensor, out: torch.Tensor,
+               k: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """transform(x) @ q_t written into ``out`` [n, M]; with ``k``, also the k best rows
+        of each slice per query, as (values [M, k'], row positions in x [M, k'])."""
+        n = x.shape[0]
+        slices = 1 if self._pool is None or n < 2 * self.threads else self.threads
+        step = -(-n // slices)
+
+        def part(start: int):
+            block = out[start : start + step]
+            torch.mm(transform(x[start : start + step]), q_t, out=block)
+            if k is None:
+                return None
+            vals, pos = block.topk(min(k, block.shape[0]), dim=0)
+            return vals.t(), pos.t() + start
+
+        if slices == 1:
+            found = [part(0)]
+        else:
+            found = [f.result() for f in [self._pool.submit(part, start) for start in range(0, n, step)]]
+        return [f for f in found if f is not None]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
 
 
 @dataclass
@@ -247,17 +301,64 @@ def score(
 
     matrix = torch.empty(n_train, n_query, dtype=torch.float32) if keep_matrix else None
     selection = torch.empty(n_train, dtype=torch.float32) if reduce else None
-    best_vals = best_idx = None
     train_index = torch.empty(n_train, dtype=torch.long)
-    row = 0
-    flops = 0.0
+    best = StreamingTopK(top_k) if top_k is not None else None
+    workers = _RowWorkers(torch.get_num_threads())
+    try:
+        flops = _score_chunks(train_run, cols, chunk_rows, workers, transform, q_t, train_index, matrix, selection,
+                              reduce, group_matrix, best, progress)
+    finally:
+        workers.close()
+    topk_scores, topk_train = best.result() if best is not None else (None, None)
+    return ScoreResult(train_index, query_index, matrix, topk_scores, topk_train, selection, group_names,
+                       time.perf_counter() - t0, flops, notes)
+
+
+class StreamingTopK:
+    """The k best training rows per query over a stream of score chunks, in O(M k) memory:
+    each chunk slice's best k are found first (by the scoring threads), then merged with
+    the running best, so a merge stays [M, few k] however large the chunk."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.values: torch.Tensor | None = None  # [M, <=k] best first
+        self.ids: torch.Tensor | None = None  # [M, <=k] dataset indices
+
+    def add(self, vals: torch.Tensor, ids: torch.Tensor) -> None:
+        """Candidates [M, c] (scores, dataset indices), for instance the best k of a chunk."""
+        if self.values is not None:
+            vals = torch.cat([self.values, vals], dim=1)
+            ids = torch.cat([self.ids, ids], dim=1)
+        if vals.shape[1] > self.k:
+            vals, pos = vals.topk(self.k, dim=1)
+            ids = ids.gather(1, pos)
+        else:  # still fewer than k: keep them best first
+            vals, pos = vals.sort(dim=1, descending=True)
+            ids = ids.gather(1, pos)
+        self.values, self.ids = vals, ids
+
+    def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self.values, self.ids
+
+
+def _score_chunks(train_run, cols, chunk_rows, workers, transform, q_t, train_index, matrix, selection, reduce,
+                  group_matrix, best: StreamingTopK | None, progress) -> float:
+    """The streaming pass over the training rows: scores, the kept matrix, the selection
+    scores and the running top-k. Returns the multiply-adds done, as flops."""
+    row, flops = 0, 0.0
+    buffer = None  # scores of one chunk, reused: a fresh [n, M] each chunk costs page faults
     for idx, x in _chunked(train_run, cols, chunk_rows):
         n = x.shape[0]
-        s = transform(x) @ q_t  # [n, M]
+        if matrix is not None:
+            s = matrix[row : row + n]
+        else:
+            if buffer is None or buffer.shape[0] < n:
+                buffer = torch.empty(n, q_t.shape[1], dtype=torch.float32)
+            s = buffer[:n]
+        for vals, pos in workers.scores(x, transform, q_t, s, best.k if best is not None else None):
+            best.add(vals, idx[pos])
         flops += 2.0 * n * q_t.shape[0] * q_t.shape[1]
         train_index[row : row + n] = idx
-        if matrix is not None:
-            matrix[row : row + n] = s
         if selection is not None:
             if reduce == "mean":
                 selection[row : row + n] = s.mean(dim=1)
@@ -265,22 +366,10 @@ def score(
                 selection[row : row + n] = (s @ group_matrix).max(dim=1).values
             else:
                 selection[row : row + n] = s.max(dim=1).values
-        if top_k is not None:
-            # best of this chunk first, then merge with the running best: the merge stays
-            # [M, 2k] however large the chunk
-            vals, pos = s.topk(min(top_k, n), dim=0)
-            vals, ids = vals.t(), idx[pos.t()]
-            if best_vals is not None:
-                vals = torch.cat([best_vals, vals], dim=1)
-                ids = torch.cat([best_idx, ids], dim=1)
-                vals, pos = vals.topk(min(top_k, vals.shape[1]), dim=1)
-                ids = ids.gather(1, pos)
-            best_vals, best_idx = vals, ids
         row += n
         if progress is not None:
             progress.advance(n)
-    return ScoreResult(train_index, query_index, matrix, best_vals, best_idx, selection, group_names,
-                       time.perf_counter() - t0, flops, notes)
+    return flops
 
 
 def fisher_blocks(train_run: Run, cols, transform: Transform, blocks: list[LayerInfo], full: bool,

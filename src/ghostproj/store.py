@@ -621,7 +621,9 @@ class Run:
             return
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        # one intra-op thread: a multi-threaded conversion here would stall the caller's
+        # multi-threaded products whenever the two compete for the cores
+        with ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             pending = pool.submit(load, spans[0])
             for nxt in spans[1:]:
                 current = pending.result()
