@@ -560,8 +560,12 @@ def main(argv: list[str] | None = None) -> None:
         _status().print(f"[red]error:[/red] {_escape(exc)}", highlight=False)
         sys.exit(2)
     except (Interrupted, KeyboardInterrupt):
-        _status().print("[yellow]interrupted[/yellow]: every shard already written is kept; rerun the same "
-                        "command to resume.")
+        args = sys.argv[1:] if argv is None else argv
+        if "project" in args[:1]:
+            _status().print("[yellow]interrupted[/yellow]: every complete shard is kept; rerun the same "
+                            "command to resume.")
+        else:  # the other commands write their outputs whole at the end, atomically
+            _status().print("[yellow]interrupted[/yellow]: no output was written.")
         sys.exit(130)
     except OSError as exc:
         what = exc.strerror or str(exc)
