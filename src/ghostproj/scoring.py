@@ -135,48 +135,6 @@ def _unit_blocks_(x: torch.Tensor, blocks: list[LayerInfo]) -> None:
         _unit_rows_(x[:, b.offset : b.offset + b.size])
 
 
-class _RowWorkers:
-    """Scores a chunk's rows on one thread per core, each with a single intra-op thread.
-    One multi-threaded GEMM stalls all its threads whenever the reader thread (reading,
-    hashing, converting the next chunk) takes a core; independent single-threaded GEMMs
-    over slices of the rows keep every core busy instead."""
-
-    def __init__(self, threads: int) -> None:
-        self.threads = threads
-        self._pool = None
-        if threads > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ghostproj-score",
-                                            initializer=torch.set_num_threads, initargs=(1,))
-
-    def scores(self, x: torch.Tensor, transform: "Transform", q_t: torch.Tensor, out: torch.Tensor,
-               k: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """transform(x) @ q_t written into ``out`` [n, M]; with ``k``, also the k best rows
-        of each slice per query, as (values [M, k'], row positions in x [M, k'])."""
-        n = x.shape[0]
-        slices = 1 if self._pool is None or n < 2 * self.threads else self.threads
-        step = -(-n // slices)
-
-        def part(start: int):
-            block = out[start : start + step]
-            torch.mm(transform(x[start : start + step]), q_t, out=block)
-            if k is None:
-                return None
-            vals, pos = block.topk(min(k, block.shape[0]), dim=0)
-            return vals.t(), pos.t() + start
-
-        if slices == 1:
-            found = [part(0)]
-        else:
-            found = [f.result() for f in [self._pool.submit(part, start) for start in range(0, n, step)]]
-        return [f for f in found if f is not None]
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-
-
 @dataclass
 class ScoreResult:
     train_index: torch.Tensor  # [N]
@@ -303,12 +261,8 @@ def score(
     selection = torch.empty(n_train, dtype=torch.float32) if reduce else None
     train_index = torch.empty(n_train, dtype=torch.long)
     best = StreamingTopK(top_k) if top_k is not None else None
-    workers = _RowWorkers(torch.get_num_threads())
-    try:
-        flops = _score_chunks(train_run, cols, chunk_rows, workers, transform, q_t, train_index, matrix, selection,
-                              reduce, group_matrix, best, progress)
-    finally:
-        workers.close()
+    flops = _score_chunks(train_run, cols, chunk_rows, transform, q_t, train_index, matrix, selection, reduce,
+                          group_matrix, best, progress)
     topk_scores, topk_train = best.result() if best is not None else (None, None)
     return ScoreResult(train_index, query_index, matrix, topk_scores, topk_train, selection, group_names,
                        time.perf_counter() - t0, flops, notes)
@@ -316,24 +270,22 @@ def score(
 
 class StreamingTopK:
     """The k best training rows per query over a stream of score chunks, in O(M k) memory:
-    each chunk slice's best k are found first (by the scoring threads), then merged with
-    the running best, so a merge stays [M, few k] however large the chunk."""
+    each chunk's best k first, then a merge with the running best, so the merge stays
+    [M, 2k] however large the chunk."""
 
     def __init__(self, k: int) -> None:
         self.k = k
         self.values: torch.Tensor | None = None  # [M, <=k] best first
         self.ids: torch.Tensor | None = None  # [M, <=k] dataset indices
 
-    def add(self, vals: torch.Tensor, ids: torch.Tensor) -> None:
-        """Candidates [M, c] (scores, dataset indices), for instance the best k of a chunk."""
+    def add(self, scores: torch.Tensor, index: torch.Tensor) -> None:
+        """``scores`` [n, M] of the training rows whose dataset indices are ``index`` [n]."""
+        vals, pos = scores.topk(min(self.k, scores.shape[0]), dim=0)
+        vals, ids = vals.t(), index[pos.t()]
         if self.values is not None:
             vals = torch.cat([self.values, vals], dim=1)
             ids = torch.cat([self.ids, ids], dim=1)
-        if vals.shape[1] > self.k:
-            vals, pos = vals.topk(self.k, dim=1)
-            ids = ids.gather(1, pos)
-        else:  # still fewer than k: keep them best first
-            vals, pos = vals.sort(dim=1, descending=True)
+            vals, pos = vals.topk(min(self.k, vals.shape[1]), dim=1)
             ids = ids.gather(1, pos)
         self.values, self.ids = vals, ids
 
@@ -341,7 +293,7 @@ class StreamingTopK:
         return self.values, self.ids
 
 
-def _score_chunks(train_run, cols, chunk_rows, workers, transform, q_t, train_index, matrix, selection, reduce,
+def _score_chunks(train_run, cols, chunk_rows, transform, q_t, train_index, matrix, selection, reduce,
                   group_matrix, best: StreamingTopK | None, progress) -> float:
     """The streaming pass over the training rows: scores, the kept matrix, the selection
     scores and the running top-k. Returns the multiply-adds done, as flops."""
@@ -355,8 +307,9 @@ def _score_chunks(train_run, cols, chunk_rows, workers, transform, q_t, train_in
             if buffer is None or buffer.shape[0] < n:
                 buffer = torch.empty(n, q_t.shape[1], dtype=torch.float32)
             s = buffer[:n]
-        for vals, pos in workers.scores(x, transform, q_t, s, best.k if best is not None else None):
-            best.add(vals, idx[pos])
+        torch.mm(transform(x), q_t, out=s)
+        if best is not None:
+            best.add(s, idx)
         flops += 2.0 * n * q_t.shape[0] * q_t.shape[1]
         train_index[row : row + n] = idx
         if selection is not None:
