@@ -237,6 +237,9 @@ def pick_mixed_lengths(examples: list[Example], samples: int) -> list[Example]:
     return chosen
 
 
+SIXTEEN_BIT_TOLERANCE = 2e-2
+
+
 def load_model_and_data(model_path: str, data_path: str, dtype: str, device: str, max_length: int,
                         adapter: str | None = None, **fields):
     """(model, tokenizer, LoadedData) for the checks, read as `project` reads them: every
@@ -275,7 +278,9 @@ def run_naive_check(model_path: str, data_path: str, layers: list[str] | None, *
     got = engine_projected_grads(model, examples, engine, loss_reduction, pad_token_id(tokenizer))
     ref = naive_projected_grads(model, examples, engine, loss_reduction)
     if tolerance is None:
-        tolerance = 1e-4 if dtype == "float32" else 5e-2
+        # 16-bit: the naive reference's own weight gradients are rounded to the model's
+        # dtype; measured up to 5e-3 on the test and demo models, so 4x that margin
+        tolerance = 1e-4 if dtype == "float32" else SIXTEEN_BIT_TOLERANCE
     lengths = [len(e.input_ids) for e in examples]
     return NaiveCheckResult(compare_per_layer(got, ref, engine.layers), tolerance, len(examples),
                             min(lengths), max(lengths))
