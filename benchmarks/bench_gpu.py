@@ -37,14 +37,14 @@ import time
 from pathlib import Path
 
 import torch
-
-from ghostproj.data import collate, read_records, token_budget_batches, tokenize_records
-from ghostproj.engines.projection import GradProjectionEngine
-from ghostproj.losses import causal_lm_losses
 from gpt2 import build_gpt2
 from llama import SMOLLM2_135M, build_llama
 from steps import step_modes
 from timing import median_time, sync
+
+from ghostproj.data import collate, read_records, token_budget_batches, tokenize_records
+from ghostproj.engines.losses import causal_lm_losses
+from ghostproj.engines.projection import GradProjectionEngine
 
 RESULTS: dict = {}
 
@@ -118,7 +118,7 @@ def documents(n: int, words_per_doc: int, seed: int = 0) -> list[str]:
 
 def end_to_end(device) -> None:
     from ghostproj.cli import main as cli_main
-    from ghostproj.demo import train_tokenizer
+    from ghostproj.jobs.demo import train_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     shape = dict(SMOLLM2_135M)
@@ -263,7 +263,7 @@ def main():
     ARGS = ap.parse_args()
     device = torch.device(ARGS.device)
     info = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    from ghostproj.fp32 import mm_out_float32_supported
+    from ghostproj.engines.fp32 import mm_out_float32_supported
 
     tensor_core = device.type == "cuda" and mm_out_float32_supported(device, torch.bfloat16)
     record("machine", {"device": info, "torch": torch.__version__, "bf16 products with float32 results": tensor_core})

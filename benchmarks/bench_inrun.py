@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import torch
 
-from ghostproj.engines.dotprod import GradDotProdEngine
-from ghostproj.losses import causal_lm_losses
+import torch
 from gpt2 import add_model_args, build_gpt2
 from timing import median_time
+
+from ghostproj.engines.dotprod import GradDotProdEngine
+from ghostproj.engines.losses import causal_lm_losses
 
 
 def main():

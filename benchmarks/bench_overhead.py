@@ -21,7 +21,6 @@ import collections
 import platform
 
 import torch
-
 from llama import build_llama
 from steps import step_modes
 from timing import median_time

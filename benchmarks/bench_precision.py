@@ -2,7 +2,7 @@
 against one whole float32 copy, on one Llama-7B-shaped MLP input.
 
 The engine accumulates in float32. Upcasting a whole [B, T, 11008] bf16 activation first
-costs a float32 copy twice its size; the engine's route (``ghostproj.fp32.Projection``)
+costs a float32 copy twice its size; the engine's route (``ghostproj.engines.fp32.Projection``)
 upcasts slices of at most 64 MiB on the CPU and, on a GPU, makes no copy at all (a
 tensor-core product with a float32 result). Each variant runs in a fresh process; its peak memory above the input is
 read from the allocator (CUDA) or from resident memory sampled every millisecond (CPU).
@@ -19,9 +19,9 @@ import subprocess
 import sys
 
 import torch
-
-from ghostproj.fp32 import Projection
 from timing import median_time, peak_memory
+
+from ghostproj.engines.fp32 import Projection
 
 
 def child(args) -> None:

@@ -31,11 +31,11 @@ import sys
 import time
 
 import torch
-
-from ghostproj.engines.projection import GradProjectionEngine
-from ghostproj.losses import causal_lm_losses
 from gpt2 import add_model_args, build_gpt2
 from timing import median_time, peak_memory, sync
+
+from ghostproj.engines.losses import causal_lm_losses
+from ghostproj.engines.projection import GradProjectionEngine
 
 
 def build(args, device):
@@ -104,7 +104,8 @@ def naive_loop(model, ids, engine):
 
 def profile(fns: dict, device: torch.device, rows: int = 12) -> None:
     """Operators by self time for each callable, one warm call each."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"

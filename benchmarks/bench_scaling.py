@@ -12,11 +12,11 @@ import platform
 from pathlib import Path
 
 import torch
-
-from ghostproj.engines.projection import GradProjectionEngine
-from ghostproj.losses import causal_lm_losses
 from gpt2 import build_gpt2
 from timing import median_time
+
+from ghostproj.engines.losses import causal_lm_losses
+from ghostproj.engines.projection import GradProjectionEngine
 
 BASE = {"seq": 128, "batch": 16, "rank": 256, "layers": 4}
 SWEEPS = {"seq": [32, 64, 128, 256], "batch": [4, 8, 16, 32], "rank": [16, 64, 256, 1024], "layers": [1, 2, 4, 8]}

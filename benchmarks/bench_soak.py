@@ -13,10 +13,11 @@ import threading
 import time
 from pathlib import Path
 
-from ghostproj.demo import ensure_demo
-from ghostproj.demo_corpus import stdlib_texts
-from ghostproj.project import ProjectOptions, run_project
 from timing import rss
+
+from ghostproj.data.demo_corpus import stdlib_texts
+from ghostproj.jobs.demo import ensure_demo
+from ghostproj.jobs.project import ProjectOptions, run_project
 
 
 def main():

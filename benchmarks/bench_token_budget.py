@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 from ghostproj.data import fixed_size_batches, token_budget_batches
-from ghostproj.demo import ensure_demo
-from ghostproj.demo_corpus import stdlib_texts
+from ghostproj.data.demo_corpus import stdlib_texts
+from ghostproj.data.readers import DataSpec, load_examples
+from ghostproj.jobs.demo import ensure_demo
+from ghostproj.jobs.project import ProjectOptions, run_project
 from ghostproj.models import load_model
-from ghostproj.project import ProjectOptions, run_project
-from ghostproj.readers import DataSpec, load_examples
 
 
 def padding(batches) -> float:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ghostproj.engines.losses import causal_lm_losses
 from ghostproj.engines.projection import GradProjectionEngine
-from ghostproj.losses import causal_lm_losses
 
 
 def step_modes(model, ids, first_block: torch.nn.Module, layers=None, rank: int = 256, compiled=None):

@@ -8,7 +8,7 @@ import torch
 
 from ghostproj import GradProjectionEngine, causal_lm_losses
 from ghostproj.data import Example, collate
-from ghostproj.demo import ensure_demo
+from ghostproj.jobs.demo import ensure_demo
 from ghostproj.models import load_model
 
 assets = ensure_demo(print)

@@ -11,8 +11,8 @@ import tempfile
 from pathlib import Path
 
 from ghostproj import ProjectOptions, load_projections, run_project
-from ghostproj.demo import ensure_demo
-from ghostproj.layers import select_layers
+from ghostproj.engines.layers import select_layers
+from ghostproj.jobs.demo import ensure_demo
 from ghostproj.models import load_model
 
 ap = argparse.ArgumentParser()

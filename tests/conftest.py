@@ -5,7 +5,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
-
 from helpers import build_tokenizer, tiny_gpt2, tiny_llama, write_jsonl
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ghostproj.cli import main
 from ghostproj.data import collate
-from ghostproj.losses import causal_lm_losses
+from ghostproj.engines.losses import causal_lm_losses
 
 CORPUS = [
     "the cat sat on the mat", "stocks fell as the bank raised rates", "the orchestra played a symphony",
@@ -17,7 +17,7 @@ CORPUS = [
 
 
 def build_tokenizer():
-    from ghostproj.demo import train_tokenizer
+    from ghostproj.jobs.demo import train_tokenizer
 
     return train_tokenizer(CORPUS, vocab_size=300)
 

@@ -1,6 +1,7 @@
+from helpers import run_cli
+
 from ghostproj import GradProjectionEngine
 from ghostproj.engines.calls import _Tap
-from helpers import run_cli
 
 
 def test_naive_check_passes_on_gpt2_and_llama(capsys, gpt2_dir, llama_dir, data_file):

@@ -12,9 +12,9 @@ import time
 
 import pytest
 import torch
+from helpers import run_cli, write_jsonl
 
 from ghostproj.scoring import load_projections
-from helpers import run_cli, write_jsonl
 
 ROWS = 40
 
@@ -179,7 +179,8 @@ def test_like_run_without_bias_or_with_wrong_projector_is_refused(capsys, runs, 
     fails(capsys, "project", "--model", gpt2_dir, "--data", corpus, "--out", tmp_path / "q", "--like", run,
           match="lacks 'bias'")
     run = copy_run(train, tmp_path / "badproj")
-    from ghostproj.projector import LayerProjector, save_projectors
+    from ghostproj.engines.projector import LayerProjector
+    from ghostproj.store.projector_file import save_projectors
 
     name = m["layers"][0]["name"]
     save_projectors(run / "projector.safetensors", {name: LayerProjector(torch.zeros(3, 3), torch.zeros(3, 3))}, {})

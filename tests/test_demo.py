@@ -1,6 +1,7 @@
-from ghostproj.demo import ensure_demo
-from ghostproj.demo_corpus import MODULES, demo_splits
 from helpers import run_cli
+
+from ghostproj.data.demo_corpus import MODULES, demo_splits
+from ghostproj.jobs.demo import ensure_demo
 
 
 def test_corpus_is_real_text_deterministic_and_labelled():

@@ -2,13 +2,13 @@ import copy
 
 import pytest
 import torch
+from helpers import tiny_gpt2, tiny_llama
 from torch import nn
 
 from ghostproj.data import Example, collate
 from ghostproj.engines.dotprod import GradDotProdEngine
+from ghostproj.engines.losses import causal_lm_losses
 from ghostproj.errors import GhostprojError
-from ghostproj.losses import causal_lm_losses
-from helpers import tiny_gpt2, tiny_llama
 
 
 def full_grads(model, loss_fn, n):

@@ -1,11 +1,15 @@
 import pytest
 import torch
+from helpers import captured_reference, kron_reference, rel_err, tiny_gpt2, tiny_llama
 from torch import nn
 
 from ghostproj import GradProjectionEngine, causal_lm_losses
-from ghostproj.checks import _module_state, engine_projected_grads, non_interference
 from ghostproj.data import Example, collate
-from helpers import captured_reference, kron_reference, rel_err, tiny_gpt2, tiny_llama
+from ghostproj.jobs.checks import (
+    _module_state,
+    engine_projected_grads,
+    non_interference,
+)
 
 
 def make_examples(tokenizer, max_length=48):
@@ -198,9 +202,9 @@ def test_engine_errors_are_clear(tokenizer):
 
 @pytest.mark.parametrize("setting", ["autocast", "bf16-weights"])
 def test_low_precision_tensors_are_projected_in_float32_slices(tokenizer, monkeypatch, setting):
-    import ghostproj.fp32
+    import ghostproj.engines.fp32
 
-    monkeypatch.setattr(ghostproj.fp32, "UPCAST_BYTES", 3 * 4 * 128)  # a few rows per slice
+    monkeypatch.setattr(ghostproj.engines.fp32, "UPCAST_BYTES", 3 * 4 * 128)  # a few rows per slice
     torch.manual_seed(4)
     m = tiny_llama(len(tokenizer))
     if setting == "bf16-weights":
@@ -308,7 +312,7 @@ def test_compiled_model_has_no_graph_break_and_same_vectors(tokenizer, arch):
 def test_compiled_batches_of_varying_size_share_a_graph(tokenizer):
     """--token-budget batches differ in size and length: after the first two shapes the
     compiled graph is dynamic in both, and every batch's vectors equal the eager ones."""
-    from ghostproj.project import _dynamic_batch_sizes
+    from ghostproj.jobs.project import _dynamic_batch_sizes
 
     torch.manual_seed(8)
     m = tiny_llama(len(tokenizer))

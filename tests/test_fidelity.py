@@ -1,12 +1,16 @@
 import math
 
 import torch
+from helpers import run_cli, tiny_gpt2
 
 from ghostproj import GradProjectionEngine
-
 from ghostproj.data import Example
-from ghostproj.fidelity import Agreement, dense_projection, exact_layer_grads, run_fidelity
-from helpers import run_cli, tiny_gpt2
+from ghostproj.jobs.fidelity import (
+    Agreement,
+    dense_projection,
+    exact_layer_grads,
+    run_fidelity,
+)
 
 
 def examples(tokenizer):

@@ -6,15 +6,22 @@ import copy
 
 import pytest
 import torch
+from helpers import (
+    captured_reference,
+    kron_reference,
+    rel_err,
+    run_cli,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 from ghostproj import GradProjectionEngine
-from ghostproj.checks import engine_projected_grads
 from ghostproj.data import Example, collate
+from ghostproj.data.transfer import HostCopy
 from ghostproj.engines.dotprod import GradDotProdEngine
-from ghostproj.losses import causal_lm_losses
+from ghostproj.engines.losses import causal_lm_losses
+from ghostproj.jobs.checks import engine_projected_grads
 from ghostproj.scoring import load_projections
-from ghostproj.transfer import HostCopy
-from helpers import captured_reference, kron_reference, rel_err, run_cli, tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

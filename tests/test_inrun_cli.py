@@ -3,9 +3,8 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from helpers import run_cli, write_jsonl
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 

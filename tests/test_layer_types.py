@@ -5,11 +5,11 @@ import zlib
 
 import pytest
 import torch
+from helpers import rel_err
 from torch import nn
 
 from ghostproj import GradDotProdEngine, GradProjectionEngine
 from ghostproj.engines.layer_types import LAYER_TYPES, layer_type
-from helpers import rel_err
 
 
 def whole_rel_err(got, ref):

@@ -1,8 +1,8 @@
 import torch
+from helpers import tiny_gpt2
 
 from ghostproj.data import Example, collate
-from ghostproj.losses import causal_lm_losses
-from helpers import tiny_gpt2
+from ghostproj.engines.losses import causal_lm_losses
 
 
 def test_per_example_loss_is_batch_independent(tokenizer):

@@ -2,15 +2,15 @@ import json
 
 import pytest
 import torch
+from helpers import kron_reference, rel_err, run_cli, write_jsonl
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ghostproj import GradProjectionEngine
 from ghostproj.data import read_records, tokenize_records
+from ghostproj.engines.projector import make_matrix
 from ghostproj.models import load_model
-from ghostproj.projector import make_matrix
 from ghostproj.scoring import load_projections
-from helpers import kron_reference, rel_err, run_cli, write_jsonl
 
 
 def project(capsys, model_dir, data, out, *extra):

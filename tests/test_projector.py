@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
+from ghostproj.engines.projector import choose_ranks, make_matrix
 from ghostproj.errors import GhostprojError
-from ghostproj.projector import choose_ranks, make_matrix
 
 
 def design_seed(seed, name, side):

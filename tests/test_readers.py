@@ -3,13 +3,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import kron_reference, rel_err, run_cli, tiny_gpt2, write_jsonl
 
 from ghostproj import GradProjectionEngine
-from ghostproj.checks import engine_projected_grads
 from ghostproj.data import Example, token_budget_batches
-from ghostproj.readers import DataSpec, load_examples
+from ghostproj.data.readers import DataSpec, load_examples
+from ghostproj.jobs.checks import engine_projected_grads
 from ghostproj.scoring import load_projections
-from helpers import kron_reference, rel_err, run_cli, tiny_gpt2, write_jsonl
 
 
 def test_prompt_completion_masks_prompt_tokens(tmp_path, tokenizer):

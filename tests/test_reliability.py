@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli, write_jsonl
 
 from ghostproj.scoring import load_projections
-from helpers import run_cli, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -116,14 +116,14 @@ def test_taking_the_lock_sweeps_temporaries_of_killed_writers_only(tmp_path):
 def test_disk_checks(capsys, tmp_path, gpt2_dir, corpus, monkeypatch):
     import errno
 
-    import ghostproj.project as project
-    import ghostproj.store as store
+    import ghostproj.jobs.project as project
+    import ghostproj.store.writer as writer
 
     monkeypatch.setattr(project.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 1000))
     code, _, err = run_cli(project_args(gpt2_dir, corpus, tmp_path / "small"), capsys)
     assert code == 2 and "free space or pass --force" in err
     monkeypatch.undo()
-    real = store.atomic_write
+    real = writer.atomic_write
     calls = {"n": 0}
 
     def filling(path, data):
@@ -132,7 +132,7 @@ def test_disk_checks(capsys, tmp_path, gpt2_dir, corpus, monkeypatch):
             if calls["n"] == 3:
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, data)
-    monkeypatch.setattr(store, "atomic_write", filling)
+    monkeypatch.setattr(writer, "atomic_write", filling)
     out = tmp_path / "full-disk"
     code, _, err = run_cli(project_args(gpt2_dir, corpus, out), capsys)
     assert code == 2 and "is full after 32 examples" in err and "Traceback" not in err
@@ -216,7 +216,7 @@ def test_torchrun_resume_with_a_different_number_of_ranks(tmp_path, gpt2_dir, co
 
 
 def test_each_torchrun_rank_takes_its_own_gpu(monkeypatch):
-    from ghostproj import project
+    from ghostproj import distributed as project
     from ghostproj.errors import GhostprojError
 
     current = []

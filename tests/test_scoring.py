@@ -2,10 +2,10 @@ import json
 
 import pytest
 import torch
+from helpers import run_cli, write_jsonl
 from safetensors.torch import load_file
 
 from ghostproj.scoring import load_projections, score
-from helpers import run_cli, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -170,11 +170,11 @@ def test_empty_query_set_is_refused(capsys, runs, tmp_path):
 
 
 def test_influence_full_refuses_a_huge_fisher(runs, monkeypatch):
-    import ghostproj.scoring as scoring
+    import ghostproj.scoring.influence as influence
     from ghostproj.errors import GhostprojError
 
     train, query = runs
-    monkeypatch.setattr(scoring, "MAX_FULL_FISHER_DIM", 32)
+    monkeypatch.setattr(influence, "MAX_FULL_FISHER_DIM", 32)
     with pytest.raises(GhostprojError, match="influence-full needs a 64 x 64 Fisher"):
         score(train, query, metric="influence-full")
     score(train, query, metric="influence")  # block-diagonal still works

@@ -129,7 +129,7 @@ def _default_model_and_data(model: Optional[str], data: Optional[str]) -> tuple[
         return model, data
     if model is not None and data is None:
         raise GhostprojError("--model was given without --data; pass the data to project too.")
-    from .demo import ensure_demo
+    from .jobs.demo import ensure_demo
 
     assets = ensure_demo(lambda m: _status().print(f"[dim]{m}[/dim]"))
     return str(assets.model), data if data is not None else str(assets.train)
@@ -197,7 +197,7 @@ def project(
                                  rich_help_panel=RUN),
 ) -> None:
     """Project every example's loss gradient and write shards to OUT."""
-    from .project import ProjectOptions, ProjectSummary, run_project
+    from .jobs.project import ProjectOptions, ProjectSummary, run_project
 
     if hf_dataset is not None:
         if data is not None:
@@ -282,7 +282,7 @@ def naive_check(
     device: str = _device_opt(),
 ) -> None:
     """Prove the engine equals the slow exact computation on your model and data."""
-    from .checks import run_naive_check
+    from .jobs.checks import run_naive_check
 
     model, data = _default_model_and_data(model, data)
     result = run_naive_check(model, data, _split(layers), samples=samples, rank=rank, projector=projector,
@@ -318,7 +318,7 @@ def non_interf(
     device: str = _device_opt(),
 ) -> None:
     """Prove attaching the engine changes nothing about training."""
-    from .checks import run_non_interference
+    from .jobs.checks import run_non_interference
 
     model, data = _default_model_and_data(model, data)
     result = run_non_interference(model, data, _split(layers), steps=steps, batch_size=batch_size, lr=lr,
@@ -366,7 +366,7 @@ def score(
     chunk_rows: int = typer.Option(8192, help="Training rows read per chunk.", rich_help_panel=RUN),
 ) -> None:
     """Score training examples against query examples (similarity or influence)."""
-    from .score_job import run_score_command
+    from .jobs.score import run_score_command
 
     run_score_command(
         train, query, metric=metric, normalize=normalize, center=center, damping=damping, layers=_split(layers),
@@ -396,7 +396,7 @@ def fidelity(
     """How well projected inner products match exact ones, per rank and layer."""
     from rich.table import Table
 
-    from .fidelity import run_fidelity_check
+    from .jobs.fidelity import run_fidelity_check
 
     model, data = _default_model_and_data(model, data)
     report = run_fidelity_check(model, data, _split(layers), ranks, samples=samples, max_length=max_length,
@@ -454,13 +454,13 @@ def inrun(
     """Fine-tune with in-run data valuation: per-step gradient dot products with a validation batch."""
     from rich.table import Table
 
-    from .inrun import InrunOptions, run_inrun
+    from .jobs.inrun import InrunOptions, run_inrun
     from .progress import shorten
 
     if model is None or train is None or val is None:
         if model is not None and (train is None or val is None):
             raise GhostprojError("--model was given without --train and --val.")
-        from .demo import ensure_demo
+        from .jobs.demo import ensure_demo
 
         assets = ensure_demo(lambda m: _status().print(f"[dim]{m}[/dim]"))
         model = model or str(assets.model)
@@ -507,10 +507,10 @@ def inspect(
     """Show a run and verify its shards (or merge job-array parts into one run).
 
     Exits 0 for a complete, verified run, 3 for an unfinished one and 2 for a damaged one."""
-    from .inspect_run import describe_run
+    from .jobs.inspect import describe_run
 
     if merge:
-        from .store import merge_runs
+        from .store.merge import merge_runs
 
         if len(run_dirs) < 2:
             raise GhostprojError("--merge needs OUT followed by the part directories.")
@@ -531,7 +531,7 @@ def demo(
     show: int = typer.Option(3, help="Queries whose matches are printed.", rich_help_panel=OUTPUT),
 ) -> None:
     """Project the embedded corpus, score held-out queries and show what ghostproj finds."""
-    from .demo import run_demo
+    from .jobs.demo import run_demo
 
     run_demo(out, _console(), _status(), top_k=top_k, show=show)
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 console = Console(soft_wrap=True)  # results (tables, summaries)
 status = Console(stderr=True, soft_wrap=True)  # progress, notes and errors, kept out of piped results

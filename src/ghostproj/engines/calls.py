@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..fp32 import Projection, no_autocast
+from .fp32 import Projection, no_autocast
 from .layer_types import EmbeddingLayer, LayerType, LinearLayer, expand_broadcast_ids
 
 

@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from ..errors import GhostprojError
-from ..fp32 import no_autocast
-from ..layers import pattern_matches
 from .attachment import AttachedEngine, Attachment
+from .fp32 import no_autocast
 from .layer_types import LayerType, Use, expand_broadcast_ids, layer_type
+from .layers import pattern_matches
 
 
 # -- the engine ----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fp32 import Projection
+from .fp32 import Projection
 
 
 @dataclass

@@ -14,34 +14,16 @@ import torch
 from torch import nn
 
 from ..errors import GhostprojError
-from ..layers import LayerInfo, select_layers
-from ..projector import LayerProjector, build_projectors, choose_ranks
+from ..store.manifest import LayerInfo
 from .attachment import AttachedEngine, Attachment
 from .calls import LayerCall, LayerMatrices, SharedInputs
 from .layer_types import hf_conv1d_class, projectable_type
-
+from .layers import select_layers
+from .projector import LayerProjector, build_projectors, split_ranks
 
 # Batch sizes whose result buffers are kept (each is B x D floats); --token-budget
 # batches come sorted by length, so a size recurs in one stretch of the run.
 SINK_SETS_KEPT = 8
-
-
-def split_ranks(
-    rank: int, n_in: int, n_out: int, rank_min: int = 1, rank_in: int | None = None, rank_out: int | None = None
-) -> tuple[int, int]:
-    """(k_in, k_out): the budget rule of :func:`choose_ranks`, unless ``rank_in``/``rank_out``
-    fix a side; a side left free then takes the rest of the budget."""
-    if rank_in is not None and rank_in < 1 or rank_out is not None and rank_out < 1:
-        raise GhostprojError("--rank-in and --rank-out must be at least 1.")
-    if rank_in is None and rank_out is None:
-        return choose_ranks(rank, n_in, n_out, rank_min)
-    k_in = min(n_in, rank_in) if rank_in is not None else None
-    k_out = min(n_out, rank_out) if rank_out is not None else None
-    if k_in is None:
-        k_in = max(1, min(n_in, rank // k_out))
-    if k_out is None:
-        k_out = max(1, min(n_out, rank // k_in))
-    return k_in, k_out
 
 
 class GradProjectionEngine(AttachedEngine):

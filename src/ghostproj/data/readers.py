@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Example, Records, file_sha256, read_records, record_text, tokenize_records
-from .errors import GhostprojError
+from ..errors import GhostprojError
+from .batching import Example, tokenize_records
+from .records import Records, file_sha256, read_records, record_text
 
 FORMATS = ("auto", "jsonl", "text", "bin", "parquet", "hf")
 

@@ -8,17 +8,19 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from .data import example_text, record_field, records_for_run
-from .errors import GhostprojError
-from .progress import RateProgress, shorten
-from .scoring import ScoreResult, score
-from .store import atomic_write, encode_safetensors, open_run
+from ..data.records import example_text, record_field, records_for_run
+from ..errors import GhostprojError
+from ..progress import RateProgress, shorten
+from ..scoring.score import ScoreResult, score
+from ..store.files import atomic_write
+from ..store.reader import open_run
+from ..store.shards import encode_safetensors
 
 
 def check_outputs(outputs: list[tuple[str | None, str]], inputs: list[str], overwrite: bool) -> None:
     """Refuse, before any work, an output that would land on an input, inside a projection
     run directory, on another output, or (without ``overwrite``) on an existing file."""
-    from .store import MANIFEST
+    from ..store.manifest import MANIFEST
 
     taken: dict[Path, str] = {}
     protected = {Path(p).resolve() for p in inputs}

@@ -7,8 +7,8 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from .progress import human_bytes
-from .store import verify_run
+from ..progress import human_bytes
+from ..store.reader import verify_run
 
 
 def describe_run(path: str, console, hash_shards: bool = True) -> bool:

@@ -5,58 +5,19 @@ The maths of each supported module type lives in :mod:`ghostproj.engines.layer_t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
-from .engines.layer_types import EmbeddingLayer, projectable_type
+from .layer_types import EmbeddingLayer, projectable_type
 
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """One projected layer as recorded in the manifest."""
-
-    name: str
-    type: str
-    n_in: int  # includes the constant-1 column when bias is projected
-    n_out: int
-    k_in: int
-    k_out: int
-    offset: int  # start of this layer's block in the per-example vector
-
-    @property
-    def size(self) -> int:
-        return self.k_in * self.k_out
-
-    def to_json(self) -> dict:
-        return {
-            "name": self.name,
-            "type": self.type,
-            "n_in": self.n_in,
-            "n_out": self.n_out,
-            "k_in": self.k_in,
-            "k_out": self.k_out,
-            "offset": self.offset,
-        }
-
-    @classmethod
-    def from_json(cls, d: dict) -> "LayerInfo":
-        return cls(
-            name=str(d["name"]),
-            type=str(d["type"]),
-            n_in=int(d["n_in"]),
-            n_out=int(d["n_out"]),
-            k_in=int(d["k_in"]),
-            k_out=int(d["k_out"]),
-            offset=int(d["offset"]),
-        )
+# With a PEFT adapter, its LoRA matrices are what was trained, so they are what is projected.
+ADAPTER_LAYERS = r"re:\.lora_[AB]\.[^.]+$"
 
 
 def pattern_matches(pattern: str, name: str) -> bool:
     """``re:REGEX`` searches ``name`` for REGEX; anything else is a substring."""
     import re
 
-    from .errors import GhostprojError
+    from ..errors import GhostprojError
 
     if pattern.startswith("re:"):
         try:
@@ -74,7 +35,7 @@ def select_layers(model: nn.Module, patterns: list[str] | None,
     gradients are vocabulary-sized and rarely what users want to compare); with
     ``include_embeddings`` the embedding layers too. Patterns select any supported layer.
     """
-    from .errors import GhostprojError
+    from ..errors import GhostprojError
 
     supported = [(n, m) for n, m in model.named_modules() if n and projectable_type(m) is not None]
     if not patterns:

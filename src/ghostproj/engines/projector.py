@@ -11,11 +11,10 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .errors import GhostprojError
+from ..errors import GhostprojError
 
 PROJECTOR_KINDS = ("gaussian", "rademacher", "orthonormal")
 
@@ -66,6 +65,25 @@ def choose_ranks(rank: int, n_in: int, n_out: int, rank_min: int = 1) -> tuple[i
     return k_in, k_out
 
 
+def split_ranks(
+    rank: int, n_in: int, n_out: int, rank_min: int = 1, rank_in: int | None = None, rank_out: int | None = None
+) -> tuple[int, int]:
+    """(k_in, k_out): the budget rule of :func:`choose_ranks`, unless ``rank_in``/``rank_out``
+    fix a side; a side left free then takes the rest of the budget, and at least
+    ``rank_min`` (or its whole dimension, if smaller)."""
+    if rank_in is not None and rank_in < 1 or rank_out is not None and rank_out < 1:
+        raise GhostprojError("--rank-in and --rank-out must be at least 1.")
+    if rank_in is None and rank_out is None:
+        return choose_ranks(rank, n_in, n_out, rank_min)
+    k_in = min(n_in, rank_in) if rank_in is not None else None
+    k_out = min(n_out, rank_out) if rank_out is not None else None
+    if k_in is None:
+        k_in = max(min(rank_min, n_in), min(n_in, rank // k_out))
+    if k_out is None:
+        k_out = max(min(rank_min, n_out), min(n_out, rank // k_in))
+    return k_in, k_out
+
+
 @dataclass
 class LayerProjector:
     """The two fixed matrices of one layer: P_in (k_in, n_in) and P_out (k_out, n_out)."""
@@ -93,49 +111,6 @@ def build_projectors(
         )
         for name, n_in, n_out, k_in, k_out in layers
     }
-
-
-def save_projectors(path, projectors: dict[str, LayerProjector], metadata: dict[str, str]) -> None:
-    from .store import atomic_write, encode_safetensors
-
-    tensors = {}
-    for name, p in projectors.items():
-        tensors[f"{name}.in"] = p.p_in.detach().cpu().contiguous()
-        tensors[f"{name}.out"] = p.p_out.detach().cpu().contiguous()
-    atomic_write(Path(path), encode_safetensors(tensors, metadata))
-
-
-def load_projectors(path, layer_names: list[str],
-                    shapes: dict[str, tuple[tuple[int, int], tuple[int, int]]] | None = None) -> dict[str, LayerProjector]:
-    """The matrices of ``layer_names`` from a projector file. ``shapes`` maps a layer to
-    ((k_in, k_out), (n_in, n_out)) as its manifest records them; the file is refused when
-    a matrix is not float32 of exactly that shape."""
-    from safetensors import safe_open
-
-    if not Path(path).is_file():
-        raise GhostprojError(f"Projector file {path} is missing; the run cannot be reused without it.")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            out = {}
-            for name in layer_names:
-                if f"{name}.in" not in keys or f"{name}.out" not in keys:
-                    raise GhostprojError(f"{path} holds no projector for layer '{name}'.")
-                out[name] = LayerProjector(p_in=f.get_tensor(f"{name}.in"), p_out=f.get_tensor(f"{name}.out"))
-    except GhostprojError:
-        raise
-    except Exception as exc:  # safetensors raises several types for damaged files
-        raise GhostprojError(f"Cannot read projector file {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.") from None
-    for name, p in out.items():
-        if p.p_in.dtype != torch.float32 or p.p_out.dtype != torch.float32:
-            raise GhostprojError(f"{path} is damaged: the matrices of '{name}' are not float32.")
-        if shapes is not None and name in shapes:
-            (k_in, k_out), (n_in, n_out) = shapes[name]
-            if tuple(p.p_in.shape) != (k_in, n_in) or tuple(p.p_out.shape) != (k_out, n_out):
-                raise GhostprojError(
-                    f"{path} does not match its manifest: layer '{name}' has matrices {tuple(p.p_in.shape)} and "
-                    f"{tuple(p.p_out.shape)}, the manifest needs {(k_in, n_in)} and {(k_out, n_out)}.")
-    return out
 
 
 def projector_hash(projectors: dict[str, LayerProjector]) -> str:

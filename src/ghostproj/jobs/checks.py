@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Example, collate
-from .engines.layer_types import projectable_type
-from .engines.projection import GradProjectionEngine
-from .layers import LayerInfo
-from .losses import IGNORE_INDEX, causal_lm_losses
+from ..data.batching import Example, collate
+from ..engines.layer_types import projectable_type
+from ..engines.losses import IGNORE_INDEX, causal_lm_losses
+from ..engines.projection import GradProjectionEngine
+from ..store.manifest import LayerInfo
 
 
 # -- naive reference --------------------------------------------------------------------
@@ -220,12 +220,12 @@ class NaiveCheckResult:
 def pick_mixed_lengths(examples: list[Example], samples: int) -> list[Example]:
     """Examples spread evenly over the length range, so the batch is padded and mixed."""
     if samples < 1:
-        from .errors import GhostprojError
+        from ..errors import GhostprojError
 
         raise GhostprojError(f"--samples must be at least 1, got {samples}.")
     live = sorted((e for e in examples if e.n_label_positions > 0), key=lambda e: len(e.input_ids))
     if not live:
-        from .errors import GhostprojError
+        from ..errors import GhostprojError
 
         raise GhostprojError("No example in the data has a label position to check.")
     if len(live) <= samples:
@@ -245,9 +245,9 @@ def load_model_and_data(model_path: str, data_path: str, dtype: str, device: str
     """(model, tokenizer, LoadedData) for the checks, read as `project` reads them: every
     data format and layout, examples cut to the model's position limit. A malformed data
     file is reported before the (slow) model load."""
-    from .data import read_records
-    from .models import load_model, position_limit
-    from .readers import DataSpec, load_examples
+    from ..data.readers import DataSpec, load_examples
+    from ..data.records import read_records
+    from ..models import load_model, position_limit
 
     spec = DataSpec(data_path, **fields)
     if spec.resolved_format() in ("jsonl", "text"):
@@ -266,8 +266,8 @@ def run_naive_check(model_path: str, data_path: str, layers: list[str] | None, *
                     include_embeddings: bool = False, **fields) -> NaiveCheckResult:
     """``fields``: text_field, prompt_field, completion_field, messages_field, format, as
     for `project` (the layout is read from the data when none is given)."""
-    from .models import load_model, pad_token_id
-    from .project import ADAPTER_LAYERS
+    from ..engines.layers import ADAPTER_LAYERS
+    from ..models import pad_token_id
 
     model, tokenizer, data = load_model_and_data(model_path, data_path, dtype, device, max_length, adapter, **fields)
     examples = pick_mixed_lengths(data.examples, samples)
@@ -310,9 +310,9 @@ def detach_problems(model: nn.Module, batch_examples: list[Example], layers: lis
 def run_non_interference(model_path: str, data_path: str, layers: list[str] | None, *, steps: int = 3,
                          batch_size: int = 4, lr: float = 1e-3, optimizer: str = "adamw", max_length: int = 128,
                          device: str = "auto", **fields) -> NonInterferenceResult:
-    from .data import fixed_size_batches
-    from .errors import GhostprojError
-    from .models import pad_token_id
+    from ..data.batching import fixed_size_batches
+    from ..errors import GhostprojError
+    from ..models import pad_token_id
 
     if steps < 1:
         raise GhostprojError(f"--steps must be at least 1, got {steps}.")

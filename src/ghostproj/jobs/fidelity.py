@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data import Example, collate
-from .engines.layer_types import projectable_type
-from .engines.projection import GradProjectionEngine
-from .errors import GhostprojError
-from .losses import causal_lm_losses
+from ..data.batching import Example, collate
+from ..engines.layer_types import projectable_type
+from ..engines.losses import causal_lm_losses
+from ..engines.projection import GradProjectionEngine
+from ..errors import GhostprojError
 
 
 def exact_layer_grads(model, examples: list[Example], names: list[str], loss_reduction: str = "mean"):
@@ -149,8 +149,8 @@ def run_fidelity_check(model_path: str, data_path: str, layers: list[str] | None
     """The `fidelity` command: load the model and data as `project` does, pick calibration
     examples of mixed lengths and compare projected with exact inner products. ``ranks``
     is the comma-separated list the user typed."""
+    from ..errors import GhostprojError
     from .checks import load_model_and_data, pick_mixed_lengths
-    from .errors import GhostprojError
 
     try:
         rank_list = [int(r) for r in ranks.split(",") if r.strip()]

@@ -9,14 +9,16 @@ from pathlib import Path
 
 import torch
 
-from .data import Example, collate, example_text, read_records
-from .engines.dotprod import GradDotProdEngine
-from .errors import GhostprojError
-from .losses import causal_lm_losses
-from .models import load_model, pad_token_id, position_limit
-from .progress import RateProgress
-from .readers import DataSpec, load_examples
-from .store import atomic_write, encode_safetensors
+from ..data.batching import Example, collate
+from ..data.readers import DataSpec, load_examples
+from ..data.records import example_text, read_records
+from ..engines.dotprod import GradDotProdEngine
+from ..engines.losses import causal_lm_losses
+from ..errors import GhostprojError
+from ..models import load_model, pad_token_id, position_limit
+from ..progress import RateProgress
+from ..store.files import atomic_write
+from ..store.shards import encode_safetensors
 
 MAX_VAL_BATCH = 512  # every step carries the whole validation batch
 

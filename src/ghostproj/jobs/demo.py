@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .demo_corpus import demo_splits
+from ..data.demo_corpus import demo_splits
 
 DEMO_VERSION = 2  # 2: real text (standard-library docstrings) instead of template sentences
 EOS = "<|endoftext|>"
@@ -51,7 +51,7 @@ def tiny_gpt2(vocab_size: int, n_layer: int = 2, n_embd: int = 64, n_head: int =
 def train_lm(model, tokenizer, texts: list[str], steps: int = 300, batch_size: int = 32, lr: float = 3e-3,
              seed: int = 0) -> float:
     """Train ``model`` on ``texts`` with the plain HF loss; returns the final loss."""
-    from .data import Example, collate
+    from ..data.batching import Example, collate
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -159,10 +159,10 @@ def run_demo(out: str | os.PathLike, console, status, top_k: int = 10, show: int
     baseline."""
     from rich.table import Table
 
-    from .data import read_records
+    from ..data.records import read_records
+    from ..scoring.score import score
     from .project import ProjectOptions, run_project
-    from .score_job import run_score_command
-    from .scoring import score
+    from .score import run_score_command
 
     assets = ensure_demo(lambda m: status.print(f"[dim]{m}[/dim]"))
     out = Path(out)

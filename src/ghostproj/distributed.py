@@ -1,0 +1,115 @@
+"""Many processes, one run: torchrun ranks (each on its own GPU, or on the CPU with gloo)
+and their rank manifests, merged by rank 0."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .data.batching import Example
+from .errors import GhostprojError
+from .store.fingerprint import (
+    differing_part,
+)
+from .store.manifest import (
+    MANIFEST,
+    rank_manifest_name,
+    read_manifest,
+    write_manifest,
+)
+from .store.merge import merge_manifests
+from .store.shards import read_rows, read_shard_header
+
+
+def device_for_this_process(device: str) -> str:
+    """``--device`` for this process. Under torchrun each rank takes the GPU of its
+    LOCAL_RANK and makes it current, so ranks never share GPU 0 and nccl, CUDA events
+    and pinned copies all act on the rank's own device."""
+    local = os.environ.get("LOCAL_RANK")
+    if local is None or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    if device not in ("auto", "cuda") or not torch.cuda.is_available():
+        return device  # the CPU, or a GPU the user named explicitly
+    index, visible = int(local), torch.cuda.device_count()
+    if index >= visible:
+        raise GhostprojError(f"torchrun started local rank {index}, but only {visible} GPU(s) are visible; "
+                             f"use --nproc-per-node {visible} or fewer.")
+    torch.cuda.set_device(index)
+    return f"cuda:{index}"
+
+
+def distributed_rank(device: torch.device) -> tuple[int, int] | None:
+    """(rank, world size) under torchrun with more than one process, else None; sets up
+    the process group once: nccl when this rank runs on a GPU, gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    import torch.distributed as td
+
+    if not td.is_initialized():
+        td.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return td.get_rank(), td.get_world_size()
+
+
+def sync_start(out: Path, rank: int) -> None:
+    """Rank 0 creates the shared directory before any rank looks at it."""
+    import torch.distributed as td
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    td.barrier()
+
+
+def rank_manifests(out: Path) -> dict[int, dict]:
+    found = {}
+    for path in out.glob("manifest-r[0-9][0-9][0-9].json"):
+        found[int(path.name[10:13])] = read_manifest(out, path.name)
+    return found
+
+
+def regroup_after_rank_change(out: Path, manifest: dict, examples: list[Example], rank: int, world: int,
+                               subset: list[Example]) -> tuple[bool, list[Example]]:
+    """A torchrun restarted with a different number of ranks: every rank reads what all
+    earlier ranks wrote and takes its share of the rows still missing. Returns (regrouped,
+    this rank's examples)."""
+    import torch.distributed as td
+
+    existing = rank_manifests(out)
+    regroup = any((m.get("part") or {}).get("num_shards") != world for m in existing.values())
+    if regroup:
+        done: set[int] = set()
+        for m in existing.values():
+            part = differing_part(m, manifest)
+            if part is not None:
+                raise GhostprojError(f"{out} holds rank manifests of a different run (their {part} differ).")
+            for s in m["shards"]:
+                header = read_shard_header(out / s["file"])
+                done.update(read_rows(header, "index", 0, int(s["rows"])).tolist())
+        remaining = [e for e in examples if e.index not in done]
+        subset = remaining[rank::world]
+        manifest["part"]["rows"] = len(subset)
+    td.barrier()  # every rank decided before any rank rewrites its manifest
+    return regroup, subset
+
+
+def finish_distributed(out: Path, rank: int, world: int) -> None:
+    """After every rank finished its part, rank 0 merges the rank manifests into manifest.json
+    (all of them, also those of ranks from an earlier run with more ranks) after checking that
+    every example is there exactly once."""
+    import torch.distributed as td
+
+    td.barrier()
+    if rank == 0 and not (out / MANIFEST).exists():
+        ranks = rank_manifests(out)
+        merged = merge_manifests([ranks[r] for r in sorted(ranks)], by_shard_id=False)
+        index = torch.cat([read_rows(read_shard_header(out / s["file"]), "index", 0, int(s["rows"]))
+                           for s in merged["shards"]]) if merged["shards"] else torch.empty(0, dtype=torch.long)
+        count = merged["data"]["count"]
+        if index.numel() != count or index.unique().numel() != index.numel():
+            raise GhostprojError(f"The ranks wrote {index.numel()} rows for {count} examples; rerun to repair.")
+        write_manifest(out, merged)
+        for r in ranks:
+            (out / rank_manifest_name(r)).unlink(missing_ok=True)
+    td.barrier()

@@ -1,0 +1,2 @@
+"""The commands' jobs: each a plain function over its options (project, score, inrun,
+fidelity, demo, the checks, inspect)."""

@@ -1,0 +1,67 @@
+"""One batch in flight: a batch's forward, backward and projection are queued on the device
+before the previous batch's results are waited for and handed to the writer."""
+
+from __future__ import annotations
+
+import torch
+
+from ..data.batching import Example, collate
+from ..data.transfer import HostCopy
+from ..engines.losses import causal_lm_losses
+from ..engines.projection import GradProjectionEngine
+from ..progress import RateProgress
+from ..store.writer import RunWriter
+
+
+def deliver(launched: "LaunchedBatch", writer: RunWriter, bar: RateProgress) -> None:
+    vectors, index, losses, counts = launched.result()
+    writer.add(vectors, index, losses, counts)
+    bar.advance(len(index), int(counts.sum()))
+
+
+class LaunchedBatch:
+    """One batch whose forward and backward have been queued on the device and whose
+    results are on their way to the host."""
+
+    def __init__(self, examples: list[Example], live: list[int], dim: int, copy: HostCopy | None):
+        self.examples = examples
+        self.live = live  # rows that have a label position and were run
+        self.dim = dim
+        self.copy = copy
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(vectors [B, D] float32, index [B], losses [B], label counts [B]) on the host;
+        examples with no label position were not run and get zero vectors."""
+        b = len(self.examples)
+        index = torch.tensor([e.index for e in self.examples], dtype=torch.long)
+        counts = torch.tensor([e.n_label_positions for e in self.examples], dtype=torch.int32)
+        losses = torch.zeros(b, dtype=torch.float32)
+        if self.copy is None:
+            return torch.zeros(b, self.dim, dtype=torch.float32), index, losses, counts
+        vectors_live, losses_live = self.copy.result()
+        if len(self.live) == b:  # every example had a label position: nothing to scatter
+            return vectors_live, index, losses_live.float(), counts
+        vectors = torch.zeros(b, self.dim, dtype=vectors_live.dtype)
+        rows = torch.tensor(self.live)
+        vectors[rows] = vectors_live
+        losses[rows] = losses_live.float()
+        return vectors, index, losses, counts
+
+
+def launch_batch(model, engine: GradProjectionEngine, examples: list[Example], loss_reduction: str, pad_id: int,
+                 device: torch.device, store_dtype: torch.dtype = torch.float32) -> LaunchedBatch:
+    """Queue one batch's forward, backward and projection; nothing here waits for the device."""
+    live = [r for r, e in enumerate(examples) if e.n_label_positions > 0]
+    if not live:
+        return LaunchedBatch(examples, live, engine.dim, None)
+    batch = collate([examples[r] for r in live], pad_id).to(device)
+    engine.prepare(len(live), device)  # result buffers made outside any compiled region
+    logits = model(**batch.model_inputs()).logits
+    per_example, _ = causal_lm_losses(logits, batch.labels, loss_reduction)
+    per_example.sum().backward()
+    vectors = engine.collect()
+    if device.type == "cuda" and store_dtype in (torch.bfloat16, torch.float32):
+        # Converted on the device: half the bytes to copy and nothing left for the host to
+        # convert (bf16 keeps float32's range, so no overflow check is lost).
+        vectors = vectors.to(store_dtype)
+    return LaunchedBatch(examples, live, engine.dim, HostCopy([vectors, per_example]))

@@ -1,0 +1,511 @@
+"""The projection job: model + data -> a run directory of projected per-example gradients."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data.batching import Example
+from ..data.readers import DataSpec, LoadedData, load_examples
+from ..distributed import (
+    device_for_this_process,
+    distributed_rank,
+    finish_distributed,
+    regroup_after_rank_change,
+    sync_start,
+)
+from ..engines.layers import ADAPTER_LAYERS
+from ..engines.losses import LOSS_REDUCTIONS
+from ..engines.projection import GradProjectionEngine
+from ..engines.projector import PROJECTOR_KINDS, LayerProjector, projector_hash
+from ..errors import GhostprojError
+from ..models import config_hash, load_model, pad_token_id, position_limit
+from ..progress import RateProgress
+from ..store.fingerprint import (
+    fingerprint,
+    fingerprint_parts,
+    sampled_weights_hash,
+    weights_hash,
+)
+from ..store.lock import RunLock
+from ..store.manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    PROJECTOR_FILE,
+    STORE_DTYPES,
+    rank_manifest_name,
+    read_manifest,
+    require_keys,
+    write_manifest,
+)
+from ..store.projector_file import load_projectors, save_projectors
+from ..store.reader import damaged_shards
+from ..store.writer import RunWriter
+from .pipeline import deliver, launch_batch
+from .resume import batches_after, planned_batches, prepare_out_dir, repair_plan
+
+
+@dataclass
+class ProjectOptions:
+    """Options of ``ghostproj project``. Fields left None take their default, or the value
+    recorded in the ``like`` run."""
+
+    model: str
+    data: str
+    out: str
+    layers: list[str] | None = None
+    rank: int | None = None
+    rank_min: int | None = None
+    rank_in: int | None = None
+    rank_out: int | None = None
+    projector: str | None = None
+    seed: int | None = None
+    like: str | None = None
+    loss_reduction: str | None = None
+    bias: bool | None = None
+    batch_size: int = 8
+    max_length: int = 512
+    store_dtype: str = "bfloat16"
+    shard_size: int = 4096
+    device: str = "auto"
+    dtype: str = "float32"
+    text_field: str | None = None  # None: the layout is read from the data's first row
+    prompt_field: str | None = None
+    completion_field: str | None = None
+    messages_field: str | None = None
+    format: str = "auto"
+    token_dtype: str | None = None
+    split: str = "train"
+    token_budget: int | None = None
+    include_embeddings: bool = False
+    revision: str | None = None
+    adapter: str | None = None
+    num_shards: int = 1  # job arrays: split the examples into this many parts ...
+    shard_id: int = 0  # ... and project this one
+    force: bool = False  # start even when the disk looks too small
+    resume: bool = True
+    verify: bool = False  # on resume or rerun, hash every shard, not only the last one
+    compile: bool = False  # torch.compile the model with the engine attached: one graph, no break per layer
+    show_progress: bool = True
+
+
+@dataclass
+class ProjectSummary:
+    out: str
+    examples: int = 0
+    tokens: int = 0  # label positions
+    no_label: int = 0
+    truncated: int = 0
+    prompt_too_long: int = 0  # prompt filled --max-length: no completion token left
+    dim: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    resumed_from: int = 0
+    repaired: int = 0  # damaged or missing shards recomputed
+    already_complete: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+_DEFAULTS = {"rank": 256, "rank_min": 1, "projector": "gaussian", "seed": 0, "loss_reduction": "mean", "bias": False}
+
+
+def _apply_like(opts: ProjectOptions) -> tuple[dict | None, dict]:
+    """Resolve the run-defining options, from ``--like`` where given. Returns the like
+    manifest (or None) and the resolved values."""
+    resolved = {k: getattr(opts, k) for k in _DEFAULTS}
+    if not opts.like:
+        return None, {k: (v if v is not None else _DEFAULTS[k]) for k, v in resolved.items()}
+    like = read_manifest(opts.like)
+    require_keys(like, ("projector", "loss_reduction", "bias"), Path(opts.like) / MANIFEST, "--like")
+    recorded = {
+        "projector": like["projector"]["kind"],
+        "seed": like["projector"]["seed"],
+        "loss_reduction": like["loss_reduction"],
+        "bias": like["bias"],
+    }
+    for key, value in recorded.items():
+        if resolved[key] is not None and resolved[key] != value:
+            flag = "--" + key.replace("_", "-")
+            raise GhostprojError(f"{flag} {resolved[key]} contradicts the --like run, which used {value}.")
+    for key in ("rank", "rank_min", "rank_in", "rank_out"):
+        if getattr(opts, key) is not None:
+            raise GhostprojError(f"--{key.replace('_', '-')} cannot be combined with --like; the k's come from the --like run.")
+    if opts.layers:
+        names = [layer["name"] for layer in like["layers"]]
+        raise GhostprojError(f"--layers cannot be combined with --like; the --like run projects {', '.join(names)}.")
+    recorded["rank"], recorded["rank_min"] = None, None
+    return like, recorded
+
+
+def _check_choices(opts: ProjectOptions, values: dict) -> None:
+    if values["projector"] not in PROJECTOR_KINDS:
+        raise GhostprojError(f"Unknown --projector '{values['projector']}'; choose one of {', '.join(PROJECTOR_KINDS)}.")
+    if values["loss_reduction"] not in LOSS_REDUCTIONS:
+        raise GhostprojError(f"Unknown --loss-reduction '{values['loss_reduction']}'; choose mean or sum.")
+    if opts.store_dtype not in STORE_DTYPES:
+        raise GhostprojError(f"Unknown --store-dtype '{opts.store_dtype}'; choose one of {', '.join(STORE_DTYPES)}.")
+    if opts.max_length < 2:
+        raise GhostprojError(f"--max-length must be at least 2, got {opts.max_length}.")
+    if opts.batch_size < 1:
+        raise GhostprojError(f"--batch-size must be at least 1, got {opts.batch_size}.")
+    if opts.token_budget is not None and opts.token_budget < 1:
+        raise GhostprojError(f"--token-budget must be at least 1, got {opts.token_budget}.")
+    if opts.shard_size < 1:
+        raise GhostprojError(f"--shard-size must be at least 1, got {opts.shard_size}.")
+
+
+def build_engine(model, opts: ProjectOptions, values: dict, like: dict | None) -> GradProjectionEngine:
+    if like is None:
+        layers = opts.layers
+        if layers is None and opts.adapter:
+            layers = [ADAPTER_LAYERS]  # with an adapter, its LoRA matrices are what was trained
+        return GradProjectionEngine(
+            model,
+            layers,
+            rank=values["rank"],
+            rank_min=values["rank_min"],
+            rank_in=opts.rank_in,
+            rank_out=opts.rank_out,
+            projector=values["projector"],
+            seed=values["seed"],
+            bias=values["bias"],
+            include_embeddings=opts.include_embeddings,
+        )
+    names = [layer["name"] for layer in like["layers"]]
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise GhostprojError(f"The model has no layer '{missing[0]}' that the --like run projects.")
+    ranks = {layer["name"]: (int(layer["k_in"]), int(layer["k_out"])) for layer in like["layers"]}
+    widths = {layer["name"]: (int(layer["n_in"]), int(layer["n_out"])) for layer in like["layers"]}
+    matrices = load_projectors(Path(opts.like) / PROJECTOR_FILE, names, {n: (ranks[n], widths[n]) for n in names})
+    projectors = {n: LayerProjector(p_in, p_out) for n, (p_in, p_out) in matrices.items()}
+    engine = GradProjectionEngine(
+        model,
+        ["re:^" + re.escape(n) + "$" for n in names],
+        projector=values["projector"],
+        seed=values["seed"],
+        bias=values["bias"],
+        ranks=ranks,
+        projectors=projectors,
+    )
+    return engine
+
+
+def run_project(opts: ProjectOptions, summary: ProjectSummary | None = None) -> ProjectSummary:
+    """Project ``opts.data`` into ``opts.out``. ``summary``, when given, is filled in as the
+    run goes, so a caller still has its notes when the run is interrupted or refused."""
+    t0 = time.perf_counter()
+    like, values = _apply_like(opts)
+    _check_choices(opts, values)
+    summary = summary if summary is not None else ProjectSummary(out=opts.out)
+    inputs = _load_inputs(opts, summary)
+    engine = build_engine(inputs.model, opts, values, like)
+    parts = fingerprint_parts(engine.layers, _weights_sha(inputs.model, engine, opts.adapter),
+                              projector_hash(engine.projectors), values["loss_reduction"], values["bias"])
+    summary.notes += _capped_rank_notes(engine, values, opts)
+    manifest = build_manifest(
+        parts=parts, model=_model_record(inputs.model, opts, parts), data=_data_record(inputs),
+        loss_reduction=values["loss_reduction"], bias=values["bias"], projector=(values["projector"], values["seed"]),
+        layers=engine.layers, store_dtype=opts.store_dtype, settings=_settings(opts, inputs),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    out = Path(opts.out)
+    part = _partition(opts, inputs, manifest, out)
+    old, damaged = _existing_run(out, manifest, opts, part)
+    _count(summary, part.subset, engine.dim)
+    if old is not None and old.get("complete") and not damaged:
+        summary.already_complete = True
+        summary.bytes = sum(s.get("bytes", 0) for s in old["shards"])
+    else:
+        _check_disk(out, opts, part, engine.dim, fresh=old is None, summary=summary)
+        with RunLock(out, part.shard_id if part.dist else None):
+            _write_run(opts, values, inputs, engine, manifest, part, old, damaged, summary, t0)
+        summary.bytes = sum(s["bytes"] for s in manifest["shards"])
+    if part.dist:
+        finish_distributed(out, part.shard_id, part.num_shards)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+@dataclass
+class _Inputs:
+    """The loaded model and data of a run."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    spec: DataSpec
+    data: LoadedData
+    max_length: int  # --max-length, capped to the model's position limit
+
+
+def _load_inputs(opts: ProjectOptions, summary: ProjectSummary) -> _Inputs:
+    spec = DataSpec(opts.data, opts.format, opts.text_field, opts.prompt_field, opts.completion_field,
+                    opts.messages_field, opts.token_dtype, opts.split)
+    spec.resolved_format()  # refuse an unknown format before loading the model
+    if spec.resolved_format() != "hf" and not Path(opts.data).is_file():
+        raise GhostprojError(f"Data file {opts.data} does not exist.")
+    model, tokenizer = load_model(opts.model, opts.dtype, device_for_this_process(opts.device), opts.revision,
+                                  opts.adapter)
+    max_length = opts.max_length
+    limit = position_limit(model)
+    if limit is not None and max_length > limit:
+        summary.notes.append(f"--max-length {max_length} exceeds the model's position limit; capped to {limit}.")
+        max_length = limit
+    data = load_examples(spec, tokenizer, max_length, getattr(model.config, "vocab_size", None))
+    summary.notes += data.notes
+    return _Inputs(model, tokenizer, next(model.parameters()).device, spec, data, max_length)
+
+
+def _weights_sha(model: torch.nn.Module, engine: GradProjectionEngine, adapter: str | None) -> str:
+    """The fingerprint's model part: the projected layers' weights (and biases with --bias)."""
+    modules = dict(model.named_modules())
+    tensors = []
+    for info in engine.layers:
+        tensors.append((info.name + ".weight", modules[info.name].weight))
+        if engine.bias:
+            tensors.append((info.name + ".bias", modules[info.name].bias))
+    sha = weights_hash(tensors)
+    if adapter:
+        # the adapter's matrices alone do not say which base they sit on: runs over
+        # different bases must not compare as equal
+        base = [(n, p) for n, p in model.named_parameters() if ".lora_" not in n]
+        sha = fingerprint({"adapter": sha, "base": sampled_weights_hash(base)})
+    return sha
+
+
+def _model_record(model: torch.nn.Module, opts: ProjectOptions, parts: dict) -> dict:
+    return {"path": opts.model, "class": type(model).__name__, "config_hash": config_hash(model),
+            "weights_hash": parts["model_weights"], "dtype": opts.dtype,
+            "adapter": str(Path(opts.adapter).resolve()) if opts.adapter else None}
+
+
+def _data_record(inputs: _Inputs) -> dict:
+    return {**inputs.spec.describe(), "sha256": inputs.data.sha256, "fields": inputs.data.fields,
+            "max_length": inputs.max_length, "count": len(inputs.data.examples)}
+
+
+def _settings(opts: ProjectOptions, inputs: _Inputs) -> dict:
+    """What a resumed run must share with the run it continues, beyond the fingerprint."""
+    return {"max_length": inputs.max_length, "data_spec": inputs.spec.describe(), "store_dtype": opts.store_dtype,
+            "shard_size": opts.shard_size, "batch_size": opts.batch_size, "token_budget": opts.token_budget,
+            "dtype": opts.dtype}
+
+
+def build_manifest(*, parts: dict, model: dict, data: dict, loss_reduction: str, bias: bool,
+                   projector: tuple[str, int], layers: list, store_dtype: str, settings: dict, created: str) -> dict:
+    """The manifest of a new run, before any shard: a pure function of what defines the run
+    (the reader's schema is :func:`ghostproj.store.manifest.validate_manifest`)."""
+    return {
+        "format": FORMAT_VERSION,
+        "fingerprint": fingerprint(parts),
+        "fingerprint_parts": parts,
+        "model": model,
+        "data": data,
+        "loss_reduction": loss_reduction,
+        "bias": bias,
+        "projector": {"kind": projector[0], "seed": projector[1], "file": PROJECTOR_FILE},
+        "layers": [info.to_json() for info in layers],
+        "dim": sum(info.size for info in layers),
+        "store_dtype": store_dtype,
+        "settings": settings,
+        "created": created,
+        "shards": [],
+        "complete": False,
+    }
+
+
+@dataclass
+class _Part:
+    """The rows this process projects and where it records them."""
+
+    dist: bool  # under torchrun
+    shard_id: int
+    num_shards: int
+    subset: list[Example]
+    manifest_name: str
+    regrouped: bool = False  # a torchrun restarted with another number of ranks: subset holds rows still to do
+
+
+def _partition(opts: ProjectOptions, inputs: _Inputs, manifest: dict, out: Path) -> _Part:
+    examples = inputs.data.examples
+    dist = distributed_rank(inputs.device)
+    num_shards, shard_id = opts.num_shards, opts.shard_id
+    if dist is not None:
+        if num_shards != 1:
+            raise GhostprojError("--num-shards/--shard-id cannot be combined with torchrun; ranks split the work.")
+        shard_id, num_shards = dist
+    if num_shards < 1 or not 0 <= shard_id < num_shards:
+        raise GhostprojError(f"--shard-id must be in 0..{num_shards - 1} for --num-shards {num_shards}.")
+    subset = examples[shard_id::num_shards]  # a disjoint, deterministic part of the rows
+    if num_shards > 1:
+        manifest["part"] = {"shard_id": shard_id, "num_shards": num_shards, "rows": len(subset)}
+    part = _Part(dist is not None, shard_id, num_shards, subset,
+                 rank_manifest_name(shard_id) if dist is not None else MANIFEST)
+    if part.dist:
+        sync_start(out, shard_id)
+        if not (out / MANIFEST).exists():
+            part.regrouped, part.subset = regroup_after_rank_change(out, manifest, examples, shard_id, num_shards,
+                                                                    subset)
+    return part
+
+
+def _existing_run(out: Path, manifest: dict, opts: ProjectOptions, part: _Part) -> tuple[dict | None, list]:
+    """(the run already in ``out`` that this one continues, or None; its damaged shards)."""
+    old = prepare_out_dir(out, manifest, opts.resume, part.manifest_name, shared=part.dist)
+    if old is None:
+        return None, []
+    if part.regrouped:
+        old["complete"] = False  # this rank takes on part of the work left by the earlier run
+    if part.dist and (out / MANIFEST).exists():
+        return old, []  # merged already: the ranks' shards were checked before
+    damaged = damaged_shards(out, old, opts.verify)
+    if damaged and part.dist:
+        pos, why = damaged[0]
+        raise GhostprojError(f"Shard {out / old['shards'][pos]['file']} is damaged ({why}); rerun this project "
+                             "command without torchrun to recompute it.")
+    return old, damaged
+
+
+def _count(summary: ProjectSummary, subset: list[Example], dim: int) -> None:
+    summary.dim = dim
+    summary.truncated = sum(e.truncated for e in subset)
+    summary.no_label = sum(e.n_label_positions == 0 for e in subset)
+    summary.prompt_too_long = sum(e.prompt_filled for e in subset)
+    summary.examples = len(subset)
+    summary.tokens = sum(e.n_label_positions for e in subset)
+
+
+def _check_disk(out: Path, opts: ProjectOptions, part: _Part, dim: int, fresh: bool, summary: ProjectSummary) -> None:
+    expected = len(part.subset) * dim * STORE_DTYPES[opts.store_dtype].itemsize
+    summary.notes.append(f"Expected output: about {expected / 2**20:.1f} MiB for {len(part.subset)} examples x D={dim}.")
+    free = shutil.disk_usage(out).free
+    if fresh and expected > free and not opts.force:
+        raise GhostprojError(f"The disk holding {out} has {free / 2**20:.0f} MiB free but the run needs about "
+                             f"{expected / 2**20:.0f} MiB; free space or pass --force.")
+
+
+def _write_run(opts: ProjectOptions, values: dict, inputs: _Inputs, engine: GradProjectionEngine, manifest: dict,
+               part: _Part, old: dict | None, damaged: list, summary: ProjectSummary, t0: float) -> None:
+    """Under the run's lock: recompute damaged shards, then project the rows still to do."""
+    out = Path(opts.out)
+    if old is not None:
+        manifest["shards"] = old["shards"]
+        manifest["created"] = old.get("created", manifest["created"])
+        if old.get("complete"):
+            manifest["complete"], manifest["summary"] = True, old.get("summary")
+    else:
+        if part.shard_id == 0 or not part.dist:
+            save_projectors(out / PROJECTOR_FILE, engine.projectors,
+                            {"format": str(FORMAT_VERSION), "fingerprint": manifest["fingerprint"]})
+        write_manifest(out, manifest, part.manifest_name)
+    writer = RunWriter(out, manifest, opts.shard_size, rank=part.shard_id, manifest_name=part.manifest_name)
+    start = 0 if part.regrouped else writer.rows_written
+    summary.resumed_from = writer.rows_written
+    if summary.resumed_from:
+        summary.notes.append(f"Resumed after {summary.resumed_from} examples already written.")
+    planned = planned_batches(part.subset, opts.batch_size, opts.token_budget)
+    todo = batches_after(planned, start, out)
+    repairs = repair_plan(planned, manifest["shards"], damaged, out)
+    for pos, why in damaged:
+        summary.notes.append(f"Shard {manifest['shards'][pos]['file']} was damaged ({why}); recomputing its "
+                             f"{manifest['shards'][pos]['rows']} examples.")
+    summary.repaired = len(repairs)
+    run = _BatchRunner(opts, values, inputs, engine)
+    total = len(part.subset) - start + sum(manifest["shards"][r.pos]["rows"] for r in repairs)
+    try:
+        with RateProgress("projecting", total=total, enabled=opts.show_progress) as bar, engine, \
+                _dynamic_batch_sizes(opts.compile):
+            for repair in repairs:
+                run.repair(repair, writer, bar, out)
+            run.pipeline(todo, writer, bar)
+        if not manifest.get("complete"):
+            writer.finish({k: v for k, v in asdict(summary).items()
+                           if k not in ("out", "notes", "already_complete", "repaired")}, started=t0)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise GhostprojError(f"The disk holding {out} is full after {writer.rows_written} examples; every "
+                                 "complete shard is kept, free space and rerun to resume.") from None
+        raise
+    except Exception as exc:
+        if opts.compile and type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            writer.close()  # the shard in flight lands first, so the count below is what is on disk
+            raise GhostprojError(f"torch.compile failed after {writer.rows_written} examples ({first}); every "
+                                 "complete shard is kept, rerun without --compile to resume.") from None
+        raise
+    finally:
+        try:
+            writer.close()  # a shard already encoded still reaches the disk on an interrupt
+        except OSError:
+            pass
+
+
+class _BatchRunner:
+    """Runs batches of one run through the model and engine."""
+
+    def __init__(self, opts: ProjectOptions, values: dict, inputs: _Inputs, engine: GradProjectionEngine):
+        self.forward = torch.compile(inputs.model) if opts.compile else inputs.model
+        self.engine, self.device = engine, inputs.device
+        self.reduction, self.pad = values["loss_reduction"], pad_token_id(inputs.tokenizer)
+        self.store_dtype = STORE_DTYPES[opts.store_dtype]
+
+    def launch(self, batch: list[Example]):
+        return launch_batch(self.forward, self.engine, batch, self.reduction, self.pad, self.device, self.store_dtype)
+
+    def pipeline(self, batches: list[list[Example]], writer: RunWriter, bar: RateProgress) -> None:
+        """One batch in flight: batch t+1 is queued on the device before batch t's results
+        are waited for and handed to the writer."""
+        pending = None
+        for batch in batches:
+            launched = self.launch(batch)
+            if pending is not None:
+                deliver(pending, writer, bar)
+            pending = launched
+        if pending is not None:
+            deliver(pending, writer, bar)
+
+    def repair(self, repair, writer: RunWriter, bar: RateProgress, out: Path) -> None:
+        """Recompute one damaged shard from the batches it was computed in, and rewrite it."""
+        parts = [self.launch(b).result() for b in repair.batches]
+        rows = [torch.cat([p[c] for p in parts])[repair.begin:repair.end] for c in range(4)]
+        entry = writer.manifest["shards"][repair.pos]
+        if "index_min" in entry and (int(rows[1].min()), int(rows[1].max())) != (entry["index_min"],
+                                                                                 entry["index_max"]):
+            raise GhostprojError(f"{out} does not follow this version's example order; the damaged shard "
+                                 f"{entry['file']} cannot be recomputed in place.")
+        writer.replace_shard(repair.pos, *rows)
+        bar.advance(repair.end - repair.begin, int(rows[3].sum()))
+
+
+def _capped_rank_notes(engine: GradProjectionEngine, values: dict, opts: ProjectOptions) -> list[str]:
+    """Say so when --rank asks for more than some layers have: they are projected at their
+    full size, and the run is smaller than the user may think."""
+    rank = values.get("rank")
+    if rank is None or opts.rank_in is not None or opts.rank_out is not None:
+        return []
+    capped = [i for i in engine.layers if i.k_in == i.n_in and i.k_out == i.n_out and i.size < rank]
+    if not capped:
+        return []
+    first = capped[0]
+    return [f"--rank {rank} exceeds the full size of {len(capped)} layer(s) (e.g. {first.name}: {first.n_in} x "
+            f"{first.n_out} = {first.size}); they are projected at that full size."]
+
+
+def _dynamic_batch_sizes(compiling: bool):
+    """Under torch.compile, let the engine's per-layer result buffers (attributes reached
+    through the model's modules, which dynamo otherwise takes as fixed-size) follow the
+    batch size, so --token-budget batches share one graph instead of one each."""
+    if not compiling:
+        return contextlib.nullcontext()
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(force_nn_module_property_static_shapes=False)

@@ -1,0 +1,84 @@
+"""What makes two runs comparable: the fingerprint and its named parts (model weights,
+layers, k's, projector matrices, loss reduction, bias flag)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from .manifest import LayerInfo
+
+# Parts of the fingerprint, in the words `score` uses when two runs disagree.
+FINGERPRINT_PARTS = {
+    "model_weights": "model weights",
+    "layers": "layers",
+    "ranks": "k's (ranks)",
+    "projector": "projector matrices",
+    "loss_reduction": "loss reduction",
+    "bias": "bias flag",
+}
+
+
+def sha256_hex(*chunks: bytes) -> str:
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def fingerprint(parts: dict[str, str]) -> str:
+    return sha256_hex(json.dumps({k: parts[k] for k in sorted(parts)}, sort_keys=True).encode())
+
+
+def weights_hash(named_tensors: list[tuple[str, torch.Tensor]]) -> str:
+    h = hashlib.sha256()
+    for name, t in named_tensors:
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(tensor_bytes(t))
+    return h.hexdigest()
+
+
+def sampled_weights_hash(named_tensors: list[tuple[str, torch.Tensor]], per_tensor: int = 65536) -> str:
+    """A cheap identity of many weights: names, dtypes, shapes and an evenly strided sample
+    of at most ``per_tensor`` values of each. Two different checkpoints of a model differ
+    in it (fine-tuning moves every weight); hashing all bytes of a multi-billion-parameter
+    base would cost a full pass over it."""
+    h = hashlib.sha256()
+    for name, t in named_tensors:
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // per_tensor)
+        h.update(tensor_bytes(flat[::step][:per_tensor]))
+    return h.hexdigest()
+
+
+def fingerprint_parts(
+    layers: list[LayerInfo], weights_sha: str, projector_sha: str, loss_reduction: str, bias: bool
+) -> dict[str, str]:
+    return {
+        "model_weights": weights_sha,
+        "layers": sha256_hex(json.dumps([[i.name, i.type, i.n_in, i.n_out] for i in layers]).encode()),
+        "ranks": sha256_hex(json.dumps([[i.k_in, i.k_out] for i in layers]).encode()),
+        "projector": projector_sha,
+        "loss_reduction": loss_reduction,
+        "bias": "true" if bias else "false",
+    }
+
+
+def differing_part(a: dict, b: dict) -> str | None:
+    """The first fingerprint part (in words) on which two manifests disagree, or None."""
+    pa, pb = a.get("fingerprint_parts") or {}, b.get("fingerprint_parts") or {}
+    if not pa or not pb:  # a bare shard file carries only the fingerprint
+        return None if a.get("fingerprint") == b.get("fingerprint") else "fingerprint"
+    for key, words in FINGERPRINT_PARTS.items():
+        if pa.get(key) != pb.get(key):
+            return words
+    if a.get("fingerprint") != b.get("fingerprint"):
+        return "fingerprint"
+    return None

@@ -1,0 +1,223 @@
+"""Reading a run: a validated run (or a lone shard file) ready for chunked, verified
+reads; full verification; the check a resumed run makes of its shards."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import GhostprojError
+from .manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    SHARD_RE,
+    STORE_DTYPES,
+    LayerInfo,
+    layers_from_manifest,
+    read_manifest,
+)
+from .shards import (
+    REPAIR_HINT,
+    ShardHasher,
+    ShardHeader,
+    damaged_shard,
+    file_sha256_matches,
+    read_rows,
+    read_shard_header,
+    validate_shard,
+)
+
+
+# -- reading a run ---------------------------------------------------------------------
+@dataclass
+class Run:
+    """A validated projection run (or a single shard file) ready for chunked reads."""
+
+    path: Path
+    manifest: dict
+    shards: list[ShardHeader]
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def rows(self) -> int:
+        return sum(h.tensors["index"][1][0] for h in self.shards)
+
+    @property
+    def layers(self) -> list[LayerInfo]:
+        return layers_from_manifest(self.manifest)
+
+    def iter_chunks(self, chunk_rows: int = 8192, prefetch: bool = True, convert=None, verify: bool = True):
+        """Yield (index [n] int64, grads [n, D] in the store dtype, or ``convert(grads)``) in
+        shard order. With ``prefetch`` the next chunk is read (and converted) in a background
+        thread while the caller computes on this one. With ``verify`` each shard's sha256
+        (where the manifest records one) is computed from the bytes read, in that same
+        thread, and a shard that differs stops the iteration, naming it, before its last
+        chunk is yielded."""
+        entries = self.manifest["shards"]
+        spans = []
+        for h, entry in zip(self.shards, entries):
+            rows = h.tensors["index"][1][0]
+            hasher = ShardHasher(h, entry["sha256"]) if verify and "sha256" in entry else None
+            starts = list(range(0, rows, chunk_rows)) or [0]
+            for start in starts:
+                spans.append((h, start, min(rows, start + chunk_rows), hasher, start == starts[-1]))
+
+        def load(span):
+            h, start, stop, hasher, last = span
+            if hasher is not None and start == 0:
+                hasher.start()
+            grads = read_rows(h, "grads", start, stop, hasher)
+            if hasher is not None and last:
+                hasher.finish()
+            return read_rows(h, "index", start, stop), (grads if convert is None else convert(grads))
+
+        spans = [s for s in spans if s[2] > s[1] or s[3] is not None]
+        if not prefetch or len(spans) < 2:
+            for span in spans:
+                idx, grads = load(span)
+                if len(idx):
+                    yield idx, grads
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        # one intra-op thread: a multi-threaded conversion here would stall the caller's
+        # multi-threaded products whenever the two compete for the cores
+        with ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            pending = pool.submit(load, spans[0])
+            for nxt in spans[1:]:
+                current = pending.result()
+                pending = pool.submit(load, nxt)
+                if len(current[0]):
+                    yield current
+            current = pending.result()
+            if len(current[0]):
+                yield current
+
+    def verify_hashes(self) -> None:
+        """Hash every shard in full (for readers that do not stream the rows)."""
+        for h, entry in zip(self.shards, self.manifest["shards"]):
+            if "sha256" in entry and not file_sha256_matches(h.path, entry["sha256"]):
+                raise damaged_shard(h.path, "its sha256 differs from the manifest")
+
+    def read_column(self, name: str) -> torch.Tensor:
+        parts = [read_rows(h, name, 0, h.tensors[name][1][0]) for h in self.shards]
+        return torch.cat(parts) if parts else torch.empty(0)
+
+
+def _shard_only_manifest(path: Path, header: ShardHeader) -> dict:
+    """A single shard outside its run directory: one anonymous block of D columns."""
+    parent = path.parent
+    if (parent / MANIFEST).is_file():
+        manifest = read_manifest(parent)
+        entry = next((s for s in manifest["shards"] if s["file"] == path.name), None)
+        if entry is None:
+            raise GhostprojError(f"{path} is not listed in the manifest beside it.")
+        manifest = dict(manifest, shards=[entry])
+        return manifest
+    grads = header.tensors.get("grads")
+    if grads is None or len(grads[1]) != 2:
+        raise GhostprojError(f"{path} is not a ghostproj shard (it has no 2-D 'grads' tensor).")
+    dtype_name = next(k for k, v in STORE_DTYPES.items() if v == grads[0])
+    dim = grads[1][1]
+    return {
+        "format": FORMAT_VERSION,
+        "fingerprint": header.metadata.get("fingerprint", ""),
+        "fingerprint_parts": {},
+        "layers": [{"name": "all", "type": "?", "n_in": 0, "n_out": 0, "k_in": dim, "k_out": 1, "offset": 0}],
+        "dim": dim,
+        "store_dtype": dtype_name,
+        "shards": [{"file": path.name, "rows": grads[1][0], "bytes": path.stat().st_size}],
+        "data": {},
+        "complete": True,
+    }
+
+
+def open_run(path: str | os.PathLike, require_complete: bool = True) -> Run:
+    """Open a run directory or single shard file, checking sizes, dtypes and headers of
+    every shard against the manifest before any tensor data is read."""
+    p = Path(path)
+    if p.is_file():
+        if not SHARD_RE.match(p.name) and p.suffix != ".safetensors":
+            raise GhostprojError(f"{p} is neither a projection run directory nor a shard file.")
+        header = read_shard_header(p)
+        manifest = _shard_only_manifest(p, header)
+        base = p.parent
+    elif p.is_dir():
+        manifest = read_manifest(p)
+        base = p
+    else:
+        raise GhostprojError(f"{p} does not exist.")
+    if require_complete and not manifest.get("complete", False):
+        raise GhostprojError(f"{p} is an unfinished run; rerun its project command to complete it.")
+    store_dtype = STORE_DTYPES.get(manifest["store_dtype"])
+    if store_dtype is None:
+        raise GhostprojError(f"{p} records an unknown store dtype '{manifest['store_dtype']}'.")
+    headers = []
+    for entry in manifest["shards"]:
+        shard_path = base / entry["file"]
+        if not shard_path.is_file():
+            raise GhostprojError(f"Shard {shard_path} is missing; {REPAIR_HINT}.")
+        if "bytes" in entry and shard_path.stat().st_size != entry["bytes"]:
+            raise damaged_shard(shard_path, "its size differs from the manifest")
+        header = read_shard_header(shard_path)
+        validate_shard(header, int(entry["rows"]), int(manifest["dim"]), store_dtype, manifest["fingerprint"])
+        headers.append(header)
+    return Run(base if p.is_dir() else p, manifest, headers)
+
+
+def damaged_shards(run_dir: Path, manifest: dict, hash_all: bool) -> list[tuple[int, str]]:
+    """(position in the manifest's shard list, what is wrong) for every listed shard that is
+    missing, of the wrong size, has a bad header or (for the last shard, which a crash is
+    likeliest to have hit, and for every shard with ``hash_all``) a differing sha256."""
+    store_dtype = STORE_DTYPES[manifest["store_dtype"]]
+    found = []
+    last = len(manifest["shards"]) - 1
+    for pos, entry in enumerate(manifest["shards"]):
+        path = run_dir / entry["file"]
+        if not path.is_file():
+            found.append((pos, "it is missing"))
+            continue
+        if "bytes" in entry and path.stat().st_size != entry["bytes"]:
+            found.append((pos, "its size differs from the manifest"))
+            continue
+        try:
+            validate_shard(read_shard_header(path), int(entry["rows"]), int(manifest["dim"]), store_dtype,
+                           manifest["fingerprint"])
+        except GhostprojError:
+            found.append((pos, "its header does not match the manifest"))
+            continue
+        if (hash_all or pos == last) and "sha256" in entry and not file_sha256_matches(path, entry["sha256"]):
+            found.append((pos, "its sha256 differs from the manifest"))
+    return found
+
+
+@dataclass
+class VerifyReport:
+    manifest: dict
+    rows: int
+    bytes: int
+
+
+def verify_run(path: str | os.PathLike, hash_shards: bool = True) -> VerifyReport:
+    """Check every shard (sha256 unless ``hash_shards`` is False) and the row coverage."""
+    run = open_run(path, require_complete=False)
+    total = 0
+    for entry, header in zip(run.manifest["shards"], run.shards):
+        total += header.path.stat().st_size
+        if hash_shards and "sha256" in entry and not file_sha256_matches(header.path, entry["sha256"]):
+            raise damaged_shard(header.path, "its sha256 differs from the manifest")
+    index = run.read_column("index")
+    if index.numel() != index.unique().numel():
+        raise GhostprojError(f"{path} holds some examples more than once.")
+    part = run.manifest.get("part")
+    count = part["rows"] if part else run.manifest.get("data", {}).get("count")
+    if run.manifest.get("complete") and count is not None and index.numel() != count:
+        what = f"its part of the data has {count}" if part else f"its data has {count} examples"
+        raise GhostprojError(f"{path} holds {index.numel()} rows but {what}.")
+    return VerifyReport(run.manifest, index.numel(), total)
