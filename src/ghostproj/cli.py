@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import sys
-from typing import Optional
+from typing import Annotated, Optional, get_type_hints
 
 import typer
 
 from .errors import GhostprojError
+from .jobs.project import ProjectOptions
 
 app = typer.Typer(
     add_completion=False,
@@ -45,47 +48,38 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     damaged run (one sentence on stderr); 3 inspect found an unfinished run; 130 interrupted."""
 
 
-def _model_opt(panel: str = MODEL):
-    return typer.Option(None, "--model", help="Model directory or hub id.", rich_help_panel=panel,
-                        show_default=DEMO_MODEL)
+def _opt(*flags: str, help: str, panel: str, default: str | None = None):
+    """A command-line option's flags, one-line help, panel and (for None defaults) the
+    default in words; the default itself is the parameter's (or the options field's)."""
+    return typer.Option(*flags, help=help, rich_help_panel=panel,
+                        **({"show_default": default} if default is not None else {}))
 
 
-def _data_opt(flag: str = "--data", default: str = DEMO_DATA):
-    return typer.Option(None, flag, help="JSONL, plain text (one example per line), .bin, Parquet.",
-                        rich_help_panel=DATA, show_default=default)
+# Options several commands share, declared once.
+ModelOpt = Annotated[Optional[str], _opt(help="Model directory or hub id.", panel=MODEL, default=DEMO_MODEL)]
+_DATA_HELP = "JSONL, plain text (one example per line), .bin, Parquet."
+DataOpt = Annotated[Optional[str], _opt(help=_DATA_HELP, panel=DATA, default=DEMO_DATA)]
+TrainOpt = Annotated[Optional[str], _opt(help=_DATA_HELP, panel=DATA, default=DEMO_DATA)]
+ValOpt = Annotated[Optional[str], _opt(help=_DATA_HELP, panel=DATA, default="the embedded demo queries")]
+TextFieldOpt = Annotated[Optional[str], _opt(help="JSONL field holding the text.", panel=DATA,
+                                             default="from the first row: text, prompt+completion or messages")]
+PromptFieldOpt = Annotated[Optional[str], _opt(help="Field of the prompt (no loss on its tokens).", panel=DATA,
+                                               default="'prompt' when the first row has it")]
+CompletionFieldOpt = Annotated[Optional[str], _opt(help="Field of the completion (carries the loss).", panel=DATA,
+                                                   default="'completion' when the first row has it")]
+MessagesFieldOpt = Annotated[Optional[str], _opt(help="Field of a chat (loss on assistant turns only).", panel=DATA,
+                                                 default="'messages' when the first row has it")]
+MaxLengthOpt = Annotated[int, _opt(help="Truncate examples to this many tokens.", panel=DATA)]
+LayersOpt = Annotated[Optional[str], _opt("--layers", help="Module-name patterns, comma-separated (substring, or "
+                                          "re:REGEX).", panel=PROJECTION,
+                                          default="every Linear / Conv1D but the output head")]
+DeviceOpt = Annotated[str, _opt(help="auto, cpu or cuda.", panel=RUN)]
+DtypeOpt = Annotated[str, _opt(help="Model weights: float32, bfloat16 or float16.", panel=MODEL)]
 
 
-def _layers_opt(help: str = "Module-name patterns, comma-separated (substring, or re:REGEX)."):
-    return typer.Option(None, "--layers", help=help, rich_help_panel=PROJECTION,
-                        show_default="every Linear / Conv1D but the output head")
-
-
-def _device_opt():
-    return typer.Option("auto", help="auto, cpu or cuda.", rich_help_panel=RUN)
-
-
-def _max_length_opt(default: int = 512):
-    return typer.Option(default, help="Truncate examples to this many tokens.", rich_help_panel=DATA)
-
-
-def _text_field_opt():
-    return typer.Option(None, help="JSONL field holding the text.", rich_help_panel=DATA,
-                        show_default="from the first row: text, prompt+completion or messages")
-
-
-def _prompt_field_opt():
-    return typer.Option(None, help="Field of the prompt (no loss on its tokens).", rich_help_panel=DATA,
-                        show_default="'prompt' when the first row has it")
-
-
-def _completion_field_opt():
-    return typer.Option(None, help="Field of the completion (carries the loss).", rich_help_panel=DATA,
-                        show_default="'completion' when the first row has it")
-
-
-def _messages_field_opt():
-    return typer.Option(None, help="Field of a chat (loss on assistant turns only).", rich_help_panel=DATA,
-                        show_default="'messages' when the first row has it")
+def _info(alias):
+    """The typer.Option inside an Annotated alias."""
+    return alias.__metadata__[0]
 
 
 def _fields(text_field, prompt_field, completion_field, messages_field) -> dict:
@@ -135,109 +129,110 @@ def _default_model_and_data(model: Optional[str], data: Optional[str]) -> tuple[
     return str(assets.model), data if data is not None else str(assets.train)
 
 
-@app.command()
-def project(
-    model: Optional[str] = _model_opt(),
-    dtype: str = typer.Option("float32", help="Model weights: float32, bfloat16 or float16.", rich_help_panel=MODEL),
-    revision: Optional[str] = typer.Option(None, help="Model revision (hub models).", rich_help_panel=MODEL,
-                                           show_default="the default branch"),
-    adapter: Optional[str] = typer.Option(None, help="PEFT LoRA adapter directory (needs the peft extra).",
-                                          rich_help_panel=MODEL, show_default="none"),
-    data: Optional[str] = _data_opt(),
-    format: str = typer.Option("auto", "--format", help="auto (by suffix), jsonl, text, bin, parquet or hf.",
-                               rich_help_panel=DATA),
-    text_field: Optional[str] = _text_field_opt(),
-    prompt_field: Optional[str] = _prompt_field_opt(),
-    completion_field: Optional[str] = _completion_field_opt(),
-    messages_field: Optional[str] = _messages_field_opt(),
-    hf_dataset: Optional[str] = typer.Option(None, help="HF dataset name or saved directory (needs the data extra).",
-                                             rich_help_panel=DATA, show_default="none"),
-    split: str = typer.Option("train", help="Split of --hf-dataset.", rich_help_panel=DATA),
-    token_dtype: Optional[str] = typer.Option(None, help=".bin token width: uint16 or uint32.", rich_help_panel=DATA,
-                                              show_default="by vocabulary size"),
-    max_length: int = _max_length_opt(),
-    layers: Optional[str] = _layers_opt(),
-    include_embeddings: bool = typer.Option(False, "--include-embeddings", help="Also project nn.Embedding layers.",
-                                            rich_help_panel=PROJECTION),
-    rank: Optional[int] = typer.Option(None, help="Per-layer budget r: k_in * k_out <= r.", rich_help_panel=PROJECTION,
-                                       show_default="256"),
-    rank_min: Optional[int] = typer.Option(None, help="Smallest k_in / k_out.", rich_help_panel=PROJECTION,
-                                           show_default="1"),
-    rank_in: Optional[int] = typer.Option(None, help="Fix k_in for every layer.", rich_help_panel=PROJECTION,
-                                          show_default="from --rank"),
-    rank_out: Optional[int] = typer.Option(None, help="Fix k_out for every layer.", rich_help_panel=PROJECTION,
-                                           show_default="from --rank"),
-    projector: Optional[str] = typer.Option(None, help="gaussian, rademacher or orthonormal.",
-                                            rich_help_panel=PROJECTION, show_default="gaussian"),
-    seed: Optional[int] = typer.Option(None, help="Projector seed.", rich_help_panel=PROJECTION, show_default="0"),
-    loss_reduction: Optional[str] = typer.Option(None, help="Per-example loss: mean or sum over tokens.",
-                                                 rich_help_panel=PROJECTION, show_default="mean"),
-    bias: Optional[bool] = typer.Option(None, "--bias/--no-bias", help="Include layer biases.",
-                                        rich_help_panel=PROJECTION, show_default="--no-bias"),
-    like: Optional[str] = typer.Option(None, help="Reuse layers, k's, matrices and loss settings of this run.",
-                                       rich_help_panel=PROJECTION, show_default="none"),
-    out: str = typer.Option("train.st", help="Output run directory.", rich_help_panel=OUTPUT),
-    store_dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32.", rich_help_panel=OUTPUT),
-    shard_size: int = typer.Option(4096, help="Rows per shard file.", rich_help_panel=OUTPUT),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted run in --out.",
-                                rich_help_panel=OUTPUT),
-    verify: bool = typer.Option(False, "--verify", help="On resume or rerun, hash every shard (not only the last).",
-                                rich_help_panel=OUTPUT),
-    force: bool = typer.Option(False, "--force", help="Start even if the disk looks too small.",
-                               rich_help_panel=OUTPUT),
-    device: str = _device_opt(),
-    batch_size: int = typer.Option(8, help="Examples per batch.", rich_help_panel=RUN),
-    token_budget: Optional[int] = typer.Option(None, help="Batch by length buckets up to N padded tokens.",
-                                               rich_help_panel=RUN, show_default="fixed --batch-size"),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (pays on long runs).",
-                                       rich_help_panel=RUN),
-    num_shards: int = typer.Option(1, help="Job arrays: split the examples into this many parts.",
-                                   rich_help_panel=RUN),
-    shard_id: int = typer.Option(0, help="Job arrays: the part to project (then inspect --merge).",
-                                 rich_help_panel=RUN),
-) -> None:
-    """Project every example's loss gradient and write shards to OUT."""
-    from .jobs.project import ProjectOptions, ProjectSummary, run_project
+def _options_signature(options_cls, declared: dict, extra: tuple = ()) -> inspect.Signature:
+    """A command's signature made from an options dataclass: each option's name, type and
+    default are the dataclass field's (declared once, there); ``declared`` adds the
+    command line's part (flags, help, panel) as ``typer.Option``, or (Option, the type
+    the command line reads, when it differs from the field's)."""
+    hints = get_type_hints(options_cls)
+    params = []
+    for f in dataclasses.fields(options_cls):
+        if f.name not in declared:
+            continue
+        info, cli_type = declared[f.name] if isinstance(declared[f.name], tuple) else (declared[f.name], None)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                        annotation=Annotated[cli_type or hints[f.name], info]))
+    return inspect.Signature(params + list(extra), return_annotation=None)
 
+
+# `project`'s options: names, types and defaults are ProjectOptions' fields.
+PROJECT_OPTIONS = {
+    "model": _info(ModelOpt),
+    "dtype": _info(DtypeOpt),
+    "revision": _opt(help="Model revision (hub models).", panel=MODEL, default="the default branch"),
+    "adapter": _opt(help="PEFT LoRA adapter directory (needs the peft extra).", panel=MODEL, default="none"),
+    "data": _info(DataOpt),
+    "format": _opt(help="auto (by suffix), jsonl, text, bin, parquet or hf.", panel=DATA),
+    "text_field": _info(TextFieldOpt),
+    "prompt_field": _info(PromptFieldOpt),
+    "completion_field": _info(CompletionFieldOpt),
+    "messages_field": _info(MessagesFieldOpt),
+    "split": _opt(help="Split of --hf-dataset.", panel=DATA),
+    "token_dtype": _opt(help=".bin token width: uint16 or uint32.", panel=DATA, default="by vocabulary size"),
+    "max_length": _info(MaxLengthOpt),
+    "layers": (_info(LayersOpt), Optional[str]),
+    "include_embeddings": _opt("--include-embeddings", help="Also project nn.Embedding layers.", panel=PROJECTION),
+    "rank": _opt(help="Per-layer budget r: k_in * k_out <= r.", panel=PROJECTION, default="256"),
+    "rank_min": _opt(help="Smallest k_in / k_out.", panel=PROJECTION, default="1"),
+    "rank_in": _opt(help="Fix k_in for every layer.", panel=PROJECTION, default="from --rank"),
+    "rank_out": _opt(help="Fix k_out for every layer.", panel=PROJECTION, default="from --rank"),
+    "projector": _opt(help="gaussian, rademacher or orthonormal.", panel=PROJECTION, default="gaussian"),
+    "seed": _opt(help="Projector seed.", panel=PROJECTION, default="0"),
+    "loss_reduction": _opt(help="Per-example loss: mean or sum over tokens.", panel=PROJECTION, default="mean"),
+    "bias": _opt("--bias/--no-bias", help="Include layer biases.", panel=PROJECTION, default="--no-bias"),
+    "like": _opt(help="Reuse layers, k's, matrices and loss settings of this run.", panel=PROJECTION,
+                 default="none"),
+    "out": _opt(help="Output run directory.", panel=OUTPUT),
+    "store_dtype": _opt(help="bfloat16, float16 or float32.", panel=OUTPUT),
+    "shard_size": _opt(help="Rows per shard file.", panel=OUTPUT),
+    "resume": _opt("--resume/--no-resume", help="Continue an interrupted run in --out.", panel=OUTPUT),
+    "verify": _opt("--verify", help="On resume or rerun, hash every shard (not only the last).", panel=OUTPUT),
+    "force": _opt("--force", help="Start even if the disk looks too small.", panel=OUTPUT),
+    "device": _info(DeviceOpt),
+    "batch_size": _opt(help="Examples per batch.", panel=RUN),
+    "token_budget": _opt(help="Batch by length buckets up to N padded tokens.", panel=RUN,
+                         default="fixed --batch-size"),
+    "compile": _opt("--compile", help="torch.compile the model (pays on long runs).", panel=RUN),
+    "num_shards": _opt(help="Job arrays: split the examples into this many parts.", panel=RUN),
+    "shard_id": _opt(help="Job arrays: the part to project (then inspect --merge).", panel=RUN),
+}
+_HF_DATASET = inspect.Parameter(
+    "hf_dataset", inspect.Parameter.KEYWORD_ONLY, default=None,
+    annotation=Annotated[Optional[str], _opt(help="HF dataset name or saved directory (needs the data extra).",
+                                             panel=DATA, default="none")])
+
+
+def project(**options) -> None:
+    """Project every example's loss gradient and write shards to OUT."""
+    from .jobs.project import ProjectSummary, run_project
+
+    hf_dataset = options.pop("hf_dataset")
     if hf_dataset is not None:
-        if data is not None:
+        if options["data"] is not None:
             raise GhostprojError("Give either --data or --hf-dataset, not both.")
-        data, format = hf_dataset, "hf"
-        if model is None:
+        options["data"], options["format"] = hf_dataset, "hf"
+        if options["model"] is None:
             raise GhostprojError("--hf-dataset needs --model.")
-    model, data = _default_model_and_data(model, data)
-    opts = ProjectOptions(
-        model=model, data=data, out=out, layers=_split(layers), rank=rank, rank_min=rank_min, rank_in=rank_in,
-        rank_out=rank_out, projector=projector, seed=seed, like=like, loss_reduction=loss_reduction, bias=bias,
-        batch_size=batch_size, max_length=max_length, store_dtype=store_dtype, shard_size=shard_size,
-        device=device, dtype=dtype, text_field=text_field, prompt_field=prompt_field,
-        completion_field=completion_field, messages_field=messages_field, format=format, token_dtype=token_dtype,
-        split=split, token_budget=token_budget, include_embeddings=include_embeddings, revision=revision,
-        adapter=adapter, num_shards=num_shards, shard_id=shard_id, force=force,
-        resume=resume, verify=verify, compile=compile_model,
-    )
-    s = ProjectSummary(out=out)
+    options["model"], options["data"] = _default_model_and_data(options["model"], options["data"])
+    options["layers"] = _split(options["layers"])
+    s = ProjectSummary(out=options["out"])
     try:
-        run_project(opts, s)
+        run_project(ProjectOptions(**options), s)
     finally:
         _notes(s.notes)  # also when interrupted or refused: what was learnt is not lost
+    _report_project(s)
+
+
+project.__signature__ = _options_signature(ProjectOptions, PROJECT_OPTIONS, extra=(_HF_DATASET,))
+app.command()(project)
+
+
+def _report_project(s) -> None:
     from .progress import human_bytes
 
-    con = _console()
+    con, out = _console(), _escape(s.out)
     if s.already_complete:
-        con.print(f"{_escape(out)} already holds this complete run ({s.examples} examples); nothing to do.",
-                  soft_wrap=True)
+        con.print(f"{out} already holds this complete run ({s.examples} examples); nothing to do.", soft_wrap=True)
         return
     if s.repaired and s.resumed_from == s.examples:
-        con.print(f"[green]repaired[/green]: {s.repaired} damaged shard(s) of the complete run in {_escape(out)} "
-                  "recomputed.", soft_wrap=True)
+        con.print(f"[green]repaired[/green]: {s.repaired} damaged shard(s) of the complete run in {out} recomputed.",
+                  soft_wrap=True)
         return
     con.print(
         f"[green]done[/green]: {s.examples} examples, {s.tokens} label tokens, D={s.dim}, "
         f"{s.no_label} without label positions (zero vectors"
         + (f"; {s.prompt_too_long} of them skipped because the prompt fills --max-length" if s.prompt_too_long else "")
-        + f"), {s.truncated} truncated, "
-        f"{human_bytes(s.bytes)} in {_escape(out)}, {s.seconds:.1f} s",
+        + f"), {s.truncated} truncated, {human_bytes(s.bytes)} in {out}, {s.seconds:.1f} s",
         soft_wrap=True,
     )
 
@@ -258,18 +253,18 @@ def _error_table(title: str, rows, tolerance: float):
 
 @app.command("naive-check")
 def naive_check(
-    model: Optional[str] = _model_opt(),
-    dtype: str = typer.Option("float32", help="Model weights: float32, bfloat16 or float16.", rich_help_panel=MODEL),
+    model: ModelOpt = None,
+    dtype: DtypeOpt = "float32",
     adapter: Optional[str] = typer.Option(None, help="PEFT LoRA adapter directory.", rich_help_panel=MODEL,
                                           show_default="none"),
-    data: Optional[str] = _data_opt(),
-    text_field: Optional[str] = _text_field_opt(),
-    prompt_field: Optional[str] = _prompt_field_opt(),
-    completion_field: Optional[str] = _completion_field_opt(),
-    messages_field: Optional[str] = _messages_field_opt(),
+    data: DataOpt = None,
+    text_field: TextFieldOpt = None,
+    prompt_field: PromptFieldOpt = None,
+    completion_field: CompletionFieldOpt = None,
+    messages_field: MessagesFieldOpt = None,
     samples: int = typer.Option(8, help="Examples in the padded batch.", rich_help_panel=DATA),
-    max_length: int = _max_length_opt(),
-    layers: Optional[str] = _layers_opt(),
+    max_length: MaxLengthOpt = 512,
+    layers: LayersOpt = None,
     include_embeddings: bool = typer.Option(False, "--include-embeddings", help="Also check nn.Embedding layers.",
                                             rich_help_panel=PROJECTION),
     rank: int = typer.Option(256, help="Per-layer budget.", rich_help_panel=PROJECTION),
@@ -279,7 +274,7 @@ def naive_check(
     bias: bool = typer.Option(False, "--bias/--no-bias", help="Include layer biases.", rich_help_panel=PROJECTION),
     tolerance: Optional[float] = typer.Option(None, help="Max relative error.", rich_help_panel=RUN,
                                               show_default="1e-4; 2e-2 for 16-bit models, 4x the error measured"),
-    device: str = _device_opt(),
+    device: DeviceOpt = "auto",
 ) -> None:
     """Prove the engine equals the slow exact computation on your model and data."""
     from .jobs.checks import run_naive_check
@@ -302,20 +297,20 @@ def naive_check(
 
 @app.command("non-interf")
 def non_interf(
-    model: Optional[str] = _model_opt(),
-    data: Optional[str] = _data_opt(),
-    text_field: Optional[str] = _text_field_opt(),
-    prompt_field: Optional[str] = _prompt_field_opt(),
-    completion_field: Optional[str] = _completion_field_opt(),
-    messages_field: Optional[str] = _messages_field_opt(),
-    max_length: int = _max_length_opt(128),
-    layers: Optional[str] = _layers_opt(),
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    text_field: TextFieldOpt = None,
+    prompt_field: PromptFieldOpt = None,
+    completion_field: CompletionFieldOpt = None,
+    messages_field: MessagesFieldOpt = None,
+    max_length: MaxLengthOpt = 128,
+    layers: LayersOpt = None,
     steps: int = typer.Option(3, help="Optimizer steps.", rich_help_panel=RUN),
     batch_size: int = typer.Option(4, help="Examples per step.", rich_help_panel=RUN),
     lr: float = typer.Option(1e-3, help="Learning rate.", rich_help_panel=RUN),
     optimizer: str = typer.Option("adamw", help="adamw or sgd.", rich_help_panel=RUN),
     tolerance: float = typer.Option(1e-6, help="Max relative difference.", rich_help_panel=RUN),
-    device: str = _device_opt(),
+    device: DeviceOpt = "auto",
 ) -> None:
     """Prove attaching the engine changes nothing about training."""
     from .jobs.checks import run_non_interference
@@ -377,21 +372,21 @@ def score(
 
 @app.command()
 def fidelity(
-    model: Optional[str] = _model_opt(),
-    data: Optional[str] = _data_opt(),
-    text_field: Optional[str] = _text_field_opt(),
-    prompt_field: Optional[str] = _prompt_field_opt(),
-    completion_field: Optional[str] = _completion_field_opt(),
-    messages_field: Optional[str] = _messages_field_opt(),
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    text_field: TextFieldOpt = None,
+    prompt_field: PromptFieldOpt = None,
+    completion_field: CompletionFieldOpt = None,
+    messages_field: MessagesFieldOpt = None,
     samples: int = typer.Option(16, help="Calibration examples (exact gradients are held for these).",
                                 rich_help_panel=DATA),
-    max_length: int = _max_length_opt(),
-    layers: Optional[str] = _layers_opt(),
+    max_length: MaxLengthOpt = 512,
+    layers: LayersOpt = None,
     ranks: str = typer.Option("64,256,1024", help="Per-layer ranks to compare.", rich_help_panel=PROJECTION),
     dense: bool = typer.Option(True, "--dense/--no-dense", help="Also a dense Gaussian projection of equal size.",
                                rich_help_panel=PROJECTION),
     seed: int = typer.Option(0, help="Projector seed.", rich_help_panel=PROJECTION),
-    device: str = _device_opt(),
+    device: DeviceOpt = "auto",
 ) -> None:
     """How well projected inner products match exact ones, per rank and layer."""
     from rich.table import Table
@@ -428,16 +423,16 @@ def fidelity(
 
 @app.command()
 def inrun(
-    model: Optional[str] = _model_opt(),
-    train: Optional[str] = _data_opt("--train"),
-    val: Optional[str] = _data_opt("--val", "the embedded demo queries"),
-    text_field: Optional[str] = _text_field_opt(),
-    prompt_field: Optional[str] = _prompt_field_opt(),
-    completion_field: Optional[str] = _completion_field_opt(),
-    messages_field: Optional[str] = _messages_field_opt(),
+    model: ModelOpt = None,
+    train: TrainOpt = None,
+    val: ValOpt = None,
+    text_field: TextFieldOpt = None,
+    prompt_field: PromptFieldOpt = None,
+    completion_field: CompletionFieldOpt = None,
+    messages_field: MessagesFieldOpt = None,
     val_size: Optional[int] = typer.Option(None, help="Use the first N validation examples.", rich_help_panel=DATA,
                                            show_default="all; 16 for the demo"),
-    max_length: int = _max_length_opt(),
+    max_length: MaxLengthOpt = 512,
     out: str = typer.Option("inrun-out", help="Output directory (dots, values, final model).",
                             rich_help_panel=OUTPUT),
     show: int = typer.Option(5, help="Most and least valuable examples printed.", rich_help_panel=OUTPUT),
@@ -449,7 +444,7 @@ def inrun(
     freeze_uncovered: bool = typer.Option(False, "--freeze-uncovered",
                                           help="Freeze trainable parameters outside supported layers.",
                                           rich_help_panel=RUN),
-    device: str = _device_opt(),
+    device: DeviceOpt = "auto",
 ) -> None:
     """Fine-tune with in-run data valuation: per-step gradient dot products with a validation batch."""
     from rich.table import Table

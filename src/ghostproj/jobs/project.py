@@ -55,12 +55,13 @@ from .resume import batches_after, planned_batches, prepare_out_dir, repair_plan
 
 @dataclass
 class ProjectOptions:
-    """Options of ``ghostproj project``. Fields left None take their default, or the value
-    recorded in the ``like`` run."""
+    """Options of ``ghostproj project`` (the command line is made from these fields). Fields
+    left None take their default, or the value recorded in the ``like`` run; ``model`` and
+    ``data`` are required (the command line puts the embedded demo in their place)."""
 
-    model: str
-    data: str
-    out: str
+    model: str | None = None
+    data: str | None = None
+    out: str = "train.st"
     layers: list[str] | None = None
     rank: int | None = None
     rank_min: int | None = None
@@ -204,6 +205,8 @@ def run_project(opts: ProjectOptions, summary: ProjectSummary | None = None) -> 
     """Project ``opts.data`` into ``opts.out``. ``summary``, when given, is filled in as the
     run goes, so a caller still has its notes when the run is interrupted or refused."""
     t0 = time.perf_counter()
+    if opts.model is None or opts.data is None:
+        raise GhostprojError("project needs a model and data.")
     like, values = _apply_like(opts)
     _check_choices(opts, values)
     summary = summary if summary is not None else ProjectSummary(out=opts.out)

@@ -82,18 +82,7 @@ def run_score_command(train: str, query: str, *, metric: str, normalize: str | N
     if chunk_rows < 1:
         raise GhostprojError(f"--chunk-rows must be at least 1, got {chunk_rows}.")
     train_run, query_run = open_run(train), open_run(query)
-
-    groups = None
-    if group_field:
-        query_records, why = records_for_run(query_run.manifest)
-        if query_records is None:
-            raise GhostprojError(f"--group-field needs the query data, but {why}.")
-        qi = query_run.read_column("index").tolist()
-        groups = [record_field(query_records, i, group_field) for i in qi]
-        if any(g is None for g in groups):
-            raise GhostprojError(f"Some query rows have no field '{group_field}'.")
-        groups = [str(g) for g in groups]
-
+    groups = _groups(query_run, group_field) if group_field else None
     with RateProgress("scoring", total=train_run.rows, unit="rows", extra_unit=None, lazy=True) as bar:
         result = score(train_run, query_run, metric=metric, normalize=normalize, center=center, damping=damping,
                        layers=layers, top_k=top_k, reduce=reduce, query_groups=groups, keep_matrix=out is not None,
@@ -106,49 +95,56 @@ def run_score_command(train: str, query: str, *, metric: str, normalize: str | N
         write_topk(topk_out, result)
     if select_out:
         write_selection(select_out, result)
-
-    train_records, train_why = records_for_run(train_run.manifest)
-    query_records, query_why = records_for_run(query_run.manifest)
-    train_data = train_run.manifest.get("data", {})
-    query_data = query_run.manifest.get("data", {})
     if show > 0:
-        if train_records is None:
-            status.print(f"[dim]texts not shown: {train_why}[/dim]")
-        for j in range(min(show, result.topk_train.shape[0])):
-            qidx = int(result.query_index[j])
-            title = f"query {qidx}"
-            if query_records is not None:
-                title += ": " + shorten(example_text(query_records, qidx, query_data), 80)
-            table = Table(title=title, title_justify="left")
-            table.add_column("rank", justify="right")
-            table.add_column("train", justify="right")
-            table.add_column(metric, justify="right")
-            if train_records is not None:
-                table.add_column("text")
-            for r in range(result.topk_train.shape[1]):
-                tidx = int(result.topk_train[j, r])
-                cells = [str(r + 1), str(tidx), f"{float(result.topk_scores[j, r]):.4g}"]
-                if train_records is not None:
-                    cells.append(shorten(example_text(train_records, tidx, train_data), 90))
-                table.add_row(*cells)
-            console.print(table)
-    if reduce and show > 0:
+        _show(console, status, train_run, query_run, result, metric, reduce, show)
+    status.print(f"[green]scored[/green] {train_run.rows} x {query_run.rows} ({metric}) in {result.seconds:.1f} s"
+                 + "".join(f"; wrote {p}" for p in (out, topk_out, select_out) if p))
+    return result
+
+
+def _groups(query_run, group_field: str) -> list[str]:
+    """The ``group_field`` value of every query row, read from the query run's data."""
+    query_records, why = records_for_run(query_run.manifest)
+    if query_records is None:
+        raise GhostprojError(f"--group-field needs the query data, but {why}.")
+    groups = [record_field(query_records, i, group_field) for i in query_run.read_column("index").tolist()]
+    if any(g is None for g in groups):
+        raise GhostprojError(f"Some query rows have no field '{group_field}'.")
+    return [str(g) for g in groups]
+
+
+def _show(console, status, train_run, query_run, result: ScoreResult, metric: str, reduce: str | None,
+          show: int) -> None:
+    """The top-k table of the first ``show`` queries, and the best and worst selection scores."""
+    train_records, train_why = records_for_run(train_run.manifest)
+    query_records, _ = records_for_run(query_run.manifest)
+    train_data, query_data = train_run.manifest.get("data", {}), query_run.manifest.get("data", {})
+    if train_records is None:
+        status.print(f"[dim]texts not shown: {train_why}[/dim]")
+
+    def text(tidx: int) -> list[str]:
+        return [shorten(example_text(train_records, tidx, train_data), 90)] if train_records is not None else []
+
+    for j in range(min(show, result.topk_train.shape[0])):
+        qidx = int(result.query_index[j])
+        title = f"query {qidx}"
+        if query_records is not None:
+            title += ": " + shorten(example_text(query_records, qidx, query_data), 80)
+        table = Table(title=title, title_justify="left")
+        for col in ("rank", "train", metric) + (("text",) if train_records is not None else ()):
+            table.add_column(col, justify="left" if col == "text" else "right")
+        for r in range(result.topk_train.shape[1]):
+            tidx = int(result.topk_train[j, r])
+            table.add_row(str(r + 1), str(tidx), f"{float(result.topk_scores[j, r]):.4g}", *text(tidx))
+        console.print(table)
+    if reduce:
         order = torch.argsort(result.selection, descending=True)
         table = Table(title=f"selection scores (--reduce {reduce}): best and worst", title_justify="left")
-        table.add_column("", justify="left")
-        table.add_column("train", justify="right")
-        table.add_column("score", justify="right")
-        if train_records is not None:
-            table.add_column("text")
+        for col in ("", "train", "score") + (("text",) if train_records is not None else ()):
+            table.add_column(col, justify="right" if col in ("train", "score") else "left")
         n = min(5, len(order))
         for label, rows in (("best", order[:n]), ("worst", order[-n:].flip(0))):
             for pos in rows.tolist():
                 tidx = int(result.train_index[pos])
-                cells = [label, str(tidx), f"{float(result.selection[pos]):.4g}"]
-                if train_records is not None:
-                    cells.append(shorten(example_text(train_records, tidx, train_data), 90))
-                table.add_row(*cells)
+                table.add_row(label, str(tidx), f"{float(result.selection[pos]):.4g}", *text(tidx))
         console.print(table)
-    status.print(f"[green]scored[/green] {train_run.rows} x {query_run.rows} ({metric}) in {result.seconds:.1f} s"
-                 + "".join(f"; wrote {p}" for p in (out, topk_out, select_out) if p))
-    return result

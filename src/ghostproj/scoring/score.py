@@ -6,6 +6,7 @@ state; the full N x M matrix is only held when the caller asks for it."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -19,8 +20,6 @@ from .topk import StreamingTopK
 from .transform import NORMALIZATIONS, Transform
 
 METRICS = ("cosine", "dot", "influence", "influence-full")
-
-
 REDUCTIONS = ("mean", "max")
 
 
@@ -75,18 +74,8 @@ def score(
     ``progress``: an object with ``advance(n)`` called per training chunk (and, if it has
     one, ``begin()`` called once the arguments have been checked).
     """
-    import time
-
     t0 = time.perf_counter()
-    if metric not in METRICS:
-        raise GhostprojError(f"Unknown --metric '{metric}'; choose one of {', '.join(METRICS)}.")
-    normalize = normalize or "none"
-    if normalize not in NORMALIZATIONS:
-        raise GhostprojError(f"Unknown --normalize '{normalize}'; choose one of {', '.join(NORMALIZATIONS)}.")
-    if reduce is not None and reduce not in REDUCTIONS:
-        raise GhostprojError(f"Unknown --reduce '{reduce}'; choose mean or max.")
-    if damping < 0:
-        raise GhostprojError(f"--damping must be non-negative, got {damping}.")
+    _check_choices(metric, normalize or "none", reduce, damping)
     train_run = train if isinstance(train, Run) else open_run(train)
     query_run = query if isinstance(query, Run) else open_run(query)
     check_comparable(train_run, query_run)
@@ -101,52 +90,69 @@ def score(
     if top_k is not None and top_k > n_train:
         notes.append(f"--top-k {top_k} is more than the {n_train} training examples; keeping all {n_train}.")
         top_k = n_train
+    groups = _query_groups(query_groups, n_query) if reduce == "max" and query_groups is not None else None
 
     selected = selected_layers(train_run.layers, layers)
     cols = column_index(selected, train_run.dim)
     blocks = relative_blocks(selected)
-    transform = Transform(blocks, normalize=normalize, unit_last=(metric == "cosine"))
+    transform = Transform(blocks, normalize=normalize or "none", unit_last=(metric == "cosine"))
     if progress is not None and hasattr(progress, "begin"):
         progress.begin()  # every check has passed: show the bar from here
-
     if center:
-        total = torch.zeros(sum(b.size for b in blocks), dtype=torch.float64)
-        for _, x in chunks(train_run, cols, chunk_rows):
-            total += x.sum(dim=0, dtype=torch.float64)
-        transform.mean = (total / n_train).float()
-
-    q_parts, q_index = [], []
-    for idx, x in chunks(query_run, cols, chunk_rows):
-        q_parts.append(transform(x))
-        q_index.append(idx)
-    q = torch.cat(q_parts)
-    query_index = torch.cat(q_index)
-
+        transform.mean = _training_mean(train_run, cols, chunk_rows, sum(b.size for b in blocks))
+    query_index, q = _query_side(query_run, cols, chunk_rows, transform)
     if metric.startswith("influence"):
         q = precondition(train_run, cols, transform, blocks, q, damping, full=(metric == "influence-full"),
-                          chunk_rows=chunk_rows, n_train=n_train)
-    q_t = q.t().contiguous()  # [D', M]
-
-    group_matrix, group_names = None, []
-    if reduce == "max" and query_groups is not None:
-        if len(query_groups) != n_query:
-            raise GhostprojError("The query groups do not match the number of query rows.")
-        group_names = sorted(set(query_groups))
-        gi = {g: i for i, g in enumerate(group_names)}
-        group_matrix = torch.zeros(n_query, len(group_names))
-        for j, g in enumerate(query_groups):
-            group_matrix[j, gi[g]] = 1.0
-        group_matrix /= group_matrix.sum(dim=0, keepdim=True)
+                         chunk_rows=chunk_rows, n_train=n_train)
 
     matrix = torch.empty(n_train, n_query, dtype=torch.float32) if keep_matrix else None
     selection = torch.empty(n_train, dtype=torch.float32) if reduce else None
     train_index = torch.empty(n_train, dtype=torch.long)
     best = StreamingTopK(top_k) if top_k is not None else None
-    flops = _score_chunks(train_run, cols, chunk_rows, transform, q_t, train_index, matrix, selection, reduce,
-                          group_matrix, best, progress)
+    flops = _score_chunks(train_run, cols, chunk_rows, transform, q.t().contiguous(), train_index, matrix, selection,
+                          reduce, groups[1] if groups else None, best, progress)
     topk_scores, topk_train = best.result() if best is not None else (None, None)
-    return ScoreResult(train_index, query_index, matrix, topk_scores, topk_train, selection, group_names,
-                       time.perf_counter() - t0, flops, notes)
+    return ScoreResult(train_index, query_index, matrix, topk_scores, topk_train, selection,
+                       groups[0] if groups else [], time.perf_counter() - t0, flops, notes)
+
+
+def _check_choices(metric: str, normalize: str, reduce: str | None, damping: float) -> None:
+    if metric not in METRICS:
+        raise GhostprojError(f"Unknown --metric '{metric}'; choose one of {', '.join(METRICS)}.")
+    if normalize not in NORMALIZATIONS:
+        raise GhostprojError(f"Unknown --normalize '{normalize}'; choose one of {', '.join(NORMALIZATIONS)}.")
+    if reduce is not None and reduce not in REDUCTIONS:
+        raise GhostprojError(f"Unknown --reduce '{reduce}'; choose mean or max.")
+    if damping < 0:
+        raise GhostprojError(f"--damping must be non-negative, got {damping}.")
+
+
+def _query_groups(query_groups: list[str], n_query: int) -> tuple[list[str], torch.Tensor]:
+    """(group names, [M, G] matrix whose column g averages the queries of group g)."""
+    if len(query_groups) != n_query:
+        raise GhostprojError("The query groups do not match the number of query rows.")
+    names = sorted(set(query_groups))
+    column = {g: i for i, g in enumerate(names)}
+    matrix = torch.zeros(n_query, len(names))
+    for j, g in enumerate(query_groups):
+        matrix[j, column[g]] = 1.0
+    return names, matrix / matrix.sum(dim=0, keepdim=True)
+
+
+def _training_mean(train_run: Run, cols, chunk_rows: int, width: int) -> torch.Tensor:
+    total = torch.zeros(width, dtype=torch.float64)
+    for _, x in chunks(train_run, cols, chunk_rows):
+        total += x.sum(dim=0, dtype=torch.float64)
+    return (total / train_run.rows).float()
+
+
+def _query_side(query_run: Run, cols, chunk_rows: int, transform: Transform) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query dataset indices [M], transformed query vectors [M, D'])."""
+    parts, index = [], []
+    for idx, x in chunks(query_run, cols, chunk_rows):
+        parts.append(transform(x))
+        index.append(idx)
+    return torch.cat(index), torch.cat(parts)
 
 
 def _score_chunks(train_run, cols, chunk_rows, transform, q_t, train_index, matrix, selection, reduce,
