@@ -11,6 +11,7 @@ from typing import Annotated, Optional, get_type_hints
 import typer
 
 from .errors import GhostprojError
+from .jobs.inrun import InrunOptions
 from .jobs.project import ProjectOptions
 
 app = typer.Typer(
@@ -421,59 +422,67 @@ def fidelity(
         con.print(f"no rank tried reaches the bar ({report.rule}); try larger ranks.")
 
 
-@app.command()
-def inrun(
-    model: ModelOpt = None,
-    train: TrainOpt = None,
-    val: ValOpt = None,
-    text_field: TextFieldOpt = None,
-    prompt_field: PromptFieldOpt = None,
-    completion_field: CompletionFieldOpt = None,
-    messages_field: MessagesFieldOpt = None,
-    val_size: Optional[int] = typer.Option(None, help="Use the first N validation examples.", rich_help_panel=DATA,
-                                           show_default="all; 16 for the demo"),
-    max_length: MaxLengthOpt = 512,
-    out: str = typer.Option("inrun-out", help="Output directory (dots, values, final model).",
-                            rich_help_panel=OUTPUT),
-    show: int = typer.Option(5, help="Most and least valuable examples printed.", rich_help_panel=OUTPUT),
-    steps: int = typer.Option(100, help="Optimizer steps.", rich_help_panel=RUN),
-    batch_size: int = typer.Option(8, help="Training examples per step.", rich_help_panel=RUN),
-    lr: float = typer.Option(1e-4, help="Learning rate.", rich_help_panel=RUN),
-    optimizer: str = typer.Option("adamw", help="sgd or adamw.", rich_help_panel=RUN),
-    seed: int = typer.Option(0, help="Seed of the batch order and dropout.", rich_help_panel=RUN),
-    freeze_uncovered: bool = typer.Option(False, "--freeze-uncovered",
-                                          help="Freeze trainable parameters outside supported layers.",
-                                          rich_help_panel=RUN),
-    device: DeviceOpt = "auto",
-) -> None:
+INRUN_OPTIONS = {
+    "model": _info(ModelOpt),
+    "train": _info(TrainOpt),
+    "val": _info(ValOpt),
+    "text_field": _info(TextFieldOpt),
+    "prompt_field": _info(PromptFieldOpt),
+    "completion_field": _info(CompletionFieldOpt),
+    "messages_field": _info(MessagesFieldOpt),
+    "val_size": _opt(help="Use the first N validation examples.", panel=DATA, default="all; 16 for the demo"),
+    "max_length": _info(MaxLengthOpt),
+    "out": _opt(help="Output directory (dots, values, final model).", panel=OUTPUT),
+    "steps": _opt(help="Optimizer steps.", panel=RUN),
+    "batch_size": _opt(help="Training examples per step.", panel=RUN),
+    "lr": _opt(help="Learning rate.", panel=RUN),
+    "optimizer": _opt(help="sgd or adamw.", panel=RUN),
+    "seed": _opt(help="Seed of the batch order and dropout.", panel=RUN),
+    "device": _info(DeviceOpt),
+}
+_INRUN_EXTRA = (
+    inspect.Parameter("freeze_uncovered", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+        bool, _opt("--freeze-uncovered", help="Freeze trainable parameters outside supported layers.", panel=RUN)]),
+    inspect.Parameter("show", inspect.Parameter.KEYWORD_ONLY, default=5, annotation=Annotated[
+        int, _opt(help="Most and least valuable examples printed.", panel=OUTPUT)]),
+)
+
+
+def inrun(**options) -> None:
     """Fine-tune with in-run data valuation: per-step gradient dot products with a validation batch."""
-    from rich.table import Table
+    from .jobs.inrun import run_inrun
 
-    from .jobs.inrun import InrunOptions, run_inrun
-    from .progress import shorten
-
-    if model is None or train is None or val is None:
-        if model is not None and (train is None or val is None):
+    show = options.pop("show")
+    options["uncovered"] = "freeze" if options.pop("freeze_uncovered") else "error"
+    if options["model"] is None or options["train"] is None or options["val"] is None:
+        if options["model"] is not None:
             raise GhostprojError("--model was given without --train and --val.")
         from .jobs.demo import ensure_demo
 
         assets = ensure_demo(lambda m: _status().print(f"[dim]{m}[/dim]"))
-        model = model or str(assets.model)
-        train = train or str(assets.train)
-        val = val or str(assets.query)
-        if val_size is None:
-            val_size = 16
-    res = run_inrun(InrunOptions(model=model, train=train, val=val, out=out, steps=steps, batch_size=batch_size,
-                                 lr=lr, optimizer=optimizer, val_size=val_size, seed=seed, max_length=max_length,
-                                 device=device, fields=_fields(text_field, prompt_field, completion_field,
-                                                               messages_field),
-                                 uncovered="freeze" if freeze_uncovered else "error"))
+        options["model"] = str(assets.model)
+        options["train"] = options["train"] or str(assets.train)
+        options["val"] = options["val"] or str(assets.query)
+        if options["val_size"] is None:
+            options["val_size"] = 16
+    res = run_inrun(InrunOptions(**options))
     _notes(res.notes)
+    _report_inrun(res, show)
+
+
+inrun.__signature__ = _options_signature(InrunOptions, INRUN_OPTIONS, extra=_INRUN_EXTRA)
+app.command()(inrun)
+
+
+def _report_inrun(res, show: int) -> None:
+    import torch
+    from rich.table import Table
+
+    from .progress import shorten
+
     con = _console()
     seen = (res.counts > 0).nonzero().flatten()
     if show > 0 and len(seen):
-        import torch
-
         order = seen[torch.argsort(res.values[seen])]
         table = Table(title="in-run value = sum over steps of -lr * dot (negative: the example lowered the "
                             "validation loss)", title_justify="left")

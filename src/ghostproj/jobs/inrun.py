@@ -25,10 +25,13 @@ MAX_VAL_BATCH = 512  # every step carries the whole validation batch
 
 @dataclass
 class InrunOptions:
-    model: str
-    train: str
-    val: str
-    out: str
+    """Options of ``ghostproj inrun`` (the command line is made from these fields); the
+    command line puts the embedded demo in place of a missing model and data."""
+
+    model: str | None = None
+    train: str | None = None
+    val: str | None = None
+    out: str = "inrun-out"
     steps: int = 100
     batch_size: int = 8
     lr: float = 1e-4
@@ -37,9 +40,17 @@ class InrunOptions:
     seed: int = 0
     max_length: int = 512
     device: str = "auto"
-    fields: dict = field(default_factory=dict)  # text_field, prompt_field, ...: as for `project`
+    text_field: str | None = None  # the data layout, as for `project` (None: read from the first row)
+    prompt_field: str | None = None
+    completion_field: str | None = None
+    messages_field: str | None = None
     uncovered: str = "error"
     show_progress: bool = True
+
+    @property
+    def fields(self) -> dict:
+        return {"text_field": self.text_field, "prompt_field": self.prompt_field,
+                "completion_field": self.completion_field, "messages_field": self.messages_field}
 
 
 @dataclass
@@ -85,6 +96,29 @@ def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[torch.Te
 def run_inrun(opts: InrunOptions) -> InrunResult:
     t0 = time.perf_counter()
     _check(opts)
+    model, tokenizer, train_spec, (train_data, val_data) = _load(opts)
+    train, val = train_data.examples, _validation_batch(val_data.examples, opts.val_size)
+    batch_size = min(opts.batch_size, len(train))
+    log = _train(model, pad_token_id(tokenizer), train, val, batch_size, opts)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"seed": str(opts.seed), "batch_size": str(batch_size), "val_count": str(len(val)), "lr": str(opts.lr),
+            "optimizer": opts.optimizer, "train": str(Path(opts.train).resolve()), "val": str(Path(opts.val).resolve())}
+    atomic_write(out / "dots.safetensors", encode_safetensors(
+        {"step": torch.cat(log.steps), "index": torch.cat(log.index), "dot": torch.cat(log.dots)}, meta))
+    atomic_write(out / "values.safetensors", encode_safetensors(
+        {"index": torch.arange(len(train)), "value": log.values.float(), "count": log.counts}, meta))
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    texts = ([example_text(train_data.records, i, train_spec.describe()) for i in range(len(train))]
+             if train_data.records is not None else [""] * len(train))
+    return InrunResult(out, opts.steps, len(train), len(val), log.loss, time.perf_counter() - t0,
+                       log.values.float(), log.counts, texts, train_data.notes + val_data.notes)
+
+
+def _load(opts: InrunOptions):
+    """(model, tokenizer, the training data's spec, (training data, validation data)), read as
+    `project` reads data."""
     specs = [DataSpec(path, **opts.fields) for path in (opts.train, opts.val)]
     for spec in specs:
         if spec.resolved_format() in ("jsonl", "text"):
@@ -93,12 +127,14 @@ def run_inrun(opts: InrunOptions) -> InrunResult:
     limit = position_limit(model)
     max_length = min(opts.max_length, limit) if limit else opts.max_length
     vocab = getattr(model.config, "vocab_size", None)
-    train_data, val_data = (load_examples(spec, tokenizer, max_length, vocab) for spec in specs)
-    train, val = train_data.examples, val_data.examples
-    if opts.val_size is not None:
-        if opts.val_size > len(val):
-            raise GhostprojError(f"--val-size {opts.val_size} is larger than the {len(val)} validation examples.")
-        val = val[: opts.val_size]
+    return model, tokenizer, specs[0], tuple(load_examples(spec, tokenizer, max_length, vocab) for spec in specs)
+
+
+def _validation_batch(val: list[Example], val_size: int | None) -> list[Example]:
+    if val_size is not None:
+        if val_size > len(val):
+            raise GhostprojError(f"--val-size {val_size} is larger than the {len(val)} validation examples.")
+        val = val[:val_size]
     val = [e for e in val if e.n_label_positions > 0]
     if not val:
         raise GhostprojError("The validation set has no example with a label position.")
@@ -106,58 +142,50 @@ def run_inrun(opts: InrunOptions) -> InrunResult:
         raise GhostprojError(
             f"The validation batch of {len(val)} examples is larger than the {MAX_VAL_BATCH} allowed; pass --val-size."
         )
-    batch_size = min(opts.batch_size, len(train))
+    return val
+
+
+@dataclass
+class _Log:
+    """What training recorded: per step and drawn example, its dot product; per example,
+    its value and how often it was drawn; the last training loss."""
+
+    values: torch.Tensor
+    counts: torch.Tensor
+    steps: list[torch.Tensor] = field(default_factory=list)
+    index: list[torch.Tensor] = field(default_factory=list)
+    dots: list[torch.Tensor] = field(default_factory=list)
+    loss: float = float("nan")
+
+
+def _train(model, pad: int, train: list[Example], val: list[Example], batch_size: int, opts: InrunOptions) -> _Log:
     device = next(model.parameters()).device
     model.train()  # dropout as the checkpoint configures it
     engine = GradDotProdEngine(model, val_batch_size=len(val), loss_reduction="sum", uncovered=opts.uncovered)
     params = list(model.parameters())  # frozen uncovered ones get no gradient, so no update
-    if opts.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=opts.lr)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=opts.lr)
+    optimizer = (torch.optim.SGD if opts.optimizer == "sgd" else torch.optim.AdamW)(params, lr=opts.lr)
     torch.manual_seed(opts.seed)  # dropout masks
-    batches = batch_order(len(train), batch_size, opts.steps, opts.seed)
-    pad = pad_token_id(tokenizer)
-    steps_col, index_col, dot_col = [], [], []
-    values = torch.zeros(len(train), dtype=torch.float64)
-    counts = torch.zeros(len(train), dtype=torch.int64)
-    loss_value = float("nan")
+    log = _Log(torch.zeros(len(train), dtype=torch.float64), torch.zeros(len(train), dtype=torch.int64))
     engine.attach(optimizer)
     try:
         with RateProgress("training", total=opts.steps, unit="steps", extra_unit=None,
                           enabled=opts.show_progress) as bar:
-            for step, idx in enumerate(batches):
-                examples: list[Example] = [train[i] for i in idx.tolist()] + val
-                batch = collate(examples, pad).to(device)
+            for step, idx in enumerate(batch_order(len(train), batch_size, opts.steps, opts.seed)):
+                batch = collate([train[i] for i in idx.tolist()] + val, pad).to(device)
                 losses, _ = causal_lm_losses(model(**batch.model_inputs()).logits, batch.labels, "mean")
                 losses.sum().backward()
                 dots = engine.aggregate_and_log(idx).detach().double().cpu()
                 engine.prepare_gradients()
                 optimizer.step()
                 engine.clear_gradients()
-                lr_t = optimizer.param_groups[0]["lr"]
-                values.index_add_(0, idx, -lr_t * dots)
-                counts.index_add_(0, idx, torch.ones_like(idx))
-                steps_col.append(torch.full((len(idx),), step, dtype=torch.int64))
-                index_col.append(idx.clone())
-                dot_col.append(dots.float())
-                loss_value = float(losses[: len(idx)].detach().mean())
+                log.values.index_add_(0, idx, -optimizer.param_groups[0]["lr"] * dots)
+                log.counts.index_add_(0, idx, torch.ones_like(idx))
+                log.steps.append(torch.full((len(idx),), step, dtype=torch.int64))
+                log.index.append(idx.clone())
+                log.dots.append(dots.float())
+                log.loss = float(losses[: len(idx)].detach().mean())
                 bar.advance(1)
-                bar.set_text(f"loss {loss_value:.3f}")
+                bar.set_text(f"loss {log.loss:.3f}")
     finally:
         engine.detach()
-
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"seed": str(opts.seed), "batch_size": str(batch_size), "val_count": str(len(val)), "lr": str(opts.lr),
-            "optimizer": opts.optimizer, "train": str(Path(opts.train).resolve()), "val": str(Path(opts.val).resolve())}
-    atomic_write(out / "dots.safetensors", encode_safetensors(
-        {"step": torch.cat(steps_col), "index": torch.cat(index_col), "dot": torch.cat(dot_col)}, meta))
-    atomic_write(out / "values.safetensors", encode_safetensors(
-        {"index": torch.arange(len(train)), "value": values.float(), "count": counts}, meta))
-    model.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
-    texts = ([example_text(train_data.records, i, specs[0].describe()) for i in range(len(train))]
-             if train_data.records is not None else [""] * len(train))
-    return InrunResult(out, opts.steps, len(train), len(val), loss_value, time.perf_counter() - t0, values.float(),
-                       counts, texts, train_data.notes + val_data.notes)
+    return log
