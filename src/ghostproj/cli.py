@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import os
 import sys
@@ -252,17 +253,51 @@ def _error_table(title: str, rows, tolerance: float):
     return table
 
 
+@dataclasses.dataclass
+class Source:
+    """Where a check's model and data come from, and the data's layout."""
+
+    model: str | None = None
+    data: str | None = None
+    text_field: str | None = None
+    prompt_field: str | None = None
+    completion_field: str | None = None
+    messages_field: str | None = None
+
+    def resolved(self) -> tuple[str, str, dict]:
+        """(model, data, layout fields), the embedded demo standing in for what was left out."""
+        model, data = _default_model_and_data(self.model, self.data)
+        return model, data, _fields(self.text_field, self.prompt_field, self.completion_field, self.messages_field)
+
+
+SOURCE_OPTIONS = {"model": _info(ModelOpt), "data": _info(DataOpt), "text_field": _info(TextFieldOpt),
+                  "prompt_field": _info(PromptFieldOpt), "completion_field": _info(CompletionFieldOpt),
+                  "messages_field": _info(MessagesFieldOpt)}
+
+
+def _with_source(command):
+    """Gives a command the model, data and layout options (declared once, in Source) ahead
+    of its own; the command receives them as one Source, its first parameter."""
+    own = [param.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+           for param in list(inspect.signature(command, eval_str=True).parameters.values())[1:]]
+    names = [f.name for f in dataclasses.fields(Source)]
+
+    @functools.wraps(command)
+    def wrapper(**options):
+        return command(Source(**{n: options.pop(n) for n in names}), **options)
+
+    wrapper.__signature__ = inspect.Signature(
+        list(_options_signature(Source, SOURCE_OPTIONS).parameters.values()) + own, return_annotation=None)
+    return wrapper
+
+
 @app.command("naive-check")
+@_with_source
 def naive_check(
-    model: ModelOpt = None,
+    source: Source,
     dtype: DtypeOpt = "float32",
     adapter: Optional[str] = typer.Option(None, help="PEFT LoRA adapter directory.", rich_help_panel=MODEL,
                                           show_default="none"),
-    data: DataOpt = None,
-    text_field: TextFieldOpt = None,
-    prompt_field: PromptFieldOpt = None,
-    completion_field: CompletionFieldOpt = None,
-    messages_field: MessagesFieldOpt = None,
     samples: int = typer.Option(8, help="Examples in the padded batch.", rich_help_panel=DATA),
     max_length: MaxLengthOpt = 512,
     layers: LayersOpt = None,
@@ -280,12 +315,11 @@ def naive_check(
     """Prove the engine equals the slow exact computation on your model and data."""
     from .jobs.checks import run_naive_check
 
-    model, data = _default_model_and_data(model, data)
+    model, data, fields = source.resolved()
     result = run_naive_check(model, data, _split(layers), samples=samples, rank=rank, projector=projector,
                              seed=seed, loss_reduction=loss_reduction, bias=bias, max_length=max_length,
                              dtype=dtype, device=device, tolerance=tolerance, adapter=adapter,
-                             include_embeddings=include_embeddings,
-                             **_fields(text_field, prompt_field, completion_field, messages_field))
+                             include_embeddings=include_embeddings, **fields)
     con = _console()
     con.print(_error_table(
         f"engine vs naive reference ({result.n_examples} examples, lengths {result.min_len}-{result.max_len}, "
@@ -297,13 +331,9 @@ def naive_check(
 
 
 @app.command("non-interf")
+@_with_source
 def non_interf(
-    model: ModelOpt = None,
-    data: DataOpt = None,
-    text_field: TextFieldOpt = None,
-    prompt_field: PromptFieldOpt = None,
-    completion_field: CompletionFieldOpt = None,
-    messages_field: MessagesFieldOpt = None,
+    source: Source,
     max_length: MaxLengthOpt = 128,
     layers: LayersOpt = None,
     steps: int = typer.Option(3, help="Optimizer steps.", rich_help_panel=RUN),
@@ -316,10 +346,9 @@ def non_interf(
     """Prove attaching the engine changes nothing about training."""
     from .jobs.checks import run_non_interference
 
-    model, data = _default_model_and_data(model, data)
+    model, data, fields = source.resolved()
     result = run_non_interference(model, data, _split(layers), steps=steps, batch_size=batch_size, lr=lr,
-                                  optimizer=optimizer, max_length=max_length, device=device,
-                                  **_fields(text_field, prompt_field, completion_field, messages_field))
+                                  optimizer=optimizer, max_length=max_length, device=device, **fields)
     con = _console()
     con.print(_error_table(f"training with vs without the engine ({steps} {optimizer} steps)",
                            [(c.what, c.max_rel, c.max_abs) for c in result.comparisons], tolerance))
@@ -372,13 +401,9 @@ def score(
 
 
 @app.command()
+@_with_source
 def fidelity(
-    model: ModelOpt = None,
-    data: DataOpt = None,
-    text_field: TextFieldOpt = None,
-    prompt_field: PromptFieldOpt = None,
-    completion_field: CompletionFieldOpt = None,
-    messages_field: MessagesFieldOpt = None,
+    source: Source,
     samples: int = typer.Option(16, help="Calibration examples (exact gradients are held for these).",
                                 rich_help_panel=DATA),
     max_length: MaxLengthOpt = 512,
@@ -394,10 +419,9 @@ def fidelity(
 
     from .jobs.fidelity import run_fidelity_check
 
-    model, data = _default_model_and_data(model, data)
+    model, data, fields = source.resolved()
     report = run_fidelity_check(model, data, _split(layers), ranks, samples=samples, max_length=max_length,
-                                dense=dense, seed=seed, device=device,
-                                **_fields(text_field, prompt_field, completion_field, messages_field))
+                                dense=dense, seed=seed, device=device, **fields)
     con = _console()
     table = Table(title=f"projected vs exact per-example gradient inner products ({report.examples} examples, "
                         f"{report.examples * (report.examples - 1) // 2} pairs)", title_justify="left")
