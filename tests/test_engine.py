@@ -324,7 +324,7 @@ def test_compiled_batches_of_varying_size_share_a_graph(tokenizer):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     with engine, _dynamic_batch_sizes(True):
-        for b, t in ((3, 12), (4, 9), (5, 7), (2, 15), (6, 5)):
+        for b, t in ((3, 12), (4, 9), (5, 7), (2, 15)):
             ids = torch.randint(0, len(tokenizer), (b, t))
             loss(ids).backward()
             eager = engine.collect()
