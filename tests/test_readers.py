@@ -100,24 +100,17 @@ def test_chat_masks_all_but_assistant_turns(tmp_path, tokenizer):
 
 
 def test_bin_blocks_and_errors(capsys, tmp_path, gpt2_dir, tokenizer):
-    from ghostproj.models import load_model
-
+    """A reader is checked on what it produces (token ids, rows); exactness of the vectors
+    is the engine tests' business."""
     ids = []
     for t in ["the cat sat on the mat", "bake the bread for forty minutes", "planets orbit the sun"]:
         ids += tokenizer(t)["input_ids"]
     path = tmp_path / "tokens.bin"
     np.array(ids, dtype=np.uint16).tofile(path)
-    out = tmp_path / "bin.st"
-    code, _, err = run_cli(["project", "--model", gpt2_dir, "--data", path, "--out", out, "--max-length", "8",
-                            "--rank", "16", "--store-dtype", "float32"], capsys)
-    assert code == 0, err
-    got = load_projections(out)
+    data = load_examples(DataSpec(str(path)), tokenizer, 8, len(tokenizer))
     n_blocks = -(-len(ids) // 8)
-    assert got.index.tolist() == list(range(n_blocks))
-    model, _ = load_model(str(gpt2_dir), device="cpu")
-    examples = [Example(k, ids[k * 8:(k + 1) * 8]) for k in range(n_blocks)]
-    ref = kron_reference(model, examples, GradProjectionEngine(model, None, rank=16))
-    assert rel_err(got.grads, ref) <= 1e-4
+    assert [e.index for e in data.examples] == list(range(n_blocks))
+    assert [e.input_ids for e in data.examples] == [ids[k * 8:(k + 1) * 8] for k in range(n_blocks)]
     odd = tmp_path / "odd.bin"
     odd.write_bytes(b"\x01\x02\x03")
     code, _, err = run_cli(["project", "--model", gpt2_dir, "--data", odd, "--out", tmp_path / "o"], capsys)
@@ -161,25 +154,21 @@ def test_embedding_projection_matches_reference(tokenizer):
     assert rel_err(engine_projected_grads(model, examples, engine), kron_reference(model, examples, engine)) <= 1e-4
 
 
-def test_parquet_and_saved_hf_dataset(capsys, tmp_path, gpt2_dir, texts):
+def test_parquet_and_saved_hf_dataset(capsys, tmp_path, gpt2_dir, texts, tokenizer):
     datasets = pytest.importorskip("datasets")
-    from ghostproj.models import load_model
-
     rows = [{"text": t, "topic": str(i % 2)} for i, t in enumerate(texts)]
     ds = datasets.Dataset.from_list(rows)
     ds.to_parquet(str(tmp_path / "train.parquet"))
     ds.save_to_disk(str(tmp_path / "saved"))
-    common = ["--model", gpt2_dir, "--rank", "16", "--store-dtype", "float32", "--max-length", "24"]
-    assert run_cli(["project", *common, "--data", tmp_path / "train.parquet", "--out", tmp_path / "pq"], capsys)[0] == 0
-    code, _, err = run_cli(["project", *common, "--hf-dataset", tmp_path / "saved", "--out", tmp_path / "hf"], capsys)
+    want = [tokenizer(t)["input_ids"][:24] for t in texts]
+    for spec in (DataSpec(str(tmp_path / "train.parquet")), DataSpec(str(tmp_path / "saved"), format="hf")):
+        data = load_examples(spec, tokenizer, 24)
+        assert [e.index for e in data.examples] == list(range(len(texts)))
+        assert [e.input_ids for e in data.examples] == want
+    code, _, err = run_cli(["project", "--model", gpt2_dir, "--rank", "16", "--max-length", "24", "--hf-dataset",
+                            tmp_path / "saved", "--out", tmp_path / "hf"], capsys)
     assert code == 0, err
-    model, tok = load_model(str(gpt2_dir), device="cpu")
-    examples = [Example(i, tok(t)["input_ids"][:24]) for i, t in enumerate(texts)]
-    ref = kron_reference(model, examples, GradProjectionEngine(model, None, rank=16))
-    for run in ("pq", "hf"):
-        got = load_projections(tmp_path / run)
-        assert got.index.tolist() == list(range(len(texts)))
-        assert rel_err(got.grads, ref) <= 1e-4
+    assert load_projections(tmp_path / "hf").index.tolist() == list(range(len(texts)))
 
 
 def test_missing_data_extra_is_one_sentence(capsys, tmp_path, gpt2_dir, monkeypatch):
@@ -250,19 +239,12 @@ def test_lora_adapter_projection(capsys, tmp_path, gpt2_dir, data_file):
 
 
 def test_plain_text_and_slow_tokenizer_fallback(capsys, tmp_path, gpt2_dir, tokenizer):
-    from ghostproj.models import load_model
-
     txt = tmp_path / "lines.txt"
     txt.write_text("the cat sat on the mat\n\nbake the bread\nplanets orbit the sun\n")
-    out = tmp_path / "txt.st"
-    assert run_cli(["project", "--model", gpt2_dir, "--data", txt, "--out", out, "--rank", "16",
-                    "--store-dtype", "float32"], capsys)[0] == 0
-    model, tok = load_model(str(gpt2_dir), device="cpu")
+    data = load_examples(DataSpec(str(txt)), tokenizer, 64)
     lines = ["the cat sat on the mat", "bake the bread", "planets orbit the sun"]
-    ref = kron_reference(model, [Example(i, tok(t)["input_ids"]) for i, t in enumerate(lines)],
-                         GradProjectionEngine(model, None, rank=16))
-    got = load_projections(out)
-    assert got.index.tolist() == [0, 1, 2] and rel_err(got.grads, ref) <= 1e-4
+    assert [e.index for e in data.examples] == [0, 1, 2]
+    assert [e.input_ids for e in data.examples] == [tokenizer(t)["input_ids"] for t in lines]
 
     class NoOffsets:  # a tokenizer without character offsets
         is_fast = False
