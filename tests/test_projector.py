@@ -61,3 +61,11 @@ def test_rank_rule():
         assert k_in >= min(lo, n_in) and k_out >= min(lo, n_out)
     with pytest.raises(GhostprojError):
         choose_ranks(10, 64, 64, rank_min=8)
+
+
+def test_split_ranks_keeps_rank_min_when_one_side_is_fixed():
+    from ghostproj.engines.projector import split_ranks
+
+    assert split_ranks(256, 64, 64, rank_min=8, rank_out=64) == (8, 64)  # the free side: at least --rank-min
+    assert split_ranks(256, 4, 64, rank_min=8, rank_out=64) == (4, 64)  # ... or its whole dimension
+    assert split_ranks(256, 64, 64, rank_in=16) == (16, 16)
