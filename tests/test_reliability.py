@@ -26,6 +26,14 @@ def corpus(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def small(corpus, tmp_path_factory):
+    """24 rows: enough for the lock and orphan-file tests, which only need a run to start."""
+    path = tmp_path_factory.mktemp("small") / "small.jsonl"
+    path.write_text("".join(corpus.read_text().splitlines(keepends=True)[:24]))
+    return path
+
+
 needs_torchrun = pytest.mark.skipif(
     shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
     reason="torchrun is not installed")
@@ -81,16 +89,16 @@ def test_sigkill_at_several_points_then_resume_is_identical(capsys, tmp_path, gp
                 assert (full / name).read_bytes() == (part / name).read_bytes(), name
 
 
-def test_second_writer_is_refused_and_a_stale_lock_is_taken_over(capsys, tmp_path, gpt2_dir, corpus):
+def test_second_writer_is_refused_and_a_stale_lock_is_taken_over(capsys, tmp_path, gpt2_dir, small):
     out = tmp_path / "locked"
     out.mkdir()
     import socket
 
     (out / ".lock").write_text(f"{os.getpid()} {socket.gethostname()}")  # a live holder: this test process
-    code, _, err = run_cli(project_args(gpt2_dir, corpus, out), capsys)
+    code, _, err = run_cli(project_args(gpt2_dir, small, out), capsys)
     assert code == 2 and "is being written by process" in err
     (out / ".lock").write_text(f"999999999 {socket.gethostname()}")  # its writer died
-    code, _, err = run_cli(project_args(gpt2_dir, corpus, out), capsys)
+    code, _, err = run_cli(project_args(gpt2_dir, small, out), capsys)
     assert code == 0, err
     assert not (out / ".lock").exists()
 
@@ -235,14 +243,14 @@ def test_each_torchrun_rank_takes_its_own_gpu(monkeypatch):
         project.device_for_this_process("auto")
 
 
-def test_a_run_killed_while_writing_its_first_manifest_starts_again(capsys, tmp_path, gpt2_dir, corpus):
+def test_a_run_killed_while_writing_its_first_manifest_starts_again(capsys, tmp_path, gpt2_dir, small):
     import socket
 
     out = tmp_path / "first"
     out.mkdir()
     orphan = out / f".manifest.json.tmp-{socket.gethostname()}-999999999"
     orphan.write_bytes(b"{")
-    code, _, err = run_cli(project_args(gpt2_dir, corpus, out), capsys)
+    code, _, err = run_cli(project_args(gpt2_dir, small, out), capsys)
     assert code == 0, err
     assert not orphan.exists()
 

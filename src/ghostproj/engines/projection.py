@@ -26,6 +26,39 @@ from .projector import LayerProjector, build_projectors, split_ranks
 SINK_SETS_KEPT = 8
 
 
+def _layer_records(chosen: list[tuple[str, nn.Module]], bias: bool, ranks: dict | None, rank: int, rank_min: int,
+                   rank_in: int | None, rank_out: int | None) -> list[LayerInfo]:
+    """Each chosen layer's record: dimensions (n_in counting the bias column with --bias),
+    k's (given in ``ranks``, else by the rank rule) and offset in the vector."""
+    infos, offset = [], 0
+    for name, module in chosen:
+        cls = projectable_type(module)
+        n_in, n_out = cls.dims(module)
+        if bias and cls.has_bias_column:
+            if cls.bias(module) is None:
+                raise GhostprojError(f"--bias was given but layer '{name}' has no bias.")
+            n_in += 1
+        if ranks is not None and name in ranks:
+            k_in, k_out = ranks[name]
+        else:
+            k_in, k_out = split_ranks(rank, n_in, n_out, rank_min, rank_in, rank_out)
+        infos.append(LayerInfo(name, cls.type_name, n_in, n_out, k_in, k_out, offset))
+        offset += k_in * k_out
+    return infos
+
+
+def _fitting_projectors(infos: list[LayerInfo], given: dict | None, kind: str, seed: int) -> dict[str, LayerProjector]:
+    """The given matrices (a --like run's), checked against the layers' shapes, or new ones."""
+    if given is None:
+        given = build_projectors([(i.name, i.n_in, i.n_out, i.k_in, i.k_out) for i in infos], kind, seed)
+    for info in infos:
+        p = given.get(info.name)
+        if p is None or tuple(p.p_in.shape) != (info.k_in, info.n_in) or tuple(p.p_out.shape) != (info.k_out,
+                                                                                                   info.n_out):
+            raise GhostprojError(f"The projector for layer '{info.name}' does not fit its shape.")
+    return {i.name: given[i.name] for i in infos}
+
+
 class GradProjectionEngine(AttachedEngine):
     """Attach to Linear / Conv1D layers of any module; after a backward pass of the sum of
     per-example losses, :meth:`collect` returns a [B, D] float32 tensor.
@@ -58,47 +91,15 @@ class GradProjectionEngine(AttachedEngine):
         freeze_weights: bool = True,
         include_embeddings: bool = False,
     ) -> None:
-        self.model = model
-        self.projector_kind = projector
-        self.seed = seed
-        self.bias = bias
-        self.freeze_weights = freeze_weights
-
+        self.model, self.projector_kind, self.seed = model, projector, seed
+        self.bias, self.freeze_weights = bias, freeze_weights
         chosen = select_layers(model, layers, include_embeddings)
-        infos: list[LayerInfo] = []
-        offset = 0
-        for name, module in chosen:
-            cls = projectable_type(module)
-            n_in, n_out = cls.dims(module)
-            if bias and cls.has_bias_column:
-                if cls.bias(module) is None:
-                    raise GhostprojError(f"--bias was given but layer '{name}' has no bias.")
-                n_in += 1
-            if ranks is not None and name in ranks:
-                k_in, k_out = ranks[name]
-            else:
-                k_in, k_out = split_ranks(rank, n_in, n_out, rank_min, rank_in, rank_out)
-            infos.append(LayerInfo(name, cls.type_name, n_in, n_out, k_in, k_out, offset))
-            offset += k_in * k_out
-        self.layers: list[LayerInfo] = infos
-        self.dim = offset
-
-        if projectors is None:
-            projectors = build_projectors(
-                [(i.name, i.n_in, i.n_out, i.k_in, i.k_out) for i in infos], projector, seed
-            )
-        for info in infos:
-            p = projectors.get(info.name)
-            if p is None or tuple(p.p_in.shape) != (info.k_in, info.n_in) or tuple(p.p_out.shape) != (
-                info.k_out,
-                info.n_out,
-            ):
-                raise GhostprojError(f"The projector for layer '{info.name}' does not fit its shape.")
-        self.projectors: dict[str, LayerProjector] = {i.name: projectors[i.name] for i in infos}
-
+        self.layers: list[LayerInfo] = _layer_records(chosen, bias, ranks, rank, rank_min, rank_in, rank_out)
+        self.dim = sum(info.size for info in self.layers)
+        self.projectors = _fitting_projectors(self.layers, projectors, projector, seed)
         self._modules = {name: module for name, module in chosen}
         self._types = {name: projectable_type(module) for name, module in chosen}
-        self._has_bias = {i.name: bias and self._types[i.name].has_bias_column for i in infos}
+        self._has_bias = {i.name: bias and self._types[i.name].has_bias_column for i in self.layers}
         self._tied = self._find_tied_uses(model)
         self._attachment = Attachment()
         self._device_mats: dict[tuple, LayerMatrices] = {}

@@ -85,11 +85,7 @@ def score(
     if n_train == 0:
         raise GhostprojError("The training set is empty.")
     notes = []
-    if top_k is not None and top_k < 1:
-        raise GhostprojError(f"--top-k must be at least 1, got {top_k}.")
-    if top_k is not None and top_k > n_train:
-        notes.append(f"--top-k {top_k} is more than the {n_train} training examples; keeping all {n_train}.")
-        top_k = n_train
+    top_k = _clamped_top_k(top_k, n_train, notes)
     groups = _query_groups(query_groups, n_query) if reduce == "max" and query_groups is not None else None
 
     selected = selected_layers(train_run.layers, layers)
@@ -125,6 +121,15 @@ def _check_choices(metric: str, normalize: str, reduce: str | None, damping: flo
         raise GhostprojError(f"Unknown --reduce '{reduce}'; choose mean or max.")
     if damping < 0:
         raise GhostprojError(f"--damping must be non-negative, got {damping}.")
+
+
+def _clamped_top_k(top_k: int | None, n_train: int, notes: list[str]) -> int | None:
+    if top_k is not None and top_k < 1:
+        raise GhostprojError(f"--top-k must be at least 1, got {top_k}.")
+    if top_k is not None and top_k > n_train:
+        notes.append(f"--top-k {top_k} is more than the {n_train} training examples; keeping all {n_train}.")
+        return n_train
+    return top_k
 
 
 def _query_groups(query_groups: list[str], n_query: int) -> tuple[list[str], torch.Tensor]:

@@ -27,11 +27,8 @@ class RunWriter:
                  manifest_name: str = MANIFEST):
         if shard_size < 1:
             raise GhostprojError(f"--shard-size must be at least 1, got {shard_size}.")
-        self.run_dir = run_dir
-        self.manifest = manifest
-        self.shard_size = shard_size
-        self.rank = rank
-        self.manifest_name = manifest_name
+        self.run_dir, self.manifest, self.manifest_name = run_dir, manifest, manifest_name
+        self.shard_size, self.rank = shard_size, rank
         self.store_dtype = STORE_DTYPES[manifest["store_dtype"]]
         self._buf: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._buffered = 0
