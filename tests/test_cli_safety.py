@@ -278,3 +278,8 @@ def test_score_defaults_to_layer_normalization(capsys, runs, tmp_path):
         outs[name] = tmp_path / f"{name}.jsonl"
         assert run_cli(["score", train, query, "--topk-out", outs[name], "--show", "0", *extra], capsys)[0] == 0
     assert outs["default"].read_text() == outs["layer"].read_text() != outs["none"].read_text()
+
+
+def test_top_level_help_lists_the_exit_codes(capsys):
+    code, out, _ = run_cli(["--help"], capsys)
+    assert code == 0 and "Exit codes" in out and "3 inspect" in " ".join(out.split())

@@ -20,7 +20,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
-    help="Per-example gradient projection and influence scoring for transformer language models.",
+    help="Per-example gradient projection and influence scoring for transformer language models.\n\n"
+         "Exit codes: 0 success; 1 a check failed (naive-check, non-interf); 2 bad input or a damaged run "
+         "(one sentence on stderr); 3 inspect found an unfinished run; 130 interrupted.",
 )
 
 # Help panels, so that long commands read as groups of a few options.
