@@ -11,7 +11,6 @@ from ..store.manifest import LayerInfo
 NORMALIZATIONS = ("none", "unit", "layer")
 
 
-# -- the vector transform shared by both sides -------------------------------------------
 @dataclass
 class Transform:
     """Centering and normalization applied identically to training and query vectors."""

@@ -10,7 +10,6 @@ from ..errors import GhostprojError
 from .files import host_name, pid_alive, sweep_stale_temporaries
 
 
-# -- locking --------------------------------------------------------------------------------
 class RunLock:
     """One writer per run directory (per rank): a lock file holding pid and host. A lock
     whose process is gone (same host) is stale and taken over, so a crash never blocks a

@@ -12,7 +12,6 @@ from .manifest import PROJECTOR_FILE, write_manifest
 from .reader import open_run
 
 
-# -- merging parts ------------------------------------------------------------------------------
 def merge_manifests(parts: list[dict], by_shard_id: bool = True) -> dict:
     """One complete manifest from the manifests of disjoint parts of one run (job-array
     shards or torchrun ranks). Refuses parts that are incomparable, incomplete, overlapping

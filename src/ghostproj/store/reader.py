@@ -31,7 +31,6 @@ from .shards import (
 )
 
 
-# -- reading a run ---------------------------------------------------------------------
 @dataclass
 class Run:
     """A validated projection run (or a single shard file) ready for chunked reads."""

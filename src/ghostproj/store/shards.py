@@ -35,7 +35,6 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-# -- shard files ------------------------------------------------------------------------
 def encode_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     """Serialize tensors in the safetensors format with a deterministic header (sorted keys,
     fixed metadata order), so identical runs give byte-identical files."""

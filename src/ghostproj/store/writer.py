@@ -14,7 +14,6 @@ from .manifest import MANIFEST, STORE_DTYPES, write_manifest
 from .shards import all_finite, encode_shard
 
 
-# -- writing a run ---------------------------------------------------------------------
 class RunWriter:
     """Buffers per-example rows and writes full shards atomically, rewriting the manifest
     after each one so an interrupted run can resume from its last complete shard.
