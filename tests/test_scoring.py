@@ -178,3 +178,39 @@ def test_influence_full_refuses_a_huge_fisher(runs, monkeypatch):
     with pytest.raises(GhostprojError, match="influence-full needs a 64 x 64 Fisher"):
         score(train, query, metric="influence-full")
     score(train, query, metric="influence")  # block-diagonal still works
+
+
+@pytest.mark.parametrize("metric, extra", [("influence", []), ("influence-full", ["--full"])])
+def test_a_fisher_computed_once_or_in_parts_scores_like_the_inline_one(capsys, runs, tmp_path, metric, extra):
+    train, query = runs
+    inline, once, parted = (tmp_path / f"{n}.jsonl" for n in ("inline", "once", "parted"))
+    assert run_cli(["score", train, query, "--metric", metric, "--top-k", "3", "--show", "0", "--topk-out", inline,
+                    "--select-out", tmp_path / "inline.sel.jsonl", "--reduce", "mean"], capsys)[0] == 0
+    fisher = tmp_path / "F.safetensors"
+    code, _, err = run_cli(["fisher", train, "--out", fisher, *extra], capsys)
+    assert code == 0, err
+    assert run_cli(["score", train, query, "--metric", metric, "--fisher", fisher, "--top-k", "3", "--show", "0",
+                    "--topk-out", once, "--select-out", tmp_path / "once.sel.jsonl", "--reduce", "mean"],
+                   capsys)[0] == 0
+    assert once.read_text() == inline.read_text()  # the same sums, in the same order: the same bytes
+    assert (tmp_path / "once.sel.jsonl").read_text() == (tmp_path / "inline.sel.jsonl").read_text()
+    n_shards = len(list(train.glob("grads-*")))
+    parts = [tmp_path / f"F{i}.safetensors" for i in range(n_shards)]
+    for i, part in enumerate(parts):
+        assert run_cli(["fisher", train, "--out", part, "--num-parts", n_shards, "--part", i, *extra], capsys)[0] == 0
+    code, _, err = run_cli(["score", train, query, "--metric", metric, "--fisher", parts[0]], capsys)
+    assert code == 2 and "merge the parts first" in err
+    merged = tmp_path / "Fm.safetensors"
+    assert run_cli(["fisher", "--merge", merged, *parts], capsys)[0] == 0
+    assert run_cli(["score", train, query, "--metric", metric, "--fisher", merged, "--top-k", "3", "--show", "0",
+                    "--topk-out", parted], capsys)[0] == 0
+    got = [json.loads(line) for line in parted.read_text().splitlines()]
+    want = [json.loads(line) for line in inline.read_text().splitlines()]
+    assert [g["train"] for g in got] == [w["train"] for w in want]  # summed in another order: float64 rounding only
+    for g, w in zip(got, want):
+        assert torch.allclose(torch.tensor(g["scores"]), torch.tensor(w["scores"]), rtol=1e-5)
+    code, _, err = run_cli(["fisher", "--merge", tmp_path / "bad.safetensors", *parts[:-1]], capsys)
+    assert code == 2 and "exactly once" in err
+    code, _, err = run_cli(["score", train, query, "--metric", metric, "--fisher", fisher, "--normalize", "none"],
+                           capsys)
+    assert code == 2 and "--normalize layer" in err

@@ -391,6 +391,8 @@ def score(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace output files that already exist.",
                                    rich_help_panel=OUTPUT),
     chunk_rows: int = typer.Option(8192, help="Training rows read per chunk.", rich_help_panel=RUN),
+    fisher_file: Optional[str] = typer.Option(None, "--fisher", help="Influence: the Fisher `ghostproj fisher` wrote.",
+                                              rich_help_panel=SCORING, show_default="computed from TRAIN"),
 ) -> None:
     """Score training examples against query examples (similarity or influence)."""
     from .jobs.score import run_score_command
@@ -399,6 +401,7 @@ def score(
         train, query, metric=metric, normalize=normalize, center=center, damping=damping, layers=_split(layers),
         top_k=top_k, show=show, out=out, topk_out=topk_out, reduce=reduce, group_field=group_field,
         select_out=select_out, chunk_rows=chunk_rows, overwrite=overwrite, console=_console(), status=_status(),
+        fisher=fisher_file,
     )
 
 
@@ -446,6 +449,40 @@ def fidelity(
         con.print(f"recommended --rank {report.recommended} ({report.rule}).")
     else:
         con.print(f"no rank tried reaches the bar ({report.rule}); try larger ranks.")
+
+
+@app.command()
+def fisher(
+    paths: list[str] = typer.Argument(..., help="TRAIN run; with --merge: OUT then the part files."),
+    out: Optional[str] = typer.Option(None, help="The Fisher file to write (safetensors).", rich_help_panel=OUTPUT,
+                                      show_default="required without --merge"),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Only these projected layers (patterns), as score.",
+                                         rich_help_panel=SCORING, show_default="all"),
+    normalize: str = typer.Option("layer", help="none, unit or layer: as the score that will use it.",
+                                  rich_help_panel=SCORING),
+    full: bool = typer.Option(False, "--full", help="One D x D block, for influence-full.", rich_help_panel=SCORING),
+    num_parts: int = typer.Option(1, help="Split the training shards into this many parts.", rich_help_panel=RUN),
+    part: int = typer.Option(0, help="The part to sum (then fisher --merge).", rich_help_panel=RUN),
+    merge: bool = typer.Option(False, "--merge", help="Sum the K part files into OUT.", rich_help_panel=RUN),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file.",
+                                   rich_help_panel=OUTPUT),
+    chunk_rows: int = typer.Option(8192, help="Training rows read per chunk.", rich_help_panel=RUN),
+) -> None:
+    """The training vectors' Fisher for influence, computed once (or in parts) for score --fisher."""
+    from .jobs.fisher import run_fisher, run_fisher_merge
+
+    if merge:
+        if len(paths) < 2:
+            raise GhostprojError("--merge needs OUT followed by the part files.")
+        result = run_fisher_merge(paths[0], paths[1:], overwrite)
+        _status().print(f"merged {len(paths) - 1} parts ({result.count} rows) into {_escape(paths[0])}")
+        return
+    if len(paths) != 1 or out is None:
+        raise GhostprojError("fisher takes one training run and --out FILE (or --merge OUT PART...).")
+    result = run_fisher(paths[0], out, layers=_split(layers), normalize=normalize, full=full, num_parts=num_parts,
+                        part=part, chunk_rows=chunk_rows, overwrite=overwrite)
+    what = f"part {part} of {num_parts}, " if num_parts > 1 else ""
+    _status().print(f"[green]wrote[/green] {_escape(out)}: {what}{result.count} rows, {len(result.sums)} block(s)")
 
 
 INRUN_OPTIONS = {

@@ -72,7 +72,7 @@ def write_selection(path: str, result: ScoreResult) -> None:
 def run_score_command(train: str, query: str, *, metric: str, normalize: str | None, center: bool, damping: float,
                       layers: list[str] | None, top_k: int, show: int, out: str | None, topk_out: str | None,
                       reduce: str | None, group_field: str | None, select_out: str | None, chunk_rows: int,
-                      console, status, overwrite: bool = False) -> ScoreResult:
+                      console, status, overwrite: bool = False, fisher: str | None = None) -> ScoreResult:
     check_outputs([(out, "--out"), (topk_out, "--topk-out"), (select_out, "--select-out")], [train, query],
                   overwrite)
     if select_out and not reduce:
@@ -81,12 +81,14 @@ def run_score_command(train: str, query: str, *, metric: str, normalize: str | N
         raise GhostprojError("--group-field only applies with --reduce max.")
     if chunk_rows < 1:
         raise GhostprojError(f"--chunk-rows must be at least 1, got {chunk_rows}.")
+    if fisher and not metric.startswith("influence"):
+        raise GhostprojError("--fisher only applies to --metric influence and influence-full.")
     train_run, query_run = open_run(train), open_run(query)
     groups = _groups(query_run, group_field) if group_field else None
     with RateProgress("scoring", total=train_run.rows, unit="rows", extra_unit=None, lazy=True) as bar:
         result = score(train_run, query_run, metric=metric, normalize=normalize, center=center, damping=damping,
                        layers=layers, top_k=top_k, reduce=reduce, query_groups=groups, keep_matrix=out is not None,
-                       chunk_rows=chunk_rows, progress=bar)
+                       chunk_rows=chunk_rows, progress=bar, fisher=fisher)
     for note in result.notes:
         status.print(f"[yellow]note:[/yellow] {note}")
     if out:

@@ -15,7 +15,13 @@ from ..errors import GhostprojError
 from ..store.fingerprint import differing_part
 from ..store.reader import Run, open_run
 from .columns import chunks, column_index, relative_blocks, selected_layers
-from .influence import precondition
+from .influence import (
+    FisherSums,
+    check_fisher,
+    check_full_size,
+    fisher_blocks,
+    precondition,
+)
 from .topk import StreamingTopK
 from .transform import NORMALIZATIONS, Transform
 
@@ -62,6 +68,7 @@ def score(
     keep_matrix: bool = False,
     chunk_rows: int = 8192,
     progress=None,
+    fisher: "FisherSums | str | None" = None,
 ) -> ScoreResult:
     """Score every training vector against every query vector.
 
@@ -72,7 +79,9 @@ def score(
     ``query_groups`` (one label per query row) makes ``reduce='max'`` take the max over
     group means (LESS-style); without it ``max`` is over single queries.
     ``progress``: an object with ``advance(n)`` called per training chunk (and, if it has
-    one, ``begin()`` called once the arguments have been checked).
+    one, ``begin()`` called once the arguments have been checked). ``fisher``: for the
+    influence metrics, the Fisher sums ``ghostproj fisher`` computed (or their file), used
+    instead of a pass over the training vectors.
     """
     t0 = time.perf_counter()
     _check_choices(metric, normalize or "none", reduce, damping)
@@ -98,8 +107,16 @@ def score(
         transform.mean = _training_mean(train_run, cols, chunk_rows, sum(b.size for b in blocks))
     query_index, q = _query_side(query_run, cols, chunk_rows, transform)
     if metric.startswith("influence"):
-        q = precondition(train_run, cols, transform, blocks, q, damping, full=(metric == "influence-full"),
-                         chunk_rows=chunk_rows, n_train=n_train)
+        full = metric == "influence-full"
+        if full:
+            check_full_size(q.shape[1])
+        if fisher is not None:
+            fisher = fisher if isinstance(fisher, FisherSums) else FisherSums.load(fisher)
+            check_fisher(fisher, train_run, blocks, normalize or "none", full, center)
+            fishers = fisher.fishers()
+        else:
+            fishers = fisher_blocks(train_run, cols, transform, blocks, full, chunk_rows, n_train)
+        q = precondition(q, fishers, blocks, damping, full)
 
     matrix = torch.empty(n_train, n_query, dtype=torch.float32) if keep_matrix else None
     selection = torch.empty(n_train, dtype=torch.float32) if reduce else None
