@@ -214,3 +214,26 @@ def test_a_fisher_computed_once_or_in_parts_scores_like_the_inline_one(capsys, r
     code, _, err = run_cli(["score", train, query, "--metric", metric, "--fisher", fisher, "--normalize", "none"],
                            capsys)
     assert code == 2 and "--normalize layer" in err
+
+
+def test_top_k_breaks_ties_by_dataset_index_however_the_rows_are_chunked():
+    """Duplicate texts tie exactly: the answer must not depend on chunks, shards or processes."""
+    import random
+
+    from ghostproj.scoring import StreamingTopK
+
+    rng = random.Random(0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        n, m, k = rng.randint(1, 40), rng.randint(1, 5), rng.randint(1, 8)
+        s = torch.randint(0, 4, (n, m), generator=g).float()  # few distinct values: many ties
+        index = torch.randperm(1000, generator=g)[:n]
+        want = [sorted(range(n), key=lambda r: (-float(s[r, j]), int(index[r])))[:k] for j in range(m)]
+        for cuts in (0, 2, 6):
+            bounds = sorted({0, n, *(rng.randint(0, n) for _ in range(cuts))})
+            best = StreamingTopK(k)
+            for a, b in zip(bounds, bounds[1:]):
+                best.add(s[a:b], index[a:b])
+            vals, ids = best.result()
+            assert ids.tolist() == [[int(index[r]) for r in rows] for rows in want]
+            assert vals.tolist() == [[float(s[r, j]) for r in rows] for j, rows in enumerate(want)]

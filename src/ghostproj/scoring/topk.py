@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import torch
 
+_NONE = torch.iinfo(torch.int64).max  # the dataset index of "no candidate"
+
+
+def _ranked(vals: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first k of each row of candidates [M, c] in the order (score desc, index asc)."""
+    by_index = ids.argsort(dim=1, stable=True)
+    vals, ids = vals.gather(1, by_index), ids.gather(1, by_index)
+    by_score = vals.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return vals.gather(1, by_score), ids.gather(1, by_score)
+
 
 class StreamingTopK:
     """The k best training rows per query over a stream of score chunks, in O(M k) memory:
     each chunk's best k first, then a merge with the running best, so the merge stays
-    [M, 2k] however large the chunk."""
+    [M, 2k] however large the chunk.
+
+    Ties are broken by the smaller dataset index, so the answer is one and the same however
+    the rows are split into chunks, shards or processes (duplicate texts tie exactly)."""
 
     def __init__(self, k: int) -> None:
         self.k = k
@@ -17,14 +30,33 @@ class StreamingTopK:
 
     def add(self, scores: torch.Tensor, index: torch.Tensor) -> None:
         """``scores`` [n, M] of the training rows whose dataset indices are ``index`` [n]."""
-        vals, pos = scores.topk(min(self.k, scores.shape[0]), dim=0)
-        vals, ids = vals.t(), index[pos.t()]
+        vals, ids = _chunk_best(scores, index, min(self.k, scores.shape[0]))
+        self.merge(vals, ids)
+
+    def merge(self, vals: torch.Tensor, ids: torch.Tensor) -> None:
+        """Candidates [M, c] (scores, dataset indices), e.g. another process's best k."""
         if self.values is not None:
-            vals = torch.cat([self.values, vals], dim=1)
-            ids = torch.cat([self.ids, ids], dim=1)
-            vals, pos = vals.topk(min(self.k, vals.shape[1]), dim=1)
-            ids = ids.gather(1, pos)
-        self.values, self.ids = vals, ids
+            vals, ids = torch.cat([self.values, vals], dim=1), torch.cat([self.ids, ids], dim=1)
+        self.values, self.ids = _ranked(vals, ids, min(self.k, vals.shape[1]))
 
     def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return self.values, self.ids
+
+
+def _chunk_best(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's k best rows of a chunk in the order (score desc, index asc), as [M, k]."""
+    vals, pos = scores.topk(k, dim=0)  # [k, M]: the right set unless the k-th score ties outside it
+    kth = vals[-1]
+    if bool(((scores == kth).sum(dim=0) == (vals == kth).sum(dim=0)).all()):
+        return _ranked(vals.t(), index[pos.t()], k)
+    # a tie at the boundary: every row above the k-th score, and the tied rows of smallest index
+    rows = index.unsqueeze(1)
+    above = torch.where(scores > kth, rows, _NONE).topk(k, dim=0, largest=False).values
+    tied = torch.where(scores == kth, rows, _NONE).topk(k, dim=0, largest=False).values
+    ids = torch.cat([above, tied]).t()  # [M, 2k]
+    found = ids != _NONE
+    order = index.argsort()  # dataset index -> row of the chunk, by binary search
+    pos = order[torch.searchsorted(index[order], torch.where(found, ids, index[order[0]]).contiguous())]
+    cand = scores.t().gather(1, pos)
+    cand = torch.where(found, cand, torch.full_like(cand, float("-inf")))
+    return _ranked(cand, ids, k)
