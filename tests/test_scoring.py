@@ -237,3 +237,41 @@ def test_top_k_breaks_ties_by_dataset_index_however_the_rows_are_chunked():
             vals, ids = best.result()
             assert ids.tolist() == [[int(index[r]) for r in rows] for rows in want]
             assert vals.tolist() == [[float(s[r, j]) for r in rows] for j, rows in enumerate(want)]
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "influence", "influence-full"])
+def test_four_parts_merged_are_byte_identical_to_one_process(capsys, runs, tmp_path, metric):
+    train, query = runs
+    extra = ["--metric", metric, "--top-k", "4", "--reduce", "max", "--group-field", "task"]
+    if metric.startswith("influence"):
+        fisher = tmp_path / "F.safetensors"
+        assert run_cli(["fisher", train, "--out", fisher, *(["--full"] if metric == "influence-full" else [])],
+                       capsys)[0] == 0
+        extra += ["--fisher", fisher]
+    whole = {name: tmp_path / f"whole.{name}" for name in ("scores.safetensors", "top.jsonl", "sel.jsonl")}
+    code, _, err = run_cli(["score", train, query, *extra, "--show", "0", "--out", whole["scores.safetensors"],
+                            "--topk-out", whole["top.jsonl"], "--select-out", whole["sel.jsonl"]], capsys)
+    assert code == 0, err
+    parts = [tmp_path / f"part{i}.safetensors" for i in range(4)]
+    for i in (2, 0, 3, 1):  # in any order
+        code, _, err = run_cli(["score", train, query, *extra, "--num-parts", "4", "--part", i, "--part-out",
+                                parts[i], "--keep-matrix"], capsys)
+        assert code == 0, err
+    merged = {name: tmp_path / f"merged.{name}" for name in whole}
+    code, _, err = run_cli(["merge-scores", *parts, "--out", merged["scores.safetensors"], "--topk-out",
+                            merged["top.jsonl"], "--select-out", merged["sel.jsonl"]], capsys)
+    assert code == 0, err
+    for name in whole:
+        assert merged[name].read_bytes() == whole[name].read_bytes(), name
+    code, _, err = run_cli(["merge-scores", *parts[:3], "--topk-out", tmp_path / "x.jsonl"], capsys)
+    assert code == 2 and "exactly once" in err
+
+
+def test_parts_refuse_what_needs_the_whole_run(capsys, runs, tmp_path):
+    train, query = runs
+    code, _, err = run_cli(["score", train, query, "--metric", "influence", "--num-parts", "2", "--part", "0",
+                            "--part-out", tmp_path / "p.safetensors"], capsys)
+    assert code == 2 and "with --fisher" in err
+    code, _, err = run_cli(["score", train, query, "--num-parts", "2", "--part", "0", "--topk-out",
+                            tmp_path / "t.jsonl"], capsys)
+    assert code == 2 and "--part-out FILE only" in err

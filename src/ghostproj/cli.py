@@ -393,6 +393,12 @@ def score(
     chunk_rows: int = typer.Option(8192, help="Training rows read per chunk.", rich_help_panel=RUN),
     fisher_file: Optional[str] = typer.Option(None, "--fisher", help="Influence: the Fisher `ghostproj fisher` wrote.",
                                               rich_help_panel=SCORING, show_default="computed from TRAIN"),
+    num_parts: int = typer.Option(1, help="Score the training shards in this many processes...", rich_help_panel=RUN),
+    part: int = typer.Option(0, help="...this one (then merge-scores the --part-out files).", rich_help_panel=RUN),
+    part_out: Optional[str] = typer.Option(None, help="A part's file, for merge-scores.", rich_help_panel=OUTPUT,
+                                           show_default="required with --num-parts"),
+    keep_matrix: bool = typer.Option(False, "--keep-matrix", help="A part keeps its rows of the scores matrix.",
+                                     rich_help_panel=OUTPUT),
 ) -> None:
     """Score training examples against query examples (similarity or influence)."""
     from .jobs.score import run_score_command
@@ -401,8 +407,29 @@ def score(
         train, query, metric=metric, normalize=normalize, center=center, damping=damping, layers=_split(layers),
         top_k=top_k, show=show, out=out, topk_out=topk_out, reduce=reduce, group_field=group_field,
         select_out=select_out, chunk_rows=chunk_rows, overwrite=overwrite, console=_console(), status=_status(),
-        fisher=fisher_file,
+        fisher=fisher_file, parts=(part, num_parts) if num_parts > 1 else None, part_out=part_out,
+        keep_matrix=keep_matrix,
     )
+
+
+@app.command("merge-scores")
+def merge_scores(
+    parts: list[str] = typer.Argument(..., help="The --part-out files of all the parts."),
+    out: Optional[str] = typer.Option(None, help="Write the full scores matrix (parts scored with --keep-matrix).",
+                                      rich_help_panel=OUTPUT, show_default="not written"),
+    topk_out: Optional[str] = typer.Option(None, help="Write the top-k per query (JSONL).", rich_help_panel=OUTPUT,
+                                           show_default="not written"),
+    select_out: Optional[str] = typer.Option(None, help="Write the per-example scores (.jsonl or .safetensors).",
+                                             rich_help_panel=OUTPUT, show_default="not written"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace output files that already exist.",
+                                   rich_help_panel=OUTPUT),
+) -> None:
+    """Join the parts of a score run in separate processes into exactly the single-process answer."""
+    from .jobs.score import run_merge_scores
+
+    result = run_merge_scores(parts, out=out, topk_out=topk_out, select_out=select_out, overwrite=overwrite)
+    _status().print(f"merged {len(parts)} parts ({result.train_index.numel()} training rows)"
+                    + "".join(f"; wrote {_escape(p)}" for p in (out, topk_out, select_out) if p))
 
 
 @app.command()

@@ -7,16 +7,8 @@ from ..errors import GhostprojError
 from ..scoring.columns import column_index, relative_blocks, selected_layers
 from ..scoring.influence import FisherSums, check_full_size, fisher_sums, merge_fisher
 from ..scoring.transform import NORMALIZATIONS, Transform
-from ..store.reader import Run, open_run
+from ..store.reader import open_run
 from .score import check_outputs
-
-
-def part_of(run: Run, part: int, num_parts: int) -> Run:
-    """Shards part, part + K, part + 2K, ... of a run: disjoint parts that cover it."""
-    if num_parts < 1 or not 0 <= part < num_parts:
-        raise GhostprojError(f"--part must be in 0..{num_parts - 1} for --num-parts {num_parts}.")
-    return Run(run.path, dict(run.manifest, shards=run.manifest["shards"][part::num_parts]),
-               run.shards[part::num_parts])
 
 
 def run_fisher(train: str, out: str, *, layers: list[str] | None, normalize: str, full: bool, num_parts: int,
@@ -29,7 +21,7 @@ def run_fisher(train: str, out: str, *, layers: list[str] | None, normalize: str
     blocks = relative_blocks(selected)
     if full:
         check_full_size(sum(b.size for b in blocks))
-    piece = part_of(run, part, num_parts) if num_parts > 1 else run
+    piece = run.part(part, num_parts) if num_parts > 1 else run
     sums, count = fisher_sums(piece, column_index(selected, run.dim), Transform(blocks, normalize=normalize),
                               blocks, full, chunk_rows)
     result = FisherSums(sums, count, full, normalize, [b.name for b in blocks], run.manifest["fingerprint"],

@@ -72,7 +72,9 @@ def write_selection(path: str, result: ScoreResult) -> None:
 def run_score_command(train: str, query: str, *, metric: str, normalize: str | None, center: bool, damping: float,
                       layers: list[str] | None, top_k: int, show: int, out: str | None, topk_out: str | None,
                       reduce: str | None, group_field: str | None, select_out: str | None, chunk_rows: int,
-                      console, status, overwrite: bool = False, fisher: str | None = None) -> ScoreResult:
+                      console, status, overwrite: bool = False, fisher: str | None = None,
+                      parts: tuple[int, int] | None = None, part_out: str | None = None,
+                      keep_matrix: bool = False) -> ScoreResult:
     check_outputs([(out, "--out"), (topk_out, "--topk-out"), (select_out, "--select-out")], [train, query],
                   overwrite)
     if select_out and not reduce:
@@ -83,14 +85,29 @@ def run_score_command(train: str, query: str, *, metric: str, normalize: str | N
         raise GhostprojError(f"--chunk-rows must be at least 1, got {chunk_rows}.")
     if fisher and not metric.startswith("influence"):
         raise GhostprojError("--fisher only applies to --metric influence and influence-full.")
+    if parts is not None:
+        if part_out is None or out or topk_out or select_out:
+            raise GhostprojError("A part (--num-parts/--part) writes --part-out FILE only; `ghostproj merge-scores` "
+                                 "writes --out, --topk-out and --select-out from all the parts.")
+        check_outputs([(part_out, "--part-out")], [train, query], overwrite)
     train_run, query_run = open_run(train), open_run(query)
     groups = _groups(query_run, group_field) if group_field else None
     with RateProgress("scoring", total=train_run.rows, unit="rows", extra_unit=None, lazy=True) as bar:
         result = score(train_run, query_run, metric=metric, normalize=normalize, center=center, damping=damping,
-                       layers=layers, top_k=top_k, reduce=reduce, query_groups=groups, keep_matrix=out is not None,
-                       chunk_rows=chunk_rows, progress=bar, fisher=fisher)
+                       layers=layers, top_k=top_k, reduce=reduce, query_groups=groups,
+                       keep_matrix=out is not None or keep_matrix, chunk_rows=chunk_rows, progress=bar, fisher=fisher,
+                       part=parts)
     for note in result.notes:
         status.print(f"[yellow]note:[/yellow] {note}")
+    if parts is not None:
+        settings = dict(metric=metric, normalize=normalize, center=center, damping=damping, layers=layers,
+                        top_k=top_k, reduce=reduce, group_field=group_field, train=train_run.manifest["fingerprint"],
+                        query=query_run.manifest["fingerprint"], shards=len(train_run.shards))
+        write_part(part_out, result, parts, [h.tensors["index"][1][0] for h in train_run.part(*parts).shards],
+                   settings)
+        status.print(f"[green]scored[/green] part {parts[0]} of {parts[1]} ({result.train_index.numel()} x "
+                     f"{query_run.rows}); wrote {part_out}")
+        return result
     if out:
         write_scores(out, result)
     if topk_out:
@@ -150,3 +167,75 @@ def _show(console, status, train_run, query_run, result: ScoreResult, metric: st
                 tidx = int(result.train_index[pos])
                 table.add_row(label, str(tidx), f"{float(result.selection[pos]):.4g}", *text(tidx))
         console.print(table)
+
+
+def write_part(path: str, result: ScoreResult, part: tuple[int, int], shard_rows: list[int], settings: dict) -> None:
+    """One part's rows (dataset indices, selection, scores) with its shards' row counts, and
+    its best k per query: what `merge-scores` needs to rebuild the single-process answer."""
+    tensors = {"train_index": result.train_index, "query_index": result.query_index,
+               "shard_rows": torch.tensor(shard_rows, dtype=torch.int64)}
+    for name in ("topk_scores", "topk_train", "selection", "scores"):
+        if getattr(result, name) is not None:
+            tensors[name] = getattr(result, name)
+    meta = {"kind": "ghostproj-score-part", "part": f"{part[0]}/{part[1]}", "settings": json.dumps(settings),
+            "groups": json.dumps(result.group_names)}
+    atomic_write(Path(path), encode_safetensors(tensors, meta))
+
+
+def merge_parts(paths: list[str]) -> ScoreResult:
+    """The single-process answer from the K parts' files: rows in the single process's order
+    (shard j is part j mod K's), top-k merged with the same tie rule."""
+    from safetensors import safe_open
+
+    from ..scoring.topk import StreamingTopK
+
+    loaded = []
+    for path in paths:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:
+            raise GhostprojError(f"Cannot read the part file {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}).") from None
+        if meta.get("kind") != "ghostproj-score-part":
+            raise GhostprojError(f"{path} is not a part written by `score --num-parts ... --part-out`.")
+        i, k = (int(v) for v in meta["part"].split("/"))
+        loaded.append((i, k, meta, tensors))
+    k = loaded[0][1]
+    if sorted(i for i, *_ in loaded) != list(range(k)) or any(kk != k for _, kk, *_ in loaded):
+        raise GhostprojError(f"merge-scores needs each of the {k} parts exactly once; got parts "
+                             f"{sorted(i for i, *_ in loaded)}.")
+    if len({m["settings"] for _, _, m, _ in loaded}) != 1:
+        raise GhostprojError("The parts were scored with different runs or settings; they cannot be merged.")
+    loaded.sort(key=lambda entry: entry[0])
+    settings = json.loads(loaded[0][2]["settings"])
+    offsets = [torch.cat([torch.zeros(1, dtype=torch.int64), t["shard_rows"].cumsum(0)]) for *_, t in loaded]
+    spans = [(j % k, j // k) for j in range(settings["shards"])]
+
+    def rows(name):
+        if name not in loaded[0][3]:
+            return None
+        return torch.cat([loaded[p][3][name][offsets[p][s]:offsets[p][s + 1]] for p, s in spans])
+
+    topk_scores = topk_train = None
+    if "topk_scores" in loaded[0][3]:
+        best = StreamingTopK(settings["top_k"])
+        for *_, t in loaded:
+            best.merge(t["topk_scores"], t["topk_train"])
+        topk_scores, topk_train = best.result()
+    return ScoreResult(rows("train_index"), loaded[0][3]["query_index"], rows("scores"), topk_scores, topk_train,
+                       rows("selection"), json.loads(loaded[0][2]["groups"]))
+
+
+def run_merge_scores(parts: list[str], *, out: str | None, topk_out: str | None, select_out: str | None,
+                     overwrite: bool) -> ScoreResult:
+    check_outputs([(out, "--out"), (topk_out, "--topk-out"), (select_out, "--select-out")], parts, overwrite)
+    result = merge_parts(parts)
+    for path, what, writer in ((out, "scores", write_scores), (topk_out, "topk_scores", write_topk),
+                               (select_out, "selection", write_selection)):
+        if path:
+            if getattr(result, what) is None:
+                raise GhostprojError(f"The parts hold no {what.replace('_', ' ')}; score them with the options "
+                                     "that produce it.")
+            writer(path, result)
+    return result

@@ -69,6 +69,7 @@ def score(
     chunk_rows: int = 8192,
     progress=None,
     fisher: "FisherSums | str | None" = None,
+    part: tuple[int, int] | None = None,
 ) -> ScoreResult:
     """Score every training vector against every query vector.
 
@@ -81,7 +82,9 @@ def score(
     ``progress``: an object with ``advance(n)`` called per training chunk (and, if it has
     one, ``begin()`` called once the arguments have been checked). ``fisher``: for the
     influence metrics, the Fisher sums ``ghostproj fisher`` computed (or their file), used
-    instead of a pass over the training vectors.
+    instead of a pass over the training vectors. ``part`` = (i, K): score only shards i,
+    i + K, ... of the training run (one of K processes; ``merge-scores`` joins them into
+    exactly the single-process answer).
     """
     t0 = time.perf_counter()
     _check_choices(metric, normalize or "none", reduce, damping)
@@ -118,6 +121,12 @@ def score(
             fishers = fisher_blocks(train_run, cols, transform, blocks, full, chunk_rows, n_train)
         q = precondition(q, fishers, blocks, damping, full)
 
+    if part is not None:
+        if center or (metric.startswith("influence") and fisher is None):
+            raise GhostprojError("Scoring in parts needs the whole run's statistics: no --center, and influence "
+                                 "with --fisher (from `ghostproj fisher`).")
+        train_run = train_run.part(*part)
+        n_train = train_run.rows
     matrix = torch.empty(n_train, n_query, dtype=torch.float32) if keep_matrix else None
     selection = torch.empty(n_train, dtype=torch.float32) if reduce else None
     train_index = torch.empty(n_train, dtype=torch.long)
@@ -185,13 +194,14 @@ def _score_chunks(train_run, cols, chunk_rows, transform, q_t, train_index, matr
     buffer = None  # scores of one chunk, reused: a fresh [n, M] each chunk costs page faults
     for idx, x in chunks(train_run, cols, chunk_rows):
         n = x.shape[0]
-        if matrix is not None:
-            s = matrix[row : row + n]
-        else:
-            if buffer is None or buffer.shape[0] < n:
-                buffer = torch.empty(n, q_t.shape[1], dtype=torch.float32)
-            s = buffer[:n]
+        if buffer is None or buffer.shape[0] < n:
+            buffer = torch.empty(n, q_t.shape[1], dtype=torch.float32)
+        # always into the start of one buffer: the product's last bits can depend on where its
+        # output sits in memory, and a score must not depend on how the rows were split
+        s = buffer[:n]
         torch.mm(transform(x), q_t, out=s)
+        if matrix is not None:
+            matrix[row : row + n] = s
         if best is not None:
             best.add(s, idx)
         flops += 2.0 * n * q_t.shape[0] * q_t.shape[1]

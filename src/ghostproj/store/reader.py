@@ -104,6 +104,12 @@ class Run:
             if "sha256" in entry and not file_sha256_matches(h.path, entry["sha256"]):
                 raise damaged_shard(h.path, "its sha256 differs from the manifest")
 
+    def part(self, i: int, k: int) -> "Run":
+        """Shards i, i + k, i + 2k, ... of this run: k disjoint parts that cover it."""
+        if k < 1 or not 0 <= i < k:
+            raise GhostprojError(f"--part must be in 0..{k - 1} for --num-parts {k}.")
+        return Run(self.path, dict(self.manifest, shards=self.manifest["shards"][i::k]), self.shards[i::k])
+
     def read_column(self, name: str) -> torch.Tensor:
         parts = [read_rows(h, name, 0, h.tensors[name][1][0]) for h in self.shards]
         return torch.cat(parts) if parts else torch.empty(0)
