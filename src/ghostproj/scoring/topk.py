@@ -45,10 +45,11 @@ class StreamingTopK:
 
 def _chunk_best(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query's k best rows of a chunk in the order (score desc, index asc), as [M, k]."""
-    vals, pos = scores.topk(k, dim=0)  # [k, M]: the right set unless the k-th score ties outside it
-    kth = vals[-1]
-    if bool(((scores == kth).sum(dim=0) == (vals == kth).sum(dim=0)).all()):
-        return _ranked(vals.t(), index[pos.t()], k)
+    # one more than k: the set of the k best is settled unless the (k+1)-th score equals the k-th
+    vals, pos = scores.topk(min(k + 1, scores.shape[0]), dim=0)
+    kth = vals[k - 1]
+    if vals.shape[0] == k or bool((vals[k] < kth).all()):
+        return _ranked(vals[:k].t(), index[pos[:k].t()], k)
     # a tie at the boundary: every row above the k-th score, and the tied rows of smallest index
     rows = index.unsqueeze(1)
     above = torch.where(scores > kth, rows, _NONE).topk(k, dim=0, largest=False).values
