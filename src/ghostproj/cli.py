@@ -81,6 +81,13 @@ DeviceOpt = Annotated[str, _opt(help="auto, cpu or cuda.", panel=RUN)]
 DtypeOpt = Annotated[str, _opt(help="Model weights: float32, bfloat16 or float16.", panel=MODEL)]
 
 
+TopkOutOpt = Annotated[Optional[str], _opt(help="Write the top-k per query (JSONL).", panel=OUTPUT,
+                                           default="not written")]
+SelectOutOpt = Annotated[Optional[str], _opt(help="Write the per-example scores (.jsonl or .safetensors).",
+                                             panel=OUTPUT, default="not written")]
+OverwriteOpt = Annotated[bool, _opt("--overwrite", help="Replace output files that already exist.", panel=OUTPUT)]
+
+
 def _info(alias):
     """The typer.Option inside an Annotated alias."""
     return alias.__metadata__[0]
@@ -384,12 +391,9 @@ def score(
     show: int = typer.Option(3, help="Queries whose top-k table is printed (0: none).", rich_help_panel=OUTPUT),
     out: Optional[str] = typer.Option(None, help="Write the full scores matrix (safetensors).",
                                       rich_help_panel=OUTPUT, show_default="not written"),
-    topk_out: Optional[str] = typer.Option(None, help="Write the top-k per query (JSONL).", rich_help_panel=OUTPUT,
-                                           show_default="not written"),
-    select_out: Optional[str] = typer.Option(None, help="Write the per-example scores (.jsonl or .safetensors).",
-                                             rich_help_panel=OUTPUT, show_default="not written"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace output files that already exist.",
-                                   rich_help_panel=OUTPUT),
+    topk_out: TopkOutOpt = None,
+    select_out: SelectOutOpt = None,
+    overwrite: OverwriteOpt = False,
     chunk_rows: int = typer.Option(8192, help="Training rows read per chunk.", rich_help_panel=RUN),
     fisher_file: Optional[str] = typer.Option(None, "--fisher", help="Influence: the Fisher `ghostproj fisher` wrote.",
                                               rich_help_panel=SCORING, show_default="computed from TRAIN"),
@@ -417,12 +421,9 @@ def merge_scores(
     parts: list[str] = typer.Argument(..., help="The --part-out files of all the parts."),
     out: Optional[str] = typer.Option(None, help="Write the full scores matrix (parts scored with --keep-matrix).",
                                       rich_help_panel=OUTPUT, show_default="not written"),
-    topk_out: Optional[str] = typer.Option(None, help="Write the top-k per query (JSONL).", rich_help_panel=OUTPUT,
-                                           show_default="not written"),
-    select_out: Optional[str] = typer.Option(None, help="Write the per-example scores (.jsonl or .safetensors).",
-                                             rich_help_panel=OUTPUT, show_default="not written"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace output files that already exist.",
-                                   rich_help_panel=OUTPUT),
+    topk_out: TopkOutOpt = None,
+    select_out: SelectOutOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Join the parts of a score run in separate processes into exactly the single-process answer."""
     from .jobs.score import run_merge_scores
