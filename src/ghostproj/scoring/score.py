@@ -88,6 +88,9 @@ def score(
     """
     t0 = time.perf_counter()
     _check_choices(metric, normalize or "none", reduce, damping)
+    if part is not None and (center or (metric.startswith("influence") and fisher is None)):
+        raise GhostprojError("Scoring in parts needs the whole run's statistics: no --center, and influence "
+                             "with --fisher (from `ghostproj fisher`).")
     train_run = train if isinstance(train, Run) else open_run(train)
     query_run = query if isinstance(query, Run) else open_run(query)
     check_comparable(train_run, query_run)
@@ -122,9 +125,6 @@ def score(
         q = precondition(q, fishers, blocks, damping, full)
 
     if part is not None:
-        if center or (metric.startswith("influence") and fisher is None):
-            raise GhostprojError("Scoring in parts needs the whole run's statistics: no --center, and influence "
-                                 "with --fisher (from `ghostproj fisher`).")
         train_run = train_run.part(*part)
         n_train = train_run.rows
     matrix = torch.empty(n_train, n_query, dtype=torch.float32) if keep_matrix else None

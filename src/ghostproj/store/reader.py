@@ -58,14 +58,14 @@ class Run:
         (where the manifest records one) is computed from the bytes read, in that same
         thread, and a shard that differs stops the iteration, naming it, before its last
         chunk is yielded."""
-        entries = self.manifest["shards"]
         spans = []
-        for h, entry in zip(self.shards, entries):
+        for h, entry in zip(self.shards, self.manifest["shards"]):
             rows = h.tensors["index"][1][0]
             hasher = ShardHasher(h, entry["sha256"]) if verify and "sha256" in entry else None
+            if rows == 0 and hasher is None:
+                continue  # nothing to read or to check
             starts = list(range(0, rows, chunk_rows)) or [0]
-            for start in starts:
-                spans.append((h, start, min(rows, start + chunk_rows), hasher, start == starts[-1]))
+            spans += [(h, start, min(rows, start + chunk_rows), hasher, start == starts[-1]) for start in starts]
 
         def load(span):
             h, start, stop, hasher, last = span
@@ -76,27 +76,10 @@ class Run:
                 hasher.finish()
             return read_rows(h, "index", start, stop), (grads if convert is None else convert(grads))
 
-        spans = [s for s in spans if s[2] > s[1] or s[3] is not None]
-        if not prefetch or len(spans) < 2:
-            for span in spans:
-                idx, grads = load(span)
-                if len(idx):
-                    yield idx, grads
-            return
-        from concurrent.futures import ThreadPoolExecutor
-
-        # one intra-op thread: a multi-threaded conversion here would stall the caller's
-        # multi-threaded products whenever the two compete for the cores
-        with ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            pending = pool.submit(load, spans[0])
-            for nxt in spans[1:]:
-                current = pending.result()
-                pending = pool.submit(load, nxt)
-                if len(current[0]):
-                    yield current
-            current = pending.result()
-            if len(current[0]):
-                yield current
+        loaded = map(load, spans) if not prefetch or len(spans) < 2 else _prefetched(load, spans)
+        for idx, grads in loaded:
+            if len(idx):  # an empty shard is read only to check its hash
+                yield idx, grads
 
     def verify_hashes(self) -> None:
         """Hash every shard in full (for readers that do not stream the rows)."""
@@ -226,3 +209,18 @@ def verify_run(path: str | os.PathLike, hash_shards: bool = True) -> VerifyRepor
         what = f"its part of the data has {count}" if part else f"its data has {count} examples"
         raise GhostprojError(f"{path} holds {index.numel()} rows but {what}.")
     return VerifyReport(run.manifest, index.numel(), total)
+
+
+def _prefetched(load, items: list):
+    """``load`` of each item in order, the next one loading on a background thread while the
+    caller works on the current one. One intra-op thread there: a multi-threaded conversion
+    would stall the caller's multi-threaded products whenever the two compete for the cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        pending = pool.submit(load, items[0])
+        for nxt in items[1:]:
+            current = pending.result()
+            pending = pool.submit(load, nxt)
+            yield current
+        yield pending.result()
