@@ -1,7 +1,13 @@
 """Tiny models, a tokenizer trained in milliseconds, and an independent naive reference."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -141,3 +147,24 @@ def captured_reference(model, engine, examples, autocast, device="cpu", round_ma
         gp = g.double() @ p_out.double().t()
         ref[:, info.offset:info.offset + info.size] = torch.einsum("bso,bsi->boi", gp, xp).reshape(len(examples), -1)
     return got, ref, low
+
+
+needs_torchrun = pytest.mark.skipif(
+    shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+    reason="torchrun is not installed")
+
+
+def torchrun(n, args, timeout=300, popen=False):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    cmd = [launcher, "--nproc-per-node", str(n), "--master-addr", "127.0.0.1", "--master-port", str(port),
+           "-m", "ghostproj", *map(str, args)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    if popen:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)

@@ -13,6 +13,7 @@ from helpers import (
     run_cli,
     tiny_gpt2,
     tiny_llama,
+    write_jsonl,
 )
 
 from ghostproj import GradProjectionEngine
@@ -123,3 +124,69 @@ def test_shared_inputs_and_compiled_model_on_gpu(tokenizer):
         results.append(engine.collect())
     assert rel_err(results[1], results[0]) <= 1e-5
     assert rel_err(results[2], results[0]) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def score_runs(tmp_path_factory, gpt2_dir, data_file):
+    """Training and query runs stored in bfloat16 and in float32, projected on the CPU."""
+    d = tmp_path_factory.mktemp("gpu_score")
+    qdata = d / "query.jsonl"
+    write_jsonl(qdata, [{"text": t} for t in TEXTS])
+    runs = {}
+    for dtype in ("bfloat16", "float32"):
+        train, query = d / f"train-{dtype}", d / f"query-{dtype}"
+        for args in (["--data", data_file, "--out", train, "--shard-size", "3", "--store-dtype", dtype, "--rank",
+                      "16"], ["--data", qdata, "--out", query, "--like", train]):
+            assert run_cli(["project", "--model", gpt2_dir, "--max-length", "24", "--device", "cpu", *args])[0] == 0
+        runs[dtype] = (train, query)
+    return runs
+
+
+@pytest.mark.parametrize("store", ["bfloat16", "float32"])
+@pytest.mark.parametrize("metric,normalize,center", [
+    ("cosine", "layer", False), ("dot", "none", False), ("dot", "unit", True), ("influence", "layer", False),
+    ("influence-full", "none", False)])
+def test_score_on_gpu_matches_the_cpu(score_runs, store, metric, normalize, center):
+    from ghostproj.scoring import score
+
+    train, query = score_runs[store]
+    kw = dict(metric=metric, normalize=normalize, center=center, top_k=3, reduce="mean", keep_matrix=True)
+    cpu = score(train, query, device="cpu", **kw)
+    gpu = score(train, query, device="cuda", chunk_rows=4, **kw)
+    # bf16 operands with float32 accumulation: each score within 2^-7 |x| |q|; float32 stays float32
+    tol = 1e-2 if store == "bfloat16" else 1e-5
+    assert gpu.scores.device.type == "cpu" and gpu.topk_scores.device.type == "cpu"
+    assert torch.equal(gpu.train_index, cpu.train_index)
+    assert rel_err(gpu.scores, cpu.scores) <= tol
+    assert rel_err(gpu.selection[:, None], cpu.selection[:, None]) <= tol
+    assert rel_err(gpu.topk_scores, cpu.topk_scores) <= tol
+    if store == "float32":
+        assert torch.equal(gpu.topk_train, cpu.topk_train)
+
+
+def test_score_parts_on_gpu_merge_to_the_single_gpu_answer(capsys, score_runs, tmp_path):
+    train, query = score_runs["bfloat16"]
+    common = ["--device", "cuda", "--chunk-rows", "4", "--top-k", "3", "--reduce", "max", "--show", "0"]
+    assert run_cli(["score", train, query, *common, "--topk-out", tmp_path / "one.jsonl", "--select-out",
+                    tmp_path / "one.sel.jsonl"], capsys)[0] == 0
+    parts = [tmp_path / f"p{i}.safetensors" for i in range(3)]
+    for i, p in enumerate(parts):
+        assert run_cli(["score", train, query, *common, "--num-parts", "3", "--part", i, "--part-out", p],
+                       capsys)[0] == 0
+    assert run_cli(["merge-scores", *parts, "--topk-out", tmp_path / "m.jsonl", "--select-out",
+                    tmp_path / "m.sel.jsonl"], capsys)[0] == 0
+    assert (tmp_path / "m.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    assert (tmp_path / "m.sel.jsonl").read_bytes() == (tmp_path / "one.sel.jsonl").read_bytes()
+
+
+def test_fisher_on_gpu_matches_the_cpu(capsys, score_runs, tmp_path):
+    from safetensors.torch import load_file
+
+    train, _ = score_runs["float32"]
+    for device in ("cpu", "cuda"):
+        assert run_cli(["fisher", train, "--out", tmp_path / f"{device}.safetensors", "--device", device,
+                        "--chunk-rows", "5"], capsys)[0] == 0
+    a, b = load_file(tmp_path / "cpu.safetensors"), load_file(tmp_path / "cuda.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-8), k

@@ -7,11 +7,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli, write_jsonl
+from helpers import needs_torchrun, run_cli, torchrun, write_jsonl
 
 from ghostproj.scoring import load_projections
 
@@ -32,11 +31,6 @@ def small(corpus, tmp_path_factory):
     path = tmp_path_factory.mktemp("small") / "small.jsonl"
     path.write_text("".join(corpus.read_text().splitlines(keepends=True)[:24]))
     return path
-
-
-needs_torchrun = pytest.mark.skipif(
-    shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
-    reason="torchrun is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +170,7 @@ def test_job_array_parts_merge_into_the_single_process_run(capsys, tmp_path, gpt
 @needs_torchrun
 def test_torchrun_two_ranks_on_cpu(tmp_path, gpt2_dir, corpus, single):
     out = tmp_path / "ranks"
-    res = _torchrun(2, project_args(gpt2_dir, corpus, out, "--store-dtype", "float32"))
+    res = torchrun(2, project_args(gpt2_dir, corpus, out, "--store-dtype", "float32"))
     assert res.returncode == 0, res.stderr[-2000:]
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and {s["rank"] for s in m["shards"]} == {0, 1}
@@ -184,27 +178,11 @@ def test_torchrun_two_ranks_on_cpu(tmp_path, gpt2_dir, corpus, single):
     assert_same_vectors(single, out)
 
 
-def _torchrun(n, args, timeout=300, popen=False):
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    cmd = [torchrun, "--nproc-per-node", str(n), "--master-addr", "127.0.0.1", "--master-port", str(port),
-           "-m", "ghostproj", *map(str, args)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    if popen:
-        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-
-
 @needs_torchrun
 def test_torchrun_resume_with_a_different_number_of_ranks(tmp_path, gpt2_dir, corpus, single):
     out = tmp_path / "ranks"
     args = project_args(gpt2_dir, corpus, out, "--store-dtype", "float32")
-    proc = _torchrun(2, args, popen=True)
+    proc = torchrun(2, args, popen=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         try:
@@ -216,7 +194,7 @@ def test_torchrun_resume_with_a_different_number_of_ranks(tmp_path, gpt2_dir, co
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
-    res = _torchrun(3, args)
+    res = torchrun(3, args)
     assert res.returncode == 0, res.stderr[-2000:]
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and not list(out.glob("manifest-r*"))

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from helpers import run_cli, write_jsonl
+from helpers import needs_torchrun, run_cli, torchrun, write_jsonl
 from safetensors.torch import load_file
 
 from ghostproj.scoring import load_projections, score
@@ -275,3 +275,32 @@ def test_parts_refuse_what_needs_the_whole_run(capsys, runs, tmp_path):
     code, _, err = run_cli(["score", train, query, "--num-parts", "2", "--part", "0", "--topk-out",
                             tmp_path / "t.jsonl"], capsys)
     assert code == 2 and "--part-out FILE only" in err
+
+
+@needs_torchrun
+def test_torchrun_ranks_score_like_one_process(capsys, runs, tmp_path):
+    """Under torchrun each rank scores its part and rank 0 merges: the same files as one
+    process, byte for byte (influence with a whole-run Fisher from the ranks' all-reduce)."""
+    train, query = runs
+    for metric in ("cosine", "influence"):
+        extra = ["--metric", metric, "--top-k", "4", "--reduce", "max", "--group-field", "task", "--show", "0"]
+        names = ("scores.safetensors", "top.jsonl", "sel.jsonl")
+        outputs = {}
+        for who in ("one", "ranks"):
+            paths = {name: tmp_path / f"{metric}.{who}.{name}" for name in names}
+            args = ["score", train, query, *extra, "--out", paths[names[0]], "--topk-out", paths[names[1]],
+                    "--select-out", paths[names[2]]]
+            if who == "one":
+                assert run_cli(args, capsys)[0] == 0
+            else:
+                res = torchrun(2, args)
+                assert res.returncode == 0, res.stderr[-2000:]
+            outputs[who] = paths
+        if metric == "cosine":
+            for name in names:
+                assert outputs["ranks"][name].read_bytes() == outputs["one"][name].read_bytes(), name
+        else:  # the all-reduced Fisher sums in another order: equal to float64 rounding
+            a = load_file(outputs["one"][names[0]])["scores"]
+            b = load_file(outputs["ranks"][names[0]])["scores"]
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert not list(tmp_path.glob(".*part-*"))  # the rank files are gone

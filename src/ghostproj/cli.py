@@ -79,6 +79,10 @@ LayersOpt = Annotated[Optional[str], _opt("--layers", help="Module-name patterns
                                           default="every Linear / Conv1D but the output head")]
 DeviceOpt = Annotated[str, _opt(help="auto, cpu or cuda.", panel=RUN)]
 DtypeOpt = Annotated[str, _opt(help="Model weights: float32, bfloat16 or float16.", panel=MODEL)]
+ScoreDeviceOpt = Annotated[str, _opt(help="auto, cpu or cuda: where the products run (auto: a GPU if there is one).",
+                                     panel=RUN)]
+ChunkRowsOpt = Annotated[Optional[int], _opt(help="Training rows read per chunk.", panel=RUN,
+                                             default="8192 on the CPU, ~256 MiB of rows on a GPU")]
 
 
 TopkOutOpt = Annotated[Optional[str], _opt(help="Write the top-k per query (JSONL).", panel=OUTPUT,
@@ -394,7 +398,8 @@ def score(
     topk_out: TopkOutOpt = None,
     select_out: SelectOutOpt = None,
     overwrite: OverwriteOpt = False,
-    chunk_rows: int = typer.Option(8192, help="Training rows read per chunk.", rich_help_panel=RUN),
+    chunk_rows: ChunkRowsOpt = None,
+    device: ScoreDeviceOpt = "auto",
     fisher_file: Optional[str] = typer.Option(None, "--fisher", help="Influence: the Fisher `ghostproj fisher` wrote.",
                                               rich_help_panel=SCORING, show_default="computed from TRAIN"),
     num_parts: int = typer.Option(1, help="Score the training shards in this many processes...", rich_help_panel=RUN),
@@ -412,7 +417,7 @@ def score(
         top_k=top_k, show=show, out=out, topk_out=topk_out, reduce=reduce, group_field=group_field,
         select_out=select_out, chunk_rows=chunk_rows, overwrite=overwrite, console=_console(), status=_status(),
         fisher=fisher_file, parts=(part, num_parts) if num_parts > 1 else None, part_out=part_out,
-        keep_matrix=keep_matrix,
+        keep_matrix=keep_matrix, device=device,
     )
 
 
@@ -494,7 +499,8 @@ def fisher(
     merge: bool = typer.Option(False, "--merge", help="Sum the K part files into OUT.", rich_help_panel=RUN),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file.",
                                    rich_help_panel=OUTPUT),
-    chunk_rows: int = typer.Option(8192, help="Training rows read per chunk.", rich_help_panel=RUN),
+    chunk_rows: ChunkRowsOpt = None,
+    device: ScoreDeviceOpt = "auto",
 ) -> None:
     """The training vectors' Fisher for influence, computed once (or in parts) for score --fisher."""
     from .jobs.fisher import run_fisher, run_fisher_merge
@@ -508,7 +514,7 @@ def fisher(
     if len(paths) != 1 or out is None:
         raise GhostprojError("fisher takes one training run and --out FILE (or --merge OUT PART...).")
     result = run_fisher(paths[0], out, layers=_split(layers), normalize=normalize, full=full, num_parts=num_parts,
-                        part=part, chunk_rows=chunk_rows, overwrite=overwrite)
+                        part=part, chunk_rows=chunk_rows, overwrite=overwrite, device=device)
     what = f"part {part} of {num_parts}, " if num_parts > 1 else ""
     _status().print(f"[green]wrote[/green] {_escape(out)}: {what}{result.count} rows, {len(result.sums)} block(s)")
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 from rich.table import Table
 
 from ..data.records import example_text, record_field, records_for_run
+from ..distributed import device_for_this_process, distributed_rank
 from ..errors import GhostprojError
 from ..progress import RateProgress, shorten
 from ..scoring.score import ScoreResult, score
@@ -71,17 +73,21 @@ def write_selection(path: str, result: ScoreResult) -> None:
 
 def run_score_command(train: str, query: str, *, metric: str, normalize: str | None, center: bool, damping: float,
                       layers: list[str] | None, top_k: int, show: int, out: str | None, topk_out: str | None,
-                      reduce: str | None, group_field: str | None, select_out: str | None, chunk_rows: int,
-                      console, status, overwrite: bool = False, fisher: str | None = None,
+                      reduce: str | None, group_field: str | None, select_out: str | None,
+                      chunk_rows: int | None, console, status, overwrite: bool = False, fisher: str | None = None,
                       parts: tuple[int, int] | None = None, part_out: str | None = None,
-                      keep_matrix: bool = False) -> ScoreResult:
-    check_outputs([(out, "--out"), (topk_out, "--topk-out"), (select_out, "--select-out")], [train, query],
-                  overwrite)
+                      keep_matrix: bool = False, device: str = "auto") -> ScoreResult:
+    ranks = _torchrun_ranks()
+    if ranks is not None and parts is not None:
+        raise GhostprojError("Under torchrun each rank scores its own part; drop --num-parts and --part.")
+    if ranks is None or ranks[0] == 0:
+        check_outputs([(out, "--out"), (topk_out, "--topk-out"), (select_out, "--select-out")], [train, query],
+                      overwrite)
     if select_out and not reduce:
         raise GhostprojError("--select-out needs --reduce mean or --reduce max.")
     if group_field and reduce != "max":
         raise GhostprojError("--group-field only applies with --reduce max.")
-    if chunk_rows < 1:
+    if chunk_rows is not None and chunk_rows < 1:
         raise GhostprojError(f"--chunk-rows must be at least 1, got {chunk_rows}.")
     if fisher and not metric.startswith("influence"):
         raise GhostprojError("--fisher only applies to --metric influence and influence-full.")
@@ -92,22 +98,34 @@ def run_score_command(train: str, query: str, *, metric: str, normalize: str | N
         check_outputs([(part_out, "--part-out")], [train, query], overwrite)
     train_run, query_run = open_run(train), open_run(query)
     groups = _groups(query_run, group_field) if group_field else None
+    if ranks is not None:
+        return _score_under_torchrun(train_run, query_run, ranks, dict(
+            metric=metric, normalize=normalize, center=center, damping=damping, layers=layers, top_k=top_k,
+            reduce=reduce, query_groups=groups, keep_matrix=out is not None, chunk_rows=chunk_rows, fisher=fisher,
+            device=device_for_this_process(device)), (out, topk_out, select_out), (train, query), group_field,
+            show, console, status)
     with RateProgress("scoring", total=train_run.rows, unit="rows", extra_unit=None, lazy=True) as bar:
         result = score(train_run, query_run, metric=metric, normalize=normalize, center=center, damping=damping,
                        layers=layers, top_k=top_k, reduce=reduce, query_groups=groups,
                        keep_matrix=out is not None or keep_matrix, chunk_rows=chunk_rows, progress=bar, fisher=fisher,
-                       part=parts)
+                       part=parts, device=device)
     for note in result.notes:
         status.print(f"[yellow]note:[/yellow] {note}")
     if parts is not None:
-        settings = dict(metric=metric, normalize=normalize, center=center, damping=damping, layers=layers,
-                        top_k=top_k, reduce=reduce, group_field=group_field, train=train_run.manifest["fingerprint"],
-                        query=query_run.manifest["fingerprint"], shards=len(train_run.shards))
-        write_part(part_out, result, parts, [h.tensors["index"][1][0] for h in train_run.part(*parts).shards],
-                   settings)
+        _write_own_part(part_out, result, parts, train_run, query_run, group_field, metric=metric,
+                        normalize=normalize, center=center, damping=damping, layers=layers, top_k=top_k, reduce=reduce)
         status.print(f"[green]scored[/green] part {parts[0]} of {parts[1]} ({result.train_index.numel()} x "
                      f"{query_run.rows}); wrote {part_out}")
         return result
+    _write_and_show(result, (out, topk_out, select_out), train_run, query_run, metric, reduce, show, console, status)
+    status.print(f"[green]scored[/green] {train_run.rows} x {query_run.rows} ({metric}) in {result.seconds:.1f} s"
+                 + "".join(f"; wrote {p}" for p in (out, topk_out, select_out) if p))
+    return result
+
+
+def _write_and_show(result: ScoreResult, outputs: tuple, train_run, query_run, metric: str, reduce: str | None,
+                    show: int, console, status) -> None:
+    out, topk_out, select_out = outputs
     if out:
         write_scores(out, result)
     if topk_out:
@@ -116,9 +134,73 @@ def run_score_command(train: str, query: str, *, metric: str, normalize: str | N
         write_selection(select_out, result)
     if show > 0:
         _show(console, status, train_run, query_run, result, metric, reduce, show)
-    status.print(f"[green]scored[/green] {train_run.rows} x {query_run.rows} ({metric}) in {result.seconds:.1f} s"
-                 + "".join(f"; wrote {p}" for p in (out, topk_out, select_out) if p))
+
+
+def _write_own_part(path: str, result: ScoreResult, part: tuple[int, int], train_run, query_run,
+                    group_field: str | None, **options) -> None:
+    settings = dict(options, group_field=group_field, train=train_run.manifest["fingerprint"],
+                    query=query_run.manifest["fingerprint"], shards=len(train_run.shards))
+    write_part(path, result, part, [h.tensors["index"][1][0] for h in train_run.part(*part).shards], settings)
+
+
+def _torchrun_ranks() -> tuple[int, int] | None:
+    """(rank, world size) when torchrun started this process with more than one rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    # barriers and the Fisher's all-reduce are a few small host tensors: gloo, wherever the products run
+    return distributed_rank(torch.device("cpu"))
+
+
+def _score_under_torchrun(train_run, query_run, ranks: tuple[int, int], options: dict, outputs: tuple,
+                          inputs: tuple, group_field: str | None, show: int, console, status) -> ScoreResult:
+    """Each rank scores shards rank, rank + K, ... and writes its part beside the first
+    output; rank 0 merges the parts into exactly the single-process answer and writes the
+    outputs. Influence without --fisher gets the whole run's Fisher by an all-reduce of
+    the ranks' sums, so every part uses the same one."""
+    import torch.distributed as td
+
+    rank, world = ranks
+    if options["center"]:
+        raise GhostprojError("--center is not supported under torchrun (each rank sees only its part).")
+    if options["metric"].startswith("influence") and options["fisher"] is None:
+        options["fisher"] = _all_reduced_fisher(train_run, options, rank, world)
+    first = next((Path(p) for p in outputs if p), Path("score"))
+    part_file = lambda r: first.parent / f".{first.name}.part-{r:03d}-of-{world:03d}.safetensors"  # noqa: E731
+    result = score(train_run, query_run, part=(rank, world), **options)
+    settings = {k: options[k] for k in ("metric", "normalize", "center", "damping", "layers", "top_k", "reduce")}
+    _write_own_part(str(part_file(rank)), result, (rank, world), train_run, query_run, group_field, **settings)
+    td.barrier()
+    if rank == 0:
+        for note in result.notes:
+            status.print(f"[yellow]note:[/yellow] {note}")
+        try:
+            result = merge_parts([str(part_file(r)) for r in range(world)])
+        finally:
+            for r in range(world):
+                part_file(r).unlink(missing_ok=True)
+        _write_and_show(result, outputs, train_run, query_run, options["metric"], options["reduce"], show, console,
+                        status)
+        status.print(f"[green]scored[/green] {train_run.rows} x {query_run.rows} ({options['metric']}) in {world} "
+                     f"ranks" + "".join(f"; wrote {p}" for p in outputs if p))
+    td.barrier()
     return result
+
+
+def _all_reduced_fisher(train_run, options: dict, rank: int, world: int):
+    import torch.distributed as td
+
+    from ..models import resolve_device
+    from ..scoring.influence import FisherSums
+    from .fisher import compute_fisher
+
+    mine = compute_fisher(train_run, layers=options["layers"], normalize=options["normalize"] or "none",
+                          full=options["metric"] == "influence-full", part=(rank, world),
+                          chunk_rows=options["chunk_rows"], device=resolve_device(options["device"]))
+    for s in mine.sums:
+        td.all_reduce(s)
+    count = torch.tensor([mine.count], dtype=torch.int64)
+    td.all_reduce(count)
+    return FisherSums(mine.sums, int(count), mine.full, mine.normalize, mine.layers, mine.fingerprint)
 
 
 def _groups(query_run, group_field: str) -> list[str]:

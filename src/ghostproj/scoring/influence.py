@@ -17,7 +17,7 @@ from ..store.files import atomic_write
 from ..store.manifest import LayerInfo
 from ..store.reader import Run
 from ..store.shards import encode_safetensors
-from .columns import chunks
+from .feed import feed
 from .transform import Transform
 
 MAX_FULL_FISHER_DIM = 16384  # a D x D float64 Fisher of 2 GiB
@@ -79,24 +79,25 @@ def check_full_size(d: int) -> None:
 
 
 def fisher_sums(train_run: Run, cols, transform: Transform, blocks: list[LayerInfo], full: bool,
-                chunk_rows: int) -> tuple[list[torch.Tensor], int]:
-    """(sum_i g_i g_i^T per layer block (or one D' x D' block), float64; rows summed)."""
+                chunk_rows: int, device: torch.device = torch.device("cpu")) -> tuple[list[torch.Tensor], int]:
+    """(sum_i g_i g_i^T per layer block (or one D' x D' block), float64 on the CPU; rows
+    summed). Each chunk's products are float32 (on ``device``), their sums float64."""
     spans = [(0, sum(b.size for b in blocks))] if full else [(b.offset, b.offset + b.size) for b in blocks]
-    sums = [torch.zeros(e - s, e - s, dtype=torch.float64) for s, e in spans]
+    sums = [torch.zeros(e - s, e - s, dtype=torch.float64, device=device) for s, e in spans]
     count = 0
-    for _, x in chunks(train_run, cols, chunk_rows):
-        x = transform(x)
-        count += x.shape[0]
+    for chunk in feed(train_run, cols, chunk_rows, device):
+        x = transform(chunk.rows)[: chunk.n]
+        count += chunk.n
         for acc, (s, e) in zip(sums, spans):
             block = x[:, s:e]
             acc += (block.t() @ block).double()
-    return sums, count
+    return [acc.cpu() for acc in sums], count
 
 
 def fisher_blocks(train_run: Run, cols, transform: Transform, blocks: list[LayerInfo], full: bool,
-                  chunk_rows: int, n_train: int) -> list[torch.Tensor]:
+                  chunk_rows: int, n_train: int, device: torch.device = torch.device("cpu")) -> list[torch.Tensor]:
     """F = (1/N) sum_i g_i g_i^T per layer block (or one D' x D' block), float64."""
-    sums, _ = fisher_sums(train_run, cols, transform, blocks, full, chunk_rows)
+    sums, _ = fisher_sums(train_run, cols, transform, blocks, full, chunk_rows, device)
     return [acc / n_train for acc in sums]
 
 

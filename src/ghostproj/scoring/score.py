@@ -11,10 +11,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..engines.fp32 import mm_out_float32_supported
 from ..errors import GhostprojError
+from ..models import resolve_device
 from ..store.fingerprint import differing_part
 from ..store.reader import Run, open_run
 from .columns import chunks, column_index, relative_blocks, selected_layers
+from .feed import chunk_rows_for, feed
 from .influence import (
     FisherSums,
     check_fisher,
@@ -66,10 +69,11 @@ def score(
     reduce: str | None = None,
     query_groups: list[str] | None = None,
     keep_matrix: bool = False,
-    chunk_rows: int = 8192,
+    chunk_rows: int | None = None,
     progress=None,
     fisher: "FisherSums | str | None" = None,
     part: tuple[int, int] | None = None,
+    device: str = "auto",
 ) -> ScoreResult:
     """Score every training vector against every query vector.
 
@@ -84,13 +88,21 @@ def score(
     influence metrics, the Fisher sums ``ghostproj fisher`` computed (or their file), used
     instead of a pass over the training vectors. ``part`` = (i, K): score only shards i,
     i + K, ... of the training run (one of K processes; ``merge-scores`` joins them into
-    exactly the single-process answer).
+    exactly the single-process answer). ``device``: where the products run (``auto``: a GPU
+    when there is one). On a GPU, vectors stored in bfloat16 or float16 are multiplied on
+    tensor cores in that dtype with float32 accumulation: each score is within
+    2^-7 * |x| * |q| of the float32 CPU score (README, "Scoring on a GPU"); float32 runs
+    stay float32. ``chunk_rows``: training rows per chunk (default: 8192 on the CPU, about
+    256 MiB of stored rows on a GPU).
     """
     t0 = time.perf_counter()
     _check_choices(metric, normalize or "none", reduce, damping)
     if part is not None and (center or (metric.startswith("influence") and fisher is None)):
         raise GhostprojError("Scoring in parts needs the whole run's statistics: no --center, and influence "
                              "with --fisher (from `ghostproj fisher`).")
+    where = resolve_device(device)
+    if chunk_rows is not None and chunk_rows < 1:
+        raise GhostprojError(f"--chunk-rows must be at least 1, got {chunk_rows}.")
     train_run = train if isinstance(train, Run) else open_run(train)
     query_run = query if isinstance(query, Run) else open_run(query)
     check_comparable(train_run, query_run)
@@ -109,9 +121,11 @@ def score(
     transform = Transform(blocks, normalize=normalize or "none", unit_last=(metric == "cosine"))
     if progress is not None and hasattr(progress, "begin"):
         progress.begin()  # every check has passed: show the bar from here
+    width = sum(b.size for b in blocks)
+    rows_per_chunk = chunk_rows_for(where, chunk_rows, width, train_run.store_dtype, n_train)
     if center:
-        transform.mean = _training_mean(train_run, cols, chunk_rows, sum(b.size for b in blocks))
-    query_index, q = _query_side(query_run, cols, chunk_rows, transform)
+        transform.mean = _training_mean(train_run, cols, rows_per_chunk, width, where)
+    query_index, q = _query_side(query_run, cols, rows_per_chunk, transform)
     if metric.startswith("influence"):
         full = metric == "influence-full"
         if full:
@@ -121,19 +135,20 @@ def score(
             check_fisher(fisher, train_run, blocks, normalize or "none", full, center)
             fishers = fisher.fishers()
         else:
-            fishers = fisher_blocks(train_run, cols, transform, blocks, full, chunk_rows, n_train)
+            fishers = fisher_blocks(train_run, cols, transform, blocks, full, rows_per_chunk, n_train, where)
         q = precondition(q, fishers, blocks, damping, full)
 
     if part is not None:
         train_run = train_run.part(*part)
         n_train = train_run.rows
     matrix = torch.empty(n_train, n_query, dtype=torch.float32) if keep_matrix else None
-    selection = torch.empty(n_train, dtype=torch.float32) if reduce else None
     train_index = torch.empty(n_train, dtype=torch.long)
     best = StreamingTopK(top_k) if top_k is not None else None
-    flops = _score_chunks(train_run, cols, chunk_rows, transform, q.t().contiguous(), train_index, matrix, selection,
-                          reduce, groups[1] if groups else None, best, progress)
+    selection, flops = _score_chunks(train_run, cols, rows_per_chunk, where, transform, q.t().contiguous(),
+                                     train_index, matrix, reduce, groups[1] if groups else None, best, progress)
     topk_scores, topk_train = best.result() if best is not None else (None, None)
+    if topk_scores is not None:
+        topk_scores, topk_train = topk_scores.cpu(), topk_train.cpu()
     return ScoreResult(train_index, query_index, matrix, topk_scores, topk_train, selection,
                        groups[0] if groups else [], time.perf_counter() - t0, flops, notes)
 
@@ -170,11 +185,11 @@ def _query_groups(query_groups: list[str], n_query: int) -> tuple[list[str], tor
     return names, matrix / matrix.sum(dim=0, keepdim=True)
 
 
-def _training_mean(train_run: Run, cols, chunk_rows: int, width: int) -> torch.Tensor:
-    total = torch.zeros(width, dtype=torch.float64)
-    for _, x in chunks(train_run, cols, chunk_rows):
-        total += x.sum(dim=0, dtype=torch.float64)
-    return (total / train_run.rows).float()
+def _training_mean(train_run: Run, cols, chunk_rows: int, width: int, device: torch.device) -> torch.Tensor:
+    total = torch.zeros(width, dtype=torch.float64, device=device)
+    for chunk in feed(train_run, cols, chunk_rows, device):
+        total += chunk.rows[: chunk.n].sum(dim=0, dtype=torch.float64)
+    return (total / train_run.rows).float().cpu()
 
 
 def _query_side(query_run: Run, cols, chunk_rows: int, transform: Transform) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,26 +201,51 @@ def _query_side(query_run: Run, cols, chunk_rows: int, transform: Transform) -> 
     return torch.cat(index), torch.cat(parts)
 
 
-def _score_chunks(train_run, cols, chunk_rows, transform, q_t, train_index, matrix, selection, reduce,
-                  group_matrix, best: StreamingTopK | None, progress) -> float:
-    """The streaming pass over the training rows: scores, the kept matrix, the selection
-    scores and the running top-k. Returns the multiply-adds done, as flops."""
-    row, flops = 0, 0.0
-    buffer = None  # scores of one chunk, reused: a fresh [n, M] each chunk costs page faults
-    for idx, x in chunks(train_run, cols, chunk_rows):
+class _Product:
+    """Training rows [n, D'] times the query block [D', M], giving float32 scores. On the
+    CPU into the start of one reused buffer: a fresh [n, M] each chunk costs page faults,
+    and the product's last bits can depend on where its output sits in memory, while a
+    score must not depend on how the rows were split. On a GPU with low-precision stored
+    vectors: tensor-core operands in the store dtype with float32 accumulation and result."""
+
+    def __init__(self, q_t: torch.Tensor, store_dtype: torch.dtype, device: torch.device) -> None:
+        self.q_t = q_t.to(device)
+        self.buffer = None
+        self.low = None
+        if device.type == "cuda" and store_dtype != torch.float32 and mm_out_float32_supported(device, store_dtype):
+            self.low = self.q_t.to(store_dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.low is not None:
+            return torch.mm(x.to(self.low.dtype), self.low, out_dtype=torch.float32)
+        if x.device.type != "cpu":
+            return torch.mm(x, self.q_t)
         n = x.shape[0]
-        if buffer is None or buffer.shape[0] < n:
-            buffer = torch.empty(n, q_t.shape[1], dtype=torch.float32)
-        # always into the start of one buffer: the product's last bits can depend on where its
-        # output sits in memory, and a score must not depend on how the rows were split
-        s = buffer[:n]
-        torch.mm(transform(x), q_t, out=s)
+        if self.buffer is None or self.buffer.shape[0] < n:
+            self.buffer = torch.empty(n, self.q_t.shape[1], dtype=torch.float32)
+        return torch.mm(x, self.q_t, out=self.buffer[:n])
+
+
+def _score_chunks(train_run, cols, chunk_rows, device, transform, q_t, train_index, matrix, reduce, group_matrix,
+                  best: StreamingTopK | None, progress) -> tuple[torch.Tensor | None, float]:
+    """The streaming pass over the training rows: scores, the kept matrix, the selection
+    scores and the running top-k. Returns (the selection scores, the multiply-adds done as
+    flops)."""
+    row, flops = 0, 0.0
+    product = _Product(q_t, train_run.store_dtype, device)
+    selection = torch.empty(train_index.numel(), dtype=torch.float32, device=device) if reduce else None
+    if group_matrix is not None:
+        group_matrix = group_matrix.to(device)
+    for chunk in feed(train_run, cols, chunk_rows, device):
+        n = chunk.n
+        s = product(transform(chunk.rows))[:n]
+        index = chunk.index.to(device)
         if matrix is not None:
-            matrix[row : row + n] = s
+            matrix[row : row + n].copy_(s)
         if best is not None:
-            best.add(s, idx)
+            best.add(s, index)
         flops += 2.0 * n * q_t.shape[0] * q_t.shape[1]
-        train_index[row : row + n] = idx
+        train_index[row : row + n] = chunk.index
         if selection is not None:
             if reduce == "mean":
                 selection[row : row + n] = s.mean(dim=1)
@@ -216,4 +256,4 @@ def _score_chunks(train_run, cols, chunk_rows, transform, q_t, train_index, matr
         row += n
         if progress is not None:
             progress.advance(n)
-    return flops
+    return (None if selection is None else selection.cpu()), flops

@@ -23,7 +23,7 @@ class Transform:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The transformed rows; ``x`` (a fresh float32 chunk) may be changed in place."""
         if self.mean is not None:
-            x = x.sub_(self.mean)
+            x = x.sub_(self.mean.to(x.device))
         if self.normalize == "layer":
             unit_blocks_(x, self.blocks)
         if self.normalize == "unit" or self.unit_last:

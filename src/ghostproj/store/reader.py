@@ -44,6 +44,10 @@ class Run:
         return int(self.manifest["dim"])
 
     @property
+    def store_dtype(self) -> torch.dtype:
+        return STORE_DTYPES[self.manifest["store_dtype"]]
+
+    @property
     def rows(self) -> int:
         return sum(h.tensors["index"][1][0] for h in self.shards)
 
