@@ -637,6 +637,89 @@ def demo(
     run_demo(out, _console(), _status(), top_k=top_k, show=show)
 
 
+index_app = typer.Typer(no_args_is_help=True, help="An approximate top-k index for very large training runs "
+                        "(needs the [index] extra: pip install 'ghostproj[index]').")
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build(
+    train: str = typer.Argument(..., help="Training run directory."),
+    out: str = typer.Option(..., help="Directory for the index.", rich_help_panel=OUTPUT),
+    metric: str = typer.Option("cosine", help="cosine, dot or influence, as score.", rich_help_panel=SCORING),
+    normalize: str = typer.Option("layer", help="none, unit or layer, as score.", rich_help_panel=SCORING),
+    center: bool = typer.Option(False, "--center/--no-center", help="Subtract the training mean vector first.",
+                                rich_help_panel=SCORING),
+    damping: float = typer.Option(0.1, help="Influence damping, as score.", rich_help_panel=SCORING),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Index only these projected layers (patterns).",
+                                         rich_help_panel=SCORING, show_default="all"),
+    fisher_file: Optional[str] = typer.Option(None, "--fisher", help="Influence: the Fisher `ghostproj fisher` wrote.",
+                                              rich_help_panel=SCORING, show_default="computed from TRAIN"),
+    factory: Optional[str] = typer.Option(None, help="FAISS index factory string, e.g. IVF4096,SQ8 or IVF1024,PQ64.",
+                                          rich_help_panel=SCORING,
+                                          show_default="Flat below 100,000 rows, else IVF(~4 sqrt N),SQ6"),
+    nprobe: Optional[int] = typer.Option(None, help="IVF lists searched per query (recall against speed).",
+                                         rich_help_panel=SCORING, show_default="nlist / 64"),
+    check: int = typer.Option(0, help="Measure recall@k against exact scoring on this many sampled queries.",
+                              rich_help_panel=RUN),
+    check_query: Optional[str] = typer.Option(None, help="A query run to draw the --check queries from.",
+                                              rich_help_panel=RUN, show_default="training rows, each without itself"),
+    top_k: int = typer.Option(10, help="The k of the --check recall.", rich_help_panel=RUN),
+    device: ScoreDeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Index a training run for approximate top-k (same transform as score)."""
+    from .jobs.index import run_index_build
+    from .scoring.index import IndexSettings
+
+    settings = IndexSettings(metric=metric, normalize=normalize, center=center, damping=damping, layers=_split(layers),
+                             factory=factory or "", nprobe=nprobe if nprobe is not None else 0)
+    if nprobe is not None and nprobe < 1:
+        raise GhostprojError(f"--nprobe must be at least 1, got {nprobe}.")
+    status = _status()
+    built, size, recall = run_index_build(train, out, settings, fisher=fisher_file, check=check,
+                                          check_query=check_query, check_k=top_k, device=device,
+                                          overwrite=overwrite, log=lambda m: status.print(f"[dim]{_escape(m)}[/dim]"))
+    raw = built.rows * built.width * 4
+    status.print(f"[green]indexed[/green] {built.rows} rows of D={built.width} as {built.factory} "
+                 f"(nprobe {built.nprobe}) in {built.seconds:.1f} s: {size / 2**20:.1f} MiB, "
+                 f"{size / raw:.2f} of the float32 vectors; wrote {_escape(out)}")
+    if recall is not None:
+        status.print(f"recall@{recall.k} {recall.recall:.3f} on {recall.source}; "
+                     f"{recall.index_qps:.0f} queries/s against {recall.exact_qps:.1f} exact "
+                     f"({recall.index_qps / recall.exact_qps:.0f}x)")
+
+
+@index_app.command("query")
+def index_query(
+    index_dir: str = typer.Argument(..., help="Index directory (from index build)."),
+    query: str = typer.Argument(..., help="Query run directory (projected with --like TRAIN)."),
+    top_k: int = typer.Option(10, help="Best training examples per query.", rich_help_panel=SCORING),
+    nprobe: Optional[int] = typer.Option(None, help="IVF lists searched per query.", rich_help_panel=SCORING,
+                                         show_default="as built"),
+    topk_out: TopkOutOpt = None,
+    show: int = typer.Option(3, help="Queries whose matches are printed (0: none).", rich_help_panel=OUTPUT),
+    device: ScoreDeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Top-k training examples per query from an index: the same JSONL as score --topk-out."""
+    from .jobs.index import run_index_query
+
+    result = run_index_query(index_dir, query, top_k=top_k, topk_out=topk_out, nprobe=nprobe, device=device,
+                             overwrite=overwrite)
+    status = _status()
+    for note in result.notes:
+        status.print(f"[yellow]note:[/yellow] {_escape(note)}")
+    con = _console()
+    for j in range(min(show, result.topk_train.shape[0])):
+        found = result.topk_train[j] >= 0
+        pairs = ", ".join(f"{int(i)} ({float(v):.4g})" for i, v in zip(result.topk_train[j][found],
+                                                                       result.topk_scores[j][found]))
+        con.print(f"query {int(result.query_index[j])}: {pairs}")
+    status.print(f"[green]searched[/green] {result.query_index.numel()} queries in {result.seconds:.2f} s"
+                 + (f"; wrote {_escape(topk_out)}" if topk_out else ""))
+
+
 class Interrupted(BaseException):
     """Ctrl-C, raised in place of KeyboardInterrupt so that it reaches :func:`main` (the
     command-line framework would turn a KeyboardInterrupt into a silent exit first)."""

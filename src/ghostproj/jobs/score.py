@@ -55,10 +55,11 @@ def write_scores(path: str, result: ScoreResult) -> None:
 def write_topk(path: str, result: ScoreResult) -> None:
     lines = []
     for j in range(result.topk_train.shape[0]):
+        found = result.topk_train[j] >= 0  # an approximate index may find fewer than k
         lines.append(json.dumps({
             "query": int(result.query_index[j]),
-            "train": [int(i) for i in result.topk_train[j]],
-            "scores": [float(v) for v in result.topk_scores[j]],
+            "train": [int(i) for i in result.topk_train[j][found]],
+            "scores": [float(v) for v in result.topk_scores[j][found]],
         }))
     atomic_write(Path(path), ("\n".join(lines) + "\n").encode())
 

@@ -144,7 +144,7 @@ def score(
     matrix = torch.empty(n_train, n_query, dtype=torch.float32) if keep_matrix else None
     train_index = torch.empty(n_train, dtype=torch.long)
     best = StreamingTopK(top_k) if top_k is not None else None
-    selection, flops = _score_chunks(train_run, cols, rows_per_chunk, where, transform, q.t().contiguous(),
+    selection, flops = stream_scores(train_run, cols, rows_per_chunk, where, transform, q.t().contiguous(),
                                      train_index, matrix, reduce, groups[1] if groups else None, best, progress)
     topk_scores, topk_train = best.result() if best is not None else (None, None)
     if topk_scores is not None:
@@ -226,7 +226,7 @@ class _Product:
         return torch.mm(x, self.q_t, out=self.buffer[:n])
 
 
-def _score_chunks(train_run, cols, chunk_rows, device, transform, q_t, train_index, matrix, reduce, group_matrix,
+def stream_scores(train_run, cols, chunk_rows, device, transform, q_t, train_index, matrix, reduce, group_matrix,
                   best: StreamingTopK | None, progress) -> tuple[torch.Tensor | None, float]:
     """The streaming pass over the training rows: scores, the kept matrix, the selection
     scores and the running top-k. Returns (the selection scores, the multiply-adds done as

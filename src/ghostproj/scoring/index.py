@@ -1,0 +1,313 @@
+"""Approximate top-k over millions of training vectors: a FAISS index of the training
+vectors after the very transform ``score`` applies (centering, normalization), searched
+by inner product with the query vectors after theirs (and, for influence, after the damped
+Fisher's inverse, so the preconditioning sits on the query side and the index stays one
+index of the training rows).
+
+An index directory holds ``index.faiss``, ``index.json`` (the settings, the training run's
+manifest without its shards, the chosen index) and, where the metric needs them, the
+training mean and the Fisher sums. FAISS is an optional extra: ``pip install
+'ghostproj[index]'``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import GhostprojError
+from ..store.files import atomic_write
+from ..store.fingerprint import differing_part
+from ..store.reader import Run
+from ..store.shards import encode_safetensors
+from .columns import chunks, column_index, relative_blocks, selected_layers
+from .feed import chunk_rows_for, feed
+from .influence import FisherSums, check_fisher, precondition
+from .score import METRICS, _check_choices, _query_side, _training_mean, stream_scores
+from .topk import StreamingTopK, _ranked
+from .transform import Transform
+
+INDEX_FILE, SETTINGS_FILE, EXTRAS_FILE = "index.faiss", "index.json", "transform.safetensors"
+# Below this many rows the exact flat index is the index: it is as fast to search as an
+# approximate one would be to train, and it is exact.
+FLAT_MAX_ROWS = 100_000
+INSTALL_HINT = "pip install 'ghostproj[index]'"
+
+
+def faiss_module():
+    try:
+        import faiss
+    except ImportError:
+        raise GhostprojError(f"The index needs FAISS, which is not installed; install it with {INSTALL_HINT} "
+                             "(faiss-cpu; on a CUDA machine faiss-gpu also searches on the GPU).") from None
+    return faiss
+
+
+@dataclass
+class IndexSettings:
+    metric: str = "cosine"
+    normalize: str = "layer"
+    center: bool = False
+    damping: float = 0.1
+    layers: list[str] | None = None
+    factory: str = ""  # the FAISS index factory string; chosen from the size when empty
+    nprobe: int = 0  # IVF lists searched per query; chosen from the index when 0
+    rows: int = 0
+    width: int = 0
+    train_manifest: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def default_factory(rows: int, width: int) -> tuple[str, int]:
+    """(FAISS factory string, nprobe) for ``rows`` vectors of ``width``: exact below
+    FLAT_MAX_ROWS; above it an inverted file with about 4 sqrt(N) lists and 6-bit scalar
+    codes (0.19 of the float32 vectors' memory), the choice that reached recall@10 >= 0.95
+    at the highest query throughput on the 1M benchmark (benchmarks/bench_index.py)."""
+    if rows < FLAT_MAX_ROWS:
+        return "Flat", 0
+    nlist = 2 ** round(math.log2(4 * math.sqrt(rows)))
+    return f"IVF{nlist},SQ6", max(1, nlist // 64)
+
+
+def check_settings(s: IndexSettings) -> None:
+    _check_choices(s.metric, s.normalize, None, s.damping)
+    if s.metric not in METRICS[:3]:
+        raise GhostprojError("The index supports --metric cosine, dot and influence (influence-full needs the "
+                             "full Fisher; score it exactly with `ghostproj score`).")
+    if s.nprobe < 0:
+        raise GhostprojError(f"--nprobe must be at least 1, got {s.nprobe}.")
+
+
+class IndexColumns:
+    """The columns, blocks and transform of a training run under given settings."""
+
+    def __init__(self, train_run: Run, s: IndexSettings):
+        selected = selected_layers(train_run.layers, s.layers)
+        self.cols = column_index(selected, train_run.dim)
+        self.blocks = relative_blocks(selected)
+        self.width = sum(b.size for b in self.blocks)
+        self.transform = Transform(self.blocks, normalize=s.normalize, unit_last=(s.metric == "cosine"))
+
+
+def build_index(train_run: Run, s: IndexSettings, device: torch.device, fisher: FisherSums | None = None,
+                log=None) -> tuple[object, IndexSettings, dict]:
+    """(the FAISS index of the transformed training rows, the settings as built, the
+    extra tensors the query side needs)."""
+    faiss = faiss_module()
+    t0 = time.perf_counter()
+    check_settings(s)
+    prep = IndexColumns(train_run, s)
+    rows = train_run.rows
+    if rows == 0:
+        raise GhostprojError("The training run is empty.")
+    chunk_rows = chunk_rows_for(device, None, prep.width, train_run.store_dtype, rows)
+    factory, nprobe = default_factory(rows, prep.width)
+    s.factory, s.nprobe = s.factory or factory, s.nprobe or nprobe
+    s.rows, s.width = rows, prep.width
+    s.train_manifest = {k: v for k, v in train_run.manifest.items() if k not in ("shards", "summary")}
+    extras: dict[str, torch.Tensor] = {}
+    if s.center:
+        prep.transform.mean = extras["mean"] = _training_mean(train_run, prep.cols, chunk_rows, prep.width, device)
+    if s.metric == "influence":
+        if fisher is None:
+            from ..jobs.fisher import compute_fisher
+
+            fisher = compute_fisher(train_run, layers=s.layers, normalize=s.normalize, full=False, part=None,
+                                    chunk_rows=None, device=device)
+        else:
+            check_fisher(fisher, train_run, prep.blocks, s.normalize, False, s.center)
+        extras.update({f"fisher.{i:05d}": f for i, f in enumerate(fisher.fishers())})
+    try:
+        index = faiss.index_factory(prep.width, s.factory, faiss.METRIC_INNER_PRODUCT)
+    except Exception as exc:
+        raise GhostprojError(f"FAISS cannot build --factory '{s.factory}' ({_first_line(exc)}).") from None
+    ivf = _ivf(faiss, index)
+    if ivf is None:  # flat, HNSW, ...: keep the dataset indices beside the index
+        index = faiss.IndexIDMap2(index)
+    if not index.is_trained:
+        sample = _training_sample(train_run, prep, chunk_rows, _training_rows(faiss, index, rows))
+        if log:
+            log(f"training the {s.factory} index on {sample.shape[0]} sampled rows")
+        index.train(sample.numpy())
+    added = 0
+    for idx, x in chunks(train_run, prep.cols, chunk_rows):
+        index.add_with_ids(prep.transform(x).numpy(), idx.numpy())
+        added += x.shape[0]
+    if ivf is not None:
+        ivf.nprobe = s.nprobe
+    s.seconds = time.perf_counter() - t0
+    return index, s, extras
+
+
+def _ivf(faiss, index):
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _training_rows(faiss, index, rows: int) -> int:
+    """Rows to train on: 64 per IVF list (the k-means guideline is 39 to 256), at least
+    2^16 for the codes' own training, never more than the run has."""
+    ivf = _ivf(faiss, index)
+    want = max(2 ** 16, 64 * ivf.nlist if ivf is not None else 0)
+    return min(rows, want)
+
+
+def _training_sample(train_run: Run, prep: IndexColumns, chunk_rows: int, n: int) -> torch.Tensor:
+    """``n`` transformed training rows at a fixed stride over the run (the same rows every
+    build; a stride covers every shard, unlike the run's first n rows)."""
+    rows = train_run.rows
+    wanted = torch.linspace(0, rows - 1, n).round().long().unique()
+    out, row = [], 0
+    for _, x in chunks(train_run, prep.cols, chunk_rows):
+        m = x.shape[0]
+        picked = wanted[(wanted >= row) & (wanted < row + m)] - row
+        if picked.numel():
+            out.append(prep.transform(x[picked].contiguous()))
+        row += m
+    return torch.cat(out)
+
+
+def save_index(path: Path, index, s: IndexSettings, extras: dict) -> None:
+    faiss = faiss_module()
+    path.mkdir(parents=True, exist_ok=True)
+    writer = faiss.VectorIOWriter()
+    faiss.write_index(index, writer)
+    atomic_write(path / INDEX_FILE, faiss.vector_to_array(writer.data).tobytes())
+    if extras:
+        atomic_write(path / EXTRAS_FILE, encode_safetensors(extras))
+    # written last: a directory with index.json is a finished index
+    atomic_write(path / SETTINGS_FILE, (json.dumps(asdict(s), indent=1) + "\n").encode())
+
+
+def load_index(path: Path) -> tuple[object, IndexSettings, dict]:
+    faiss = faiss_module()
+    import numpy as np
+
+    if not (path / SETTINGS_FILE).is_file():
+        raise GhostprojError(f"{path} is not a finished index (no {SETTINGS_FILE}); build it with "
+                             "`ghostproj index build`.")
+    try:
+        s = IndexSettings(**json.loads((path / SETTINGS_FILE).read_text()))
+        index = faiss.deserialize_index(np.frombuffer((path / INDEX_FILE).read_bytes(), dtype=np.uint8))
+        extras = {}
+        if (path / EXTRAS_FILE).is_file():
+            from safetensors.torch import load_file
+
+            extras = load_file(str(path / EXTRAS_FILE))
+    except (OSError, ValueError, TypeError, RuntimeError) as exc:
+        raise GhostprojError(f"Cannot read the index in {path} ({_first_line(exc)}); rebuild it.") from None
+    return index, s, extras
+
+
+def query_vectors(query_run: Run, s: IndexSettings, extras: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query dataset indices, the query block as the index searches it: transformed, and
+    for influence multiplied by the damped inverse Fisher)."""
+    part = differing_part(s.train_manifest, query_run.manifest)
+    if part is not None:
+        raise GhostprojError(f"The query run does not fit the index: their {part} differ (project the queries "
+                             "with --like TRAIN_DIR).")
+    if query_run.rows == 0:
+        raise GhostprojError("The query set is empty.")
+    prep = IndexColumns(Run(query_run.path, dict(s.train_manifest, shards=[]), []), s)
+    if "mean" in extras:
+        prep.transform.mean = extras["mean"]
+    index, q = _query_side(query_run, prep.cols, 8192, prep.transform)
+    if s.metric == "influence":
+        fishers = [extras[k] for k in sorted(k for k in extras if k.startswith("fisher."))]
+        q = precondition(q, fishers, prep.blocks, s.damping, False)
+    return index, q
+
+
+def search(index, q: torch.Tensor, k: int, nprobe: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores [M, k'], dataset indices [M, k']) best first, ties by the smaller dataset index;
+    k' = min(k, rows). A query whose probed lists hold fewer than k rows gets -inf scores
+    and index -1 in the missing places."""
+    faiss = faiss_module()
+    ivf = _ivf(faiss, index)
+    if ivf is not None and nprobe:
+        ivf.nprobe = nprobe
+    k = min(k, index.ntotal)
+    # one more than k, so that a tie at the k-th place is broken by index like score's top-k
+    scores, ids = index.search(q.numpy(), min(k + 1, index.ntotal))
+    scores, ids = torch.from_numpy(scores), torch.from_numpy(ids)
+    scores = torch.where(ids < 0, torch.full_like(scores, float("-inf")), scores)
+    ids = torch.where(ids < 0, torch.full_like(ids, torch.iinfo(torch.int64).max), ids)
+    scores, ids = _ranked(scores, ids, k)
+    return scores, torch.where(scores == float("-inf"), torch.full_like(ids, -1), ids)
+
+
+def exact_topk(train_run: Run, s: IndexSettings, q: torch.Tensor, k: int, device: torch.device,
+               extras: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact answer for query vectors ``q`` (as the index searches them): a streaming
+    score over the training run."""
+    prep = IndexColumns(train_run, s)
+    if "mean" in extras:
+        prep.transform.mean = extras["mean"]
+    best = StreamingTopK(min(k, train_run.rows))
+    chunk_rows = chunk_rows_for(device, None, prep.width, train_run.store_dtype, train_run.rows)
+    stream_scores(train_run, prep.cols, chunk_rows, device, prep.transform, q.t().contiguous(),
+                  torch.empty(train_run.rows, dtype=torch.long), None, None, None, best, None)
+    vals, ids = best.result()
+    return vals.cpu(), ids.cpu()
+
+
+def rows_as_queries(raw: torch.Tensor, s: IndexSettings, extras: dict, train_run: Run) -> torch.Tensor:
+    """Stored training rows (float32, all columns) turned into query vectors exactly as a
+    query run's rows would be."""
+    prep = IndexColumns(train_run, s)
+    if "mean" in extras:
+        prep.transform.mean = extras["mean"]
+    q = prep.transform(raw if prep.cols is None else raw[:, prep.cols].contiguous())
+    if s.metric == "influence":
+        fishers = [extras[k] for k in sorted(k for k in extras if k.startswith("fisher."))]
+        q = precondition(q, fishers, prep.blocks, s.damping, False)
+    return q
+
+
+def recall_at_k(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """Mean over queries of |approximate top-k ∩ exact top-k| / k."""
+    hits = [len(set(a.tolist()) & set(e.tolist())) / e.numel() for a, e in zip(approx, exact)]
+    return sum(hits) / len(hits)
+
+
+def sample_rows(run: Run, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` (dataset index, stored vector as float32) rows of ``run``, drawn at random
+    with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    wanted = torch.randperm(run.rows, generator=g)[: min(n, run.rows)].sort().values
+    idx_out, rows_out, row = [], [], 0
+    for idx, x in run.iter_chunks(8192, convert=lambda t: t.float()):
+        m = x.shape[0]
+        picked = wanted[(wanted >= row) & (wanted < row + m)] - row
+        if picked.numel():
+            idx_out.append(idx[picked])
+            rows_out.append(x[picked])
+        row += m
+    return torch.cat(idx_out), torch.cat(rows_out)
+
+
+def index_bytes(path: Path) -> int:
+    return (path / INDEX_FILE).stat().st_size
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
+
+
+def on_device(index, device: torch.device):
+    """The index on the GPU where FAISS has GPU support and ``device`` is one, else itself."""
+    faiss = faiss_module()
+    if device.type != "cuda" or not hasattr(faiss, "StandardGpuResources"):
+        return index
+    try:
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), device.index or 0, index)
+    except Exception:  # an index type without a GPU version: search it on the CPU
+        return index
