@@ -660,8 +660,8 @@ def index_build(
                                           show_default="Flat below 100,000 rows, else IVF(~4 sqrt N),SQ6"),
     nprobe: Optional[int] = typer.Option(None, help="IVF lists searched per query (recall against speed).",
                                          rich_help_panel=SCORING, show_default="nlist / 64"),
-    check: int = typer.Option(0, help="Measure recall@k against exact scoring on this many sampled queries.",
-                              rich_help_panel=RUN),
+    check: int = typer.Option(100, help="Measure recall@k against exact scoring on this many sampled queries "
+                                         "(0: skip).", rich_help_panel=RUN),
     check_query: Optional[str] = typer.Option(None, help="A query run to draw the --check queries from.",
                                               rich_help_panel=RUN, show_default="training rows, each without itself"),
     top_k: int = typer.Option(10, help="The k of the --check recall.", rich_help_panel=RUN),

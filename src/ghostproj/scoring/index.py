@@ -26,7 +26,7 @@ from ..store.fingerprint import differing_part
 from ..store.reader import Run
 from ..store.shards import encode_safetensors
 from .columns import chunks, column_index, relative_blocks, selected_layers
-from .feed import chunk_rows_for, feed
+from .feed import chunk_rows_for
 from .influence import FisherSums, check_fisher, precondition
 from .score import METRICS, _check_choices, _query_side, _training_mean, stream_scores
 from .topk import StreamingTopK, _ranked
@@ -65,13 +65,16 @@ class IndexSettings:
 
 def default_factory(rows: int, width: int) -> tuple[str, int]:
     """(FAISS factory string, nprobe) for ``rows`` vectors of ``width``: exact below
-    FLAT_MAX_ROWS; above it an inverted file with about 4 sqrt(N) lists and 6-bit scalar
-    codes (0.19 of the float32 vectors' memory), the choice that reached recall@10 >= 0.95
-    at the highest query throughput on the 1M benchmark (benchmarks/bench_index.py)."""
+    FLAT_MAX_ROWS; above it an inverted file with about sqrt(N) lists (k-means on 64 rows
+    per list trains in under a minute on two cores at 1M rows) and 6-bit scalar codes
+    (0.19 of the float32 vectors' memory; recall as 8-bit codes on the benchmark), one
+    sixteenth of the lists probed. On gradient-like vectors that is recall@10 0.69 at 1M
+    rows (benchmarks/bench_index.py): raise --nprobe for recall, and let --check say what
+    it gives on your data."""
     if rows < FLAT_MAX_ROWS:
         return "Flat", 0
-    nlist = 2 ** round(math.log2(4 * math.sqrt(rows)))
-    return f"IVF{nlist},SQ6", max(1, nlist // 64)
+    nlist = 2 ** round(math.log2(math.sqrt(rows)))
+    return f"IVF{nlist},SQ6", max(1, nlist // 16)
 
 
 def check_settings(s: IndexSettings) -> None:
@@ -188,14 +191,12 @@ def save_index(path: Path, index, s: IndexSettings, extras: dict) -> None:
 
 def load_index(path: Path) -> tuple[object, IndexSettings, dict]:
     faiss = faiss_module()
-    import numpy as np
-
     if not (path / SETTINGS_FILE).is_file():
         raise GhostprojError(f"{path} is not a finished index (no {SETTINGS_FILE}); build it with "
                              "`ghostproj index build`.")
     try:
         s = IndexSettings(**json.loads((path / SETTINGS_FILE).read_text()))
-        index = faiss.deserialize_index(np.frombuffer((path / INDEX_FILE).read_bytes(), dtype=np.uint8))
+        index = faiss.read_index(str(path / INDEX_FILE))  # straight from the file: one copy in memory
         extras = {}
         if (path / EXTRAS_FILE).is_file():
             from safetensors.torch import load_file
