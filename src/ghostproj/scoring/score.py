@@ -91,7 +91,7 @@ def score(
     exactly the single-process answer). ``device``: where the products run (``auto``: a GPU
     when there is one). On a GPU, vectors stored in bfloat16 or float16 are multiplied on
     tensor cores in that dtype with float32 accumulation: each score is within
-    2^-7 * |x| * |q| of the float32 CPU score (README, "Scoring on a GPU"); float32 runs
+    2^-7 * |x| * |q| of the float32 CPU score (README, "Scoring"); float32 runs
     stay float32. ``chunk_rows``: training rows per chunk (default: 8192 on the CPU, about
     256 MiB of stored rows on a GPU).
     """
