@@ -8,6 +8,7 @@ directory), then in one run:
 
     python benchmarks/bench_score.py                 # N=200,000, M=1,000, D=4,096
     python benchmarks/bench_score.py --n-train 20000 # a quick run
+    python benchmarks/bench_score.py --device cuda   # GPU score / an in-memory GPU matmul
 """
 
 from __future__ import annotations
@@ -45,6 +46,25 @@ def write_run(path: Path, rows: int, dim: int, seed: int, chunk: int = 4096) -> 
     writer.finish({})
 
 
+def _matmul_seconds(n: int, d: int, m: int, device: torch.device) -> float:
+    """One in-memory [n, d] @ [d, m]: float32 on the CPU; on a GPU bf16 operands with a
+    float32 result (the product score runs there), timed after a warm-up."""
+    if device.type != "cuda":
+        a, b = torch.randn(n, d), torch.randn(d, m)
+        torch.matmul(a[:1024], b)  # warm up
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        return time.perf_counter() - t0
+    a = torch.randn(n, d, device=device, dtype=torch.bfloat16)
+    b = torch.randn(d, m, device=device, dtype=torch.bfloat16)
+    torch.mm(a, b, out_dtype=torch.float32)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    torch.mm(a, b, out_dtype=torch.float32)
+    torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-train", type=int, default=200_000)
@@ -52,6 +72,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--metric", default="dot")
     ap.add_argument("--normalize", default="layer", help="as score's --normalize (default: score's default)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where score runs, and the matmul it is compared "
+                                                    "with (on a GPU: bf16 operands, float32 result, as score)")
     ap.add_argument("--keep", help="Keep the generated runs in this directory.")
     ap.add_argument("--generate-into", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -72,7 +94,7 @@ def main() -> None:
         print(f"wrote {args.n_train} + {args.n_query} bf16 vectors of D={args.dim} in {time.perf_counter() - t0:.0f} s")
 
         cmd = [sys.executable, "-m", "ghostproj", "score", str(train), str(query), "--metric", args.metric,
-               "--normalize", args.normalize, "--top-k", "10", "--show", "0", "--topk-out", str(root / "top.jsonl"), "--overwrite"]
+               "--normalize", args.normalize, "--device", args.device, "--top-k", "10", "--show", "0", "--topk-out", str(root / "top.jsonl"), "--overwrite"]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the generator's
@@ -83,13 +105,7 @@ def main() -> None:
         peak_gb = usage.ru_maxrss * 1024 / 1e9
 
         flop = 2.0 * args.n_train * args.n_query * args.dim
-        a = torch.randn(args.n_train, args.dim)
-        b = torch.randn(args.dim, args.n_query)
-        torch.matmul(a[:1024], b)  # warm up
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        t_mm = time.perf_counter() - t0
-        del a, b
+        t_mm = _matmul_seconds(args.n_train, args.dim, args.n_query, torch.device(args.device))
 
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads")
