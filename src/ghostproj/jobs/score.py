@@ -166,7 +166,10 @@ def _score_under_torchrun(train_run, query_run, ranks: tuple[int, int], options:
     if options["metric"].startswith("influence") and options["fisher"] is None:
         options["fisher"] = _all_reduced_fisher(train_run, options, rank, world)
     first = next((Path(p) for p in outputs if p), Path("score"))
-    part_file = lambda r: first.parent / f".{first.name}.part-{r:03d}-of-{world:03d}.safetensors"  # noqa: E731
+
+    def part_file(r: int) -> Path:
+        return first.parent / f".{first.name}.part-{r:03d}-of-{world:03d}.safetensors"
+
     result = score(train_run, query_run, part=(rank, world), **options)
     settings = {k: options[k] for k in ("metric", "normalize", "center", "damping", "layers", "top_k", "reduce")}
     _write_own_part(str(part_file(rank)), result, (rank, world), train_run, query_run, group_field, **settings)

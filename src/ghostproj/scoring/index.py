@@ -89,12 +89,22 @@ def check_settings(s: IndexSettings) -> None:
 class IndexColumns:
     """The columns, blocks and transform of a training run under given settings."""
 
-    def __init__(self, train_run: Run, s: IndexSettings):
+    def __init__(self, train_run: Run, s: IndexSettings, extras: dict | None = None):
         selected = selected_layers(train_run.layers, s.layers)
+        self.settings = s
         self.cols = column_index(selected, train_run.dim)
         self.blocks = relative_blocks(selected)
         self.width = sum(b.size for b in self.blocks)
-        self.transform = Transform(self.blocks, normalize=s.normalize, unit_last=(s.metric == "cosine"))
+        self.transform = Transform(self.blocks, normalize=s.normalize, unit_last=(s.metric == "cosine"),
+                                   mean=(extras or {}).get("mean"))
+        self.fishers = [extras[k] for k in sorted(k for k in extras or {} if k.startswith("fisher."))]
+
+    def as_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """Transformed query rows as the index searches them: for influence, multiplied by
+        the damped inverse Fisher."""
+        if self.settings.metric != "influence":
+            return q
+        return precondition(q, self.fishers, self.blocks, self.settings.damping, False)
 
 
 def build_index(train_run: Run, s: IndexSettings, device: torch.device, fisher: FisherSums | None = None,
@@ -165,16 +175,22 @@ def _training_rows(faiss, index, rows: int) -> int:
 def _training_sample(train_run: Run, prep: IndexColumns, chunk_rows: int, n: int) -> torch.Tensor:
     """``n`` transformed training rows at a fixed stride over the run (the same rows every
     build; a stride covers every shard, unlike the run's first n rows)."""
-    rows = train_run.rows
-    wanted = torch.linspace(0, rows - 1, n).round().long().unique()
-    out, row = [], 0
-    for _, x in chunks(train_run, prep.cols, chunk_rows):
+    wanted = torch.linspace(0, train_run.rows - 1, n).round().long().unique()
+    _, rows = _rows_at(chunks(train_run, prep.cols, chunk_rows), wanted)
+    return prep.transform(rows)
+
+
+def _rows_at(stream, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dataset indices, rows) at the sorted run positions ``wanted`` of a chunk stream."""
+    idx_out, rows_out, row = [], [], 0
+    for idx, x in stream:
         m = x.shape[0]
         picked = wanted[(wanted >= row) & (wanted < row + m)] - row
         if picked.numel():
-            out.append(prep.transform(x[picked].contiguous()))
+            idx_out.append(idx[picked])
+            rows_out.append(x[picked])
         row += m
-    return torch.cat(out)
+    return torch.cat(idx_out), torch.cat(rows_out)
 
 
 def save_index(path: Path, index, s: IndexSettings, extras: dict) -> None:
@@ -216,14 +232,9 @@ def query_vectors(query_run: Run, s: IndexSettings, extras: dict) -> tuple[torch
                              "with --like TRAIN_DIR).")
     if query_run.rows == 0:
         raise GhostprojError("The query set is empty.")
-    prep = IndexColumns(Run(query_run.path, dict(s.train_manifest, shards=[]), []), s)
-    if "mean" in extras:
-        prep.transform.mean = extras["mean"]
+    prep = IndexColumns(Run(query_run.path, dict(s.train_manifest, shards=[]), []), s, extras)
     index, q = _query_side(query_run, prep.cols, 8192, prep.transform)
-    if s.metric == "influence":
-        fishers = [extras[k] for k in sorted(k for k in extras if k.startswith("fisher."))]
-        q = precondition(q, fishers, prep.blocks, s.damping, False)
-    return index, q
+    return index, prep.as_queries(q)
 
 
 def search(index, q: torch.Tensor, k: int, nprobe: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,9 +259,7 @@ def exact_topk(train_run: Run, s: IndexSettings, q: torch.Tensor, k: int, device
                extras: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact answer for query vectors ``q`` (as the index searches them): a streaming
     score over the training run."""
-    prep = IndexColumns(train_run, s)
-    if "mean" in extras:
-        prep.transform.mean = extras["mean"]
+    prep = IndexColumns(train_run, s, extras)
     best = StreamingTopK(min(k, train_run.rows))
     chunk_rows = chunk_rows_for(device, None, prep.width, train_run.store_dtype, train_run.rows)
     stream_scores(train_run, prep.cols, chunk_rows, device, prep.transform, q.t().contiguous(),
@@ -262,14 +271,8 @@ def exact_topk(train_run: Run, s: IndexSettings, q: torch.Tensor, k: int, device
 def rows_as_queries(raw: torch.Tensor, s: IndexSettings, extras: dict, train_run: Run) -> torch.Tensor:
     """Stored training rows (float32, all columns) turned into query vectors exactly as a
     query run's rows would be."""
-    prep = IndexColumns(train_run, s)
-    if "mean" in extras:
-        prep.transform.mean = extras["mean"]
-    q = prep.transform(raw if prep.cols is None else raw[:, prep.cols].contiguous())
-    if s.metric == "influence":
-        fishers = [extras[k] for k in sorted(k for k in extras if k.startswith("fisher."))]
-        q = precondition(q, fishers, prep.blocks, s.damping, False)
-    return q
+    prep = IndexColumns(train_run, s, extras)
+    return prep.as_queries(prep.transform(raw if prep.cols is None else raw[:, prep.cols].contiguous()))
 
 
 def recall_at_k(approx: torch.Tensor, exact: torch.Tensor) -> float:
@@ -283,15 +286,7 @@ def sample_rows(run: Run, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Te
     with ``seed``."""
     g = torch.Generator().manual_seed(seed)
     wanted = torch.randperm(run.rows, generator=g)[: min(n, run.rows)].sort().values
-    idx_out, rows_out, row = [], [], 0
-    for idx, x in run.iter_chunks(8192, convert=lambda t: t.float()):
-        m = x.shape[0]
-        picked = wanted[(wanted >= row) & (wanted < row + m)] - row
-        if picked.numel():
-            idx_out.append(idx[picked])
-            rows_out.append(x[picked])
-        row += m
-    return torch.cat(idx_out), torch.cat(rows_out)
+    return _rows_at(run.iter_chunks(8192, convert=lambda t: t.float()), wanted)
 
 
 def index_bytes(path: Path) -> int:
