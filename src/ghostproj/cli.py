@@ -12,6 +12,7 @@ from typing import Annotated, Optional, get_type_hints
 import typer
 
 from .errors import GhostprojError
+from .jobs.evaluate import EvaluateOptions
 from .jobs.inrun import InrunOptions
 from .jobs.project import ProjectOptions
 
@@ -375,8 +376,10 @@ def non_interf(
 
 @app.command()
 def score(
-    train: str = typer.Argument(..., help="Training run directory or shard file."),
-    query: str = typer.Argument(..., help="Query run directory or shard file (projected with --like TRAIN)."),
+    runs: list[str] = typer.Argument(
+        ..., metavar="TRAIN QUERY [TRAIN QUERY]...",
+        help="Training run and query run (directories or shard files; the query projected with --like TRAIN). "
+             "Several pairs, one per checkpoint of a fine-tuning run, give the sum of their scores."),
     metric: str = typer.Option("cosine", help="cosine, dot, influence or influence-full.", rich_help_panel=SCORING),
     normalize: str = typer.Option(
         "layer", help="none, unit or layer. layer (unit norm per layer, then combined) ranked best on real data.",
@@ -412,6 +415,9 @@ def score(
     """Score training examples against query examples (similarity or influence)."""
     from .jobs.score import run_score_command
 
+    if len(runs) % 2:
+        raise GhostprojError("score takes TRAIN QUERY pairs: an even number of run paths.")
+    train, query = (runs[0], runs[1]) if len(runs) == 2 else (runs[0::2], runs[1::2])
     run_score_command(
         train, query, metric=metric, normalize=normalize, center=center, damping=damping, layers=_split(layers),
         top_k=top_k, show=show, out=out, topk_out=topk_out, reduce=reduce, group_field=group_field,
@@ -569,6 +575,96 @@ def inrun(**options) -> None:
 
 inrun.__signature__ = _options_signature(InrunOptions, INRUN_OPTIONS, extra=_INRUN_EXTRA)
 app.command()(inrun)
+
+
+EVALUATE_OPTIONS = {
+    "model": _info(ModelOpt),
+    "train": _info(TrainOpt),
+    "query": _opt(help=_DATA_HELP, panel=DATA, default="the embedded demo queries"),
+    "text_field": _info(TextFieldOpt),
+    "prompt_field": _info(PromptFieldOpt),
+    "completion_field": _info(CompletionFieldOpt),
+    "messages_field": _info(MessagesFieldOpt),
+    "max_length": _info(MaxLengthOpt),
+    "out": _opt(help="Output directory (cache of every model trained, runs, lds.json, lds.png).", panel=OUTPUT),
+    "subsets": _opt(help="Random training subsets, one fine-tuned model each.", panel=RUN),
+    "fraction": _opt(help="Share of the training set in each subset.", panel=RUN),
+    "epochs": _opt(help="Fine-tuning passes over a subset (and over the whole set).", panel=RUN),
+    "lr": _opt(help="Fine-tuning learning rate (AdamW, linear decay).", panel=RUN),
+    "batch_size": _opt(help="Fine-tuning and projection batch size.", panel=RUN),
+    "seed": _opt(help="Seed of the subsets, batch order, dropout and bootstrap.", panel=RUN),
+    "checkpoints": _opt(help="Checkpoints kept from the whole-set run; ensembles of 1, 2, 4, ... are compared.",
+                        panel=SCORING),
+    "layers": (_info(LayersOpt), Optional[str]),
+    "rank": _opt(help="Per-layer projection budget, as for project.", panel=PROJECTION, default="256"),
+    "damping": _opt(help="Influence damping, as for score.", panel=SCORING),
+    "removal_queries": _opt(help="Queries whose top-k examples are removed and the model retrained (0: none).",
+                            panel=SCORING),
+    "removal_k": _opt(help="Examples removed per query.", panel=SCORING, default="5% of the training set"),
+    "replicates": _opt(help="Bootstrap resamples of subsets and queries for the intervals.", panel=SCORING),
+    "num_parts": _opt(help="Train the subsets in this many processes...", panel=RUN),
+    "part": _opt(help="...this one (then run once more without --part to report).", panel=RUN),
+    "device": _info(DeviceOpt),
+}
+_EVALUATE_EXTRA = (
+    inspect.Parameter("metrics_list", inspect.Parameter.KEYWORD_ONLY, default="cosine,dot,influence",
+                      annotation=Annotated[str, _opt("--metrics", help="Scoring metrics compared.", panel=SCORING)]),
+    inspect.Parameter("normalize_list", inspect.Parameter.KEYWORD_ONLY, default="none,layer",
+                      annotation=Annotated[str, _opt("--normalize", help="Normalizations compared.", panel=SCORING)]),
+)
+
+
+def evaluate(**options) -> None:
+    """Check attribution against retraining: the linear datamodeling score (LDS) of each scoring setting."""
+    from .jobs.evaluate import run_evaluate
+
+    options["metrics"] = _split(options.pop("metrics_list")) or []
+    options["normalize"] = _split(options.pop("normalize_list")) or []
+    options["layers"] = _split(options["layers"])
+    if options["model"] is None or options["train"] is None or options["query"] is None:
+        if options["model"] is not None:
+            raise GhostprojError("--model was given without --train and --query.")
+        from .jobs.demo import ensure_demo
+
+        assets = ensure_demo(lambda m: _status().print(f"[dim]{m}[/dim]"))
+        options["model"] = str(assets.model)
+        options["train"] = options["train"] or str(assets.train)
+        options["query"] = options["query"] or str(assets.query)
+    res = run_evaluate(EvaluateOptions(**options))
+    _notes(res.notes)
+    _report_evaluate(res)
+
+
+evaluate.__signature__ = _options_signature(EvaluateOptions, EVALUATE_OPTIONS, extra=_EVALUATE_EXTRA)
+app.command()(evaluate)
+
+
+def _report_evaluate(res) -> None:
+    from rich.table import Table
+
+    con = _console()
+    if not res.finished:
+        con.print(f"[green]done[/green]: trained {res.trained} subset model(s) of {res.subsets} into "
+                  f"{_escape(res.out)}; run evaluate again without --part (same options) to report.")
+        return
+    table = Table(title=f"LDS over {res.subsets} subset models and {res.n_query} queries (95% bootstrap intervals)",
+                  title_justify="left")
+    for col in ("metric", "--normalize", "checkpoints", "LDS", "95% interval"):
+        table.add_column(col, justify="left" if col in ("metric", "--normalize") else "right")
+    for s in res.settings:
+        mark = " *" if s is res.best else ""
+        table.add_row(s.metric, s.normalize, str(s.checkpoints), f"{s.lds.value:.3f}{mark}",
+                      f"[{s.lds.low:.3f}, {s.lds.high:.3f}]")
+    con.print(table)
+    if res.difference is not None:
+        d, lo, hi = res.difference
+        con.print(f"best: {res.best.name}: LDS {res.best.lds.value:.3f}; raw dot products (1 checkpoint) "
+                  f"{res.baseline.lds.value:.3f}; difference {d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    for row in res.removal:
+        con.print(f"removing each of {row['queries']} queries' top {row['k']} ({row['setting']}): mean query-loss "
+                  f"change {row['mean_loss_change']:+.4f}")
+    con.print(f"[green]done[/green] in {res.seconds:.0f} s ({res.trained} subset model(s) trained now, the rest "
+              f"cached); wrote {_escape(res.out)}/lds.json" + (f" and {_escape(res.plot)}" if res.plot else ""))
 
 
 def _report_inrun(res, show: int) -> None:

@@ -72,17 +72,21 @@ def write_selection(path: str, result: ScoreResult) -> None:
     atomic_write(Path(path), ("\n".join(lines) + "\n").encode())
 
 
-def run_score_command(train: str, query: str, *, metric: str, normalize: str | None, center: bool, damping: float,
+def run_score_command(train: str | list[str], query: str | list[str], *, metric: str, normalize: str | None, center: bool, damping: float,
                       layers: list[str] | None, top_k: int, show: int, out: str | None, topk_out: str | None,
                       reduce: str | None, group_field: str | None, select_out: str | None,
                       chunk_rows: int | None, console, status, overwrite: bool = False, fisher: str | None = None,
                       parts: tuple[int, int] | None = None, part_out: str | None = None,
                       keep_matrix: bool = False, device: str = "auto") -> ScoreResult:
+    trains = list(train) if isinstance(train, (list, tuple)) else [train]
+    queries = list(query) if isinstance(query, (list, tuple)) else [query]
     ranks = _torchrun_ranks()
+    if len(trains) > 1 and (ranks is not None or parts is not None):
+        raise GhostprojError("Several checkpoints score in one process: no torchrun, no --num-parts.")
     if ranks is not None and parts is not None:
         raise GhostprojError("Under torchrun each rank scores its own part; drop --num-parts and --part.")
     if ranks is None or ranks[0] == 0:
-        check_outputs([(out, "--out"), (topk_out, "--topk-out"), (select_out, "--select-out")], [train, query],
+        check_outputs([(out, "--out"), (topk_out, "--topk-out"), (select_out, "--select-out")], trains + queries,
                       overwrite)
     if select_out and not reduce:
         raise GhostprojError("--select-out needs --reduce mean or --reduce max.")
@@ -96,8 +100,9 @@ def run_score_command(train: str, query: str, *, metric: str, normalize: str | N
         if part_out is None or out or topk_out or select_out:
             raise GhostprojError("A part (--num-parts/--part) writes --part-out FILE only; `ghostproj merge-scores` "
                                  "writes --out, --topk-out and --select-out from all the parts.")
-        check_outputs([(part_out, "--part-out")], [train, query], overwrite)
-    train_run, query_run = open_run(train), open_run(query)
+        check_outputs([(part_out, "--part-out")], trains + queries, overwrite)
+    train_runs, query_runs = [open_run(t) for t in trains], [open_run(q) for q in queries]
+    train_run, query_run = train_runs[0], query_runs[0]
     groups = _groups(query_run, group_field) if group_field else None
     if ranks is not None:
         return _score_under_torchrun(train_run, query_run, ranks, dict(
@@ -106,7 +111,7 @@ def run_score_command(train: str, query: str, *, metric: str, normalize: str | N
             device=device_for_this_process(device)), (out, topk_out, select_out), (train, query), group_field,
             show, console, status)
     with RateProgress("scoring", total=train_run.rows, unit="rows", extra_unit=None, lazy=True) as bar:
-        result = score(train_run, query_run, metric=metric, normalize=normalize, center=center, damping=damping,
+        result = score(train_runs, query_runs, metric=metric, normalize=normalize, center=center, damping=damping,
                        layers=layers, top_k=top_k, reduce=reduce, query_groups=groups,
                        keep_matrix=out is not None or keep_matrix, chunk_rows=chunk_rows, progress=bar, fisher=fisher,
                        part=parts, device=device)

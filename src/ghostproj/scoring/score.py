@@ -103,9 +103,11 @@ def score(
     where = resolve_device(device)
     if chunk_rows is not None and chunk_rows < 1:
         raise GhostprojError(f"--chunk-rows must be at least 1, got {chunk_rows}.")
-    train_run = train if isinstance(train, Run) else open_run(train)
-    query_run = query if isinstance(query, Run) else open_run(query)
-    check_comparable(train_run, query_run)
+    pairs = checkpoint_pairs(train, query)
+    if len(pairs) > 1 and (fisher is not None or metric == "influence-full"):
+        raise GhostprojError("Several checkpoints score with per-layer influence computed from each checkpoint's "
+                             "own vectors: leave out --fisher, and use --metric influence, not influence-full.")
+    train_run, query_run = pairs[0]
     n_train, n_query = train_run.rows, query_run.rows
     if n_query == 0:
         raise GhostprojError("The query set is empty.")
@@ -114,15 +116,72 @@ def score(
     notes = []
     top_k = _clamped_top_k(top_k, n_train, notes)
     groups = _query_groups(query_groups, n_query) if reduce == "max" and query_groups is not None else None
+    if progress is not None and hasattr(progress, "begin"):
+        progress.begin()  # every check has passed: show the bar from here
+    sides = [_side(t, q, metric, normalize or "none", center, damping, layers, fisher, chunk_rows, where)
+             for t, q in pairs]
+    query_index = sides[0].query_index
+    if part is not None:
+        for side in sides:
+            side.run = side.run.part(*part)
+        n_train = sides[0].run.rows
+    matrix = torch.empty(n_train, n_query, dtype=torch.float32) if keep_matrix else None
+    train_index = torch.empty(n_train, dtype=torch.long)
+    best = StreamingTopK(top_k) if top_k is not None else None
+    selection, flops = stream_ensemble(sides, where, train_index, matrix, reduce, groups[1] if groups else None,
+                                       best, progress)
+    topk_scores, topk_train = best.result() if best is not None else (None, None)
+    if topk_scores is not None:
+        topk_scores, topk_train = topk_scores.cpu(), topk_train.cpu()
+    return ScoreResult(train_index, query_index, matrix, topk_scores, topk_train, selection,
+                       groups[0] if groups else [], time.perf_counter() - t0, flops, notes)
 
+
+def checkpoint_pairs(train, query) -> list[tuple[Run, Run]]:
+    """(training run, query run) per checkpoint, opened and checked: each pair comparable,
+    and every checkpoint holding the same examples in the same rows and shards."""
+    trains = list(train) if isinstance(train, (list, tuple)) else [train]
+    queries = list(query) if isinstance(query, (list, tuple)) else [query]
+    if len(trains) != len(queries) or not trains:
+        raise GhostprojError("Give one query run per training run (TRAIN QUERY [TRAIN QUERY ...]).")
+    pairs = [(t if isinstance(t, Run) else open_run(t), q if isinstance(q, Run) else open_run(q))
+             for t, q in zip(trains, queries)]
+    for t, q in pairs:
+        check_comparable(t, q)
+    first_t, first_q = pairs[0]
+    for c, (t, q) in enumerate(pairs[1:], start=2):
+        if [i.name for i in t.layers] != [i.name for i in first_t.layers] or t.dim != first_t.dim:
+            raise GhostprojError(f"Checkpoint {c}'s runs project other layers or ranks than checkpoint 1's.")
+        for mine, theirs, what in ((t, first_t, "training"), (q, first_q, "query")):
+            same_rows = [h.tensors["grads"][1][0] for h in mine.shards] == \
+                        [h.tensors["grads"][1][0] for h in theirs.shards]
+            if not same_rows or not torch.equal(mine.read_column("index"), theirs.read_column("index")):
+                raise GhostprojError(f"Checkpoint {c}'s {what} run holds other examples (or other shards) than "
+                                     f"checkpoint 1's; project the same data with the same --shard-size.")
+    return pairs
+
+
+@dataclass
+class _Side:
+    """One checkpoint's part of a score: its training run, the columns read, the transform
+    of its training rows and its finished query block [D', M]."""
+
+    run: Run
+    cols: torch.Tensor | None
+    transform: Transform
+    q_t: torch.Tensor
+    query_index: torch.Tensor
+    chunk_rows: int
+
+
+def _side(train_run: Run, query_run: Run, metric, normalize, center, damping, layers, fisher, chunk_rows,
+          where) -> _Side:
     selected = selected_layers(train_run.layers, layers)
     cols = column_index(selected, train_run.dim)
     blocks = relative_blocks(selected)
-    transform = Transform(blocks, normalize=normalize or "none", unit_last=(metric == "cosine"))
-    if progress is not None and hasattr(progress, "begin"):
-        progress.begin()  # every check has passed: show the bar from here
+    transform = Transform(blocks, normalize=normalize, unit_last=(metric == "cosine"))
     width = sum(b.size for b in blocks)
-    rows_per_chunk = chunk_rows_for(where, chunk_rows, width, train_run.store_dtype, n_train)
+    rows_per_chunk = chunk_rows_for(where, chunk_rows, width, train_run.store_dtype, train_run.rows)
     if center:
         transform.mean = _training_mean(train_run, cols, rows_per_chunk, width, where)
     query_index, q = _query_side(query_run, cols, rows_per_chunk, transform)
@@ -132,25 +191,12 @@ def score(
             check_full_size(q.shape[1])
         if fisher is not None:
             fisher = fisher if isinstance(fisher, FisherSums) else FisherSums.load(fisher)
-            check_fisher(fisher, train_run, blocks, normalize or "none", full, center)
+            check_fisher(fisher, train_run, blocks, normalize, full, center)
             fishers = fisher.fishers()
         else:
-            fishers = fisher_blocks(train_run, cols, transform, blocks, full, rows_per_chunk, n_train, where)
+            fishers = fisher_blocks(train_run, cols, transform, blocks, full, rows_per_chunk, train_run.rows, where)
         q = precondition(q, fishers, blocks, damping, full)
-
-    if part is not None:
-        train_run = train_run.part(*part)
-        n_train = train_run.rows
-    matrix = torch.empty(n_train, n_query, dtype=torch.float32) if keep_matrix else None
-    train_index = torch.empty(n_train, dtype=torch.long)
-    best = StreamingTopK(top_k) if top_k is not None else None
-    selection, flops = stream_scores(train_run, cols, rows_per_chunk, where, transform, q.t().contiguous(),
-                                     train_index, matrix, reduce, groups[1] if groups else None, best, progress)
-    topk_scores, topk_train = best.result() if best is not None else (None, None)
-    if topk_scores is not None:
-        topk_scores, topk_train = topk_scores.cpu(), topk_train.cpu()
-    return ScoreResult(train_index, query_index, matrix, topk_scores, topk_train, selection,
-                       groups[0] if groups else [], time.perf_counter() - t0, flops, notes)
+    return _Side(train_run, cols, transform, q.t().contiguous(), query_index, rows_per_chunk)
 
 
 def _check_choices(metric: str, normalize: str, reduce: str | None, damping: float) -> None:
@@ -228,23 +274,35 @@ class _Product:
 
 def stream_scores(train_run, cols, chunk_rows, device, transform, q_t, train_index, matrix, reduce, group_matrix,
                   best: StreamingTopK | None, progress) -> tuple[torch.Tensor | None, float]:
-    """The streaming pass over the training rows: scores, the kept matrix, the selection
-    scores and the running top-k. Returns (the selection scores, the multiply-adds done as
-    flops)."""
+    """The streaming pass over one run's training rows: scores, the kept matrix, the
+    selection scores and the running top-k. Returns (the selection scores, the multiply-adds
+    done as flops)."""
+    side = _Side(train_run, cols, transform, q_t, torch.empty(0), chunk_rows)
+    return stream_ensemble([side], device, train_index, matrix, reduce, group_matrix, best, progress)
+
+
+def stream_ensemble(sides: list[_Side], device, train_index, matrix, reduce, group_matrix,
+                    best: StreamingTopK | None, progress) -> tuple[torch.Tensor | None, float]:
+    """The streaming pass over the training rows of every checkpoint at once: a row's score
+    is the sum of its checkpoints' scores, added in checkpoint order."""
     row, flops = 0, 0.0
-    product = _Product(q_t, train_run.store_dtype, device)
+    products = [_Product(s.q_t, s.run.store_dtype, device) for s in sides]
     selection = torch.empty(train_index.numel(), dtype=torch.float32, device=device) if reduce else None
     if group_matrix is not None:
         group_matrix = group_matrix.to(device)
-    for chunk in feed(train_run, cols, chunk_rows, device):
+    feeds = [feed(s.run, s.cols, sides[0].chunk_rows, device) for s in sides]
+    for chunks_now in zip(*feeds):
+        chunk = chunks_now[0]
         n = chunk.n
-        s = product(transform(chunk.rows))[:n]
+        s = products[0](sides[0].transform(chunk.rows))[:n]
+        for side, product, other in zip(sides[1:], products[1:], chunks_now[1:]):
+            s = s + product(side.transform(other.rows))[:n]
         index = chunk.index.to(device)
         if matrix is not None:
             matrix[row : row + n].copy_(s)
         if best is not None:
             best.add(s, index)
-        flops += 2.0 * n * q_t.shape[0] * q_t.shape[1]
+        flops += sum(2.0 * n * sd.q_t.shape[0] * sd.q_t.shape[1] for sd in sides)
         train_index[row : row + n] = chunk.index
         if selection is not None:
             if reduce == "mean":

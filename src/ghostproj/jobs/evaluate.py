@@ -1,0 +1,466 @@
+"""`ghostproj evaluate`: do the scores predict what retraining does?
+
+Fine-tunes copies of the model on random subsets of the training set and records every
+query's loss under each (the counterfactuals), fine-tunes once on the whole set keeping
+evenly spaced checkpoints, projects the training and query sets at those checkpoints, and
+reports the linear datamodeling score (:mod:`ghostproj.scoring.lds`) of every scoring
+setting asked for, with checkpoint ensembles of 1, 2, 4, ... checkpoints, and the loss
+change when a query's top-k training examples are removed against k random ones.
+
+Everything expensive is cached in the output directory (subset losses, checkpoints, runs,
+removal runs), so a killed evaluation resumes where it stopped, and the subsets can be
+trained by several processes (``--num-parts/--part`` or torchrun ranks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.batching import Example
+from ..data.readers import DataSpec, load_examples
+from ..data.records import read_records
+from ..errors import GhostprojError
+from ..models import load_model, pad_token_id, position_limit
+from ..progress import RateProgress
+from ..scoring.lds import LdsEstimate, difference_interval, estimate_lds, resamples
+from ..scoring.score import METRICS, score
+from ..scoring.transform import NORMALIZATIONS
+from ..store.files import atomic_write
+from ..store.shards import encode_safetensors
+from .retrain import Recipe, fine_tune, query_losses
+
+MIN_SUBSETS = 5  # fewer subset models give no usable rank correlation, let alone an interval
+CONFIG = "evaluate.json"
+
+
+@dataclass
+class EvaluateOptions:
+    """Options of ``ghostproj evaluate`` (the command line is made from these fields); the
+    command line puts the embedded demo in place of a missing model and data."""
+
+    model: str | None = None
+    train: str | None = None
+    query: str | None = None
+    out: str = "evaluate-out"
+    subsets: int = 32
+    fraction: float = 0.5
+    epochs: int = 2
+    lr: float = 1e-3
+    batch_size: int = 16
+    seed: int = 0
+    metrics: list[str] = field(default_factory=lambda: ["cosine", "dot", "influence"])
+    normalize: list[str] = field(default_factory=lambda: ["none", "layer"])
+    checkpoints: int = 4
+    layers: list[str] | None = None
+    rank: int | None = None
+    damping: float = 0.1
+    max_length: int = 512
+    removal_queries: int = 8
+    removal_k: int | None = None  # None: 5% of the training examples
+    replicates: int = 1000
+    num_parts: int = 1  # job arrays: train the subsets in this many processes ...
+    part: int = 0  # ... this one (then run once more without --part to report)
+    device: str = "auto"
+    text_field: str | None = None
+    prompt_field: str | None = None
+    completion_field: str | None = None
+    messages_field: str | None = None
+    show_progress: bool = True
+
+    @property
+    def fields(self) -> dict:
+        return {"text_field": self.text_field, "prompt_field": self.prompt_field,
+                "completion_field": self.completion_field, "messages_field": self.messages_field}
+
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe(self.epochs, self.lr, self.batch_size, self.seed)
+
+
+@dataclass
+class Setting:
+    metric: str
+    normalize: str
+    checkpoints: int
+    lds: LdsEstimate
+
+    @property
+    def name(self) -> str:
+        return f"{self.metric}, --normalize {self.normalize}, {self.checkpoints} checkpoint(s)"
+
+
+@dataclass
+class EvaluateResult:
+    out: Path
+    subsets: int
+    n_train: int
+    n_query: int  # queries with a label position, the ones evaluated
+    trained: int = 0  # subset models trained by this call (the rest were cached)
+    settings: list[Setting] = field(default_factory=list)
+    best: Setting | None = None
+    baseline: Setting | None = None
+    difference: tuple[float, float, float] | None = None
+    removal: list[dict] = field(default_factory=list)
+    finished: bool = True  # False: a part that trained its subsets only
+    plot: Path | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def _check(opts: EvaluateOptions) -> None:
+    if not 0.0 < opts.fraction < 1.0:
+        raise GhostprojError(f"--fraction must be between 0 and 1 (exclusive), got {opts.fraction}.")
+    if opts.subsets < MIN_SUBSETS:
+        raise GhostprojError(f"--subsets {opts.subsets} is too few for a rank correlation with an interval; "
+                             f"use at least {MIN_SUBSETS} (32 is the default).")
+    for name in ("epochs", "batch_size", "checkpoints", "replicates"):
+        if getattr(opts, name) < 1:
+            raise GhostprojError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}.")
+    if not opts.lr > 0:
+        raise GhostprojError(f"--lr must be positive, got {opts.lr}.")
+    if opts.removal_queries < 0 or (opts.removal_k is not None and opts.removal_k < 1):
+        raise GhostprojError("--removal-queries must be 0 or more and --removal-k at least 1.")
+    if opts.num_parts < 1 or not 0 <= opts.part < opts.num_parts:
+        raise GhostprojError(f"--part must be in 0..{opts.num_parts - 1} for --num-parts {opts.num_parts}.")
+    for m in opts.metrics:
+        if m not in METRICS or m == "influence-full":
+            raise GhostprojError(f"Unknown --metrics entry '{m}'; choose from cosine, dot, influence.")
+    for n in opts.normalize:
+        if n not in NORMALIZATIONS:
+            raise GhostprojError(f"Unknown --normalize entry '{n}'; choose from {', '.join(NORMALIZATIONS)}.")
+    if not opts.metrics or not opts.normalize:
+        raise GhostprojError("--metrics and --normalize each need at least one entry.")
+
+
+@dataclass
+class _Context:
+    """The loaded model, its starting weights and the data of an evaluation."""
+
+    model: object
+    tokenizer: object
+    base: dict
+    pad: int
+    train: list[Example]
+    query: list[Example]  # with a label position
+    query_rows: list[int]  # their rows in the query data
+    config: dict
+
+
+def _load(opts: EvaluateOptions) -> _Context:
+    specs = [DataSpec(path, **opts.fields) for path in (opts.train, opts.query)]
+    for spec in specs:
+        if spec.resolved_format() in ("jsonl", "text"):
+            read_records(spec.path)  # a malformed file is reported before the model load
+    model, tokenizer = load_model(opts.model, "float32", opts.device)
+    limit = position_limit(model)
+    max_length = min(opts.max_length, limit) if limit else opts.max_length
+    vocab = getattr(model.config, "vocab_size", None)
+    train_data, query_data = (load_examples(spec, tokenizer, max_length, vocab) for spec in specs)
+    if not any(e.n_label_positions for e in train_data.examples):
+        raise GhostprojError("The training set has no example with a label token; nothing to fine-tune on.")
+    query = [e for e in query_data.examples if e.n_label_positions > 0]
+    if not query:
+        raise GhostprojError("The query set has no example with a label token, so no query has a loss to predict "
+                             "(check the completion or assistant fields).")
+    if len(train_data.examples) < 4:
+        raise GhostprojError(f"The training set has {len(train_data.examples)} examples; random subsets need at "
+                             "least 4.")
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    config = {
+        "model": str(Path(opts.model).resolve()) if Path(opts.model).exists() else opts.model,
+        "weights_sha256": _weights_sha(base),
+        "train_sha256": train_data.sha256, "query_sha256": query_data.sha256,
+        "fields": opts.fields, "max_length": max_length, "recipe": opts.recipe.describe(),
+        "subsets": opts.subsets, "fraction": opts.fraction, "checkpoints": opts.checkpoints,
+    }
+    return _Context(model, tokenizer, base, pad_token_id(tokenizer), train_data.examples, query,
+                    [e.index for e in query], config)
+
+
+def _weights_sha(state: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _claim(out: Path, config: dict) -> None:
+    """Record the evaluation's settings in OUT, or check that OUT holds this evaluation."""
+    path = out / CONFIG
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise GhostprojError(f"{path} is unreadable; choose another --out.") from None
+        if old != config:
+            changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            raise GhostprojError(f"{out} holds an evaluation with other settings ({', '.join(changed)} differ); "
+                                 "choose another --out.")
+        return
+    if out.exists() and (not out.is_dir() or any(not p.name.startswith(".") for p in out.iterdir())):
+        # (hidden names: another part's claim being written right now)
+        raise GhostprojError(f"{out} already holds files that are not an evaluation; choose another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, (json.dumps(config, indent=1, sort_keys=True) + "\n").encode())
+
+
+def subset_members(n: int, subsets: int, fraction: float, seed: int) -> np.ndarray:
+    """[S, N] bool: subset s holds round(fraction * N) examples drawn with its own seed, so
+    a subset is the same whichever process trains it."""
+    size = min(n - 1, max(1, round(fraction * n)))
+    members = np.zeros((subsets, n), dtype=bool)
+    for s in range(subsets):
+        members[s, np.random.default_rng([seed, s]).choice(n, size=size, replace=False)] = True
+    return members
+
+
+def _cached_losses(path: Path, n_query: int) -> torch.Tensor | None:
+    if not path.exists():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        losses = load_file(str(path))["losses"]
+    except Exception:  # noqa: BLE001  (any damage: the model is retrained, the file never trusted)
+        return None
+    return losses if losses.shape == (n_query,) else None
+
+
+def _save_losses(path: Path, losses: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, encode_safetensors({"losses": losses.double()}))
+
+
+def _retrained_losses(ctx: _Context, keep: np.ndarray, recipe: Recipe, path: Path) -> tuple[torch.Tensor, bool]:
+    """The query losses after fine-tuning on the examples ``keep`` marks, from the cache or
+    trained now; (losses, trained now)."""
+    cached = _cached_losses(path, len(ctx.query))
+    if cached is not None:
+        return cached, False
+    fine_tune(ctx.model, ctx.base, [e for e, k in zip(ctx.train, keep) if k], recipe, ctx.pad)
+    losses = query_losses(ctx.model, ctx.query, ctx.pad)
+    _save_losses(path, losses)
+    return losses, True
+
+
+def _train_subsets(ctx: _Context, opts: EvaluateOptions, members: np.ndarray, mine: list[int], out: Path) -> int:
+    trained = 0
+    with RateProgress("subset models", total=len(mine), unit="models", extra_unit=None,
+                      enabled=opts.show_progress) as bar:
+        for s in mine:
+            _, now = _retrained_losses(ctx, members[s], opts.recipe, out / "subsets" / f"subset-{s:04d}.safetensors")
+            trained += now
+            bar.advance(1)
+    return trained
+
+
+def _checkpoints(ctx: _Context, opts: EvaluateOptions, out: Path) -> tuple[list[Path], torch.Tensor]:
+    """The whole-set fine-tuning run's evenly spaced checkpoints (saved once) and the query
+    losses of its final model."""
+    dirs = [out / "checkpoints" / f"ckpt-{c + 1}" for c in range(opts.checkpoints)]
+    full = _cached_losses(out / "full.safetensors", len(ctx.query))
+    if full is not None and all((d / "READY").exists() for d in dirs):
+        return dirs, full
+    states = fine_tune(ctx.model, ctx.base, ctx.train, opts.recipe, ctx.pad, checkpoints=opts.checkpoints)
+    for d, state in zip(dirs, states):
+        ctx.model.load_state_dict(state)
+        ctx.model.save_pretrained(d)
+        ctx.tokenizer.save_pretrained(d)
+        (d / "READY").write_text("complete\n")
+    full = query_losses(ctx.model, ctx.query, ctx.pad)  # the last state is loaded
+    _save_losses(out / "full.safetensors", full)
+    return dirs, full
+
+
+def _project(opts: EvaluateOptions, dirs: list[Path], out: Path) -> list[tuple[Path, Path]]:
+    from .project import ProjectOptions, run_project
+
+    runs = []
+    for c, d in enumerate(dirs, start=1):
+        train_dir, query_dir = out / "runs" / f"ckpt-{c}" / "train", out / "runs" / f"ckpt-{c}" / "query"
+        common = dict(model=str(d), max_length=opts.max_length, device=opts.device, batch_size=opts.batch_size,
+                      show_progress=opts.show_progress, **opts.fields)
+        run_project(ProjectOptions(data=opts.train, out=str(train_dir), layers=opts.layers, rank=opts.rank,
+                                   **common))
+        run_project(ProjectOptions(data=opts.query, out=str(query_dir), like=str(train_dir), **common))
+        runs.append((train_dir, query_dir))
+    return runs
+
+
+def ensemble_sizes(checkpoints: int) -> list[int]:
+    """1, 2, 4, ... up to ``checkpoints``, and ``checkpoints`` itself."""
+    sizes, e = [], 1
+    while e < checkpoints:
+        sizes.append(e)
+        e *= 2
+    return sizes + [checkpoints]
+
+
+def ensemble_members(size: int, checkpoints: int) -> list[int]:
+    """Which checkpoints (0-based) an ensemble of ``size`` uses: evenly spaced, ending with
+    the last, so one checkpoint is the final model."""
+    return sorted({checkpoints - 1 - round(i * checkpoints / size) for i in range(size)})
+
+
+def _score_matrix(runs, members: list[int], metric: str, normalize: str, damping: float, n_train: int,
+                  query_rows: list[int]) -> np.ndarray:
+    """[N, M'] scores in dataset order, for the evaluated queries."""
+    result = score([runs[c][0] for c in members], [runs[c][1] for c in members], metric=metric,
+                   normalize=normalize, damping=damping, keep_matrix=True)
+    ordered = torch.empty(n_train, result.scores.shape[1], dtype=torch.float64)
+    ordered[result.train_index] = result.scores.double()
+    column = {int(q): j for j, q in enumerate(result.query_index.tolist())}
+    return ordered[:, [column[r] for r in query_rows]].numpy()
+
+
+def _settings(opts: EvaluateOptions, runs, members: np.ndarray, losses: np.ndarray, ctx: _Context):
+    """Every (metric, normalization, ensemble) with its LDS, and the score matrices."""
+    draws = resamples(members.shape[0], losses.shape[1], opts.replicates, opts.seed)
+    settings, matrices = [], {}
+    for metric in opts.metrics:
+        for normalize in opts.normalize:
+            for size in ensemble_sizes(opts.checkpoints):
+                m = _score_matrix(runs, ensemble_members(size, opts.checkpoints), metric, normalize, opts.damping,
+                                  len(ctx.train), ctx.query_rows)
+                settings.append(Setting(metric, normalize, size, estimate_lds(m, members, losses, draws)))
+                matrices[(metric, normalize, size)] = m
+    return settings, matrices
+
+
+def _removal(ctx: _Context, opts: EvaluateOptions, matrices: dict, compared: list[Setting], full: torch.Tensor,
+             out: Path) -> list[dict]:
+    """Per compared setting: the mean query-loss change after removing each sampled query's
+    top-k training examples and fine-tuning again, against removing k random ones."""
+    n = len(ctx.train)
+    k = opts.removal_k if opts.removal_k is not None else max(1, round(0.05 * n))
+    if opts.removal_queries == 0 or k >= n:
+        return []
+    rng = np.random.default_rng([opts.seed, 1])
+    picked = sorted(rng.choice(len(ctx.query), size=min(opts.removal_queries, len(ctx.query)), replace=False))
+    rows = []
+    for setting in [None] + compared:
+        deltas = []
+        for j in picked:
+            keep = np.ones(n, dtype=bool)
+            if setting is None:
+                keep[np.random.default_rng([opts.seed, 2, int(j)]).choice(n, size=k, replace=False)] = False
+                tag = f"random-q{j}"
+            else:
+                m = matrices[(setting.metric, setting.normalize, setting.checkpoints)]
+                keep[np.argsort(-m[:, j], kind="stable")[:k]] = False
+                tag = f"{setting.metric}-{setting.normalize}-{setting.checkpoints}-q{j}"
+            losses, _ = _retrained_losses(ctx, keep, opts.recipe, out / "removal" / f"{tag}.safetensors")
+            deltas.append(float(losses[j] - full[j]))
+        rows.append({"setting": "random" if setting is None else setting.name, "k": k, "queries": len(picked),
+                     "mean_loss_change": float(np.mean(deltas)), "per_query": deltas})
+    return rows
+
+
+def _parts(opts: EvaluateOptions) -> tuple[int, int, bool]:
+    """(this process's part, number of parts, under torchrun)."""
+    from ..distributed import distributed_rank
+
+    ranks = distributed_rank(torch.device("cpu"))
+    if ranks is not None:
+        if opts.num_parts > 1:
+            raise GhostprojError("Under torchrun each rank trains its own subsets; drop --num-parts and --part.")
+        return ranks[0], ranks[1], True
+    return opts.part, opts.num_parts, False
+
+
+def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
+    t0 = time.perf_counter()
+    _check(opts)
+    if opts.model is None or opts.train is None or opts.query is None:
+        raise GhostprojError("evaluate needs a model, training data and query data.")
+    part, num_parts, under_torchrun = _parts(opts)
+    ctx = _load(opts)
+    out = Path(opts.out)
+    if under_torchrun:
+        import torch.distributed as td
+
+        if part == 0:
+            _claim(out, ctx.config)
+        td.barrier()  # rank 0 has claimed the directory
+    _claim(out, ctx.config)
+    members = subset_members(len(ctx.train), opts.subsets, opts.fraction, opts.seed)
+    result = EvaluateResult(out, opts.subsets, len(ctx.train), len(ctx.query))
+    result.trained = _train_subsets(ctx, opts, members, list(range(part, opts.subsets, num_parts)), out)
+    if under_torchrun:
+        td.barrier()  # every rank's subsets are on disk
+        if part != 0:
+            result.finished = False
+            return result
+    elif num_parts > 1:
+        result.finished = False
+        return result
+    losses = np.stack([_retrained_losses(ctx, members[s], opts.recipe,
+                                         out / "subsets" / f"subset-{s:04d}.safetensors")[0].numpy()
+                       for s in range(opts.subsets)])
+    dirs, full = _checkpoints(ctx, opts, out)
+    runs = _project(opts, dirs, out)
+    result.settings, matrices = _settings(opts, runs, members, losses, ctx)
+    result.best = max(result.settings, key=lambda s: s.lds.value)
+    result.baseline = next((s for s in result.settings if (s.metric, s.normalize, s.checkpoints) == ("dot", "none", 1)),
+                           None)
+    compared = [result.best] + ([result.baseline] if result.baseline not in (None, result.best) else [])
+    if result.baseline is not None and result.baseline is not result.best:
+        result.difference = difference_interval(result.best.lds, result.baseline.lds)
+    result.removal = _removal(ctx, opts, matrices, compared, full, out)
+    write_report(result, out / "lds.json")
+    result.plot = plot_report(result, out / "lds.png", result.notes)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def write_report(result: EvaluateResult, path: Path) -> None:
+    """Every setting's LDS, interval and per-query values, the comparison and the removals."""
+    doc = {
+        "subsets": result.subsets, "train_examples": result.n_train, "queries": result.n_query,
+        "settings": [{"metric": s.metric, "normalize": s.normalize, "checkpoints": s.checkpoints,
+                      "lds": s.lds.value, "interval95": [s.lds.low, s.lds.high],
+                      "per_query": [None if np.isnan(v) else float(v) for v in s.lds.per_query]}
+                     for s in result.settings],
+        "best": result.best.name if result.best else None,
+        "baseline": result.baseline.name if result.baseline else None,
+        "best_minus_baseline": list(result.difference) if result.difference else None,
+        "removal": result.removal,
+    }
+    atomic_write(path, (json.dumps(doc, indent=1) + "\n").encode())
+
+
+def plot_report(result: EvaluateResult, path: Path, notes: list[str]) -> Path | None:
+    """A bar per setting with its 95% interval, as PNG (needs matplotlib: the plot extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        notes.append("No PNG plot: matplotlib is not installed (pip install 'ghostproj[plot]').")
+        return None
+    labels = [f"{s.metric}/{s.normalize}/{s.checkpoints}" for s in result.settings]
+    values = np.array([s.lds.value for s in result.settings])
+    errors = np.array([[s.lds.value - s.lds.low for s in result.settings],
+                       [s.lds.high - s.lds.value for s in result.settings]])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(labels) + 2), 4.0))
+    ax.bar(range(len(labels)), values, yerr=errors, capsize=3, color="#4c72b0")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("LDS (mean Spearman over queries)")
+    ax.set_title(f"LDS over {result.subsets} subset models, {result.n_query} queries (95% bootstrap intervals)",
+                 fontsize=9)
+    ax.axhline(0.0, color="black", linewidth=0.5)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,79 @@
+"""Fine-tuning copies of one model on subsets of a training set, and measuring query losses
+under them: the counterfactuals that attribution scores are checked against."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..data.batching import Example, collate
+from ..engines.losses import causal_lm_losses
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How every model of an evaluation is fine-tuned: AdamW, linear decay to zero over
+    ``epochs`` passes in a seeded order. Each subset model uses the same seed, so subsets
+    differ in their data, not in their dropout masks' seed."""
+
+    epochs: int = 2
+    lr: float = 1e-3
+    batch_size: int = 16
+    seed: int = 0
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+def _batches(n: int, recipe: Recipe) -> list[list[int]]:
+    g = torch.Generator().manual_seed(recipe.seed)
+    out = []
+    for _ in range(recipe.epochs):
+        order = torch.randperm(n, generator=g).tolist()
+        out += [order[i : i + recipe.batch_size] for i in range(0, n, recipe.batch_size)]
+    return out
+
+
+def fine_tune(model, base_state: dict, examples: list[Example], recipe: Recipe, pad_id: int,
+              checkpoints: int = 0) -> list[dict]:
+    """Reset ``model`` to ``base_state`` and fine-tune it on ``examples`` (mean token loss
+    per example, averaged over the batch). Returns the weights at ``checkpoints`` evenly
+    spaced steps (the last one is the end of training); none when 0."""
+    model.load_state_dict(base_state)
+    device = next(model.parameters()).device
+    live = [e for e in examples if e.n_label_positions > 0]
+    batches = _batches(len(live), recipe) if live else []
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
+    total = max(1, len(batches))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)
+    marks = {round(total * (c + 1) / checkpoints) for c in range(checkpoints)} if checkpoints else set()
+    saved = []
+    torch.manual_seed(recipe.seed)  # dropout masks
+    model.train()
+    for step, rows in enumerate(batches, start=1):
+        batch = collate([live[r] for r in rows], pad_id).to(device)
+        losses, _ = causal_lm_losses(model(**batch.model_inputs()).logits, batch.labels, "mean")
+        optimizer.zero_grad(set_to_none=True)
+        losses.mean().backward()
+        optimizer.step()
+        schedule.step()
+        if step in marks:
+            saved.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    model.eval()
+    if checkpoints and not batches:
+        saved = [{k: v.detach().clone() for k, v in model.state_dict().items()}] * checkpoints
+    return saved
+
+
+@torch.no_grad()
+def query_losses(model, examples: list[Example], pad_id: int, batch_size: int = 64) -> torch.Tensor:
+    """Each example's mean token loss [M] (float64) under ``model`` in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], pad_id).to(device)
+        losses, _ = causal_lm_losses(model(**batch.model_inputs()).logits, batch.labels, "mean")
+        out.append(losses.double().cpu())
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)

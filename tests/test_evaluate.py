@@ -1,0 +1,211 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import run_cli, write_jsonl
+from test_scoring import reference
+
+from ghostproj.scoring import score
+from ghostproj.scoring.lds import (
+    average_ranks,
+    estimate_lds,
+    lds_per_query,
+    resamples,
+    spearman_columns,
+)
+
+
+def test_average_ranks_share_ties_and_spearman_is_pearson_of_ranks():
+    a = np.array([[3.0], [1.0], [3.0], [2.0]])
+    assert average_ranks(a)[:, 0].tolist() == [3.5, 1.0, 3.5, 2.0]
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 4)), rng.normal(size=(20, 4))
+    y[:, 1] = x[:, 1] ** 3  # monotone: exactly 1
+    rho = spearman_columns(x, y)
+    assert rho[1] == pytest.approx(1.0)
+    for j in range(4):
+        rx, ry = average_ranks(x)[:, j], average_ranks(y)[:, j]
+        assert rho[j] == pytest.approx(np.corrcoef(rx, ry)[0, 1])
+    assert np.isnan(spearman_columns(x, np.ones((20, 4)))).all()  # a constant outcome has no correlation
+
+
+def _members(subsets, n, rng):
+    m = np.zeros((subsets, n), dtype=bool)
+    for s in range(subsets):
+        m[s, rng.choice(n, n // 2, replace=False)] = True
+    return m
+
+
+def test_the_exact_datamodel_of_a_linear_model_has_lds_one_and_random_scores_none():
+    """Least squares, one small gradient step from w0 on each subset: the query losses move by
+    -lr * sum_{i in S} grad_j . grad_i to first order, so gradient dot products are the
+    exact datamodel (LDS 1), and unrelated scores get LDS about 0."""
+    rng = np.random.default_rng(1)
+    n, m, d, subsets, lr = 200, 30, 8, 32, 1e-4
+    x, y = rng.normal(size=(n, d)), rng.normal(size=n)
+    xq, yq = rng.normal(size=(m, d)), rng.normal(size=m)
+    w0 = rng.normal(size=d)
+    grad_train = (x @ w0 - y)[:, None] * x  # d/dw of (x.w - y)^2 / 2
+    grad_query = (xq @ w0 - yq)[:, None] * xq
+    members = _members(subsets, n, rng)
+    losses = np.empty((subsets, m))
+    for s in range(subsets):
+        w = w0 - lr * grad_train[members[s]].sum(axis=0)
+        losses[s] = 0.5 * (xq @ w - yq) ** 2
+    draws = resamples(subsets, m, 200, 0)
+    exact = estimate_lds(grad_train @ grad_query.T, members, losses, draws)
+    assert exact.value > 0.99 and exact.low <= 1.0 <= exact.high + 1e-9
+    unrelated = estimate_lds(rng.normal(size=(n, m)), members, losses, draws)
+    assert unrelated.low < 0.0 < unrelated.high
+    flipped = estimate_lds(-grad_train @ grad_query.T, members, losses, draws)
+    assert flipped.value < -0.99  # the sign convention: a positive score lowers the query's loss
+
+
+def test_lds_matches_the_known_spearman_of_correlated_normal_outcomes():
+    """Outcomes whose Pearson correlation with the prediction is rho: the expected Spearman
+    over S subsets is 6/(pi (S+1)) (asin(rho) + (S-2) asin(rho/2)); the estimate's interval
+    holds it."""
+    rng = np.random.default_rng(2)
+    n, m, subsets, rho = 400, 300, 32, 0.6
+    scores = rng.normal(size=(n, m))
+    members = _members(subsets, n, rng)
+    pred = members.astype(float) @ scores
+    z = (pred - pred.mean(0)) / pred.std(0)
+    outcome = rho * z + math.sqrt(1 - rho ** 2) * rng.normal(size=z.shape)
+    est = estimate_lds(scores, members, -outcome, resamples(subsets, m, 300, 0))
+    expected = 6 / (math.pi * (subsets + 1)) * (math.asin(rho) + (subsets - 2) * math.asin(rho / 2))
+    assert est.low <= expected <= est.high
+    assert np.allclose(est.per_query, lds_per_query(scores, members, -outcome))
+
+
+@pytest.fixture(scope="module")
+def checkpoint_runs(tmp_path_factory, gpt2_dir, data_file):
+    """The score tests' two runs, at the saved model and at a perturbed copy of it."""
+    from transformers import GPT2LMHeadModel
+
+    d = tmp_path_factory.mktemp("ckpt")
+    other = d / "model2"
+    model = GPT2LMHeadModel.from_pretrained(gpt2_dir)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(other)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(gpt2_dir).save_pretrained(other)
+    qdata = d / "query.jsonl"
+    write_jsonl(qdata, [{"text": t} for t in ("the cat sat on the mat", "the bank raised rates", "bake the bread")])
+    pairs = []
+    for name, model_dir in (("a", gpt2_dir), ("b", other)):
+        train, query = d / f"{name}-train", d / f"{name}-query"
+        for args in (["--data", data_file, "--out", train, "--shard-size", "3", "--rank", "16",
+                      "--layers", "c_attn,c_fc"], ["--data", qdata, "--out", query, "--like", train]):
+            assert run_cli(["project", "--model", model_dir, "--max-length", "24", *args])[0] == 0
+        pairs.append((train, query))
+    return pairs
+
+
+@pytest.mark.parametrize("metric,normalize,center", [("dot", "none", False), ("cosine", "layer", False),
+                                                     ("influence", "none", False), ("dot", "unit", True)])
+def test_checkpoint_ensemble_scores_are_the_sum_of_each_checkpoints_scores(checkpoint_runs, metric, normalize,
+                                                                           center):
+    (ta, qa), (tb, qb) = checkpoint_runs
+    res = score([ta, tb], [qa, qb], metric=metric, normalize=normalize, center=center, keep_matrix=True, top_k=2,
+                reduce="mean", chunk_rows=2)
+    ref = reference(ta, qa, metric, normalize, center) + reference(tb, qb, metric, normalize, center)
+    assert (res.scores.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+    single = score(ta, qa, metric=metric, normalize=normalize, center=center, keep_matrix=True)
+    assert not torch.allclose(single.scores, res.scores)  # the second checkpoint counts
+    for j in range(ref.shape[1]):
+        assert torch.allclose(res.topk_scores[j], res.scores[torch.argsort(res.scores[:, j], descending=True)[:2], j])
+
+
+def test_checkpoint_ensembles_refuse_what_does_not_add_up(capsys, checkpoint_runs):
+    (ta, qa), (tb, qb) = checkpoint_runs
+    code, _, err = run_cli(["score", ta, qa, tb], capsys)
+    assert code == 2 and "even number" in err
+    code, _, err = run_cli(["score", ta, qa, tb, tb], capsys)  # the training set as checkpoint 2's queries
+    assert code == 2 and "query run holds other examples" in err
+    code, _, err = run_cli(["score", ta, qa, tb, qb, "--metric", "influence-full"], capsys)
+    assert code == 2 and "influence-full" in err
+    code, _, err = run_cli(["score", ta, qa, tb, qb, "--top-k", "2"], capsys)
+    assert code == 0, err
+
+
+def _evaluate_args(gpt2_dir, data_file, query_file, out, *extra):
+    return ["evaluate", "--model", gpt2_dir, "--train", data_file, "--query", query_file, "--out", out,
+            "--subsets", "5", "--epochs", "1", "--checkpoints", "2", "--replicates", "50", "--rank", "16",
+            "--max-length", "24", "--removal-queries", "2", "--removal-k", "2", "--batch-size", "4", *extra]
+
+
+@pytest.fixture(scope="module")
+def query_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("evq") / "query.jsonl"
+    write_jsonl(path, [{"text": t} for t in ("the cat sat on the mat", "", "the bank raised rates again",
+                                              "bake the bread for an hour", "planets orbit the sun")])
+    return path
+
+
+def test_evaluate_reports_every_setting_and_resumes_without_retraining(capsys, tmp_path, gpt2_dir, data_file,
+                                                                        query_file):
+    out = tmp_path / "ev"
+    code, text, err = run_cli(_evaluate_args(gpt2_dir, data_file, query_file, out, "--num-parts", "2", "--part", "1"),
+                              capsys)
+    assert code == 0, err
+    assert "trained 2 subset model(s)" in text  # subsets 1 and 3
+    assert sorted(p.name for p in (out / "subsets").iterdir()) == ["subset-0001.safetensors",
+                                                                   "subset-0003.safetensors"]
+    assert not (out / "lds.json").exists()
+    code, text, err = run_cli(_evaluate_args(gpt2_dir, data_file, query_file, out), capsys)
+    assert code == 0, err
+    assert "3 subset model(s) trained now" in text
+    report = json.loads((out / "lds.json").read_text())
+    assert report["queries"] == 4  # the empty query has no label token
+    got = {(s["metric"], s["normalize"], s["checkpoints"]) for s in report["settings"]}
+    assert got == {(m, n, c) for m in ("cosine", "dot", "influence") for n in ("none", "layer") for c in (1, 2)}
+    for s in report["settings"]:
+        assert s["interval95"][0] <= s["lds"] <= s["interval95"][1] and len(s["per_query"]) == 4
+    assert report["removal"][0]["setting"] == "random" and len(report["removal"]) >= 2
+    assert (out / "lds.png").stat().st_size > 1000
+    (out / "subsets" / "subset-0002.safetensors").unlink()
+    code, text, err = run_cli(_evaluate_args(gpt2_dir, data_file, query_file, out), capsys)
+    assert code == 0, err
+    assert "1 subset model(s) trained now" in text
+    assert json.loads((out / "lds.json").read_text()) == report  # retraining is deterministic
+
+
+def test_evaluate_bad_inputs_get_one_sentence(capsys, tmp_path, gpt2_dir, data_file, query_file):
+    silent = tmp_path / "silent.jsonl"
+    write_jsonl(silent, [{"text": ""}, {"text": "a"}])
+    cases = [
+        (["--fraction", "1.5"], "--fraction must be between 0 and 1"),
+        (["--fraction", "0"], "--fraction must be between 0 and 1"),
+        (["--subsets", "3"], "too few"),
+        (["--metrics", "cosine,nope"], "Unknown --metrics entry 'nope'"),
+        (["--normalize", "weird"], "Unknown --normalize entry 'weird'"),
+        (["--part", "2", "--num-parts", "2"], "--part must be in 0..1"),
+    ]
+    for extra, message in cases:
+        args = _evaluate_args(gpt2_dir, data_file, query_file, tmp_path / "bad", *extra)
+        if "--subsets" in extra:
+            i = args.index("--subsets")
+            del args[i : i + 2]
+        code, _, err = run_cli(args, capsys)
+        assert code == 2 and message in err, (extra, err)
+        assert "Traceback" not in err
+    args = _evaluate_args(gpt2_dir, data_file, silent, tmp_path / "bad2")
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "no example with a label token" in err
+    out = tmp_path / "ev"
+    assert run_cli(_evaluate_args(gpt2_dir, data_file, query_file, out, "--num-parts", "5", "--part", "0"),
+                   capsys)[0] == 0
+    code, _, err = run_cli(_evaluate_args(gpt2_dir, data_file, query_file, out, "--fraction", "0.4"), capsys)
+    assert code == 2 and "other settings (fraction differ)" in err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    code, _, err = run_cli(_evaluate_args(gpt2_dir, data_file, query_file, tmp_path / "full"), capsys)
+    assert code == 2 and "not an evaluation" in err
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
