@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import run_cli, write_jsonl
+from helpers import needs_torchrun, run_cli, torchrun, write_jsonl
 from test_scoring import reference
 
 from ghostproj.scoring import score
@@ -209,3 +209,16 @@ def test_evaluate_bad_inputs_get_one_sentence(capsys, tmp_path, gpt2_dir, data_f
     code, _, err = run_cli(_evaluate_args(gpt2_dir, data_file, query_file, tmp_path / "full"), capsys)
     assert code == 2 and "not an evaluation" in err
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+@needs_torchrun
+def test_torchrun_ranks_train_their_subsets_and_rank_0_reports_what_one_process_does(capsys, tmp_path, gpt2_dir,
+                                                                                     data_file, query_file):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_cli(_evaluate_args(gpt2_dir, data_file, query_file, one, "--removal-queries", "0"), capsys)[0] == 0
+    proc = torchrun(2, _evaluate_args(gpt2_dir, data_file, query_file, two, "--removal-queries", "0")[:] + ["--device",
+                                                                                                         "cpu"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list((two / "subsets").iterdir())) == 5
+    a, b = (json.loads((d / "lds.json").read_text()) for d in (one, two))
+    assert [s["lds"] for s in a["settings"]] == pytest.approx([s["lds"] for s in b["settings"]], abs=1e-9)

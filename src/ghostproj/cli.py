@@ -199,6 +199,9 @@ PROJECT_OPTIONS = {
     "token_budget": _opt(help="Batch by length buckets up to N padded tokens.", panel=RUN,
                          default="fixed --batch-size"),
     "compile": _opt("--compile", help="torch.compile the model (pays on long runs).", panel=RUN),
+    "optimizer_state": _opt(help="Adam moments (safetensors, or a torch optimizer checkpoint): project each "
+                                 "example's Adam update direction instead of its gradient.", panel=PROJECTION,
+                            default="raw gradients"),
     "num_shards": _opt(help="Job arrays: split the examples into this many parts.", panel=RUN),
     "shard_id": _opt(help="Job arrays: the part to project (then inspect --merge).", panel=RUN),
 }
@@ -643,6 +646,9 @@ def _report_evaluate(res) -> None:
     from rich.table import Table
 
     con = _console()
+    if not res.finished and res.rank is not None:
+        con.print(f"rank {res.rank}: trained {res.trained} subset model(s); rank 0 reports.")
+        return
     if not res.finished:
         con.print(f"[green]done[/green]: trained {res.trained} subset model(s) of {res.subsets} into "
                   f"{_escape(res.out)}; run evaluate again without --part (same options) to report.")
@@ -660,6 +666,10 @@ def _report_evaluate(res) -> None:
         d, lo, hi = res.difference
         con.print(f"best: {res.best.name}: LDS {res.best.lds.value:.3f}; raw dot products (1 checkpoint) "
                   f"{res.baseline.lds.value:.3f}; difference {d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    if res.ensemble_gain is not None:
+        d, lo, hi = res.ensemble_gain
+        con.print(f"{res.best.metric}, --normalize {res.best.normalize}: all checkpoints against the final one "
+                  f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
     for row in res.removal:
         con.print(f"removing each of {row['queries']} queries' top {row['k']} ({row['setting']}): mean query-loss "
                   f"change {row['mean_loss_change']:+.4f}")

@@ -106,9 +106,11 @@ class EvaluateResult:
     settings: list[Setting] = field(default_factory=list)
     best: Setting | None = None
     baseline: Setting | None = None
-    difference: tuple[float, float, float] | None = None
+    difference: tuple[float, float, float] | None = None  # best - baseline, with its interval
+    ensemble_gain: tuple[float, float, float] | None = None  # all checkpoints - the final one, best's scoring
     removal: list[dict] = field(default_factory=list)
-    finished: bool = True  # False: a part that trained its subsets only
+    finished: bool = True  # False: a part that trained its subsets only, or a torchrun rank other than 0
+    rank: int | None = None  # the torchrun rank
     plot: Path | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -262,10 +264,14 @@ def _train_subsets(ctx: _Context, opts: EvaluateOptions, members: np.ndarray, mi
     return trained
 
 
+def _checkpoint_dirs(opts: EvaluateOptions, out: Path) -> list[Path]:
+    return [out / "checkpoints" / f"ckpt-{c + 1}" for c in range(opts.checkpoints)]
+
+
 def _checkpoints(ctx: _Context, opts: EvaluateOptions, out: Path) -> tuple[list[Path], torch.Tensor]:
     """The whole-set fine-tuning run's evenly spaced checkpoints (saved once) and the query
     losses of its final model."""
-    dirs = [out / "checkpoints" / f"ckpt-{c + 1}" for c in range(opts.checkpoints)]
+    dirs = _checkpoint_dirs(opts, out)
     full = _cached_losses(out / "full.safetensors", len(ctx.query))
     if full is not None and all((d / "READY").exists() for d in dirs):
         return dirs, full
@@ -392,21 +398,25 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
         td.barrier()  # rank 0 has claimed the directory
     _claim(out, ctx.config)
     members = subset_members(len(ctx.train), opts.subsets, opts.fraction, opts.seed)
-    result = EvaluateResult(out, opts.subsets, len(ctx.train), len(ctx.query))
+    result = EvaluateResult(out, opts.subsets, len(ctx.train), len(ctx.query), rank=part if under_torchrun else None)
     result.trained = _train_subsets(ctx, opts, members, list(range(part, opts.subsets, num_parts)), out)
+    if not under_torchrun and num_parts > 1:
+        result.finished = False
+        return result
     if under_torchrun:
         td.barrier()  # every rank's subsets are on disk
-        if part != 0:
-            result.finished = False
-            return result
-    elif num_parts > 1:
+    if part == 0:
+        dirs, full = _checkpoints(ctx, opts, out)
+    if under_torchrun:
+        td.barrier()  # the checkpoints are saved: every rank projects its share of the examples
+        dirs = _checkpoint_dirs(opts, out)
+    runs = _project(opts, dirs, out)
+    if part != 0:
         result.finished = False
         return result
     losses = np.stack([_retrained_losses(ctx, members[s], opts.recipe,
                                          out / "subsets" / f"subset-{s:04d}.safetensors")[0].numpy()
                        for s in range(opts.subsets)])
-    dirs, full = _checkpoints(ctx, opts, out)
-    runs = _project(opts, dirs, out)
     result.settings, matrices = _settings(opts, runs, members, losses, ctx)
     result.best = max(result.settings, key=lambda s: s.lds.value)
     result.baseline = next((s for s in result.settings if (s.metric, s.normalize, s.checkpoints) == ("dot", "none", 1)),
@@ -414,6 +424,10 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
     compared = [result.best] + ([result.baseline] if result.baseline not in (None, result.best) else [])
     if result.baseline is not None and result.baseline is not result.best:
         result.difference = difference_interval(result.best.lds, result.baseline.lds)
+    if opts.checkpoints > 1:
+        same = {s.checkpoints: s for s in result.settings
+                if (s.metric, s.normalize) == (result.best.metric, result.best.normalize)}
+        result.ensemble_gain = difference_interval(same[opts.checkpoints].lds, same[1].lds)
     result.removal = _removal(ctx, opts, matrices, compared, full, out)
     write_report(result, out / "lds.json")
     result.plot = plot_report(result, out / "lds.png", result.notes)
@@ -432,6 +446,7 @@ def write_report(result: EvaluateResult, path: Path) -> None:
         "best": result.best.name if result.best else None,
         "baseline": result.baseline.name if result.baseline else None,
         "best_minus_baseline": list(result.difference) if result.difference else None,
+        "all_checkpoints_minus_final": list(result.ensemble_gain) if result.ensemble_gain else None,
         "removal": result.removal,
     }
     atomic_write(path, (json.dumps(doc, indent=1) + "\n").encode())

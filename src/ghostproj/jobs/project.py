@@ -15,6 +15,7 @@ import torch
 
 from ..data.batching import Example
 from ..data.readers import DataSpec, LoadedData, load_examples
+from ..data.records import file_sha256
 from ..distributed import (
     device_for_this_process,
     distributed_rank,
@@ -95,6 +96,7 @@ class ProjectOptions:
     resume: bool = True
     verify: bool = False  # on resume or rerun, hash every shard, not only the last one
     compile: bool = False  # torch.compile the model with the engine attached: one graph, no break per layer
+    optimizer_state: str | None = None  # Adam moments: project update directions, not raw gradients (LESS)
     show_progress: bool = True
 
 
@@ -157,6 +159,9 @@ def _check_choices(opts: ProjectOptions, values: dict) -> None:
         raise GhostprojError(f"--max-length must be at least 2, got {opts.max_length}.")
     if opts.batch_size < 1:
         raise GhostprojError(f"--batch-size must be at least 1, got {opts.batch_size}.")
+    if opts.optimizer_state and (opts.compile or opts.include_embeddings):
+        raise GhostprojError("--optimizer-state works with Linear / Conv1D layers in eager mode: drop --compile and "
+                             "--include-embeddings.")
     if opts.token_budget is not None and opts.token_budget < 1:
         raise GhostprojError(f"--token-budget must be at least 1, got {opts.token_budget}.")
     if opts.shard_size < 1:
@@ -164,11 +169,16 @@ def _check_choices(opts: ProjectOptions, values: dict) -> None:
 
 
 def build_engine(model, opts: ProjectOptions, values: dict, like: dict | None) -> GradProjectionEngine:
+    engine_class, extra = GradProjectionEngine, {}
+    if opts.optimizer_state:
+        from ..engines.adam import AdamDirectionEngine
+
+        engine_class, extra = AdamDirectionEngine, {"optimizer_state": opts.optimizer_state}
     if like is None:
         layers = opts.layers
         if layers is None and opts.adapter:
             layers = [ADAPTER_LAYERS]  # with an adapter, its LoRA matrices are what was trained
-        return GradProjectionEngine(
+        return engine_class(
             model,
             layers,
             rank=values["rank"],
@@ -179,6 +189,7 @@ def build_engine(model, opts: ProjectOptions, values: dict, like: dict | None) -
             seed=values["seed"],
             bias=values["bias"],
             include_embeddings=opts.include_embeddings,
+            **extra,
         )
     names = [layer["name"] for layer in like["layers"]]
     modules = dict(model.named_modules())
@@ -189,7 +200,7 @@ def build_engine(model, opts: ProjectOptions, values: dict, like: dict | None) -
     widths = {layer["name"]: (int(layer["n_in"]), int(layer["n_out"])) for layer in like["layers"]}
     matrices = load_projectors(Path(opts.like) / PROJECTOR_FILE, names, {n: (ranks[n], widths[n]) for n in names})
     projectors = {n: LayerProjector(p_in, p_out) for n, (p_in, p_out) in matrices.items()}
-    engine = GradProjectionEngine(
+    return engine_class(
         model,
         ["re:^" + re.escape(n) + "$" for n in names],
         projector=values["projector"],
@@ -197,8 +208,8 @@ def build_engine(model, opts: ProjectOptions, values: dict, like: dict | None) -
         bias=values["bias"],
         ranks=ranks,
         projectors=projectors,
+        **extra,
     )
-    return engine
 
 
 def run_project(opts: ProjectOptions, summary: ProjectSummary | None = None) -> ProjectSummary:
@@ -298,9 +309,13 @@ def _data_record(inputs: _Inputs) -> dict:
 
 def _settings(opts: ProjectOptions, inputs: _Inputs) -> dict:
     """What a resumed run must share with the run it continues, beyond the fingerprint."""
-    return {"max_length": inputs.max_length, "data_spec": inputs.spec.describe(), "store_dtype": opts.store_dtype,
-            "shard_size": opts.shard_size, "batch_size": opts.batch_size, "token_budget": opts.token_budget,
-            "dtype": opts.dtype}
+    settings = {"max_length": inputs.max_length, "data_spec": inputs.spec.describe(), "store_dtype": opts.store_dtype,
+                "shard_size": opts.shard_size, "batch_size": opts.batch_size, "token_budget": opts.token_budget,
+                "dtype": opts.dtype}
+    if opts.optimizer_state:  # the vectors are Adam directions under these moments
+        settings["optimizer_state"] = {"path": str(Path(opts.optimizer_state).resolve()),
+                                       "sha256": file_sha256(opts.optimizer_state)}
+    return settings
 
 
 def build_manifest(*, parts: dict, model: dict, data: dict, loss_reduction: str, bias: bool,
