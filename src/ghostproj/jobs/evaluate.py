@@ -181,6 +181,7 @@ def _load(opts: EvaluateOptions) -> _Context:
         "train_sha256": train_data.sha256, "query_sha256": query_data.sha256,
         "fields": opts.fields, "max_length": max_length, "recipe": opts.recipe.describe(),
         "subsets": opts.subsets, "fraction": opts.fraction, "checkpoints": opts.checkpoints,
+        "layers": opts.layers, "rank": opts.rank,
     }
     return _Context(model, tokenizer, base, pad_token_id(tokenizer), train_data.examples, query,
                     [e.index for e in query], config)
@@ -355,15 +356,16 @@ def _removal(ctx: _Context, opts: EvaluateOptions, matrices: dict, compared: lis
     for setting in [None] + compared:
         deltas = []
         for j in picked:
-            keep = np.ones(n, dtype=bool)
             if setting is None:
-                keep[np.random.default_rng([opts.seed, 2, int(j)]).choice(n, size=k, replace=False)] = False
-                tag = f"random-q{j}"
+                removed = np.random.default_rng([opts.seed, 2, int(j)]).choice(n, size=k, replace=False)
             else:
                 m = matrices[(setting.metric, setting.normalize, setting.checkpoints)]
-                keep[np.argsort(-m[:, j], kind="stable")[:k]] = False
-                tag = f"{setting.metric}-{setting.normalize}-{setting.checkpoints}-q{j}"
-            losses, _ = _retrained_losses(ctx, keep, opts.recipe, out / "removal" / f"{tag}.safetensors")
+                removed = np.argsort(-m[:, j], kind="stable")[:k]
+            keep = np.ones(n, dtype=bool)
+            keep[removed] = False
+            # cached under the removed set itself: settings that remove the same examples share it
+            tag = hashlib.sha256(np.sort(removed).astype(np.int64).tobytes()).hexdigest()[:16]
+            losses, _ = _retrained_losses(ctx, keep, opts.recipe, out / "removal" / f"q{j}-{tag}.safetensors")
             deltas.append(float(losses[j] - full[j]))
         rows.append({"setting": "random" if setting is None else setting.name, "k": k, "queries": len(picked),
                      "mean_loss_change": float(np.mean(deltas)), "per_query": deltas})

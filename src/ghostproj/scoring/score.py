@@ -77,7 +77,9 @@ def score(
 ) -> ScoreResult:
     """Score every training vector against every query vector.
 
-    ``train``/``query``: run directories or shard files (or opened :class:`Run` objects).
+    ``train``/``query``: run directories or shard files (or opened :class:`Run` objects);
+    or equal-length lists of them, one pair per checkpoint of a fine-tuning run (a
+    checkpoint ensemble): each pair is transformed on its own and the scores are summed.
     ``normalize`` defaults to ``layer`` (each layer's block to unit norm before the blocks
     are combined), which ranked best on real data (README, "Choosing a metric"); ``none``
     keeps the raw vectors. Cosine always ends with a unit normalization.
