@@ -528,6 +528,22 @@ def fisher(
     _status().print(f"[green]wrote[/green] {_escape(out)}: {what}{result.count} rows, {len(result.sums)} block(s)")
 
 
+def _demo_in_place(options: dict, query_key: str) -> bool:
+    """Put the embedded demo's model, training set and queries where they were not given
+    (all three, or the data only around a --model); True when the demo is used."""
+    if options["model"] is not None and options["train"] is not None and options[query_key] is not None:
+        return False
+    if options["model"] is not None:
+        raise GhostprojError(f"--model was given without --train and --{query_key}.")
+    from .jobs.demo import ensure_demo
+
+    assets = ensure_demo(lambda m: _status().print(f"[dim]{m}[/dim]"))
+    options["model"] = str(assets.model)
+    options["train"] = options["train"] or str(assets.train)
+    options[query_key] = options[query_key] or str(assets.query)
+    return True
+
+
 INRUN_OPTIONS = {
     "model": _info(ModelOpt),
     "train": _info(TrainOpt),
@@ -560,17 +576,8 @@ def inrun(**options) -> None:
 
     show = options.pop("show")
     options["uncovered"] = "freeze" if options.pop("freeze_uncovered") else "error"
-    if options["model"] is None or options["train"] is None or options["val"] is None:
-        if options["model"] is not None:
-            raise GhostprojError("--model was given without --train and --val.")
-        from .jobs.demo import ensure_demo
-
-        assets = ensure_demo(lambda m: _status().print(f"[dim]{m}[/dim]"))
-        options["model"] = str(assets.model)
-        options["train"] = options["train"] or str(assets.train)
-        options["val"] = options["val"] or str(assets.query)
-        if options["val_size"] is None:
-            options["val_size"] = 16
+    if _demo_in_place(options, "val") and options["val_size"] is None:
+        options["val_size"] = 16
     res = run_inrun(InrunOptions(**options))
     _notes(res.notes)
     _report_inrun(res, show)
@@ -624,15 +631,7 @@ def evaluate(**options) -> None:
     options["metrics"] = _split(options.pop("metrics_list")) or []
     options["normalize"] = _split(options.pop("normalize_list")) or []
     options["layers"] = _split(options["layers"])
-    if options["model"] is None or options["train"] is None or options["query"] is None:
-        if options["model"] is not None:
-            raise GhostprojError("--model was given without --train and --query.")
-        from .jobs.demo import ensure_demo
-
-        assets = ensure_demo(lambda m: _status().print(f"[dim]{m}[/dim]"))
-        options["model"] = str(assets.model)
-        options["train"] = options["train"] or str(assets.train)
-        options["query"] = options["query"] or str(assets.query)
+    _demo_in_place(options, "query")
     res = run_evaluate(EvaluateOptions(**options))
     _notes(res.notes)
     _report_evaluate(res)
