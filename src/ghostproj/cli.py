@@ -544,14 +544,18 @@ def _demo_in_place(options: dict, query_key: str) -> bool:
     return True
 
 
-INRUN_OPTIONS = {
-    "model": _info(ModelOpt),
-    "train": _info(TrainOpt),
-    "val": _info(ValOpt),
+# How a data file's rows become examples: the same flags wherever data is read.
+LAYOUT_OPTIONS = {
     "text_field": _info(TextFieldOpt),
     "prompt_field": _info(PromptFieldOpt),
     "completion_field": _info(CompletionFieldOpt),
     "messages_field": _info(MessagesFieldOpt),
+}
+INRUN_OPTIONS = {
+    "model": _info(ModelOpt),
+    "train": _info(TrainOpt),
+    "val": _info(ValOpt),
+    **LAYOUT_OPTIONS,
     "val_size": _opt(help="Use the first N validation examples.", panel=DATA, default="all; 16 for the demo"),
     "max_length": _info(MaxLengthOpt),
     "out": _opt(help="Output directory (dots, values, final model).", panel=OUTPUT),
@@ -591,10 +595,7 @@ EVALUATE_OPTIONS = {
     "model": _info(ModelOpt),
     "train": _info(TrainOpt),
     "query": _opt(help=_DATA_HELP, panel=DATA, default="the embedded demo queries"),
-    "text_field": _info(TextFieldOpt),
-    "prompt_field": _info(PromptFieldOpt),
-    "completion_field": _info(CompletionFieldOpt),
-    "messages_field": _info(MessagesFieldOpt),
+    **LAYOUT_OPTIONS,
     "max_length": _info(MaxLengthOpt),
     "out": _opt(help="Output directory (cache of every model trained, runs, lds.json, lds.png).", panel=OUTPUT),
     "subsets": _opt(help="Random training subsets, one fine-tuned model each.", panel=RUN),
