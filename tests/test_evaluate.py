@@ -162,6 +162,7 @@ def test_evaluate_reports_every_setting_and_resumes_without_retraining(capsys, t
     code, text, err = run_cli(_evaluate_args(gpt2_dir, data_file, query_file, out), capsys)
     assert code == 0, err
     assert "3 subset model(s) trained now" in text
+    assert "1 of 5 queries have no label token" in err
     report = json.loads((out / "lds.json").read_text())
     assert report["queries"] == 4  # the empty query has no label token
     got = {(s["metric"], s["normalize"], s["checkpoints"]) for s in report["settings"]}

@@ -153,6 +153,7 @@ class _Context:
     query: list[Example]  # with a label position
     query_rows: list[int]  # their rows in the query data
     config: dict
+    notes: list[str] = field(default_factory=list)
 
 
 def _load(opts: EvaluateOptions) -> _Context:
@@ -183,8 +184,13 @@ def _load(opts: EvaluateOptions) -> _Context:
         "subsets": opts.subsets, "fraction": opts.fraction, "checkpoints": opts.checkpoints,
         "layers": opts.layers, "rank": opts.rank,
     }
+    notes = train_data.notes + query_data.notes
+    dropped = len(query_data.examples) - len(query)
+    if dropped:
+        notes.append(f"{dropped} of {len(query_data.examples)} queries have no label token (no loss to predict) and "
+                     "are left out of the LDS.")
     return _Context(model, tokenizer, base, pad_token_id(tokenizer), train_data.examples, query,
-                    [e.index for e in query], config)
+                    [e.index for e in query], config, notes)
 
 
 def _weights_sha(state: dict) -> str:
@@ -400,7 +406,8 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
         td.barrier()  # rank 0 has claimed the directory
     _claim(out, ctx.config)
     members = subset_members(len(ctx.train), opts.subsets, opts.fraction, opts.seed)
-    result = EvaluateResult(out, opts.subsets, len(ctx.train), len(ctx.query), rank=part if under_torchrun else None)
+    result = EvaluateResult(out, opts.subsets, len(ctx.train), len(ctx.query), rank=part if under_torchrun else None,
+                            notes=list(ctx.notes))
     result.trained = _train_subsets(ctx, opts, members, list(range(part, opts.subsets, num_parts)), out)
     if not under_torchrun and num_parts > 1:
         result.finished = False
