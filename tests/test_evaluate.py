@@ -176,6 +176,11 @@ def test_evaluate_reports_every_setting_and_resumes_without_retraining(capsys, t
     assert code == 0, err
     assert "1 subset model(s) trained now" in text
     assert json.loads((out / "lds.json").read_text()) == report  # retraining is deterministic
+    code, text, err = run_cli(_evaluate_args(gpt2_dir, data_file, query_file, out, "--metrics", "dot,inrun"), capsys)
+    assert code == 0, err
+    assert "0 subset model(s) trained now" in text  # other metrics only rescore
+    inrun = [s for s in json.loads((out / "lds.json").read_text())["settings"] if s["metric"] == "inrun"]
+    assert len(inrun) == 1 and -1.0 <= inrun[0]["lds"] <= 1.0
 
 
 def test_evaluate_bad_inputs_get_one_sentence(capsys, tmp_path, gpt2_dir, data_file, query_file):
@@ -223,3 +228,53 @@ def test_torchrun_ranks_train_their_subsets_and_rank_0_reports_what_one_process_
     assert len(list((two / "subsets").iterdir())) == 5
     a, b = (json.loads((d / "lds.json").read_text()) for d in (one, two))
     assert [s["lds"] for s in a["settings"]] == pytest.approx([s["lds"] for s in b["settings"]], abs=1e-9)
+
+
+def test_in_run_scores_match_a_naive_training_loop(gpt2_dir, data_file, query_file):
+    """Per step: lr * <grad l_i, grad l_q> / B from one backward per example at the step's
+    weights, then an AdamW step on the batch's mean loss, exactly as the fine-tuning does."""
+    from ghostproj.data import read_records, tokenize_records
+    from ghostproj.jobs.retrain import Recipe, _batches, in_run_scores
+    from ghostproj.models import load_model
+
+    model, tok = load_model(str(gpt2_dir), device="cpu")
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0  # the reference runs examples one by one: no dropout masks to line up
+    train = tokenize_records(read_records(data_file), tok, 24)
+    queries = [e for e in tokenize_records(read_records(query_file), tok, 24) if e.n_label_positions > 0]
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    recipe = Recipe(epochs=2, lr=1e-2, batch_size=4, seed=1)
+    got = in_run_scores(model, base, train, queries, recipe, 0)
+
+    def grad(example):
+        ids = torch.tensor([example.input_ids])
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(input_ids=ids).logits[0, :-1], ids[0, 1:]).backward()
+        return torch.cat([p.grad.reshape(-1).double() for p in model.parameters()])
+
+    model.load_state_dict(base)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
+    live = [r for r, e in enumerate(train) if e.n_label_positions > 0]
+    batches = _batches(len(live), recipe)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / len(batches))
+    ref = torch.zeros(len(train), len(queries), dtype=torch.float64)
+    for rows in batches:
+        chosen = [live[r] for r in rows]
+        q = torch.stack([grad(e) for e in queries])
+        g = torch.stack([grad(train[i]) for i in chosen])
+        ref[chosen] += opt.param_groups[0]["lr"] * (g @ q.T) / len(chosen)
+        for p, mean_grad in zip(model.parameters(), _split_like(g.mean(0), model)):
+            p.grad = mean_grad.to(p.dtype)
+        opt.step()
+        sched.step()
+    assert ref.abs().max() > 0
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def _split_like(flat, model):
+    out, at = [], 0
+    for p in model.parameters():
+        out.append(flat[at : at + p.numel()].view_as(p))
+        at += p.numel()
+    return out

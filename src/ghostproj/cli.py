@@ -619,7 +619,9 @@ EVALUATE_OPTIONS = {
 }
 _EVALUATE_EXTRA = (
     inspect.Parameter("metrics_list", inspect.Parameter.KEYWORD_ONLY, default="cosine,dot,influence",
-                      annotation=Annotated[str, _opt("--metrics", help="Scoring metrics compared.", panel=SCORING)]),
+                      annotation=Annotated[str, _opt("--metrics", help="Scoring metrics compared: cosine, dot, influence; "
+                                                      "inrun adds the in-run values of the whole-set fine-tuning.",
+                                                      panel=SCORING)]),
     inspect.Parameter("normalize_list", inspect.Parameter.KEYWORD_ONLY, default="none,layer",
                       annotation=Annotated[str, _opt("--normalize", help="Normalizations compared.", panel=SCORING)]),
 )

@@ -34,7 +34,8 @@ from ..scoring.score import METRICS, score
 from ..scoring.transform import NORMALIZATIONS
 from ..store.files import atomic_write
 from ..store.shards import encode_safetensors
-from .retrain import Recipe, fine_tune, query_losses
+from .inrun import MAX_VAL_BATCH
+from .retrain import Recipe, fine_tune, in_run_scores, query_losses
 
 MIN_SUBSETS = 5  # fewer subset models give no usable rank correlation, let alone an interval
 CONFIG = "evaluate.json"
@@ -132,8 +133,8 @@ def _check(opts: EvaluateOptions) -> None:
     if opts.num_parts < 1 or not 0 <= opts.part < opts.num_parts:
         raise GhostprojError(f"--part must be in 0..{opts.num_parts - 1} for --num-parts {opts.num_parts}.")
     for m in opts.metrics:
-        if m not in METRICS or m == "influence-full":
-            raise GhostprojError(f"Unknown --metrics entry '{m}'; choose from cosine, dot, influence.")
+        if m not in METRICS + ("inrun",) or m == "influence-full":
+            raise GhostprojError(f"Unknown --metrics entry '{m}'; choose from cosine, dot, influence, inrun.")
     for n in opts.normalize:
         if n not in NORMALIZATIONS:
             raise GhostprojError(f"Unknown --normalize entry '{n}'; choose from {', '.join(NORMALIZATIONS)}.")
@@ -210,7 +211,7 @@ def _claim(out: Path, config: dict) -> None:
         except (OSError, ValueError):
             raise GhostprojError(f"{path} is unreadable; choose another --out.") from None
         if old != config:
-            changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            changed = sorted(k for k in set(old) | set(config) if (k in old) != (k in config) or old[k] != config[k])
             raise GhostprojError(f"{out} holds an evaluation with other settings ({', '.join(changed)} differ); "
                                  "choose another --out.")
         return
@@ -334,11 +335,17 @@ def _score_matrix(runs, members: list[int], metric: str, normalize: str, damping
     return ordered[:, [column[r] for r in query_rows]].numpy()
 
 
-def _settings(opts: EvaluateOptions, runs, members: np.ndarray, losses: np.ndarray, ctx: _Context):
-    """Every (metric, normalization, ensemble) with its LDS, and the score matrices."""
+def _settings(opts: EvaluateOptions, runs, members: np.ndarray, losses: np.ndarray, ctx: _Context, out: Path):
+    """Every (metric, normalization, ensemble) with its LDS, and the score matrices; the
+    in-run values once (they come from the whole training run, not from checkpoints)."""
     draws = resamples(members.shape[0], losses.shape[1], opts.replicates, opts.seed)
     settings, matrices = [], {}
     for metric in opts.metrics:
+        if metric == "inrun":
+            m = _in_run_matrix(ctx, opts, out)
+            settings.append(Setting("inrun", "none", 1, estimate_lds(m, members, losses, draws)))
+            matrices[("inrun", "none", 1)] = m
+            continue
         for normalize in opts.normalize:
             for size in ensemble_sizes(opts.checkpoints):
                 m = _score_matrix(runs, ensemble_members(size, opts.checkpoints), metric, normalize, opts.damping,
@@ -346,6 +353,27 @@ def _settings(opts: EvaluateOptions, runs, members: np.ndarray, losses: np.ndarr
                 settings.append(Setting(metric, normalize, size, estimate_lds(m, members, losses, draws)))
                 matrices[(metric, normalize, size)] = m
     return settings, matrices
+
+
+def _in_run_matrix(ctx: _Context, opts: EvaluateOptions, out: Path) -> np.ndarray:
+    """[N, M'] in-run values of the whole-set fine-tuning with the queries carried in every
+    step (computed once, cached)."""
+    from safetensors.torch import load_file
+
+    path = out / "inrun.safetensors"
+    if path.exists():
+        try:
+            cached = load_file(str(path))["scores"]
+            if cached.shape == (len(ctx.train), len(ctx.query)):
+                return cached.numpy()
+        except Exception:  # noqa: BLE001  (a damaged cache is recomputed)
+            pass
+    if len(ctx.query) > MAX_VAL_BATCH:
+        raise GhostprojError(f"--metrics inrun carries every query in each training step; {len(ctx.query)} queries "
+                             f"is more than the {MAX_VAL_BATCH} allowed (use fewer queries or drop inrun).")
+    scores = in_run_scores(ctx.model, ctx.base, ctx.train, ctx.query, opts.recipe, ctx.pad)
+    atomic_write(path, encode_safetensors({"scores": scores}))
+    return scores.numpy()
 
 
 def _removal(ctx: _Context, opts: EvaluateOptions, matrices: dict, compared: list[Setting], full: torch.Tensor,
@@ -426,14 +454,14 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
     losses = np.stack([_retrained_losses(ctx, members[s], opts.recipe,
                                          out / "subsets" / f"subset-{s:04d}.safetensors")[0].numpy()
                        for s in range(opts.subsets)])
-    result.settings, matrices = _settings(opts, runs, members, losses, ctx)
+    result.settings, matrices = _settings(opts, runs, members, losses, ctx, out)
     result.best = max(result.settings, key=lambda s: s.lds.value)
     result.baseline = next((s for s in result.settings if (s.metric, s.normalize, s.checkpoints) == ("dot", "none", 1)),
                            None)
     compared = [result.best] + ([result.baseline] if result.baseline not in (None, result.best) else [])
     if result.baseline is not None and result.baseline is not result.best:
         result.difference = difference_interval(result.best.lds, result.baseline.lds)
-    if opts.checkpoints > 1:
+    if opts.checkpoints > 1 and result.best.metric != "inrun":
         same = {s.checkpoints: s for s in result.settings
                 if (s.metric, s.normalize) == (result.best.metric, result.best.normalize)}
         result.ensemble_gain = difference_interval(same[opts.checkpoints].lds, same[1].lds)

@@ -77,3 +77,43 @@ def query_losses(model, examples: list[Example], pad_id: int, batch_size: int = 
         losses, _ = causal_lm_losses(model(**batch.model_inputs()).logits, batch.labels, "mean")
         out.append(losses.double().cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
+
+
+def in_run_scores(model, base_state: dict, examples: list[Example], queries: list[Example], recipe: Recipe,
+                  pad_id: int) -> torch.Tensor:
+    """In-run attribution [N, M] (float64): the whole-set fine-tuning of :func:`fine_tune`
+    with every query carried in each step, summing lr_t * <grad l_i, grad l_q> over the
+    steps that drew example i (the first-order drop in query q's loss that the example's
+    updates caused). Rows of examples with no label position stay 0."""
+    from ..engines.dotprod import GradDotProdEngine
+
+    model.load_state_dict(base_state)
+    device = next(model.parameters()).device
+    live = [r for r, e in enumerate(examples) if e.n_label_positions > 0]
+    batches = _batches(len(live), recipe)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
+    total = max(1, len(batches))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)
+    scores = torch.zeros(len(examples), len(queries), dtype=torch.float64)
+    engine = GradDotProdEngine(model, val_batch_size=len(queries), per_query=True, loss_reduction="sum",
+                               uncovered="freeze")
+    torch.manual_seed(recipe.seed)
+    model.train()
+    engine.attach(optimizer)
+    try:
+        for rows in batches:
+            chosen = [live[r] for r in rows]
+            batch = collate([examples[i] for i in chosen] + queries, pad_id).to(device)
+            losses, _ = causal_lm_losses(model(**batch.model_inputs()).logits, batch.labels, "mean")
+            losses.sum().backward()
+            dots = engine.results().total.detach().double().cpu()  # [B, M]
+            lr = optimizer.param_groups[0]["lr"]
+            scores.index_add_(0, torch.tensor(chosen), lr * dots / len(chosen))
+            engine.prepare_gradients()
+            optimizer.step()
+            engine.clear_gradients()
+            schedule.step()
+    finally:
+        engine.detach()
+    model.eval()
+    return scores
