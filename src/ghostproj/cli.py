@@ -383,7 +383,8 @@ def score(
         ..., metavar="TRAIN QUERY [TRAIN QUERY]...",
         help="Training run and query run (directories or shard files; the query projected with --like TRAIN). "
              "Several pairs, one per checkpoint of a fine-tuning run, give the sum of their scores."),
-    metric: str = typer.Option("cosine", help="cosine, dot, influence or influence-full.", rich_help_panel=SCORING),
+    metric: str = typer.Option("influence", help="influence (damped per-layer Fisher; best LDS measured), cosine, dot "
+                               "or influence-full.", rich_help_panel=SCORING),
     normalize: str = typer.Option(
         "layer", help="none, unit or layer. layer (unit norm per layer, then combined) ranked best on real data.",
         rich_help_panel=SCORING),
@@ -754,7 +755,7 @@ app.add_typer(index_app, name="index")
 def index_build(
     train: str = typer.Argument(..., help="Training run directory."),
     out: str = typer.Option(..., help="Directory for the index.", rich_help_panel=OUTPUT),
-    metric: str = typer.Option("cosine", help="cosine, dot or influence, as score.", rich_help_panel=SCORING),
+    metric: str = typer.Option("influence", help="influence, cosine or dot, as score.", rich_help_panel=SCORING),
     normalize: str = typer.Option("layer", help="none, unit or layer, as score.", rich_help_panel=SCORING),
     center: bool = typer.Option(False, "--center/--no-center", help="Subtract the training mean vector first.",
                                 rich_help_panel=SCORING),

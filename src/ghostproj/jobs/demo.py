@@ -172,9 +172,9 @@ def run_demo(out: str | os.PathLike, console, status, top_k: int = 10, show: int
                                        like=str(like) if like else None, batch_size=16, max_length=64))
         status.print(f"[dim]projected {s.examples} examples into {run_dir} (D={s.dim}"
                      f"{', reused' if s.already_complete else f', {s.seconds:.1f} s'})[/dim]")
-    console.print(f"[bold]Which training texts push the model like each query?[/bold] (the defaults: cosine, "
+    console.print(f"[bold]Which training texts push the model like each query?[/bold] (the defaults: influence, "
                   f"--normalize layer, top {top_k})")
-    run_score_command(str(train_dir), str(query_dir), metric="cosine", normalize="layer", center=False,
+    run_score_command(str(train_dir), str(query_dir), metric="influence", normalize="layer", center=False,
                       damping=0.1, layers=None, top_k=top_k, show=show, out=None, topk_out=None, reduce=None,
                       group_field=None, select_out=None, chunk_rows=8192, console=console, status=status)
 

@@ -50,7 +50,7 @@ def faiss_module():
 
 @dataclass
 class IndexSettings:
-    metric: str = "cosine"
+    metric: str = "influence"
     normalize: str = "layer"
     center: bool = False
     damping: float = 0.1

@@ -60,7 +60,7 @@ def check_comparable(train: Run, query: Run) -> None:
 def score(
     train,
     query,
-    metric: str = "cosine",
+    metric: str = "influence",
     normalize: str | None = "layer",
     center: bool = False,
     damping: float = 0.1,
@@ -80,8 +80,10 @@ def score(
     ``train``/``query``: run directories or shard files (or opened :class:`Run` objects);
     or equal-length lists of them, one pair per checkpoint of a fine-tuning run (a
     checkpoint ensemble): each pair is transformed on its own and the scores are summed.
-    ``normalize`` defaults to ``layer`` (each layer's block to unit norm before the blocks
-    are combined), which ranked best on real data (README, "Choosing a metric"); ``none``
+    ``metric`` defaults to ``influence`` (the damped per-layer Fisher inverse between the
+    two sides) and ``normalize`` to ``layer`` (each layer's block to unit norm before the
+    blocks are combined): together the best linear datamodeling score measured, on a real
+    pretrained model and on the embedded evaluation (README, "Choosing a metric"); ``none``
     keeps the raw vectors. Cosine always ends with a unit normalization.
     ``query_groups`` (one label per query row) makes ``reduce='max'`` take the max over
     group means (LESS-style); without it ``max`` is over single queries.
