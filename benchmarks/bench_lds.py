@@ -47,7 +47,7 @@ def main():
         convert(find_gguf(), model_dir)
     demo = ensure_demo()
     for name, path, per_topic in (("train", demo.train, 30), ("query", demo.query, 5)):
-        rows = _split([json.loads(line) for line in open(path)], per_topic)
+        rows = _split([json.loads(line) for line in Path(path).read_text().splitlines()], per_topic)
         if name == "train":
             random.Random(0).shuffle(rows)  # topics interleaved, so every subset draws from all of them
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

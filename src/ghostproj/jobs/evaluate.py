@@ -232,16 +232,22 @@ def subset_members(n: int, subsets: int, fraction: float, seed: int) -> np.ndarr
     return members
 
 
-def _cached_losses(path: Path, n_query: int) -> torch.Tensor | None:
+def _cached_tensor(path: Path, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """A cached result, or None when it is missing or damaged (then it is computed again,
+    never trusted)."""
     if not path.exists():
         return None
     from safetensors.torch import load_file
 
     try:
-        losses = load_file(str(path))["losses"]
-    except Exception:  # noqa: BLE001  (any damage: the model is retrained, the file never trusted)
+        tensor = load_file(str(path))[name]
+    except Exception:  # noqa: BLE001  (any damage means recomputing)
         return None
-    return losses if losses.shape == (n_query,) else None
+    return tensor if tuple(tensor.shape) == shape else None
+
+
+def _cached_losses(path: Path, n_query: int) -> torch.Tensor | None:
+    return _cached_tensor(path, "losses", (n_query,))
 
 
 def _save_losses(path: Path, losses: torch.Tensor) -> None:
@@ -358,16 +364,10 @@ def _settings(opts: EvaluateOptions, runs, members: np.ndarray, losses: np.ndarr
 def _in_run_matrix(ctx: _Context, opts: EvaluateOptions, out: Path) -> np.ndarray:
     """[N, M'] in-run values of the whole-set fine-tuning with the queries carried in every
     step (computed once, cached)."""
-    from safetensors.torch import load_file
-
     path = out / "inrun.safetensors"
-    if path.exists():
-        try:
-            cached = load_file(str(path))["scores"]
-            if cached.shape == (len(ctx.train), len(ctx.query)):
-                return cached.numpy()
-        except Exception:  # noqa: BLE001  (a damaged cache is recomputed)
-            pass
+    cached = _cached_tensor(path, "scores", (len(ctx.train), len(ctx.query)))
+    if cached is not None:
+        return cached.numpy()
     if len(ctx.query) > MAX_VAL_BATCH:
         raise GhostprojError(f"--metrics inrun carries every query in each training step; {len(ctx.query)} queries "
                              f"is more than the {MAX_VAL_BATCH} allowed (use fewer queries or drop inrun).")
