@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 from gpt2 import add_model_args, build_gpt2
+from safetensors.torch import save_file
 
 from ghostproj.engines.adam import AdamDirectionEngine
 from ghostproj.engines.losses import causal_lm_losses
 from ghostproj.engines.projection import GradProjectionEngine
-from safetensors.torch import save_file
 
 
 def moments_file(model, path: Path) -> None:
