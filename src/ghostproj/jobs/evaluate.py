@@ -407,10 +407,13 @@ def _removal(ctx: _Context, opts: EvaluateOptions, matrices: dict, compared: lis
 
 
 def _parts(opts: EvaluateOptions) -> tuple[int, int, bool]:
-    """(this process's part, number of parts, under torchrun)."""
-    from ..distributed import distributed_rank
+    """(this process's part, number of parts, under torchrun). Under torchrun each rank
+    takes the GPU of its LOCAL_RANK (``opts.device`` is set to it)."""
+    from ..distributed import device_for_this_process, distributed_rank
+    from ..models import resolve_device
 
-    ranks = distributed_rank(torch.device("cpu"))
+    opts.device = device_for_this_process(opts.device)
+    ranks = distributed_rank(resolve_device(opts.device))
     if ranks is not None:
         if opts.num_parts > 1:
             raise GhostprojError("Under torchrun each rank trains its own subsets; drop --num-parts and --part.")
