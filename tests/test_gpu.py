@@ -190,3 +190,35 @@ def test_fisher_on_gpu_matches_the_cpu(capsys, score_runs, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-8), k
+
+
+def test_adam_directions_on_gpu_equal_the_cpu_ones(capsys, tmp_path, gpt2_dir, data_file):
+    from ghostproj.models import load_model
+
+    model, _ = load_model(str(gpt2_dir), device="cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    for device in ("cpu", "cuda"):
+        code, _, err = run_cli(["project", "--model", gpt2_dir, "--data", data_file, "--out", tmp_path / device,
+                                "--layers", "c_fc", "--rank", "16", "--max-length", "24", "--store-dtype", "float32",
+                                "--device", device, "--optimizer-state", tmp_path / "optimizer.pt"], capsys)
+        assert code == 0, err
+    assert rel_err(load_projections(tmp_path / "cuda").grads, load_projections(tmp_path / "cpu").grads) <= 1e-3
+
+
+def test_evaluate_on_gpu_reports_every_setting(capsys, tmp_path, gpt2_dir, data_file):
+    import json
+
+    queries = tmp_path / "q.jsonl"
+    write_jsonl(queries, [{"text": t} for t in TEXTS])
+    code, _, err = run_cli(["evaluate", "--model", gpt2_dir, "--train", data_file, "--query", queries, "--out",
+                            tmp_path / "ev", "--subsets", "5", "--epochs", "1", "--checkpoints", "2", "--rank", "16",
+                            "--max-length", "24", "--removal-queries", "1", "--removal-k", "2", "--batch-size", "4",
+                            "--replicates", "50", "--metrics", "dot,influence,inrun", "--device", "cuda"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "ev" / "lds.json").read_text())
+    assert len(report["settings"]) == 2 * 2 * 2 + 1
+    assert all(-1.0 <= s["lds"] <= 1.0 for s in report["settings"])
