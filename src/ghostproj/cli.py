@@ -662,7 +662,9 @@ def _report_evaluate(res) -> None:
         table.add_column(col, justify="left" if col in ("metric", "--normalize") else "right")
     for s in res.settings:
         mark = " *" if s is res.best else ""
-        table.add_row(s.metric, s.normalize, str(s.checkpoints), f"{s.lds.value:.3f}{mark}",
+        inrun = s.metric == "inrun"  # from every step of the whole-set run: no normalization, no checkpoints
+        table.add_row(s.metric, "-" if inrun else s.normalize, "all steps" if inrun else str(s.checkpoints),
+                      f"{s.lds.value:.3f}{mark}",
                       f"[{s.lds.low:.3f}, {s.lds.high:.3f}]")
     con.print(table)
     if res.difference is not None:
