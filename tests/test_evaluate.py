@@ -109,13 +109,16 @@ def checkpoint_runs(tmp_path_factory, gpt2_dir, data_file):
 
 
 @pytest.mark.parametrize("metric,normalize,center", [("dot", "none", False), ("cosine", "layer", False),
-                                                     ("influence", "none", False), ("dot", "unit", True)])
+                                                     ("influence", "none", False), ("dot", "unit", True),
+                                                     ("influence-full", "layer", False)])
 def test_checkpoint_ensemble_scores_are_the_sum_of_each_checkpoints_scores(checkpoint_runs, metric, normalize,
                                                                            center):
     (ta, qa), (tb, qb) = checkpoint_runs
     res = score([ta, tb], [qa, qb], metric=metric, normalize=normalize, center=center, keep_matrix=True, top_k=2,
                 reduce="mean", chunk_rows=2)
-    ref = reference(ta, qa, metric, normalize, center) + reference(tb, qb, metric, normalize, center)
+    full = metric == "influence-full"
+    ref = reference(ta, qa, metric, normalize, center, full=full) + reference(tb, qb, metric, normalize, center,
+                                                                              full=full)
     assert (res.scores.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
     single = score(ta, qa, metric=metric, normalize=normalize, center=center, keep_matrix=True)
     assert not torch.allclose(single.scores, res.scores)  # the second checkpoint counts
@@ -129,10 +132,44 @@ def test_checkpoint_ensembles_refuse_what_does_not_add_up(capsys, checkpoint_run
     assert code == 2 and "even number" in err
     code, _, err = run_cli(["score", ta, qa, tb, tb], capsys)  # the training set as checkpoint 2's queries
     assert code == 2 and "query run holds other examples" in err
-    code, _, err = run_cli(["score", ta, qa, tb, qb, "--metric", "influence-full"], capsys)
-    assert code == 2 and "influence-full" in err
+    code, _, err = run_cli(["score", ta, qa, tb, qb, "--fisher", ta / "nope.safetensors"], capsys)
+    assert code == 2 and "one --fisher file per checkpoint (2)" in err
     code, _, err = run_cli(["score", ta, qa, tb, qb, "--top-k", "2"], capsys)
     assert code == 0, err
+
+
+def test_checkpoint_ensembles_in_parts_with_fisher_files_and_under_torchrun_give_the_one_process_answer(
+        capsys, tmp_path, checkpoint_runs):
+    (ta, qa), (tb, qb) = checkpoint_runs
+    whole = {n: tmp_path / f"whole-{n}" for n in ("top.jsonl", "sel.jsonl")}
+    base = ["score", ta, qa, tb, qb, "--top-k", "3", "--reduce", "mean", "--show", "0"]
+    assert run_cli([*base, "--topk-out", whole["top.jsonl"], "--select-out", whole["sel.jsonl"]], capsys)[0] == 0
+    fishers = []
+    for name, train in (("a", ta), ("b", tb)):
+        assert run_cli(["fisher", train, "--out", tmp_path / f"F{name}.safetensors"], capsys)[0] == 0
+        fishers.append(str(tmp_path / f"F{name}.safetensors"))
+    with_files = tmp_path / "files-top.jsonl"
+    assert run_cli([*base, "--fisher", ",".join(fishers), "--topk-out", with_files], capsys)[0] == 0
+    assert with_files.read_bytes() == whole["top.jsonl"].read_bytes()
+    part_files = [tmp_path / f"p{i}.safetensors" for i in range(2)]
+    for i, path in enumerate(part_files):
+        code, _, err = run_cli([*base, "--fisher", ",".join(fishers), "--num-parts", "2", "--part", str(i),
+                                "--part-out", path], capsys)
+        assert code == 0, err
+    merged = {n: tmp_path / f"merged-{n}" for n in whole}
+    assert run_cli(["merge-scores", *part_files, "--topk-out", merged["top.jsonl"], "--select-out",
+                    merged["sel.jsonl"]], capsys)[0] == 0
+    for name in whole:
+        assert merged[name].read_bytes() == whole[name].read_bytes(), name
+    if needs_torchrun.args[0]:
+        return
+    ranked = tmp_path / "ranked-top.jsonl"
+    proc = torchrun(2, ["score", ta, qa, tb, qb, "--top-k", "3", "--show", "0", "--device", "cpu",
+                        "--topk-out", ranked])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for mine, theirs in zip(ranked.read_text().splitlines(), whole["top.jsonl"].read_text().splitlines()):
+        a, b = json.loads(mine), json.loads(theirs)
+        assert a["train"] == b["train"] and a["scores"] == pytest.approx(b["scores"], rel=1e-5)
 
 
 def _evaluate_args(gpt2_dir, data_file, query_file, out, *extra):

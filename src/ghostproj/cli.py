@@ -407,7 +407,8 @@ def score(
     overwrite: OverwriteOpt = False,
     chunk_rows: ChunkRowsOpt = None,
     device: ScoreDeviceOpt = "auto",
-    fisher_file: Optional[str] = typer.Option(None, "--fisher", help="Influence: the Fisher `ghostproj fisher` wrote.",
+    fisher_file: Optional[str] = typer.Option(None, "--fisher", help="Influence: the Fisher `ghostproj fisher` wrote "
+                                              "(one per checkpoint, comma-separated, for several pairs).",
                                               rich_help_panel=SCORING, show_default="computed from TRAIN"),
     num_parts: int = typer.Option(1, help="Score the training shards in this many processes...", rich_help_panel=RUN),
     part: int = typer.Option(0, help="...this one (then merge-scores the --part-out files).", rich_help_panel=RUN),
@@ -422,6 +423,8 @@ def score(
     if len(runs) % 2:
         raise GhostprojError("score takes TRAIN QUERY pairs: an even number of run paths.")
     train, query = (runs[0], runs[1]) if len(runs) == 2 else (runs[0::2], runs[1::2])
+    if fisher_file is not None and len(runs) > 2:
+        fisher_file = _split(fisher_file)  # one per checkpoint, comma-separated
     run_score_command(
         train, query, metric=metric, normalize=normalize, center=center, damping=damping, layers=_split(layers),
         top_k=top_k, show=show, out=out, topk_out=topk_out, reduce=reduce, group_field=group_field,

@@ -75,14 +75,13 @@ def write_selection(path: str, result: ScoreResult) -> None:
 def run_score_command(train: str | list[str], query: str | list[str], *, metric: str, normalize: str | None, center: bool, damping: float,
                       layers: list[str] | None, top_k: int, show: int, out: str | None, topk_out: str | None,
                       reduce: str | None, group_field: str | None, select_out: str | None,
-                      chunk_rows: int | None, console, status, overwrite: bool = False, fisher: str | None = None,
+                      chunk_rows: int | None, console, status, overwrite: bool = False,
+                      fisher: str | list[str] | None = None,
                       parts: tuple[int, int] | None = None, part_out: str | None = None,
                       keep_matrix: bool = False, device: str = "auto") -> ScoreResult:
     trains = list(train) if isinstance(train, (list, tuple)) else [train]
     queries = list(query) if isinstance(query, (list, tuple)) else [query]
     ranks = _torchrun_ranks()
-    if len(trains) > 1 and (ranks is not None or parts is not None):
-        raise GhostprojError("Several checkpoints score in one process: no torchrun, no --num-parts.")
     if ranks is not None and parts is not None:
         raise GhostprojError("Under torchrun each rank scores its own part; drop --num-parts and --part.")
     if ranks is None or ranks[0] == 0:
@@ -105,7 +104,7 @@ def run_score_command(train: str | list[str], query: str | list[str], *, metric:
     train_run, query_run = train_runs[0], query_runs[0]
     groups = _groups(query_run, group_field) if group_field else None
     if ranks is not None:
-        return _score_under_torchrun(train_run, query_run, ranks, dict(
+        return _score_under_torchrun(train_runs, query_runs, ranks, dict(
             metric=metric, normalize=normalize, center=center, damping=damping, layers=layers, top_k=top_k,
             reduce=reduce, query_groups=groups, keep_matrix=out is not None, chunk_rows=chunk_rows, fisher=fisher,
             device=device_for_this_process(device)), (out, topk_out, select_out), (train, query), group_field,
@@ -118,7 +117,7 @@ def run_score_command(train: str | list[str], query: str | list[str], *, metric:
     for note in result.notes:
         status.print(f"[yellow]note:[/yellow] {note}")
     if parts is not None:
-        _write_own_part(part_out, result, parts, train_run, query_run, group_field, metric=metric,
+        _write_own_part(part_out, result, parts, train_runs, query_runs, group_field, metric=metric,
                         normalize=normalize, center=center, damping=damping, layers=layers, top_k=top_k, reduce=reduce)
         status.print(f"[green]scored[/green] part {parts[0]} of {parts[1]} ({result.train_index.numel()} x "
                      f"{query_run.rows}); wrote {part_out}")
@@ -142,11 +141,14 @@ def _write_and_show(result: ScoreResult, outputs: tuple, train_run, query_run, m
         _show(console, status, train_run, query_run, result, metric, reduce, show)
 
 
-def _write_own_part(path: str, result: ScoreResult, part: tuple[int, int], train_run, query_run,
+def _write_own_part(path: str, result: ScoreResult, part: tuple[int, int], train_runs: list, query_runs: list,
                     group_field: str | None, **options) -> None:
-    settings = dict(options, group_field=group_field, train=train_run.manifest["fingerprint"],
-                    query=query_run.manifest["fingerprint"], shards=len(train_run.shards))
-    write_part(path, result, part, [h.tensors["index"][1][0] for h in train_run.part(*part).shards], settings)
+    """A part's file; its settings name every checkpoint's runs, so only parts of the same
+    score merge."""
+    settings = dict(options, group_field=group_field,
+                    train=",".join(r.manifest["fingerprint"] for r in train_runs),
+                    query=",".join(r.manifest["fingerprint"] for r in query_runs), shards=len(train_runs[0].shards))
+    write_part(path, result, part, [h.tensors["index"][1][0] for h in train_runs[0].part(*part).shards], settings)
 
 
 def _torchrun_ranks() -> tuple[int, int] | None:
@@ -157,7 +159,7 @@ def _torchrun_ranks() -> tuple[int, int] | None:
     return distributed_rank(torch.device("cpu"))
 
 
-def _score_under_torchrun(train_run, query_run, ranks: tuple[int, int], options: dict, outputs: tuple,
+def _score_under_torchrun(train_runs: list, query_runs: list, ranks: tuple[int, int], options: dict, outputs: tuple,
                           inputs: tuple, group_field: str | None, show: int, console, status) -> ScoreResult:
     """Each rank scores shards rank, rank + K, ... and writes its part beside the first
     output; rank 0 merges the parts into exactly the single-process answer and writes the
@@ -169,15 +171,17 @@ def _score_under_torchrun(train_run, query_run, ranks: tuple[int, int], options:
     if options["center"]:
         raise GhostprojError("--center is not supported under torchrun (each rank sees only its part).")
     if options["metric"].startswith("influence") and options["fisher"] is None:
-        options["fisher"] = _all_reduced_fisher(train_run, options, rank, world)
+        fishers = [_all_reduced_fisher(run, options, rank, world) for run in train_runs]
+        options["fisher"] = fishers if len(fishers) > 1 else fishers[0]
+    train_run, query_run = train_runs[0], query_runs[0]
     first = next((Path(p) for p in outputs if p), Path("score"))
 
     def part_file(r: int) -> Path:
         return first.parent / f".{first.name}.part-{r:03d}-of-{world:03d}.safetensors"
 
-    result = score(train_run, query_run, part=(rank, world), **options)
+    result = score(train_runs, query_runs, part=(rank, world), **options)
     settings = {k: options[k] for k in ("metric", "normalize", "center", "damping", "layers", "top_k", "reduce")}
-    _write_own_part(str(part_file(rank)), result, (rank, world), train_run, query_run, group_field, **settings)
+    _write_own_part(str(part_file(rank)), result, (rank, world), train_runs, query_runs, group_field, **settings)
     td.barrier()
     if rank == 0:
         for note in result.notes:

@@ -90,7 +90,8 @@ def score(
     ``progress``: an object with ``advance(n)`` called per training chunk (and, if it has
     one, ``begin()`` called once the arguments have been checked). ``fisher``: for the
     influence metrics, the Fisher sums ``ghostproj fisher`` computed (or their file), used
-    instead of a pass over the training vectors. ``part`` = (i, K): score only shards i,
+    instead of a pass over the training vectors (a list, one per checkpoint, for an
+    ensemble). ``part`` = (i, K): score only shards i,
     i + K, ... of the training run (one of K processes; ``merge-scores`` joins them into
     exactly the single-process answer). ``device``: where the products run (``auto``: a GPU
     when there is one). On a GPU, vectors stored in bfloat16 or float16 are multiplied on
@@ -108,9 +109,9 @@ def score(
     if chunk_rows is not None and chunk_rows < 1:
         raise GhostprojError(f"--chunk-rows must be at least 1, got {chunk_rows}.")
     pairs = checkpoint_pairs(train, query)
-    if len(pairs) > 1 and (fisher is not None or metric == "influence-full"):
-        raise GhostprojError("Several checkpoints score with per-layer influence computed from each checkpoint's "
-                             "own vectors: leave out --fisher, and use --metric influence, not influence-full.")
+    fishers = list(fisher) if isinstance(fisher, (list, tuple)) else [fisher] * len(pairs)
+    if len(fishers) != len(pairs) or (len(pairs) > 1 and fisher is not None and not isinstance(fisher, (list, tuple))):
+        raise GhostprojError(f"Give one --fisher file per checkpoint ({len(pairs)}), in the order of the runs.")
     train_run, query_run = pairs[0]
     n_train, n_query = train_run.rows, query_run.rows
     if n_query == 0:
@@ -122,8 +123,8 @@ def score(
     groups = _query_groups(query_groups, n_query) if reduce == "max" and query_groups is not None else None
     if progress is not None and hasattr(progress, "begin"):
         progress.begin()  # every check has passed: show the bar from here
-    sides = [_side(t, q, metric, normalize or "none", center, damping, layers, fisher, chunk_rows, where)
-             for t, q in pairs]
+    sides = [_side(t, q, metric, normalize or "none", center, damping, layers, f, chunk_rows, where)
+             for (t, q), f in zip(pairs, fishers)]
     query_index = sides[0].query_index
     if part is not None:
         for side in sides:
