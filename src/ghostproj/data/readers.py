@@ -22,6 +22,22 @@ FORMATS = ("auto", "jsonl", "text", "bin", "parquet", "hf")
 
 
 @dataclass
+class LayoutFields:
+    """Which fields of a data file hold the example (the command-line flags of every job
+    that reads data; None everywhere: the layout is read from the first row)."""
+
+    text_field: str | None = None
+    prompt_field: str | None = None
+    completion_field: str | None = None
+    messages_field: str | None = None
+
+    @property
+    def fields(self) -> dict:
+        return {"text_field": self.text_field, "prompt_field": self.prompt_field,
+                "completion_field": self.completion_field, "messages_field": self.messages_field}
+
+
+@dataclass
 class DataSpec:
     path: str
     format: str = "auto"

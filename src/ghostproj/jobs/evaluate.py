@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..data.batching import Example
-from ..data.readers import DataSpec, load_examples
+from ..data.readers import DataSpec, LayoutFields, load_examples
 from ..data.records import read_records
 from ..errors import GhostprojError
 from ..models import load_model, pad_token_id, position_limit
@@ -42,7 +42,7 @@ CONFIG = "evaluate.json"
 
 
 @dataclass
-class EvaluateOptions:
+class EvaluateOptions(LayoutFields):
     """Options of ``ghostproj evaluate`` (the command line is made from these fields); the
     command line puts the embedded demo in place of a missing model and data."""
 
@@ -69,16 +69,7 @@ class EvaluateOptions:
     num_parts: int = 1  # job arrays: train the subsets in this many processes ...
     part: int = 0  # ... this one (then run once more without --part to report)
     device: str = "auto"
-    text_field: str | None = None
-    prompt_field: str | None = None
-    completion_field: str | None = None
-    messages_field: str | None = None
     show_progress: bool = True
-
-    @property
-    def fields(self) -> dict:
-        return {"text_field": self.text_field, "prompt_field": self.prompt_field,
-                "completion_field": self.completion_field, "messages_field": self.messages_field}
 
     @property
     def recipe(self) -> Recipe:

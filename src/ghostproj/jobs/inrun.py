@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..data.batching import Example, collate
-from ..data.readers import DataSpec, load_examples
+from ..data.readers import DataSpec, LayoutFields, load_examples
 from ..data.records import example_text, read_records
 from ..engines.dotprod import GradDotProdEngine
 from ..engines.losses import causal_lm_losses
@@ -24,7 +24,7 @@ MAX_VAL_BATCH = 512  # every step carries the whole validation batch
 
 
 @dataclass
-class InrunOptions:
+class InrunOptions(LayoutFields):
     """Options of ``ghostproj inrun`` (the command line is made from these fields); the
     command line puts the embedded demo in place of a missing model and data."""
 
@@ -40,17 +40,8 @@ class InrunOptions:
     seed: int = 0
     max_length: int = 512
     device: str = "auto"
-    text_field: str | None = None  # the data layout, as for `project` (None: read from the first row)
-    prompt_field: str | None = None
-    completion_field: str | None = None
-    messages_field: str | None = None
     uncovered: str = "error"
     show_progress: bool = True
-
-    @property
-    def fields(self) -> dict:
-        return {"text_field": self.text_field, "prompt_field": self.prompt_field,
-                "completion_field": self.completion_field, "messages_field": self.messages_field}
 
 
 @dataclass
