@@ -197,6 +197,6 @@ def run_demo(out: str | os.PathLike, console, status, top_k: int = 10, show: int
     for metric in ("cosine", "dot", "influence"):
         table.add_row(metric, *(f"{precisions[(metric, n)]:.3f}" for n in ("none", "layer")))
     console.print(table)
-    console.print(f"Runs kept in {out}/ — try: ghostproj score {train_dir} {query_dir} --metric influence --top-k 5")
+    console.print(f"Runs kept in {out}/ — try: ghostproj score {train_dir} {query_dir} --metric cosine --top-k 5")
     precisions[("random", "none")] = baseline
     return precisions
