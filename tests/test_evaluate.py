@@ -218,6 +218,12 @@ def test_evaluate_reports_every_setting_and_resumes_without_retraining(capsys, t
     assert "0 subset model(s) trained now" in text  # other metrics only rescore
     inrun = [s for s in json.loads((out / "lds.json").read_text())["settings"] if s["metric"] == "inrun"]
     assert len(inrun) == 1 and -1.0 <= inrun[0]["lds"] <= 1.0
+    args = _evaluate_args(gpt2_dir, data_file, query_file, out, "--metrics", "dot", "--layers", "c_fc")
+    args[args.index("--rank") + 1] = "32"
+    code, text, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "0 subset model(s) trained now" in text  # another rank and layers: new runs, the same models
+    assert json.loads((out / "lds.json").read_text())["rank"] == 32
 
 
 def test_evaluate_bad_inputs_get_one_sentence(capsys, tmp_path, gpt2_dir, data_file, query_file):

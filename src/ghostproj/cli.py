@@ -151,11 +151,11 @@ def _options_signature(options_cls, declared: dict, extra: tuple = ()) -> inspec
     command line's part (flags, help, panel) as ``typer.Option``, or (Option, the type
     the command line reads, when it differs from the field's)."""
     hints = get_type_hints(options_cls)
+    fields = {f.name: f for f in dataclasses.fields(options_cls)}
     params = []
-    for f in dataclasses.fields(options_cls):
-        if f.name not in declared:
-            continue
-        info, cli_type = declared[f.name] if isinstance(declared[f.name], tuple) else (declared[f.name], None)
+    for name, spec in declared.items():  # in the order ``declared`` lists them, which --help keeps
+        f = fields[name]
+        info, cli_type = spec if isinstance(spec, tuple) else (spec, None)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
                                         annotation=Annotated[cli_type or hints[f.name], info]))
     return inspect.Signature(params + list(extra), return_annotation=None)

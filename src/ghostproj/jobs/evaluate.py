@@ -103,6 +103,8 @@ class EvaluateResult:
     removal: list[dict] = field(default_factory=list)
     finished: bool = True  # False: a part that trained its subsets only, or a torchrun rank other than 0
     rank: int | None = None  # the torchrun rank
+    rank_setting: int | None = None  # --rank and --layers the runs were projected with
+    layers_setting: list[str] | None = None
     plot: Path | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -174,7 +176,6 @@ def _load(opts: EvaluateOptions) -> _Context:
         "train_sha256": train_data.sha256, "query_sha256": query_data.sha256,
         "fields": opts.fields, "max_length": max_length, "recipe": opts.recipe.describe(),
         "subsets": opts.subsets, "fraction": opts.fraction, "checkpoints": opts.checkpoints,
-        "layers": opts.layers, "rank": opts.rank,
     }
     notes = train_data.notes + query_data.notes
     dropped = len(query_data.examples) - len(query)
@@ -296,7 +297,8 @@ def _project(opts: EvaluateOptions, dirs: list[Path], out: Path) -> list[tuple[P
 
     runs = []
     for c, d in enumerate(dirs, start=1):
-        train_dir, query_dir = out / "runs" / f"ckpt-{c}" / "train", out / "runs" / f"ckpt-{c}" / "query"
+        where = out / "runs" / projection_key(opts) / f"ckpt-{c}"
+        train_dir, query_dir = where / "train", where / "query"
         common = dict(model=str(d), max_length=opts.max_length, device=opts.device, batch_size=opts.batch_size,
                       show_progress=opts.show_progress, **opts.fields)
         run_project(ProjectOptions(data=opts.train, out=str(train_dir), layers=opts.layers, rank=opts.rank,
@@ -304,6 +306,13 @@ def _project(opts: EvaluateOptions, dirs: list[Path], out: Path) -> list[tuple[P
         run_project(ProjectOptions(data=opts.query, out=str(query_dir), like=str(train_dir), **common))
         runs.append((train_dir, query_dir))
     return runs
+
+
+def projection_key(opts: EvaluateOptions) -> str:
+    """The runs' directory name for this --rank and --layers: the trained models do not
+    depend on them, so one evaluation can be scored at several ranks or layer choices."""
+    layers = hashlib.sha256(json.dumps(opts.layers).encode()).hexdigest()[:8] if opts.layers else "all"
+    return f"rank-{opts.rank or 'default'}-layers-{layers}"
 
 
 def ensemble_sizes(checkpoints: int) -> list[int]:
@@ -429,7 +438,7 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
     _claim(out, ctx.config)
     members = subset_members(len(ctx.train), opts.subsets, opts.fraction, opts.seed)
     result = EvaluateResult(out, opts.subsets, len(ctx.train), len(ctx.query), rank=part if under_torchrun else None,
-                            notes=list(ctx.notes))
+                            rank_setting=opts.rank, layers_setting=opts.layers, notes=list(ctx.notes))
     result.trained = _train_subsets(ctx, opts, members, list(range(part, opts.subsets, num_parts)), out)
     if not under_torchrun and num_parts > 1:
         result.finished = False
@@ -470,6 +479,7 @@ def write_report(result: EvaluateResult, path: Path) -> None:
     """Every setting's LDS, interval and per-query values, the comparison and the removals."""
     doc = {
         "subsets": result.subsets, "train_examples": result.n_train, "queries": result.n_query,
+        "rank": result.rank_setting, "layers": result.layers_setting,
         "settings": [{"metric": s.metric, "normalize": s.normalize, "checkpoints": s.checkpoints,
                       "lds": s.lds.value, "interval95": [s.lds.low, s.lds.high],
                       "per_query": [None if np.isnan(v) else float(v) for v in s.lds.per_query]}
