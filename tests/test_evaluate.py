@@ -224,6 +224,13 @@ def test_evaluate_reports_every_setting_and_resumes_without_retraining(capsys, t
     assert code == 0, err
     assert "0 subset model(s) trained now" in text  # another rank and layers: new runs, the same models
     assert json.loads((out / "lds.json").read_text())["rank"] == 32
+    code, text, err = run_cli(_evaluate_args(gpt2_dir, data_file, query_file, out, "--metrics", "dot,influence",
+                                             "--vectors", "grad,adam"), capsys)
+    assert code == 0, err
+    assert "0 subset model(s) trained now" in text and "(adam)" in text
+    kinds = {(s["metric"], s["vectors"]) for s in json.loads((out / "lds.json").read_text())["settings"]}
+    assert kinds == {(m, v) for m in ("dot", "influence") for v in ("grad", "adam")}
+    assert (out / "runs" / "rank-16-layers-all" / "ckpt-2" / "train-adam" / "manifest.json").exists()
 
 
 def test_evaluate_bad_inputs_get_one_sentence(capsys, tmp_path, gpt2_dir, data_file, query_file):
@@ -235,6 +242,7 @@ def test_evaluate_bad_inputs_get_one_sentence(capsys, tmp_path, gpt2_dir, data_f
         (["--subsets", "3"], "too few"),
         (["--metrics", "cosine,nope"], "Unknown --metrics entry 'nope'"),
         (["--normalize", "weird"], "Unknown --normalize entry 'weird'"),
+        (["--vectors", "grad,sgd"], "Unknown --vectors entry 'sgd'"),
         (["--part", "2", "--num-parts", "2"], "--part must be in 0..1"),
     ]
     for extra, message in cases:

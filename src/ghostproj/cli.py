@@ -628,6 +628,10 @@ _EVALUATE_EXTRA = (
                                                       panel=SCORING)]),
     inspect.Parameter("normalize_list", inspect.Parameter.KEYWORD_ONLY, default="none,layer",
                       annotation=Annotated[str, _opt("--normalize", help="Normalizations compared.", panel=SCORING)]),
+    inspect.Parameter("vectors_list", inspect.Parameter.KEYWORD_ONLY, default="grad",
+                      annotation=Annotated[str, _opt("--vectors", help="Training vectors compared: grad; adam adds "
+                                                     "Adam update directions at each checkpoint (LESS).",
+                                                     panel=SCORING)]),
 )
 
 
@@ -637,6 +641,7 @@ def evaluate(**options) -> None:
 
     options["metrics"] = _split(options.pop("metrics_list")) or []
     options["normalize"] = _split(options.pop("normalize_list")) or []
+    options["vectors"] = _split(options.pop("vectors_list")) or []
     options["layers"] = _split(options["layers"])
     _demo_in_place(options, "query")
     res = run_evaluate(EvaluateOptions(**options))
@@ -666,7 +671,7 @@ def _report_evaluate(res) -> None:
     for s in res.settings:
         mark = " *" if s is res.best else ""
         inrun = s.metric == "inrun"  # from every step of the whole-set run: no normalization, no checkpoints
-        table.add_row(s.metric, "-" if inrun else s.normalize, "all steps" if inrun else str(s.checkpoints),
+        table.add_row(s.metric + (" (adam)" if s.vectors == "adam" else ""), "-" if inrun else s.normalize, "all steps" if inrun else str(s.checkpoints),
                       f"{s.lds.value:.3f}{mark}",
                       f"[{s.lds.low:.3f}, {s.lds.high:.3f}]")
     con.print(table)

@@ -37,8 +37,10 @@ from ..store.shards import encode_safetensors
 from .inrun import MAX_VAL_BATCH
 from .retrain import Recipe, fine_tune, in_run_scores, query_losses
 
+VECTORS = ("grad", "adam")  # training vectors: gradients, or Adam update directions (project --optimizer-state)
 MIN_SUBSETS = 5  # fewer subset models give no usable rank correlation, let alone an interval
 CONFIG = "evaluate.json"
+MOMENTS = "adam-moments.safetensors"  # the optimizer's moments at a checkpoint
 
 
 @dataclass
@@ -58,6 +60,7 @@ class EvaluateOptions(LayoutFields):
     seed: int = 0
     metrics: list[str] = field(default_factory=lambda: ["cosine", "dot", "influence"])
     normalize: list[str] = field(default_factory=lambda: ["none", "layer"])
+    vectors: list[str] = field(default_factory=lambda: ["grad"])  # training vectors: grad, adam (LESS)
     checkpoints: int = 4
     layers: list[str] | None = None
     rank: int | None = None
@@ -82,10 +85,16 @@ class Setting:
     normalize: str
     checkpoints: int
     lds: LdsEstimate
+    vectors: str = "grad"
+
+    @property
+    def key(self) -> tuple[str, str, int, str]:
+        return self.metric, self.normalize, self.checkpoints, self.vectors
 
     @property
     def name(self) -> str:
-        return f"{self.metric}, --normalize {self.normalize}, {self.checkpoints} checkpoint(s)"
+        adam = ", Adam directions" if self.vectors == "adam" else ""
+        return f"{self.metric}, --normalize {self.normalize}, {self.checkpoints} checkpoint(s){adam}"
 
 
 @dataclass
@@ -131,7 +140,10 @@ def _check(opts: EvaluateOptions) -> None:
     for n in opts.normalize:
         if n not in NORMALIZATIONS:
             raise GhostprojError(f"Unknown --normalize entry '{n}'; choose from {', '.join(NORMALIZATIONS)}.")
-    if not opts.metrics or not opts.normalize:
+    for v in opts.vectors:
+        if v not in VECTORS:
+            raise GhostprojError(f"Unknown --vectors entry '{v}'; choose from {', '.join(VECTORS)}.")
+    if not opts.metrics or not opts.normalize or not opts.vectors:
         raise GhostprojError("--metrics and --normalize each need at least one entry.")
 
 
@@ -281,21 +293,26 @@ def _checkpoints(ctx: _Context, opts: EvaluateOptions, out: Path) -> tuple[list[
     full = _cached_losses(out / "full.safetensors", len(ctx.query))
     if full is not None and all((d / "READY").exists() for d in dirs):
         return dirs, full
-    states = fine_tune(ctx.model, ctx.base, ctx.train, opts.recipe, ctx.pad, checkpoints=opts.checkpoints)
-    for d, state in zip(dirs, states):
-        ctx.model.load_state_dict(state)
+    saved = fine_tune(ctx.model, ctx.base, ctx.train, opts.recipe, ctx.pad, checkpoints=opts.checkpoints)
+    for d, ck in zip(dirs, saved):
+        ctx.model.load_state_dict(ck.state)
         ctx.model.save_pretrained(d)
         ctx.tokenizer.save_pretrained(d)
+        tensors = {f"{n}.{kind}": t for n, (m, v) in ck.moments.items() for kind, t in (("exp_avg", m), ("exp_avg_sq", v))}
+        atomic_write(d / MOMENTS, encode_safetensors(tensors, {"beta1": str(ck.betas[0]), "beta2": str(ck.betas[1]),
+                                                               "eps": str(ck.eps)}))
         (d / "READY").write_text("complete\n")
     full = query_losses(ctx.model, ctx.query, ctx.pad)  # the last state is loaded
     _save_losses(out / "full.safetensors", full)
     return dirs, full
 
 
-def _project(opts: EvaluateOptions, dirs: list[Path], out: Path) -> list[tuple[Path, Path]]:
+def _project(opts: EvaluateOptions, dirs: list[Path], out: Path) -> dict[str, list[tuple[Path, Path]]]:
+    """Per kind of training vectors, (training run, query run) per checkpoint; Adam
+    directions use the gradient run's matrices (``--like``) and the same query run."""
     from .project import ProjectOptions, run_project
 
-    runs = []
+    runs: dict[str, list[tuple[Path, Path]]] = {v: [] for v in opts.vectors}
     for c, d in enumerate(dirs, start=1):
         where = out / "runs" / projection_key(opts) / f"ckpt-{c}"
         train_dir, query_dir = where / "train", where / "query"
@@ -304,7 +321,15 @@ def _project(opts: EvaluateOptions, dirs: list[Path], out: Path) -> list[tuple[P
         run_project(ProjectOptions(data=opts.train, out=str(train_dir), layers=opts.layers, rank=opts.rank,
                                    **common))
         run_project(ProjectOptions(data=opts.query, out=str(query_dir), like=str(train_dir), **common))
-        runs.append((train_dir, query_dir))
+        if "grad" in runs:
+            runs["grad"].append((train_dir, query_dir))
+        if "adam" in runs:
+            if not (d / MOMENTS).exists():
+                raise GhostprojError(f"{d} has no optimizer moments ({MOMENTS}); use a new --out for --vectors adam.")
+            adam_dir = where / "train-adam"
+            run_project(ProjectOptions(data=opts.train, out=str(adam_dir), like=str(train_dir),
+                                       optimizer_state=str(d / MOMENTS), **common))
+            runs["adam"].append((adam_dir, query_dir))
     return runs
 
 
@@ -341,23 +366,28 @@ def _score_matrix(runs, members: list[int], metric: str, normalize: str, damping
     return ordered[:, [column[r] for r in query_rows]].numpy()
 
 
-def _settings(opts: EvaluateOptions, runs, members: np.ndarray, losses: np.ndarray, ctx: _Context, out: Path):
-    """Every (metric, normalization, ensemble) with its LDS, and the score matrices; the
-    in-run values once (they come from the whole training run, not from checkpoints)."""
+def _settings(opts: EvaluateOptions, runs: dict, members: np.ndarray, losses: np.ndarray, ctx: _Context, out: Path):
+    """Every (metric, normalization, ensemble, training vectors) with its LDS, and the score
+    matrices by :attr:`Setting.key`; the in-run values once (they come from the whole
+    training run, not from checkpoints)."""
     draws = resamples(members.shape[0], losses.shape[1], opts.replicates, opts.seed)
     settings, matrices = [], {}
+
+    def add(setting_args, m):
+        setting = Setting(*setting_args[:3], estimate_lds(m, members, losses, draws), setting_args[3])
+        settings.append(setting)
+        matrices[setting.key] = m
+
     for metric in opts.metrics:
         if metric == "inrun":
-            m = _in_run_matrix(ctx, opts, out)
-            settings.append(Setting("inrun", "none", 1, estimate_lds(m, members, losses, draws)))
-            matrices[("inrun", "none", 1)] = m
+            add(("inrun", "none", 1, "grad"), _in_run_matrix(ctx, opts, out))
             continue
-        for normalize in opts.normalize:
-            for size in ensemble_sizes(opts.checkpoints):
-                m = _score_matrix(runs, ensemble_members(size, opts.checkpoints), metric, normalize, opts.damping,
-                                  len(ctx.train), ctx.query_rows)
-                settings.append(Setting(metric, normalize, size, estimate_lds(m, members, losses, draws)))
-                matrices[(metric, normalize, size)] = m
+        for vectors in opts.vectors:
+            for normalize in opts.normalize:
+                for size in ensemble_sizes(opts.checkpoints):
+                    m = _score_matrix(runs[vectors], ensemble_members(size, opts.checkpoints), metric, normalize,
+                                      opts.damping, len(ctx.train), ctx.query_rows)
+                    add((metric, normalize, size, vectors), m)
     return settings, matrices
 
 
@@ -393,7 +423,7 @@ def _removal(ctx: _Context, opts: EvaluateOptions, matrices: dict, compared: lis
             if setting is None:
                 removed = np.random.default_rng([opts.seed, 2, int(j)]).choice(n, size=k, replace=False)
             else:
-                m = matrices[(setting.metric, setting.normalize, setting.checkpoints)]
+                m = matrices[setting.key]
                 removed = np.argsort(-m[:, j], kind="stable")[:k]
             keep = np.ones(n, dtype=bool)
             keep[removed] = False
@@ -459,14 +489,13 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
                        for s in range(opts.subsets)])
     result.settings, matrices = _settings(opts, runs, members, losses, ctx, out)
     result.best = max(result.settings, key=lambda s: s.lds.value)
-    result.baseline = next((s for s in result.settings if (s.metric, s.normalize, s.checkpoints) == ("dot", "none", 1)),
-                           None)
+    result.baseline = next((s for s in result.settings if s.key == ("dot", "none", 1, "grad")), None)
     compared = [result.best] + ([result.baseline] if result.baseline not in (None, result.best) else [])
     if result.baseline is not None and result.baseline is not result.best:
         result.difference = difference_interval(result.best.lds, result.baseline.lds)
     if opts.checkpoints > 1 and result.best.metric != "inrun":
         same = {s.checkpoints: s for s in result.settings
-                if (s.metric, s.normalize) == (result.best.metric, result.best.normalize)}
+                if (s.metric, s.normalize, s.vectors) == (result.best.metric, result.best.normalize, result.best.vectors)}
         result.ensemble_gain = difference_interval(same[opts.checkpoints].lds, same[1].lds)
     result.removal = _removal(ctx, opts, matrices, compared, full, out)
     write_report(result, out / "lds.json")
@@ -480,7 +509,7 @@ def write_report(result: EvaluateResult, path: Path) -> None:
     doc = {
         "subsets": result.subsets, "train_examples": result.n_train, "queries": result.n_query,
         "rank": result.rank_setting, "layers": result.layers_setting,
-        "settings": [{"metric": s.metric, "normalize": s.normalize, "checkpoints": s.checkpoints,
+        "settings": [{"metric": s.metric, "normalize": s.normalize, "checkpoints": s.checkpoints, "vectors": s.vectors,
                       "lds": s.lds.value, "interval95": [s.lds.low, s.lds.high],
                       "per_query": [None if np.isnan(v) else float(v) for v in s.lds.per_query]}
                      for s in result.settings],
@@ -503,7 +532,8 @@ def plot_report(result: EvaluateResult, path: Path, notes: list[str]) -> Path | 
     except ImportError:
         notes.append("No PNG plot: matplotlib is not installed (pip install 'ghostproj[plot]').")
         return None
-    labels = [f"{s.metric}/{s.normalize}/{s.checkpoints}" for s in result.settings]
+    labels = [f"{s.metric}/{s.normalize}/{s.checkpoints}" + ("/adam" if s.vectors == "adam" else "")
+              for s in result.settings]
     values = np.array([s.lds.value for s in result.settings])
     errors = np.array([[s.lds.value - s.lds.low for s in result.settings],
                        [s.lds.high - s.lds.value for s in result.settings]])

@@ -35,20 +35,32 @@ def _batches(n: int, recipe: Recipe) -> list[list[int]]:
     return out
 
 
+@dataclass
+class Checkpoint:
+    """A model's weights during fine-tuning, with the optimizer's Adam moments at that step
+    ({parameter name: (exp_avg, exp_avg_sq)}, and b1, b2, eps): what optimizer-aware
+    training vectors are projected with."""
+
+    state: dict
+    moments: dict
+    betas: tuple[float, float]
+    eps: float
+
+
 def fine_tune(model, base_state: dict, examples: list[Example], recipe: Recipe, pad_id: int,
-              checkpoints: int = 0) -> list[dict]:
+              checkpoints: int = 0) -> list[Checkpoint]:
     """Reset ``model`` to ``base_state`` and fine-tune it on ``examples`` (mean token loss
-    per example, averaged over the batch). Returns the weights at ``checkpoints`` evenly
-    spaced steps (the last one is the end of training); none when 0."""
+    per example, averaged over the batch). Returns ``checkpoints`` evenly spaced
+    checkpoints (the last one is the end of training); none when 0."""
     model.load_state_dict(base_state)
     device = next(model.parameters()).device
     live = [e for e in examples if e.n_label_positions > 0]
     batches = _batches(len(live), recipe) if live else []
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
-    total = max(1, len(batches))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)
-    marks = {round(total * (c + 1) / checkpoints) for c in range(checkpoints)} if checkpoints else set()
-    saved = []
+    total = len(batches)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(1, total))
+    marks = [max(1, round(total * (c + 1) / checkpoints)) if total else 0 for c in range(checkpoints)]
+    saved = [_checkpoint(model, optimizer) for m in marks if m == 0]
     torch.manual_seed(recipe.seed)  # dropout masks
     model.train()
     for step, rows in enumerate(batches, start=1):
@@ -58,12 +70,20 @@ def fine_tune(model, base_state: dict, examples: list[Example], recipe: Recipe, 
         losses.mean().backward()
         optimizer.step()
         schedule.step()
-        if step in marks:
-            saved.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        saved += [_checkpoint(model, optimizer) for m in marks if m == step]
     model.eval()
-    if checkpoints and not batches:
-        saved = [{k: v.detach().clone() for k, v in model.state_dict().items()}] * checkpoints
     return saved
+
+
+def _checkpoint(model, optimizer) -> Checkpoint:
+    moments = {}
+    for name, p in model.named_parameters():
+        st = optimizer.state.get(p, {})
+        if "exp_avg" in st:
+            moments[name] = (st["exp_avg"].detach().clone(), st["exp_avg_sq"].detach().clone())
+    group = optimizer.param_groups[0]
+    return Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, moments,
+                      tuple(group["betas"]), float(group["eps"]))
 
 
 @torch.no_grad()
