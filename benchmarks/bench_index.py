@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--factories", default="default", help="semicolon-separated FAISS factory strings ('default': "
                                                            "what index build chooses)")
     ap.add_argument("--nprobes", default="", help="comma-separated nprobe values (default: the index's own)")
+    ap.add_argument("--metric", default="cosine", help="as score's --metric (the recorded figures: cosine)")
     ap.add_argument("--keep", help="Keep the generated runs and indexes in this directory.")
     ap.add_argument("--generate-into", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -149,7 +150,7 @@ def main() -> None:
 
     exact_out = root / "exact.jsonl"
     exact_wall, rss, err = ghostproj("score", str(train), str(query), "--top-k", "10", "--show", "0",
-                                     "--topk-out", str(exact_out), "--overwrite")
+                                     "--metric", args.metric, "--topk-out", str(exact_out), "--overwrite")
     own = float(re.search(r"in ([\d.]+) s", err).group(1))
     print(f"exact score: {exact_wall:.1f} s whole process ({own:.1f} s scoring), {args.n_query / exact_wall:.1f} "
           f"queries/s, peak RSS {rss:.2f} GiB")
@@ -161,6 +162,7 @@ def main() -> None:
     for factory in args.factories.split(";"):
         idx = root / f"index-{re.sub(r'[^A-Za-z0-9]+', '_', factory)}"
         build_s, build_rss, err = ghostproj("index", "build", str(train), "--out", str(idx), "--overwrite",
+                                            "--metric", args.metric,
                                             *([] if factory == "default" else ["--factory", factory]))
         built = json.loads((idx / "index.json").read_text())
         size = (idx / "index.faiss").stat().st_size
