@@ -44,7 +44,9 @@ def main() -> None:
     if not train.exists():
         write_run(train, args.n_train, args.dim, 0)
         write_run(query, args.n_query, args.dim, 1)
-    common = [str(train), str(query), "--top-k", "10", "--reduce", "mean", "--show", "0", "--overwrite"]
+    # cosine, as the recorded figures were measured (influence parts would also need --fisher)
+    common = [str(train), str(query), "--metric", "cosine", "--top-k", "10", "--reduce", "mean", "--show", "0",
+              "--overwrite"]
     single = timed("score", *common, "--topk-out", str(root / "one.jsonl"), "--select-out", str(root / "one.sel"))
     parts = [root / f"part{i}.safetensors" for i in range(args.parts)]
     each = [timed("score", *common, "--num-parts", str(args.parts), "--part", str(i), "--part-out", str(p))
