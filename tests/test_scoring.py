@@ -304,3 +304,21 @@ def test_torchrun_ranks_score_like_one_process(capsys, runs, tmp_path):
             b = load_file(outputs["ranks"][names[0]])["scores"]
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
         assert not list(tmp_path.glob(".*part-*"))  # the rank files are gone
+
+
+def test_parts_without_a_shard_merge_like_the_others(capsys, runs, tmp_path):
+    """More parts than shards: the extra parts score nothing and still merge exactly."""
+    train, query = runs  # 4 shards
+    common = ["score", train, query, "--metric", "cosine", "--top-k", "3", "--reduce", "mean", "--show", "0"]
+    whole = {n: tmp_path / f"whole-{n}" for n in ("top.jsonl", "sel.jsonl")}
+    assert run_cli([*common, "--topk-out", whole["top.jsonl"], "--select-out", whole["sel.jsonl"]], capsys)[0] == 0
+    parts = [tmp_path / f"p{i}.safetensors" for i in range(6)]
+    for i, path in enumerate(parts):
+        code, _, err = run_cli([*common, "--num-parts", "6", "--part", str(i), "--part-out", path], capsys)
+        assert code == 0, err
+    merged = {n: tmp_path / f"merged-{n}" for n in whole}
+    code, _, err = run_cli(["merge-scores", *parts, "--topk-out", merged["top.jsonl"], "--select-out",
+                            merged["sel.jsonl"]], capsys)
+    assert code == 0, err
+    for name in whole:
+        assert merged[name].read_bytes() == whole[name].read_bytes(), name

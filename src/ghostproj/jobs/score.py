@@ -313,9 +313,10 @@ def merge_parts(paths: list[str]) -> ScoreResult:
         return torch.cat([loaded[p][3][name][offsets[p][s]:offsets[p][s + 1]] for p, s in spans])
 
     topk_scores = topk_train = None
-    if "topk_scores" in loaded[0][3]:
+    with_topk = [t for *_, t in loaded if "topk_scores" in t]  # a part with no shard has no top-k
+    if with_topk:
         best = StreamingTopK(settings["top_k"])
-        for *_, t in loaded:
+        for t in with_topk:
             best.merge(t["topk_scores"], t["topk_train"])
         topk_scores, topk_train = best.result()
     return ScoreResult(rows("train_index"), loaded[0][3]["query_index"], rows("scores"), topk_scores, topk_train,
