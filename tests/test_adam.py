@@ -45,7 +45,7 @@ def _moments(trained, opt):
             if p in opt.state}
 
 
-def _reference(model, examples, engine, moments, b1=0.8, b2=0.99, eps=1e-6):
+def _reference(model, examples, engine, moments, b1=0.8, b2=0.99, eps=1e-6, bias=False):
     """Each example alone, full autograd: G in (n_out, n_in) orientation, the Adam direction
     (b1 m + (1 - b1) G) / (sqrt(b2 v + (1 - b2) G^2) + eps), then kron(P_out, P_in)."""
     modules = dict(model.named_modules())
@@ -66,6 +66,10 @@ def _reference(model, examples, engine, moments, b1=0.8, b2=0.99, eps=1e-6):
             conv = type(modules[info.name]).__name__ == "Conv1D"
             g, m, v = (t.t() if conv else t for t in (w.grad, *moments[f"{info.name}.weight"]))
             g, m, v = g.double(), m.double(), v.double()
+            if bias:  # the bias is one more input column, with its own moments
+                b = modules[info.name].bias
+                mb, vb = moments[f"{info.name}.bias"]
+                g, m, v = (torch.cat([a, c.double()[:, None]], 1) for a, c in ((g, b.grad), (m, mb), (v, vb)))
             direction = (b1 * m + (1 - b1) * g) / ((b2 * v + (1 - b2) * g * g).sqrt() + eps)
             p = engine.projectors[info.name]
             out[r, info.offset:info.offset + info.size] = \
@@ -168,3 +172,20 @@ def test_a_bfloat16_model_gives_the_float32_reference_directions_within_bf16_err
     # Adam's direction saturates where |g| >> sqrt(v), so bf16 rounding of the gradient moves
     # it less than it moves the gradient; the bound is the one naive-check allows 16-bit models
     assert 1e-5 < rel_err(got, ref) <= 2e-2
+
+
+def test_adam_directions_with_bias_columns(capsys, tmp_path, gpt2_dir, data_file):
+    trained, tok = load_model(str(gpt2_dir), device="cpu")
+    opt = _adam_state(trained, "one")
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    out = tmp_path / "bias"
+    code, _, err = run_cli(["project", "--model", gpt2_dir, "--data", data_file, "--out", out, "--layers", "c_attn",
+                            "--rank", "16", "--max-length", "24", "--store-dtype", "float32", "--bias",
+                            "--optimizer-state", tmp_path / "optimizer.pt"], capsys)
+    assert code == 0, err
+    model, _ = load_model(str(gpt2_dir), device="cpu")
+    engine = GradProjectionEngine(model, ["c_attn"], rank=16, bias=True)
+    ref = _reference(model, tokenize_records(read_records(data_file), tok, 24), engine, _moments(trained, opt),
+                     bias=True)
+    assert ref.abs().max() > 0
+    assert rel_err(load_projections(out).grads, ref) <= 1e-4
