@@ -329,3 +329,18 @@ def _split_like(flat, model):
         out.append(flat[at : at + p.numel()].view_as(p))
         at += p.numel()
     return out
+
+
+def test_evaluate_on_a_llama_with_masked_prompts(capsys, tmp_path, llama_dir):
+    rows = [{"prompt": f"question {i}:", "completion": f" the answer is {i % 3} and {i % 5}"} for i in range(12)]
+    train, query = tmp_path / "train.jsonl", tmp_path / "query.jsonl"
+    write_jsonl(train, rows)
+    write_jsonl(query, [{"prompt": "question 3:", "completion": " the answer is 0"},
+                        {"prompt": "question 7:", "completion": ""}])  # no completion token: left out
+    code, _, err = run_cli(["evaluate", "--model", llama_dir, "--train", train, "--query", query, "--out",
+                            tmp_path / "ev", "--subsets", "5", "--epochs", "1", "--checkpoints", "1", "--rank", "16",
+                            "--max-length", "24", "--removal-queries", "0", "--replicates", "20", "--batch-size", "4",
+                            "--metrics", "dot,influence,inrun"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "ev" / "lds.json").read_text())
+    assert report["queries"] == 1 and len(report["settings"]) == 2 * 2 + 1
