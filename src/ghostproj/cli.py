@@ -12,6 +12,7 @@ from typing import Annotated, Optional, get_type_hints
 import typer
 
 from .errors import GhostprojError
+from .data.readers import LayoutFields
 from .jobs.evaluate import EvaluateOptions
 from .jobs.inrun import InrunOptions
 from .jobs.project import ProjectOptions
@@ -98,11 +99,6 @@ def _info(alias):
     return alias.__metadata__[0]
 
 
-def _fields(text_field, prompt_field, completion_field, messages_field) -> dict:
-    return dict(text_field=text_field, prompt_field=prompt_field, completion_field=completion_field,
-                messages_field=messages_field)
-
-
 def _split(value: Optional[str]) -> Optional[list[str]]:
     if value is None:
         return None
@@ -161,6 +157,13 @@ def _options_signature(options_cls, declared: dict, extra: tuple = ()) -> inspec
     return inspect.Signature(params + list(extra), return_annotation=None)
 
 
+# How a data file's rows become examples: the same flags wherever data is read.
+LAYOUT_OPTIONS = {
+    "text_field": _info(TextFieldOpt),
+    "prompt_field": _info(PromptFieldOpt),
+    "completion_field": _info(CompletionFieldOpt),
+    "messages_field": _info(MessagesFieldOpt),
+}
 # `project`'s options: names, types and defaults are ProjectOptions' fields.
 PROJECT_OPTIONS = {
     "model": _info(ModelOpt),
@@ -169,10 +172,7 @@ PROJECT_OPTIONS = {
     "adapter": _opt(help="PEFT LoRA adapter directory (needs the peft extra).", panel=MODEL, default="none"),
     "data": _info(DataOpt),
     "format": _opt(help="auto (by suffix), jsonl, text, bin, parquet or hf.", panel=DATA),
-    "text_field": _info(TextFieldOpt),
-    "prompt_field": _info(PromptFieldOpt),
-    "completion_field": _info(CompletionFieldOpt),
-    "messages_field": _info(MessagesFieldOpt),
+    **LAYOUT_OPTIONS,
     "split": _opt(help="Split of --hf-dataset.", panel=DATA),
     "token_dtype": _opt(help=".bin token width: uint16 or uint32.", panel=DATA, default="by vocabulary size"),
     "max_length": _info(MaxLengthOpt),
@@ -271,25 +271,19 @@ def _error_table(title: str, rows, tolerance: float):
 
 
 @dataclasses.dataclass
-class Source:
+class Source(LayoutFields):
     """Where a check's model and data come from, and the data's layout."""
 
     model: str | None = None
     data: str | None = None
-    text_field: str | None = None
-    prompt_field: str | None = None
-    completion_field: str | None = None
-    messages_field: str | None = None
 
     def resolved(self) -> tuple[str, str, dict]:
         """(model, data, layout fields), the embedded demo standing in for what was left out."""
         model, data = _default_model_and_data(self.model, self.data)
-        return model, data, _fields(self.text_field, self.prompt_field, self.completion_field, self.messages_field)
+        return model, data, self.fields
 
 
-SOURCE_OPTIONS = {"model": _info(ModelOpt), "data": _info(DataOpt), "text_field": _info(TextFieldOpt),
-                  "prompt_field": _info(PromptFieldOpt), "completion_field": _info(CompletionFieldOpt),
-                  "messages_field": _info(MessagesFieldOpt)}
+SOURCE_OPTIONS = {"model": _info(ModelOpt), "data": _info(DataOpt), **LAYOUT_OPTIONS}
 
 
 def _with_source(command):
@@ -297,7 +291,7 @@ def _with_source(command):
     of its own; the command receives them as one Source, its first parameter."""
     own = [param.replace(kind=inspect.Parameter.KEYWORD_ONLY)
            for param in list(inspect.signature(command, eval_str=True).parameters.values())[1:]]
-    names = [f.name for f in dataclasses.fields(Source)]
+    names = list(SOURCE_OPTIONS)
 
     @functools.wraps(command)
     def wrapper(**options):
@@ -548,13 +542,6 @@ def _demo_in_place(options: dict, query_key: str) -> bool:
     return True
 
 
-# How a data file's rows become examples: the same flags wherever data is read.
-LAYOUT_OPTIONS = {
-    "text_field": _info(TextFieldOpt),
-    "prompt_field": _info(PromptFieldOpt),
-    "completion_field": _info(CompletionFieldOpt),
-    "messages_field": _info(MessagesFieldOpt),
-}
 INRUN_OPTIONS = {
     "model": _info(ModelOpt),
     "train": _info(TrainOpt),

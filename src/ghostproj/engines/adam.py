@@ -130,6 +130,7 @@ class AdamDirectionEngine(GradProjectionEngine):
             raise GhostprojError("--optimizer-state does not support layers whose weight is tied to another module.")
         self.adam = load_adam_moments(optimizer_state, self)
         self._seen: dict[str, list] = {}
+        self._on_device: dict[tuple[str, torch.device], tuple[torch.Tensor, ...]] = {}
 
     def attach(self) -> "AdamDirectionEngine":
         if self.attached:
@@ -169,6 +170,15 @@ class AdamDirectionEngine(GradProjectionEngine):
         super().reset()
         self._seen = {}
 
+    def _layer_tensors(self, name: str, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(m, v, P_in, P_out) of one layer on ``device``, float32; copied there once, not per batch."""
+        key = (name, device)
+        if key not in self._on_device:
+            p = self.projectors[name]
+            self._on_device[key] = tuple(t.to(device, torch.float32) for t in (*self.adam.moments[name], p.p_in,
+                                                                                 p.p_out))
+        return self._on_device[key]
+
     def collect(self) -> torch.Tensor:
         if self.batch_size is None:
             raise RuntimeError("no projected layer ran a forward pass with gradients enabled since the last collect()")
@@ -179,10 +189,8 @@ class AdamDirectionEngine(GradProjectionEngine):
                 g = torch.zeros(b, info.n_out, info.n_in, device=self.device)
             else:
                 g = sum(torch.einsum("bto,bti->boi", d, x) for x, d in calls)
-            m, v = (t.to(g.device) for t in a.moments[info.name])
+            m, v, p_in, p_out = self._layer_tensors(info.name, g.device)
             direction = (a.beta1 * m + (1 - a.beta1) * g) / ((a.beta2 * v + (1 - a.beta2) * g * g).sqrt() + a.eps)
-            p = self.projectors[info.name]
-            p_in, p_out = p.p_in.to(g.device, torch.float32), p.p_out.to(g.device, torch.float32)
             blocks.append((p_out @ direction @ p_in.t()).reshape(b, info.size))
         self.reset()
         return torch.cat(blocks, dim=1)

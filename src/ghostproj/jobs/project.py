@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..data.batching import Example
-from ..data.readers import DataSpec, LoadedData, load_examples
+from ..data.readers import DataSpec, LayoutFields, LoadedData, load_examples
 from ..data.records import file_sha256
 from ..distributed import (
     device_for_this_process,
@@ -55,7 +55,7 @@ from .resume import batches_after, planned_batches, prepare_out_dir, repair_plan
 
 
 @dataclass
-class ProjectOptions:
+class ProjectOptions(LayoutFields):
     """Options of ``ghostproj project`` (the command line is made from these fields). Fields
     left None take their default, or the value recorded in the ``like`` run; ``model`` and
     ``data`` are required (the command line puts the embedded demo in their place)."""
@@ -79,10 +79,6 @@ class ProjectOptions:
     shard_size: int = 4096
     device: str = "auto"
     dtype: str = "float32"
-    text_field: str | None = None  # None: the layout is read from the data's first row
-    prompt_field: str | None = None
-    completion_field: str | None = None
-    messages_field: str | None = None
     format: str = "auto"
     token_dtype: str | None = None
     split: str = "train"
@@ -262,8 +258,7 @@ class _Inputs:
 
 
 def _load_inputs(opts: ProjectOptions, summary: ProjectSummary) -> _Inputs:
-    spec = DataSpec(opts.data, opts.format, opts.text_field, opts.prompt_field, opts.completion_field,
-                    opts.messages_field, opts.token_dtype, opts.split)
+    spec = DataSpec(opts.data, opts.format, token_dtype=opts.token_dtype, split=opts.split, **opts.fields)
     spec.resolved_format()  # refuse an unknown format before loading the model
     if spec.resolved_format() != "hf" and not Path(opts.data).is_file():
         raise GhostprojError(f"Data file {opts.data} does not exist.")

@@ -52,27 +52,37 @@ def fine_tune(model, base_state: dict, examples: list[Example], recipe: Recipe, 
     """Reset ``model`` to ``base_state`` and fine-tune it on ``examples`` (mean token loss
     per example, averaged over the batch). Returns ``checkpoints`` evenly spaced
     checkpoints (the last one is the end of training); none when 0."""
-    model.load_state_dict(base_state)
-    device = next(model.parameters()).device
-    live = [e for e in examples if e.n_label_positions > 0]
-    batches = _batches(len(live), recipe) if live else []
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
-    total = len(batches)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(1, total))
+    run = _TrainingRun(model, base_state, examples, recipe)
+    total = len(run.batches)
     marks = [max(1, round(total * (c + 1) / checkpoints)) if total else 0 for c in range(checkpoints)]
-    saved = [_checkpoint(model, optimizer) for m in marks if m == 0]
-    torch.manual_seed(recipe.seed)  # dropout masks
-    model.train()
-    for step, rows in enumerate(batches, start=1):
-        batch = collate([live[r] for r in rows], pad_id).to(device)
+    saved = [_checkpoint(model, run.optimizer) for m in marks if m == 0]
+    for step, chosen in enumerate(run.batches, start=1):
+        batch = collate([examples[i] for i in chosen], pad_id).to(run.device)
         losses, _ = causal_lm_losses(model(**batch.model_inputs()).logits, batch.labels, "mean")
-        optimizer.zero_grad(set_to_none=True)
+        run.optimizer.zero_grad(set_to_none=True)
         losses.mean().backward()
-        optimizer.step()
-        schedule.step()
-        saved += [_checkpoint(model, optimizer) for m in marks if m == step]
+        run.optimizer.step()
+        run.schedule.step()
+        saved += [_checkpoint(model, run.optimizer) for m in marks if m == step]
     model.eval()
     return saved
+
+
+class _TrainingRun:
+    """What every fine-tuning of an evaluation starts from: ``model`` reset to the base
+    weights in train mode, the seeded batches (dataset rows of the examples with a label
+    position), AdamW with linear decay to zero, and the seeded dropout stream."""
+
+    def __init__(self, model, base_state: dict, examples: list[Example], recipe: Recipe) -> None:
+        model.load_state_dict(base_state)
+        self.device = next(model.parameters()).device
+        live = [r for r, e in enumerate(examples) if e.n_label_positions > 0]
+        self.batches = [[live[r] for r in rows] for rows in _batches(len(live), recipe)]
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
+        total = max(1, len(self.batches))
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0 - step / total)
+        torch.manual_seed(recipe.seed)  # dropout masks
+        model.train()
 
 
 def _checkpoint(model, optimizer) -> Checkpoint:
@@ -107,23 +117,15 @@ def in_run_scores(model, base_state: dict, examples: list[Example], queries: lis
     updates caused). Rows of examples with no label position stay 0."""
     from ..engines.dotprod import GradDotProdEngine
 
-    model.load_state_dict(base_state)
-    device = next(model.parameters()).device
-    live = [r for r, e in enumerate(examples) if e.n_label_positions > 0]
-    batches = _batches(len(live), recipe)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
-    total = max(1, len(batches))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)
     scores = torch.zeros(len(examples), len(queries), dtype=torch.float64)
     engine = GradDotProdEngine(model, val_batch_size=len(queries), per_query=True, loss_reduction="sum",
                                uncovered="freeze")
-    torch.manual_seed(recipe.seed)
-    model.train()
+    run = _TrainingRun(model, base_state, examples, recipe)
+    optimizer = run.optimizer
     engine.attach(optimizer)
     try:
-        for rows in batches:
-            chosen = [live[r] for r in rows]
-            batch = collate([examples[i] for i in chosen] + queries, pad_id).to(device)
+        for chosen in run.batches:
+            batch = collate([examples[i] for i in chosen] + queries, pad_id).to(run.device)
             losses, _ = causal_lm_losses(model(**batch.model_inputs()).logits, batch.labels, "mean")
             losses.sum().backward()
             dots = engine.results().total.detach().double().cpu()  # [B, M]
@@ -132,7 +134,7 @@ def in_run_scores(model, base_state: dict, examples: list[Example], queries: lis
             engine.prepare_gradients()
             optimizer.step()
             engine.clear_gradients()
-            schedule.step()
+            run.schedule.step()
     finally:
         engine.detach()
     model.eval()
