@@ -9,14 +9,17 @@ about 1,000 rows per cluster. Queries are fresh draws from the same clusters. Th
 are ordinary bfloat16 runs with the real run's layers, so `score` and `index` read them
 as they would a projected corpus.
 
-Then, in one run: `ghostproj score` (exact, streaming; the default cosine with
---normalize layer) for the M queries; `ghostproj index build` for each factory; `ghostproj
-index query` at each nprobe; recall@10 of the index's top-10 against the exact one, the
-query throughput of each (whole process, and the command's own search time) and the
-index's size against the raw float32 vectors.
+Then, in one run: for influence, `ghostproj fisher` once (then passed to both with
+--fisher, as a user with a large training set would); `ghostproj score` (exact, streaming,
+with --metric as given and --normalize layer) for the M queries; `ghostproj index build` for each factory;
+`ghostproj index query` at each --candidates (scan indexes) or --nprobe (FAISS IVF);
+recall@10 of the index's top-10 against the exact one, the query throughput of each
+(whole process, and the command's own search time) and the index's size against the raw
+float32 vectors.
 
-    python benchmarks/bench_index.py                    # N = 1,000,000, M = 1,000
+    python benchmarks/bench_index.py                    # N = 1,000,000, M = 1,000, the default index
     python benchmarks/bench_index.py --n-train 200000   # a quick run
+    python benchmarks/bench_index.py --factories 'default;IVF1024,SQ6' --nprobes 64,256 --candidates 128,256
 """
 
 from __future__ import annotations
@@ -127,10 +130,13 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=1_000_000)
     ap.add_argument("--n-query", type=int, default=1_000)
     ap.add_argument("--rows-per-cluster", type=int, default=1_000)
-    ap.add_argument("--factories", default="default", help="semicolon-separated FAISS factory strings ('default': "
+    ap.add_argument("--factories", default="default", help="semicolon-separated --factory strings ('default': "
                                                            "what index build chooses)")
-    ap.add_argument("--nprobes", default="", help="comma-separated nprobe values (default: the index's own)")
-    ap.add_argument("--metric", default="cosine", help="as score's --metric (the recorded figures: cosine)")
+    ap.add_argument("--nprobes", default="", help="comma-separated nprobe values for FAISS IVF indexes "
+                                                  "(default: the index's own)")
+    ap.add_argument("--candidates", default="", help="comma-separated --candidates values for scan indexes "
+                                                     "(default: the index's own)")
+    ap.add_argument("--metric", default="influence", help="as score's --metric")
     ap.add_argument("--keep", help="Keep the generated runs and indexes in this directory.")
     ap.add_argument("--generate-into", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -149,32 +155,40 @@ def main() -> None:
     raw = n * d * 4
 
     exact_out = root / "exact.jsonl"
+    fisher = []
+    if args.metric == "influence":  # once per training set, shared by score and index, as a user would
+        fisher_s, _, _ = ghostproj("fisher", str(train), "--out", str(root / "fisher.safetensors"), "--overwrite")
+        fisher = ["--fisher", str(root / "fisher.safetensors")]
+        print(f"ghostproj fisher: {fisher_s:.1f} s whole process (once; not counted below)")
     exact_wall, rss, err = ghostproj("score", str(train), str(query), "--top-k", "10", "--show", "0",
-                                     "--metric", args.metric, "--topk-out", str(exact_out), "--overwrite")
+                                     "--metric", args.metric, "--topk-out", str(exact_out), "--overwrite", *fisher)
     own = float(re.search(r"in ([\d.]+) s", err).group(1))
     print(f"exact score: {exact_wall:.1f} s whole process ({own:.1f} s scoring), {args.n_query / exact_wall:.1f} "
           f"queries/s, peak RSS {rss:.2f} GiB")
     exact = topk(exact_out)
 
-    print("| index | nprobe | build s | index / raw float32 | query RSS GiB | recall@10 | queries/s | "
+    print("| index | nprobe / candidates | build s | index / raw float32 | query RSS GiB | recall@10 | queries/s | "
           "÷ exact (whole process) | ÷ exact (search only) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for factory in args.factories.split(";"):
         idx = root / f"index-{re.sub(r'[^A-Za-z0-9]+', '_', factory)}"
         build_s, build_rss, err = ghostproj("index", "build", str(train), "--out", str(idx), "--overwrite",
-                                            "--metric", args.metric,
+                                            "--metric", args.metric, *fisher,
                                             *([] if factory == "default" else ["--factory", factory]))
         built = json.loads((idx / "index.json").read_text())
-        size = (idx / "index.faiss").stat().st_size
-        for nprobe in [p for p in args.nprobes.split(",") if p] or [str(built["nprobe"])]:
+        size = sum(f.stat().st_size for f in idx.glob("index.*") if f.name != "index.json")
+        scan = built["factory"].startswith("Scan")
+        option, own_value = ("--candidates", built["candidates"]) if scan else ("--nprobe", built["nprobe"])
+        values = args.candidates if scan else args.nprobes
+        for value in [p for p in values.split(",") if p] or [str(own_value)]:
             out = root / "approx.jsonl"
             wall, qrss, err = ghostproj("index", "query", str(idx), str(query), "--top-k", "10", "--show", "0",
                                         "--topk-out", str(out), "--overwrite",
-                                        *(["--nprobe", nprobe] if int(nprobe) > 0 else []))
+                                        *([option, value] if int(value) > 0 else []))
             search_s = float(re.search(r"in ([\d.]+) s", err).group(1))
             got = topk(out)
             recall = sum(len(set(got[q]) & set(exact[q])) / 10 for q in exact) / len(exact)
-            print(f"| {built['factory']} | {nprobe} | {build_s:.0f} | {size / raw:.3f} | {qrss:.2f} | {recall:.3f} | "
+            print(f"| {built['factory']} | {value} | {build_s:.0f} | {size / raw:.3f} | {qrss:.2f} | {recall:.3f} | "
                   f"{args.n_query / wall:.0f} | {exact_wall / wall:.1f} | {own / max(search_s, 1e-9):.0f} |")
     print(f"(raw float32 vectors: {raw / 2**30:.2f} GiB; runs in {root})")
 

@@ -1,6 +1,7 @@
-"""The approximate index: a flat index answers exactly as score does, an IVF index is
-measured by its recall, bad inputs get one sentence, and without FAISS one sentence says
-how to install it."""
+"""The indexes: the flat index answers exactly as score does, the scan index re-ranks to
+its codes' exact inner products and finds the exact top-k, a FAISS IVF index is measured
+by its recall, bad inputs get one sentence, and without FAISS the torch indexes work and
+one sentence says how to install it for the rest."""
 
 import json
 import sys
@@ -11,8 +12,12 @@ from helpers import run_cli
 from safetensors.torch import load_file
 
 from ghostproj.scoring.index import recall_at_k, search
+from ghostproj.scoring.scan_index import RESIDUAL_LEVELS, ScanIndex, pack6, principal_directions, unpack6
 
-faiss = pytest.importorskip("faiss")
+
+@pytest.fixture
+def faiss():
+    return pytest.importorskip("faiss")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +56,7 @@ def test_a_flat_index_answers_as_score_does(capsys, runs, tmp_path, metric, extr
             for a, b in zip(g["train"], w["train"]))
 
 
-def test_an_ivf_index_reports_its_recall(capsys, runs, tmp_path):
+def test_an_ivf_index_reports_its_recall(capsys, runs, tmp_path, faiss):
     train, query = runs
     code, _, err = run_cli(["index", "build", train, "--out", tmp_path / "ivf", "--factory", "IVF4,SQ8",
                             "--nprobe", "4", "--check", "6", "--top-k", "3"], capsys)
@@ -65,7 +70,7 @@ def test_an_ivf_index_reports_its_recall(capsys, runs, tmp_path):
     assert code == 0, err
 
 
-def test_search_breaks_ties_by_index_and_marks_missing_rows():
+def test_search_breaks_ties_by_index_and_marks_missing_rows(faiss):
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(2))
     x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     index.add_with_ids(x.numpy(), torch.tensor([7, 3, 5]).numpy())
@@ -83,13 +88,20 @@ def test_index_bad_inputs(capsys, runs, tmp_path):
     train, query = runs
     idx = tmp_path / "idx"
     assert run_cli(["index", "build", train, "--out", idx], capsys)[0] == 0
-    before = (idx / "index.faiss").read_bytes()
+    before = (idx / "index.safetensors").read_bytes()
     cases = [
         (["index", "build", train, "--out", idx], "--overwrite"),
         (["index", "build", train, "--out", train], "projection run"),
         (["index", "build", train, "--out", tmp_path / "x", "--metric", "influence-full"], "influence-full"),
         (["index", "build", train, "--out", tmp_path / "x", "--factory", "IVFnonsense"], "FAISS cannot build"),
         (["index", "build", train, "--out", tmp_path / "x", "--nprobe", "0"], "--nprobe"),
+        (["index", "build", train, "--out", tmp_path / "x", "--nprobe", "4"], "the scan index takes --candidates"),
+        (["index", "build", train, "--out", tmp_path / "x", "--factory", "Flat", "--candidates", "4"],
+         "--candidates applies to the scan index"),
+        (["index", "build", train, "--out", tmp_path / "x", "--factory", "Scan0"], "at least one head direction"),
+        (["index", "build", train, "--out", tmp_path / "x", "--candidates", "0"], "--candidates must be"),
+        (["index", "query", idx, query, "--nprobe", "2"], "--nprobe applies to FAISS IVF indexes"),
+        (["index", "query", idx, query, "--candidates", "2"], "--candidates applies to scan indexes"),
         (["index", "query", tmp_path / "nothing", query], "not a finished index"),
         (["index", "query", idx, query, "--topk-out", train / "manifest.json"], "inside a projection run"),
         (["index", "query", idx, query, "--top-k", "0"], "--top-k"),
@@ -98,12 +110,131 @@ def test_index_bad_inputs(capsys, runs, tmp_path):
         code, _, err = run_cli(args, capsys)
         assert code == 2 and words in err, (args, err)
         assert "Traceback" not in err
-    assert (idx / "index.faiss").read_bytes() == before
+    assert (idx / "index.safetensors").read_bytes() == before
 
 
-def test_without_faiss_one_sentence_says_how_to_install(capsys, runs, tmp_path, monkeypatch):
-    train, _ = runs
+def test_without_faiss_the_torch_indexes_work_and_one_sentence_says_how_to_install(capsys, runs, tmp_path,
+                                                                                      monkeypatch):
+    train, query = runs
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
-    code, _, err = run_cli(["index", "build", train, "--out", tmp_path / "idx"], capsys)
+    for factory in ("Flat", "Scan4"):
+        code, _, err = run_cli(["index", "build", train, "--out", tmp_path / factory, "--factory", factory,
+                                "--check", "4"], capsys)
+        assert code == 0, err
+        assert run_cli(["index", "query", tmp_path / factory, query, "--show", "0"], capsys)[0] == 0
+    code, _, err = run_cli(["index", "build", train, "--out", tmp_path / "ivf", "--factory", "IVF4,SQ8"], capsys)
     assert code == 2 and "pip install 'ghostproj[index]'" in err
-    assert not (tmp_path / "idx").exists()
+    assert not (tmp_path / "ivf").exists()
+
+
+def test_six_bit_codes_pack_three_bytes_to_four_values():
+    codes = torch.arange(64).repeat(2).view(8, 16)[torch.randperm(8)]
+    packed = pack6(codes)
+    assert packed.shape == (8, 12) and packed.dtype == torch.uint8
+    assert torch.equal(unpack6(packed).long(), codes)
+
+
+def test_the_head_holds_seventy_percent_of_the_variance_in_multiples_of_32():
+    g = torch.Generator().manual_seed(0)
+    spectrum = torch.ones(512)
+    spectrum[:40] = 6.0  # 40 directions hold 40 * 36 / (40 * 36 + 472) = 75% of the square sum
+    x = torch.randn(4096, 512, generator=g) * spectrum
+    basis = principal_directions(x, None)
+    assert basis.shape == (64, 512)  # 40 or so, rounded up to 32s
+    torch.testing.assert_close(basis @ basis.t(), torch.eye(64), atol=1e-4, rtol=0)
+    assert (basis[:40, 40:].abs() < 0.2).all()  # the first 40 lie in the strong directions
+    # flat: 70% would be 358 directions, so a quarter of D (the memory budget)
+    assert principal_directions(torch.randn(4096, 512, generator=g), None).shape == (128, 512)
+    # fewer rows than columns: from the rows' Gram matrix, the same subspace
+    small = principal_directions(x[:300], 16)
+    assert small.shape == (16, 512) and (small @ basis[:40].t()).norm(dim=1).min() > 0.9
+
+
+def _clustered(n, d, seed):
+    """Rows around 50 centres with a decaying spectrum, like projected gradients."""
+    g = torch.Generator().manual_seed(seed)
+    spectrum = torch.linspace(1.0, 0.05, d)
+    centres = torch.randn(50, d, generator=g) * spectrum
+    return centres[torch.randint(0, 50, (n,), generator=g)] + 0.7 * torch.randn(n, d, generator=g) * spectrum
+
+
+def _decoded(index):
+    """Every row as the scan index's codes say it is, in float64: head back through the
+    basis plus the residual."""
+    rows = torch.arange(index.ntotal)
+    head = index.head[rows].double()
+    residual = (unpack6(index.residual).double() - RESIDUAL_LEVELS) * index.row_scale.double()[:, None]
+    width = index.width
+    return ((head * index.head_scale.double()) @ index.basis.double()
+            + (residual * index.residual_scale.double())[:, :width])
+
+
+def _scan(x, ids, head_dims=32, candidates=128):
+    return ScanIndex.build(x[::3], x.shape[0], lambda: iter([(ids[:3000], x[:3000]), (ids[3000:], x[3000:])]),
+                           head_dims, candidates)
+
+
+def test_the_scan_index_ranks_by_its_codes_exact_inner_products():
+    x, q = _clustered(20_000, 64, 0), _clustered(40, 64, 1)
+    ids = torch.randperm(50_000)[: x.shape[0]]  # dataset indices, not positions
+    # the codes are within their rounding of every row, an outlier the fitting sample missed included
+    x[7] *= 20
+    index = _scan(x, ids)
+    decoded = _decoded(index)
+    error = (decoded - x.double()).norm(dim=1) / x.norm(dim=1)
+    assert error.mean() < 0.03 and error.max() < 0.06  # clipped, the outlier would be 0.9 off
+    scores, got = index.search(q, 10)
+    # every score returned is the exact inner product with the decoded row ...
+    position = {int(i): p for p, i in enumerate(ids)}
+    rows = torch.tensor([[position[int(i)] for i in r] for r in got])
+    naive = torch.einsum("md,mkd->mk", q.double(), decoded[rows])
+    torch.testing.assert_close(scores.double(), naive, rtol=1e-4, atol=1e-4)
+    # ... best first, and the decoded rows' exact top 10 is found
+    assert (scores[:, :-1] >= scores[:, 1:]).all()
+    exact = ids[(q.double() @ decoded.t()).topk(10, dim=1).indices]
+    assert recall_at_k(got, exact) >= 0.97
+    # against the rows themselves, only the codes' rounding is lost
+    assert recall_at_k(got, ids[(q @ x.t()).topk(10, dim=1).indices]) >= 0.9
+    # every row a candidate: exactly the decoded rows' top 10
+    _, everything = index.search(q, 10, candidates=x.shape[0])
+    assert torch.equal(everything, exact)
+
+
+def test_the_scan_index_keeps_k_rows_when_the_thresholds_miss(monkeypatch):
+    x, q = _clustered(20_000, 64, 0), _clustered(20, 64, 1)
+    ids = torch.arange(x.shape[0])
+    index = _scan(x, ids)
+    _, want = index.search(q, 10)
+    # thresholds no row reaches: every query falls back to its best head scores
+    monkeypatch.setattr(ScanIndex, "_thresholds",
+                        lambda self, q8, n: torch.full((q8.shape[0], 1), torch.iinfo(torch.int32).max))
+    _, got = index.search(q, 10)
+    assert got.shape == (20, 10) and (got >= 0).all()
+    assert recall_at_k(got, want) >= 0.97
+
+
+def test_the_scan_index_breaks_ties_by_dataset_index():
+    x = torch.nn.functional.normalize(_clustered(6_000, 32, 0), dim=1)  # as cosine: each row its own best
+    x[100] = x[5000]  # one row twice, under dataset indices 900 and 7
+    ids = torch.arange(6_000) + 1000
+    ids[100], ids[5000] = 900, 7
+    index = _scan(x, ids, head_dims=8, candidates=32)
+    _, got = index.search(x[5000:5001], 2)
+    assert got.tolist() == [[7, 900]]
+
+
+def test_a_scan_index_answers_close_to_score(capsys, runs, tmp_path):
+    train, query = runs
+    code, _, err = run_cli(["index", "build", train, "--out", tmp_path / "scan", "--factory", "Scan8",
+                            "--check-query", query, "--check", "8", "--top-k", "3"], capsys)
+    assert code == 0, err
+    assert "Scan8" in err and "256 candidates" in err
+    assert float(err.split("recall@3 ")[1].split()[0]) >= 0.9
+    assert run_cli(["index", "query", tmp_path / "scan", query, "--top-k", "3", "--candidates", "4",
+                    "--topk-out", tmp_path / "a.jsonl"], capsys)[0] == 0
+    assert run_cli(["score", train, query, "--top-k", "3", "--show", "0", "--topk-out", tmp_path / "b.jsonl"],
+                   capsys)[0] == 0
+    got, want = _topk(tmp_path / "a.jsonl"), _topk(tmp_path / "b.jsonl")
+    assert [g["query"] for g in got] == [w["query"] for w in want]
+    for g, w in zip(got, want):
+        assert g["scores"] == pytest.approx(w["scores"], rel=0.02, abs=0.02)

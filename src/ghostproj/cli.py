@@ -761,11 +761,14 @@ def index_build(
                                          rich_help_panel=SCORING, show_default="all"),
     fisher_file: Optional[str] = typer.Option(None, "--fisher", help="Influence: the Fisher `ghostproj fisher` wrote.",
                                               rich_help_panel=SCORING, show_default="computed from TRAIN"),
-    factory: Optional[str] = typer.Option(None, help="FAISS index factory string, e.g. IVF4096,SQ8 or IVF1024,PQ64.",
+    factory: Optional[str] = typer.Option(None, help="Flat (exact), Scan or Scan<d> (d head directions), or a FAISS "
+                                          "factory string such as IVF1024,SQ6 (needs the index extra).",
                                           rich_help_panel=SCORING,
-                                          show_default="Flat below 100,000 rows, else IVF(~4 sqrt N),SQ6"),
-    nprobe: Optional[int] = typer.Option(None, help="IVF lists searched per query (recall against speed).",
-                                         rich_help_panel=SCORING, show_default="nlist / 64"),
+                                          show_default="Flat below 100,000 rows, else Scan"),
+    nprobe: Optional[int] = typer.Option(None, help="FAISS IVF lists searched per query (recall against speed).",
+                                         rich_help_panel=SCORING, show_default="nlist / 16"),
+    candidates: Optional[int] = typer.Option(None, help="Scan: rows per query re-ranked with the full codes "
+                                             "(recall against speed).", rich_help_panel=SCORING, show_default="256"),
     check: int = typer.Option(100, help="Measure recall@k against exact scoring on this many sampled queries "
                                          "(0: skip).", rich_help_panel=RUN),
     check_query: Optional[str] = typer.Option(None, help="A query run to draw the --check queries from.",
@@ -779,16 +782,21 @@ def index_build(
     from .scoring.index import IndexSettings
 
     settings = IndexSettings(metric=metric, normalize=normalize, center=center, damping=damping, layers=_split(layers),
-                             factory=factory or "", nprobe=nprobe if nprobe is not None else 0)
+                             factory=factory or "", nprobe=nprobe if nprobe is not None else 0,
+                             candidates=candidates if candidates is not None else 0)
     if nprobe is not None and nprobe < 1:
         raise GhostprojError(f"--nprobe must be at least 1, got {nprobe}.")
+    if candidates is not None and candidates < 1:
+        raise GhostprojError(f"--candidates must be at least 1, got {candidates}.")
     status = _status()
     built, size, recall = run_index_build(train, out, settings, fisher=fisher_file, check=check,
                                           check_query=check_query, check_k=top_k, device=device,
                                           overwrite=overwrite, log=lambda m: status.print(f"[dim]{_escape(m)}[/dim]"))
     raw = built.rows * built.width * 4
-    status.print(f"[green]indexed[/green] {built.rows} rows of D={built.width} as {built.factory} "
-                 f"(nprobe {built.nprobe}) in {built.seconds:.1f} s: {size / 2**20:.1f} MiB, "
+    search_setting = (f" ({built.candidates} candidates per query)" if built.candidates
+                      else f" (nprobe {built.nprobe})" if built.nprobe else "")
+    status.print(f"[green]indexed[/green] {built.rows} rows of D={built.width} as {built.factory}{search_setting} "
+                 f"in {built.seconds:.1f} s: {size / 2**20:.1f} MiB, "
                  f"{size / raw:.2f} of the float32 vectors; wrote {_escape(out)}")
     if recall is not None:
         status.print(f"recall@{recall.k} {recall.recall:.3f} on {recall.source}; "
@@ -801,8 +809,10 @@ def index_query(
     index_dir: str = typer.Argument(..., help="Index directory (from index build)."),
     query: str = typer.Argument(..., help="Query run directory (projected with --like TRAIN)."),
     top_k: int = typer.Option(10, help="Best training examples per query.", rich_help_panel=SCORING),
-    nprobe: Optional[int] = typer.Option(None, help="IVF lists searched per query.", rich_help_panel=SCORING,
+    nprobe: Optional[int] = typer.Option(None, help="FAISS IVF lists searched per query.", rich_help_panel=SCORING,
                                          show_default="as built"),
+    candidates: Optional[int] = typer.Option(None, help="Scan: rows per query re-ranked with the full codes.",
+                                             rich_help_panel=SCORING, show_default="as built"),
     topk_out: TopkOutOpt = None,
     show: int = typer.Option(3, help="Queries whose matches are printed (0: none).", rich_help_panel=OUTPUT),
     device: ScoreDeviceOpt = "auto",
@@ -812,7 +822,7 @@ def index_query(
     from .jobs.index import run_index_query
 
     result = run_index_query(index_dir, query, top_k=top_k, topk_out=topk_out, nprobe=nprobe, device=device,
-                             overwrite=overwrite)
+                             overwrite=overwrite, candidates=candidates)
     status = _status()
     for note in result.notes:
         status.print(f"[yellow]note:[/yellow] {_escape(note)}")

@@ -21,12 +21,14 @@ from ..scoring.index import (
     index_bytes,
     load_index,
     on_device,
+    parse_factory,
     query_vectors,
     recall_at_k,
     rows_as_queries,
     sample_rows,
     save_index,
     search,
+    uses_faiss,
 )
 from ..scoring.influence import FisherSums
 from ..scoring.score import ScoreResult
@@ -70,7 +72,14 @@ def run_index_build(train: str, out: str, settings: IndexSettings, *, fisher: st
         -> tuple[IndexSettings, int, RecallCheck | None]:
     """Build, save and (with ``check`` > 0) measure the index. Returns (settings as built,
     index bytes, the recall check)."""
-    faiss_module()  # the one-sentence install hint before any work
+    if uses_faiss(settings.factory):
+        faiss_module()  # the one-sentence install hint before any work
+    if settings.nprobe and not uses_faiss(settings.factory or "Scan"):
+        raise GhostprojError("--nprobe applies to FAISS IVF indexes (--factory IVF...); the scan index takes "
+                             "--candidates.")
+    if settings.candidates and parse_factory(settings.factory or "Scan") is None:
+        raise GhostprojError("--candidates applies to the scan index (--factory Scan), not to "
+                             f"{settings.factory}.")
     path = check_index_out(out, train, overwrite)
     if check < 0:
         raise GhostprojError(f"--check must be 0 or more, got {check}.")
@@ -131,19 +140,25 @@ def _without(ids: torch.Tensor, own: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def run_index_query(index_dir: str, query: str, *, top_k: int, topk_out: str | None, nprobe: int | None,
-                    device: str, overwrite: bool) -> ScoreResult:
-    faiss_module()
+                    device: str, overwrite: bool, candidates: int | None = None) -> ScoreResult:
     check_outputs([(topk_out, "--topk-out")], [index_dir, query], overwrite)
     if top_k < 1:
         raise GhostprojError(f"--top-k must be at least 1, got {top_k}.")
     if nprobe is not None and nprobe < 1:
         raise GhostprojError(f"--nprobe must be at least 1, got {nprobe}.")
+    if candidates is not None and candidates < 1:
+        raise GhostprojError(f"--candidates must be at least 1, got {candidates}.")
     path = Path(index_dir)
     index, s, extras = load_index(path)
+    if nprobe is not None and not uses_faiss(s.factory):
+        raise GhostprojError(f"--nprobe applies to FAISS IVF indexes; {index_dir} is a {s.factory} index"
+                             + (" (it takes --candidates)." if parse_factory(s.factory) is not None else "."))
+    if candidates is not None and parse_factory(s.factory) is None:
+        raise GhostprojError(f"--candidates applies to scan indexes; {index_dir} is a {s.factory} index.")
     query_run = open_run(query)
     t0 = time.perf_counter()
     qidx, q = query_vectors(query_run, s, extras)
-    scores, ids = search(on_device(index, resolve_device(device)), q, top_k, nprobe)
+    scores, ids = search(on_device(index, resolve_device(device)), q, top_k, nprobe, candidates)
     result = ScoreResult(torch.empty(0, dtype=torch.long), qidx, topk_scores=scores, topk_train=ids,
                          seconds=time.perf_counter() - t0)
     if top_k > s.rows:

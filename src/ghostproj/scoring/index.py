@@ -1,19 +1,19 @@
-"""Approximate top-k over millions of training vectors: a FAISS index of the training
-vectors after the very transform ``score`` applies (centering, normalization), searched
-by inner product with the query vectors after theirs (and, for influence, after the damped
-Fisher's inverse, so the preconditioning sits on the query side and the index stays one
-index of the training rows).
+"""Approximate top-k over millions of training vectors: an index of the training vectors
+after the very transform ``score`` applies (centering, normalization), searched by inner
+product with the query vectors after theirs (for influence, the damped inverse Fisher's
+square root on both sides: IndexColumns).
 
-An index directory holds ``index.faiss``, ``index.json`` (the settings, the training run's
-manifest without its shards, the chosen index) and, where the metric needs them, the
-training mean and the Fisher sums. FAISS is an optional extra: ``pip install
-'ghostproj[index]'``.
+The default indexes need only torch (scan_index: ``Flat`` below 100,000 rows, ``Scan``
+above); any other ``--factory`` string is a FAISS index, from the optional extra ``pip
+install 'ghostproj[index]'``. An index directory holds ``index.safetensors`` (torch
+indexes) or ``index.faiss``, ``index.json`` (the settings, the training run's manifest
+without its shards, the chosen index) and, where the metric needs them, the training mean
+and the Fisher sums.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,14 +27,21 @@ from ..store.reader import Run
 from ..store.shards import encode_safetensors
 from .columns import chunks, column_index, relative_blocks, selected_layers
 from .feed import chunk_rows_for
-from .influence import FisherSums, check_fisher, precondition
+from .influence import FisherSums, apply_blocks, check_fisher, inverse_square_roots
+from .scan_index import (
+    DEFAULT_CANDIDATES,
+    FlatIndex,
+    ScanIndex,
+    parse_factory,
+)
 from .score import METRICS, _check_choices, _query_side, _training_mean, stream_scores
 from .topk import StreamingTopK, _ranked
 from .transform import Transform
 
-INDEX_FILE, SETTINGS_FILE, EXTRAS_FILE = "index.faiss", "index.json", "transform.safetensors"
+INDEX_FILE, TORCH_INDEX_FILE = "index.faiss", "index.safetensors"
+SETTINGS_FILE, EXTRAS_FILE = "index.json", "transform.safetensors"
 # Below this many rows the exact flat index is the index: it is as fast to search as an
-# approximate one would be to train, and it is exact.
+# approximate one would be to build, and it is exact.
 FLAT_MAX_ROWS = 100_000
 INSTALL_HINT = "pip install 'ghostproj[index]'"
 
@@ -55,26 +62,26 @@ class IndexSettings:
     center: bool = False
     damping: float = 0.1
     layers: list[str] | None = None
-    factory: str = ""  # the FAISS index factory string; chosen from the size when empty
-    nprobe: int = 0  # IVF lists searched per query; chosen from the index when 0
+    factory: str = ""  # Flat, Scan[d] or a FAISS index factory string; chosen from the size when empty
+    nprobe: int = 0  # FAISS IVF lists searched per query; chosen from the index when 0
+    candidates: int = 0  # Scan: rows per query re-ranked with the full codes
     rows: int = 0
     width: int = 0
     train_manifest: dict = field(default_factory=dict)
     seconds: float = 0.0
 
 
-def default_factory(rows: int, width: int) -> tuple[str, int]:
-    """(FAISS factory string, nprobe) for ``rows`` vectors of ``width``: exact below
-    FLAT_MAX_ROWS; above it an inverted file with about sqrt(N) lists (k-means on 64 rows
-    per list trains in under a minute on two cores at 1M rows) and 6-bit scalar codes
-    (0.19 of the float32 vectors' memory; recall as 8-bit codes on the benchmark), one
-    sixteenth of the lists probed. On gradient-like vectors that is recall@10 0.69 at 1M
-    rows (benchmarks/bench_index.py): raise --nprobe for recall, and let --check say what
-    it gives on your data."""
-    if rows < FLAT_MAX_ROWS:
-        return "Flat", 0
-    nlist = 2 ** round(math.log2(math.sqrt(rows)))
-    return f"IVF{nlist},SQ6", max(1, nlist // 16)
+def default_factory(rows: int) -> str:
+    """Exact below FLAT_MAX_ROWS, the scan index above it. On gradient-like vectors (1M
+    rows, benchmarks/bench_index.py) the scan index reaches recall@10 0.97 at over 10x
+    exact speed, where FAISS's inverted files (IVF1024,SQ6) gave 0.69 at 5x and 0.92 only
+    at exact speed: such vectors are close to isotropic, so a partition of them prunes
+    little."""
+    return "Flat" if rows < FLAT_MAX_ROWS else "Scan"
+
+
+def uses_faiss(factory: str) -> bool:
+    return bool(factory) and factory != "Flat" and parse_factory(factory) is None
 
 
 def check_settings(s: IndexSettings) -> None:
@@ -84,10 +91,18 @@ def check_settings(s: IndexSettings) -> None:
                              "full Fisher; score it exactly with `ghostproj score`).")
     if s.nprobe < 0:
         raise GhostprojError(f"--nprobe must be at least 1, got {s.nprobe}.")
+    if s.candidates < 0:
+        raise GhostprojError(f"--candidates must be at least 1, got {s.candidates}.")
+    if parse_factory(s.factory) == 0 and s.factory != "Scan":
+        raise GhostprojError(f"--factory {s.factory}: a scan index needs at least one head direction (Scan<d>, d >= 1).")
 
 
 class IndexColumns:
-    """The columns, blocks and transform of a training run under given settings."""
+    """The columns, blocks and transform of a training run under given settings. For
+    influence, the damped inverse Fisher is split between the two sides, its square root
+    on the training rows and on the queries alike: the rows an index holds then look like
+    the queries it will be asked (a one-sided preconditioner would make the queries weigh
+    most the directions in which the rows vary least, which no index of the rows learns)."""
 
     def __init__(self, train_run: Run, s: IndexSettings, extras: dict | None = None):
         selected = selected_layers(train_run.layers, s.layers)
@@ -97,21 +112,28 @@ class IndexColumns:
         self.width = sum(b.size for b in self.blocks)
         self.transform = Transform(self.blocks, normalize=s.normalize, unit_last=(s.metric == "cosine"),
                                    mean=(extras or {}).get("mean"))
-        self.fishers = [extras[k] for k in sorted(k for k in extras or {} if k.startswith("fisher."))]
+        fishers = [extras[k] for k in sorted(k for k in extras or {} if k.startswith("fisher."))]
+        self.roots = inverse_square_roots(fishers, s.damping) if s.metric == "influence" and fishers else None
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Stored training rows as the index holds them."""
+        return self.as_queries(self.transform(x))
 
     def as_queries(self, q: torch.Tensor) -> torch.Tensor:
-        """Transformed query rows as the index searches them: for influence, multiplied by
-        the damped inverse Fisher."""
-        if self.settings.metric != "influence":
-            return q
-        return precondition(q, self.fishers, self.blocks, self.settings.damping, False)
+        """Transformed rows as the index holds or searches them: for influence, times the
+        damped inverse Fisher's square root."""
+        return q if self.roots is None else apply_blocks(q, self.roots, self.blocks)
+
+    def as_exact_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """Query vectors as the index searches them, turned into score's: the other square
+        root moves to the query side, so the training rows need only the transform."""
+        return self.as_queries(q)
 
 
 def build_index(train_run: Run, s: IndexSettings, device: torch.device, fisher: FisherSums | None = None,
                 log=None) -> tuple[object, IndexSettings, dict]:
     """(the FAISS index of the transformed training rows, the settings as built, the
     extra tensors the query side needs)."""
-    faiss = faiss_module()
     t0 = time.perf_counter()
     check_settings(s)
     prep = IndexColumns(train_run, s)
@@ -119,8 +141,7 @@ def build_index(train_run: Run, s: IndexSettings, device: torch.device, fisher: 
     if rows == 0:
         raise GhostprojError("The training run is empty.")
     chunk_rows = chunk_rows_for(device, None, prep.width, train_run.store_dtype, rows)
-    factory, nprobe = default_factory(rows, prep.width)
-    s.factory, s.nprobe = s.factory or factory, s.nprobe or nprobe
+    s.factory = s.factory or default_factory(rows)
     s.rows, s.width = rows, prep.width
     s.train_manifest = {k: v for k, v in train_run.manifest.items() if k not in ("shards", "summary")}
     extras: dict[str, torch.Tensor] = {}
@@ -135,6 +156,35 @@ def build_index(train_run: Run, s: IndexSettings, device: torch.device, fisher: 
         else:
             check_fisher(fisher, train_run, prep.blocks, s.normalize, False, s.center)
         extras.update({f"fisher.{i:05d}": f for i, f in enumerate(fisher.fishers())})
+    prep = IndexColumns(train_run, s, extras)
+    if uses_faiss(s.factory):
+        index = _build_faiss(train_run, prep, s, chunk_rows, log)
+    else:
+        index = _build_torch(train_run, prep, s, chunk_rows, log)
+    s.seconds = time.perf_counter() - t0
+    return index, s, extras
+
+
+def _build_torch(train_run: Run, prep: IndexColumns, s: IndexSettings, chunk_rows: int, log):
+    def transformed():
+        return ((idx, prep.rows(x)) for idx, x in chunks(train_run, prep.cols, chunk_rows))
+
+    if s.factory == "Flat":
+        return FlatIndex.build(s.rows, s.width, transformed)
+    head_dims = parse_factory(s.factory)  # 0: as many as hold 70% of the variance
+    # the principal directions from a strided sample of at most 2^16 rows (and 256 MiB)
+    n = min(s.rows, max(2 * head_dims, 1024, min(2 ** 16, 2 ** 26 // s.width)))
+    sample = _training_sample(train_run, prep, chunk_rows, n)
+    if log:
+        log(f"fitting the head directions on {sample.shape[0]} sampled rows, then encoding")
+    s.candidates = s.candidates or DEFAULT_CANDIDATES
+    index = ScanIndex.build(sample, s.rows, transformed, head_dims, s.candidates)
+    s.factory = f"Scan{index.head_dims}"
+    return index
+
+
+def _build_faiss(train_run: Run, prep: IndexColumns, s: IndexSettings, chunk_rows: int, log):
+    faiss = faiss_module()
     try:
         index = faiss.index_factory(prep.width, s.factory, faiss.METRIC_INNER_PRODUCT)
     except Exception as exc:
@@ -143,18 +193,16 @@ def build_index(train_run: Run, s: IndexSettings, device: torch.device, fisher: 
     if ivf is None:  # flat, HNSW, ...: keep the dataset indices beside the index
         index = faiss.IndexIDMap2(index)
     if not index.is_trained:
-        sample = _training_sample(train_run, prep, chunk_rows, _training_rows(faiss, index, rows))
+        sample = _training_sample(train_run, prep, chunk_rows, _training_rows(faiss, index, s.rows))
         if log:
             log(f"training the {s.factory} index on {sample.shape[0]} sampled rows")
         index.train(sample.numpy())
-    added = 0
     for idx, x in chunks(train_run, prep.cols, chunk_rows):
-        index.add_with_ids(prep.transform(x).numpy(), idx.numpy())
-        added += x.shape[0]
+        index.add_with_ids(prep.rows(x).numpy(), idx.numpy())
     if ivf is not None:
+        s.nprobe = s.nprobe or max(1, ivf.nlist // 16)
         ivf.nprobe = s.nprobe
-    s.seconds = time.perf_counter() - t0
-    return index, s, extras
+    return index
 
 
 def _ivf(faiss, index):
@@ -177,7 +225,7 @@ def _training_sample(train_run: Run, prep: IndexColumns, chunk_rows: int, n: int
     build; a stride covers every shard, unlike the run's first n rows)."""
     wanted = torch.linspace(0, train_run.rows - 1, n).round().long().unique()
     _, rows = _rows_at(chunks(train_run, prep.cols, chunk_rows), wanted)
-    return prep.transform(rows)
+    return prep.rows(rows)
 
 
 def _rows_at(stream, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,11 +242,14 @@ def _rows_at(stream, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def save_index(path: Path, index, s: IndexSettings, extras: dict) -> None:
-    faiss = faiss_module()
     path.mkdir(parents=True, exist_ok=True)
-    writer = faiss.VectorIOWriter()
-    faiss.write_index(index, writer)
-    atomic_write(path / INDEX_FILE, faiss.vector_to_array(writer.data).tobytes())
+    if isinstance(index, (ScanIndex, FlatIndex)):
+        atomic_write(path / TORCH_INDEX_FILE, encode_safetensors(index.tensors()))
+    else:
+        faiss = faiss_module()
+        writer = faiss.VectorIOWriter()
+        faiss.write_index(index, writer)
+        atomic_write(path / INDEX_FILE, faiss.vector_to_array(writer.data).tobytes())
     if extras:
         atomic_write(path / EXTRAS_FILE, encode_safetensors(extras))
     # written last: a directory with index.json is a finished index
@@ -206,19 +257,23 @@ def save_index(path: Path, index, s: IndexSettings, extras: dict) -> None:
 
 
 def load_index(path: Path) -> tuple[object, IndexSettings, dict]:
-    faiss = faiss_module()
+    from safetensors.torch import load_file
+
     if not (path / SETTINGS_FILE).is_file():
         raise GhostprojError(f"{path} is not a finished index (no {SETTINGS_FILE}); build it with "
                              "`ghostproj index build`.")
     try:
         s = IndexSettings(**json.loads((path / SETTINGS_FILE).read_text()))
-        index = faiss.read_index(str(path / INDEX_FILE))  # straight from the file: one copy in memory
+        if uses_faiss(s.factory):
+            index = faiss_module().read_index(str(path / INDEX_FILE))  # straight from the file: one copy in memory
+        elif s.factory == "Flat":
+            index = FlatIndex.from_tensors(load_file(str(path / TORCH_INDEX_FILE)))
+        else:
+            index = ScanIndex.from_tensors(load_file(str(path / TORCH_INDEX_FILE)), s.candidates)
         extras = {}
         if (path / EXTRAS_FILE).is_file():
-            from safetensors.torch import load_file
-
             extras = load_file(str(path / EXTRAS_FILE))
-    except (OSError, ValueError, TypeError, RuntimeError) as exc:
+    except (OSError, ValueError, TypeError, RuntimeError, KeyError) as exc:
         raise GhostprojError(f"Cannot read the index in {path} ({_first_line(exc)}); rebuild it.") from None
     return index, s, extras
 
@@ -237,10 +292,15 @@ def query_vectors(query_run: Run, s: IndexSettings, extras: dict) -> tuple[torch
     return index, prep.as_queries(q)
 
 
-def search(index, q: torch.Tensor, k: int, nprobe: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def search(index, q: torch.Tensor, k: int, nprobe: int | None = None,
+           candidates: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores [M, k'], dataset indices [M, k']) best first, ties by the smaller dataset index;
     k' = min(k, rows). A query whose probed lists hold fewer than k rows gets -inf scores
     and index -1 in the missing places."""
+    if isinstance(index, ScanIndex):
+        return index.search(q, k, candidates)
+    if isinstance(index, FlatIndex):
+        return index.search(q, k)
     faiss = faiss_module()
     ivf = _ivf(faiss, index)
     if ivf is not None and nprobe:
@@ -262,7 +322,7 @@ def exact_topk(train_run: Run, s: IndexSettings, q: torch.Tensor, k: int, device
     prep = IndexColumns(train_run, s, extras)
     best = StreamingTopK(min(k, train_run.rows))
     chunk_rows = chunk_rows_for(device, None, prep.width, train_run.store_dtype, train_run.rows)
-    stream_scores(train_run, prep.cols, chunk_rows, device, prep.transform, q.t().contiguous(),
+    stream_scores(train_run, prep.cols, chunk_rows, device, prep.transform, prep.as_exact_queries(q).t().contiguous(),
                   torch.empty(train_run.rows, dtype=torch.long), None, None, None, best, None)
     vals, ids = best.result()
     return vals.cpu(), ids.cpu()
@@ -290,7 +350,7 @@ def sample_rows(run: Run, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Te
 
 
 def index_bytes(path: Path) -> int:
-    return (path / INDEX_FILE).stat().st_size
+    return sum((path / name).stat().st_size for name in (INDEX_FILE, TORCH_INDEX_FILE) if (path / name).is_file())
 
 
 def _first_line(exc: BaseException) -> str:
@@ -299,7 +359,10 @@ def _first_line(exc: BaseException) -> str:
 
 
 def on_device(index, device: torch.device):
-    """The index on the GPU where FAISS has GPU support and ``device`` is one, else itself."""
+    """The index on the GPU where FAISS has GPU support and ``device`` is one, else itself
+    (the torch indexes search on the CPU)."""
+    if isinstance(index, (ScanIndex, FlatIndex)):
+        return index
     faiss = faiss_module()
     if device.type != "cuda" or not hasattr(faiss, "StandardGpuResources"):
         return index

@@ -154,3 +154,27 @@ def precondition(q: torch.Tensor, fishers: list[torch.Tensor], blocks: list[Laye
         except torch.linalg.LinAlgError:
             raise GhostprojError("The damped Fisher matrix is singular; use a positive --damping.") from None
     return out
+
+
+def inverse_square_roots(fishers: list[torch.Tensor], damping: float) -> list[torch.Tensor]:
+    """(F_l + lambda_l I)^{-1/2} of each block, lambda_l as precondition's: applied to both
+    sides, q^T (F + lambda I)^{-1} x becomes a plain inner product of two vectors that an
+    index can hold."""
+    roots = []
+    for f in fishers:
+        lam = damping * float(f.diagonal().mean())
+        a = f.double() + max(lam, 1e-12) * torch.eye(f.shape[0], dtype=torch.float64)
+        vals, vecs = torch.linalg.eigh(a)
+        if float(vals.min()) <= 0:
+            raise GhostprojError("The damped Fisher matrix is singular; use a positive --damping.")
+        roots.append(((vecs * vals.rsqrt()) @ vecs.t()).float())
+    return roots
+
+
+def apply_blocks(x: torch.Tensor, mats: list[torch.Tensor], blocks: list[LayerInfo]) -> torch.Tensor:
+    """Each block of columns of ``x`` times its symmetric matrix."""
+    out = torch.empty_like(x)
+    for m, b in zip(mats, blocks):
+        out[:, b.offset:b.offset + b.size] = x[:, b.offset:b.offset + b.size] @ m
+    return out
+
