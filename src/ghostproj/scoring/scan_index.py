@@ -7,8 +7,8 @@ must probe most of their lists for high recall. What does pay on a CPU is the fa
 exhaustive product there is, over a few dimensions, followed by an accurate re-ranking
 of a few rows per query:
 
-1. the head: each row's coordinates on the top ``head_dims`` principal directions of the
-   training rows, as int8 codes with one scale per direction. Every query scores every
+1. the head: each row's coordinates on the principal directions of the training rows
+   that hold HEAD_VARIANCE of their variance, as int8 codes with one scale per direction. Every query scores every
    row with one int8 matrix product (``torch._int_mm``) and keeps the rows above a
    per-query threshold, set so that about ``candidates`` rows pass (estimated on every
    16th row).
@@ -52,7 +52,7 @@ FACTORY = re.compile(r"^Scan(\d+)?$")
 
 def parse_factory(factory: str) -> int | None:
     """The head width of a ``Scan`` or ``Scan<d>`` factory string (0: chosen from the
-    width), or None when the string names a FAISS index."""
+    variance), or None when the string names another index."""
     m = FACTORY.match(factory)
     if m is None:
         return None
