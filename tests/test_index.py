@@ -4,6 +4,7 @@ by its recall, bad inputs get one sentence, and without FAISS the torch indexes 
 one sentence says how to install it for the rest."""
 
 import json
+import shutil
 import sys
 
 import pytest
@@ -106,6 +107,12 @@ def test_index_bad_inputs(capsys, runs, tmp_path):
         (["index", "query", idx, query, "--topk-out", train / "manifest.json"], "inside a projection run"),
         (["index", "query", idx, query, "--top-k", "0"], "--top-k"),
     ]
+    old = tmp_path / "old"  # an index of the format before influence split its Fisher between the sides
+    shutil.copytree(idx, old)
+    settings = json.loads((old / "index.json").read_text())
+    del settings["version"]
+    (old / "index.json").write_text(json.dumps(settings))
+    cases.append((["index", "query", old, query], "another version of ghostproj"))
     for args, words in cases:
         code, _, err = run_cli(args, capsys)
         assert code == 2 and words in err, (args, err)

@@ -44,6 +44,8 @@ SETTINGS_FILE, EXTRAS_FILE = "index.json", "transform.safetensors"
 # approximate one would be to build, and it is exact.
 FLAT_MAX_ROWS = 100_000
 INSTALL_HINT = "pip install 'ghostproj[index]'"
+# 2: torch indexes; influence rows and queries each carry the inverse Fisher's square root
+INDEX_VERSION = 2
 
 
 def faiss_module():
@@ -69,6 +71,7 @@ class IndexSettings:
     width: int = 0
     train_manifest: dict = field(default_factory=dict)
     seconds: float = 0.0
+    version: int = INDEX_VERSION
 
 
 def default_factory(rows: int) -> str:
@@ -263,7 +266,11 @@ def load_index(path: Path) -> tuple[object, IndexSettings, dict]:
         raise GhostprojError(f"{path} is not a finished index (no {SETTINGS_FILE}); build it with "
                              "`ghostproj index build`.")
     try:
-        s = IndexSettings(**json.loads((path / SETTINGS_FILE).read_text()))
+        settings = json.loads((path / SETTINGS_FILE).read_text())
+        if settings.get("version", 1) != INDEX_VERSION:
+            raise GhostprojError(f"The index in {path} was built by another version of ghostproj; rebuild it with "
+                                 "`ghostproj index build`.")
+        s = IndexSettings(**settings)
         if uses_faiss(s.factory):
             index = faiss_module().read_index(str(path / INDEX_FILE))  # straight from the file: one copy in memory
         elif s.factory == "Flat":
