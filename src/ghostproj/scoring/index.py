@@ -24,7 +24,7 @@ from ..errors import GhostprojError
 from ..store.files import atomic_write
 from ..store.fingerprint import differing_part
 from ..store.reader import Run
-from ..store.shards import encode_safetensors
+from ..store.shards import encode_safetensors, safetensors_parts
 from .columns import chunks, column_index, relative_blocks, selected_layers
 from .feed import chunk_rows_for
 from .influence import FisherSums, apply_blocks, check_fisher, inverse_square_roots
@@ -247,7 +247,7 @@ def _rows_at(stream, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def save_index(path: Path, index, s: IndexSettings, extras: dict) -> None:
     path.mkdir(parents=True, exist_ok=True)
     if isinstance(index, (ScanIndex, FlatIndex)):
-        atomic_write(path / TORCH_INDEX_FILE, encode_safetensors(index.tensors()))
+        atomic_write(path / TORCH_INDEX_FILE, safetensors_parts(index.tensors()))
     else:
         faiss = faiss_module()
         writer = faiss.VectorIOWriter()

@@ -33,13 +33,14 @@ def sweep_stale_temporaries(run_dir: Path) -> list[Path]:
     return removed
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes | list) -> None:
     """Write to a temporary name, flush and fsync, then rename: a reader (or a resumed run)
-    sees the old file or the new one, never a partial one."""
+    sees the old file or the new one, never a partial one. ``data`` may be a list of
+    buffers, written one after the other (no joined copy of a large file)."""
     tmp = path.with_name(f".{path.name}{TMP_MARK}{host_name()}-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            f.writelines(data if isinstance(data, list) else [data])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from ..errors import GhostprojError
-from .fingerprint import tensor_bytes
 from .manifest import FORMAT_VERSION
 
 _ST_DTYPES = {
@@ -38,19 +37,26 @@ def all_finite(t: torch.Tensor) -> bool:
 def encode_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     """Serialize tensors in the safetensors format with a deterministic header (sorted keys,
     fixed metadata order), so identical runs give byte-identical files."""
+    return b"".join(safetensors_parts(tensors, metadata))
+
+
+def safetensors_parts(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> list:
+    """encode_safetensors as [header bytes, one buffer per tensor]: the buffers are views of
+    the tensors' memory, so a large file is written without a copy of it."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = {k: str(metadata[k]) for k in sorted(metadata)}
     blobs, offset = [], 0
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
-        raw = tensor_bytes(t)
-        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        raw = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + raw.nbytes if raw else offset]}
         blobs.append(raw)
-        offset += len(raw)
+        offset += raw.nbytes if raw else 0
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # keep tensor data 8-byte aligned
-    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
+    return [struct.pack("<Q", len(text)) + text, *blobs]
 
 
 def encode_shard(grads: torch.Tensor, index: torch.Tensor, loss: torch.Tensor, tokens: torch.Tensor, fp: str) -> bytes:
