@@ -75,8 +75,8 @@ def run_index_build(train: str, out: str, settings: IndexSettings, *, fisher: st
     if uses_faiss(settings.factory):
         faiss_module()  # the one-sentence install hint before any work
     if settings.nprobe and not uses_faiss(settings.factory or "Scan"):
-        raise GhostprojError("--nprobe applies to FAISS IVF indexes (--factory IVF...); the scan index takes "
-                             "--candidates.")
+        hint = "; the scan index takes --candidates" if parse_factory(settings.factory or "Scan") is not None else ""
+        raise GhostprojError(f"--nprobe applies to FAISS IVF indexes (--factory IVF...){hint}.")
     if settings.candidates and parse_factory(settings.factory or "Scan") is None:
         raise GhostprojError("--candidates applies to the scan index (--factory Scan), not to "
                              f"{settings.factory}.")
