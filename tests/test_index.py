@@ -220,6 +220,21 @@ def test_the_scan_index_keeps_k_rows_when_the_thresholds_miss(monkeypatch):
     assert recall_at_k(got, want) >= 0.97
 
 
+def test_a_row_beyond_the_head_codes_range_is_still_found():
+    x = _clustered(20_000, 64, 0)
+    x[7] = 0.0
+    x[7, 0] = 1000.0  # far past the head scales fitted on every third row (7 is not one of them)
+    g = torch.Generator().manual_seed(1)
+    q = torch.zeros(30, 64)
+    q[:, 1], q[:, 0] = 1.0, 0.05  # row 7 scores 50; the next best about 5
+    q += 0.01 * torch.randn(30, 64, generator=g)
+    index = _scan(x, torch.arange(20_000))
+    assert index.clipped_rows.tolist() == [7]
+    scores, got = index.search(q, 3)
+    assert (got[:, 0] == 7).all()  # its clipped int8 head score (about 0.4) would not have made it a candidate
+    torch.testing.assert_close(scores[:, 0], q @ x[7], rtol=0.05, atol=0)  # 6-bit codes at 20x the scale
+
+
 def test_the_scan_index_breaks_ties_by_dataset_index():
     x = torch.nn.functional.normalize(_clustered(6_000, 32, 0), dim=1)  # as cosine: each row its own best
     x[100] = x[5000]  # one row twice, under dataset indices 900 and 7

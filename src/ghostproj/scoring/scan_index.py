@@ -16,8 +16,13 @@ of a few rows per query:
    scale per column, packed three bytes per four values, and one factor per row that
    widens the scales for a row they would clip (an outlier row keeps its size, coarser).
    The candidates are re-scored as head + residual, which is within the codes' rounding
-   of the exact inner product. A head code clipped by the sample's range only makes its
-   row a later candidate: the residual carries what the head lost.
+   of the exact inner product.
+
+A row whose head coordinates exceed the codes' range (the scales come from a sample) is
+kept aside with its exact head coordinates: its head score is computed in float for
+every query, since clipped codes would understate it, and such rows (the largest, under
+dot products) are the ones most often in a top-k. Its residual carries what its codes
+lost, so its re-ranked score is as exact as any other row's.
 
 The head product runs over BLOCK rows at a time so that its scores stay in the cache; a
 block's scores are reduced to their maxima over groups of GROUP rows before the
@@ -88,7 +93,7 @@ class ScanIndex:
 
     def __init__(self, basis: torch.Tensor, head_scale: torch.Tensor, residual_scale: torch.Tensor,
                  head: torch.Tensor, residual: torch.Tensor, row_scale: torch.Tensor, ids: torch.Tensor,
-                 candidates: int):
+                 clipped_rows: torch.Tensor, clipped_head: torch.Tensor, candidates: int):
         self.basis = basis  # [d, D] float32, orthonormal rows
         self.head_scale = head_scale  # [d]
         self.residual_scale = residual_scale  # [D'], D' = D rounded up to a multiple of 4
@@ -96,6 +101,8 @@ class ScanIndex:
         self.residual = residual  # [N, 3 D' / 4] uint8 (pack6)
         self.row_scale = row_scale  # [N] float32, >= 1: the residual scales' factor for each row
         self.ids = ids  # [N] int64 dataset indices
+        self.clipped_rows = clipped_rows  # [C] int64 positions of the rows whose head codes clip
+        self.clipped_head = clipped_head  # [C, d] float32: their head coordinates over the scales
         self.candidates = candidates
 
     @property
@@ -131,12 +138,17 @@ class ScanIndex:
         residual = torch.empty(rows, padded // 4 * 3, dtype=torch.uint8)
         row_scale = torch.empty(rows)
         ids = torch.empty(rows, dtype=torch.long)
+        clipped_rows, clipped_head = [], []
         at = 0
         for idx, x in chunks():
             n = x.shape[0]
             if at + n > rows:
                 raise GhostprojError("The training run changed while the index was being built.")
-            h = _head_codes(x, basis, head_scale)
+            exact = (x @ basis.t()) / head_scale
+            clipped = (exact.abs() > HEAD_LEVELS + 0.5).any(1).nonzero().flatten()
+            clipped_rows.append(at + clipped)
+            clipped_head.append(exact[clipped])
+            h = exact.round().clamp_(-HEAD_LEVELS, HEAD_LEVELS).to(torch.int8)
             r = (x - (h.float() * head_scale) @ basis) / residual_scale[:width]
             factor = (r.abs().amax(1) / RESIDUAL_LEVELS).clamp_min(1.0)
             r = (r / factor[:, None]).round_().clamp_(-RESIDUAL_LEVELS, RESIDUAL_LEVELS)
@@ -148,16 +160,18 @@ class ScanIndex:
             at += n
         if at != rows:
             raise GhostprojError("The training run changed while the index was being built.")
-        return cls(basis, head_scale, residual_scale, head, residual, row_scale, ids, candidates)
+        return cls(basis, head_scale, residual_scale, head, residual, row_scale, ids, torch.cat(clipped_rows),
+                   torch.cat(clipped_head), candidates)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"basis": self.basis, "head_scale": self.head_scale, "residual_scale": self.residual_scale,
-                "head": self.head, "residual": self.residual, "row_scale": self.row_scale, "ids": self.ids}
+                "head": self.head, "residual": self.residual, "row_scale": self.row_scale, "ids": self.ids,
+                "clipped_rows": self.clipped_rows, "clipped_head": self.clipped_head}
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], candidates: int) -> ScanIndex:
         return cls(t["basis"], t["head_scale"], t["residual_scale"], t["head"], t["residual"], t["row_scale"],
-                   t["ids"], candidates)
+                   t["ids"], t["clipped_rows"], t["clipped_head"], candidates)
 
     # --- searching ------------------------------------------------------------------
 
@@ -177,8 +191,9 @@ class ScanIndex:
     def _head_pass(self, head_q: torch.Tensor, want: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(query, row) of the pairs whose int8 head score reaches the query's threshold:
         about ``want`` rows per query, at least k."""
-        q8, _ = _quantize_rows(head_q)
-        thresholds = self._thresholds(q8, want).t()  # [1, M]
+        q8, q_scale = _quantize_rows(head_q)
+        int_thresholds = self._thresholds(q8, want)
+        thresholds = int_thresholds.t()  # [1, M]
         query_of, row_of = [], []
         m = q8.shape[0]
         q_block = 256
@@ -205,12 +220,23 @@ class ScanIndex:
         empty = torch.empty(0, dtype=torch.long)
         query_of = torch.cat(query_of) if query_of else empty
         row_of = torch.cat(row_of) if row_of else empty
+        if self.clipped_rows.numel():  # their float head scores against the same thresholds
+            unclipped = ~torch.isin(row_of, self.clipped_rows)
+            query_of, row_of = query_of[unclipped], row_of[unclipped]
+            scores = head_q @ self.clipped_head.t()  # head_q carries the scales: the int8 score's units
+            passed = (scores >= int_thresholds.float() * q_scale).nonzero()
+            query_of = torch.cat([query_of, passed[:, 0]])
+            row_of = torch.cat([row_of, self.clipped_rows[passed[:, 1]]])
         short = (torch.bincount(query_of, minlength=m) < k).nonzero().flatten()
         if short.numel():  # a threshold set too high by the sample: take those queries' best head scores
             kept = ~torch.isin(query_of, short)
             best = self._head_top(q8[short], want)
-            query_of = torch.cat([query_of[kept], short.repeat_interleave(best.shape[1])])
-            row_of = torch.cat([row_of[kept], best.flatten()])
+            pairs = torch.stack([short.repeat_interleave(best.shape[1]), best.flatten()])
+            if self.clipped_rows.numel():  # and every clipped row, once
+                pairs = pairs[:, ~torch.isin(pairs[1], self.clipped_rows)]
+                pairs = torch.cat([pairs, torch.cartesian_prod(short, self.clipped_rows).t()], 1)
+            query_of = torch.cat([query_of[kept], pairs[0]])
+            row_of = torch.cat([row_of[kept], pairs[1]])
         return query_of, row_of
 
     def _thresholds(self, q8: torch.Tensor, want: int) -> torch.Tensor:
