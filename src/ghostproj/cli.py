@@ -797,7 +797,7 @@ def index_build(
                       else f" (nprobe {built.nprobe})" if built.nprobe else "")
     status.print(f"[green]indexed[/green] {built.rows} rows of D={built.width} as {built.factory}{search_setting} "
                  f"in {built.seconds:.1f} s: {size / 2**20:.1f} MiB, "
-                 f"{size / raw:.2f} of the float32 vectors; wrote {_escape(out)}")
+                 f"{size / raw:.3f} of the float32 vectors; wrote {_escape(out)}")
     if recall is not None:
         status.print(f"recall@{recall.k} {recall.recall:.3f} on {recall.source}; "
                      f"{recall.index_qps:.0f} queries/s against {recall.exact_qps:.1f} exact "
