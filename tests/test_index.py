@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from ghostproj.scoring.index import recall_at_k, search
 from ghostproj.scoring.scan_index import RESIDUAL_LEVELS, ScanIndex, pack6, principal_directions, unpack6
+from ghostproj.store import RunWriter, write_manifest
+from ghostproj.store.manifest import read_manifest
 
 
 @pytest.fixture
@@ -260,3 +262,34 @@ def test_a_scan_index_answers_close_to_score(capsys, runs, tmp_path):
     assert [g["query"] for g in got] == [w["query"] for w in want]
     for g, w in zip(got, want):
         assert g["scores"] == pytest.approx(w["scores"], rel=0.02, abs=0.02)
+
+
+def _synthetic_run(path, like, rows, seed):
+    """A run shaped like ``like`` (its layers and manifest) holding gradient-like rows."""
+    manifest = dict(read_manifest(like), shards=[], complete=False, data={"count": rows}, summary={})
+    path.mkdir()
+    write_manifest(path, manifest)
+    writer = RunWriter(path, manifest, shard_size=2048)
+    x = _clustered(rows, manifest["dim"], seed) * torch.logspace(0, -3, manifest["dim"])  # a head holds most
+    writer.add(x, torch.arange(rows) * 3, torch.zeros(rows), torch.ones(rows, dtype=torch.int32))
+    writer.finish({})
+    return path
+
+
+def test_a_scan_index_of_thousands_of_rows_round_trips_through_its_files(capsys, runs, tmp_path):
+    """The threshold pass (not every row a candidate), saved and loaded, on a layered run
+    with --layers and --center, against exact scoring."""
+    train = _synthetic_run(tmp_path / "big.st", runs[0], 12_000, 0)
+    query = _synthetic_run(tmp_path / "q.st", runs[0], 40, 1)
+    opts = ["--metric", "dot", "--normalize", "none", "--center", "--layers", "h.0"]
+    code, _, err = run_cli(["index", "build", train, "--out", tmp_path / "idx", "--factory", "Scan16",
+                            "--candidates", "200", *opts, "--check-query", query, "--check", "40"], capsys)
+    assert code == 0, err
+    assert float(err.split("recall@10 ")[1].split()[0]) >= 0.9
+    assert run_cli(["index", "query", tmp_path / "idx", query, "--topk-out", tmp_path / "a.jsonl"], capsys)[0] == 0
+    assert run_cli(["score", train, query, *opts, "--top-k", "10", "--show", "0", "--topk-out",
+                    tmp_path / "b.jsonl"], capsys)[0] == 0
+    got, want = _topk(tmp_path / "a.jsonl"), _topk(tmp_path / "b.jsonl")
+    assert recall_at_k(torch.tensor([g["train"] for g in got]), torch.tensor([w["train"] for w in want])) >= 0.9
+    assert all(t % 3 == 0 for g in got for t in g["train"])  # dataset indices, not positions
+
