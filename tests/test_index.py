@@ -13,7 +13,13 @@ from helpers import run_cli
 from safetensors.torch import load_file
 
 from ghostproj.scoring.index import recall_at_k, search
-from ghostproj.scoring.scan_index import RESIDUAL_LEVELS, ScanIndex, pack6, principal_directions, unpack6
+from ghostproj.scoring.scan_index import (
+    RESIDUAL_LEVELS,
+    ScanIndex,
+    pack6,
+    principal_directions,
+    unpack6,
+)
 from ghostproj.store import RunWriter, write_manifest
 from ghostproj.store.manifest import read_manifest
 
