@@ -104,7 +104,11 @@ def test_index_bad_inputs(capsys, runs, tmp_path):
         (["index", "build", train, "--out", tmp_path / "x", "--metric", "influence-full"], "influence-full"),
         (["index", "build", train, "--out", tmp_path / "x", "--factory", "IVFnonsense"], "FAISS cannot build"),
         (["index", "build", train, "--out", tmp_path / "x", "--nprobe", "0"], "--nprobe"),
-        (["index", "build", train, "--out", tmp_path / "x", "--nprobe", "4"], "the scan index takes --candidates"),
+        (["index", "build", train, "--out", tmp_path / "x", "--factory", "Scan", "--nprobe", "4"],
+         "the scan index takes --candidates"),
+        (["index", "build", train, "--out", tmp_path / "x", "--nprobe", "4"], "--nprobe applies to FAISS IVF"),
+        # a run this small is indexed Flat: --candidates has nothing to set
+        (["index", "build", train, "--out", tmp_path / "x", "--candidates", "4"], "not to Flat"),
         (["index", "build", train, "--out", tmp_path / "x", "--factory", "Flat", "--candidates", "4"],
          "--candidates applies to the scan index"),
         (["index", "build", train, "--out", tmp_path / "x", "--factory", "Scan0"], "at least one head direction"),

@@ -74,12 +74,6 @@ def run_index_build(train: str, out: str, settings: IndexSettings, *, fisher: st
     index bytes, the recall check)."""
     if uses_faiss(settings.factory):
         faiss_module()  # the one-sentence install hint before any work
-    if settings.nprobe and not uses_faiss(settings.factory or "Scan"):
-        hint = "; the scan index takes --candidates" if parse_factory(settings.factory or "Scan") is not None else ""
-        raise GhostprojError(f"--nprobe applies to FAISS IVF indexes (--factory IVF...){hint}.")
-    if settings.candidates and parse_factory(settings.factory or "Scan") is None:
-        raise GhostprojError("--candidates applies to the scan index (--factory Scan), not to "
-                             f"{settings.factory}.")
     path = check_index_out(out, train, overwrite)
     if check < 0:
         raise GhostprojError(f"--check must be 0 or more, got {check}.")

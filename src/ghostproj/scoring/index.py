@@ -100,6 +100,17 @@ def check_settings(s: IndexSettings) -> None:
         raise GhostprojError(f"--factory {s.factory}: a scan index needs at least one head direction (Scan<d>, d >= 1).")
 
 
+def _check_search_options(s: IndexSettings) -> None:
+    """--nprobe and --candidates each belong to one kind of index: checked once the size
+    has chosen the kind."""
+    scan = parse_factory(s.factory) is not None
+    if s.nprobe and not uses_faiss(s.factory):
+        hint = "; the scan index takes --candidates" if scan else ""
+        raise GhostprojError(f"--nprobe applies to FAISS IVF indexes (--factory IVF...){hint}.")
+    if s.candidates and not scan:
+        raise GhostprojError(f"--candidates applies to the scan index (--factory Scan), not to {s.factory}.")
+
+
 class IndexColumns:
     """The columns, blocks and transform of a training run under given settings. For
     influence, the damped inverse Fisher is split between the two sides, its square root
@@ -145,6 +156,7 @@ def build_index(train_run: Run, s: IndexSettings, device: torch.device, fisher: 
         raise GhostprojError("The training run is empty.")
     chunk_rows = chunk_rows_for(device, None, prep.width, train_run.store_dtype, rows)
     s.factory = s.factory or default_factory(rows)
+    _check_search_options(s)
     s.rows, s.width = rows, prep.width
     s.train_manifest = {k: v for k, v in train_run.manifest.items() if k not in ("shards", "summary")}
     extras: dict[str, torch.Tensor] = {}
