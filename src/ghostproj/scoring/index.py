@@ -138,11 +138,6 @@ class IndexColumns:
         damped inverse Fisher's square root."""
         return q if self.roots is None else apply_blocks(q, self.roots, self.blocks)
 
-    def as_exact_queries(self, q: torch.Tensor) -> torch.Tensor:
-        """Query vectors as the index searches them, turned into score's: the other square
-        root moves to the query side, so the training rows need only the transform."""
-        return self.as_queries(q)
-
 
 def build_index(train_run: Run, s: IndexSettings, device: torch.device, fisher: FisherSums | None = None,
                 log=None) -> tuple[object, IndexSettings, dict]:
@@ -341,7 +336,10 @@ def exact_topk(train_run: Run, s: IndexSettings, q: torch.Tensor, k: int, device
     prep = IndexColumns(train_run, s, extras)
     best = StreamingTopK(min(k, train_run.rows))
     chunk_rows = chunk_rows_for(device, None, prep.width, train_run.store_dtype, train_run.rows)
-    stream_scores(train_run, prep.cols, chunk_rows, device, prep.transform, prep.as_exact_queries(q).t().contiguous(),
+    # the rows' square root moves to the query side too (the matrix is symmetric), so the
+    # training rows need only score's transform
+    exact_q = prep.as_queries(q)
+    stream_scores(train_run, prep.cols, chunk_rows, device, prep.transform, exact_q.t().contiguous(),
                   torch.empty(train_run.rows, dtype=torch.long), None, None, None, best, None)
     vals, ids = best.result()
     return vals.cpu(), ids.cpu()

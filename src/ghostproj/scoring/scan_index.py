@@ -139,11 +139,8 @@ class ScanIndex:
         row_scale = torch.empty(rows)
         ids = torch.empty(rows, dtype=torch.long)
         clipped_rows, clipped_head = [], []
-        at = 0
-        for idx, x in chunks():
+        for at, idx, x in _positioned(chunks(), rows):
             n = x.shape[0]
-            if at + n > rows:
-                raise GhostprojError("The training run changed while the index was being built.")
             exact = (x @ basis.t()) / head_scale
             clipped = (exact.abs() > HEAD_LEVELS + 0.5).any(1).nonzero().flatten()
             clipped_rows.append(at + clipped)
@@ -157,9 +154,6 @@ class ScanIndex:
                                         .to(torch.uint8))
             row_scale[at:at + n] = factor
             ids[at:at + n] = idx
-            at += n
-        if at != rows:
-            raise GhostprojError("The training run changed while the index was being built.")
         return cls(basis, head_scale, residual_scale, head, residual, row_scale, ids, torch.cat(clipped_rows),
                    torch.cat(clipped_head), candidates)
 
@@ -304,6 +298,20 @@ class ScanIndex:
         return best_v, best_i
 
 
+def _positioned(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], rows: int):
+    """(first row, dataset indices, rows) of each chunk, checking that the chunks hold
+    exactly ``rows`` rows (a run rewritten under a build would not)."""
+    changed = "The training run changed while the index was being built."
+    at = 0
+    for idx, x in chunks:
+        if at + x.shape[0] > rows:
+            raise GhostprojError(changed)
+        yield at, idx, x
+        at += x.shape[0]
+    if at != rows:
+        raise GhostprojError(changed)
+
+
 def principal_directions(sample: torch.Tensor, n: int | None) -> torch.Tensor:
     """The top right singular vectors [n, D] of ``sample`` [rows, D] (uncentered: the index
     serves inner products), from the smaller of its two Gram matrices. ``n`` None: the
@@ -361,14 +369,9 @@ class FlatIndex:
     @classmethod
     def build(cls, rows: int, width: int, chunks: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]) \
             -> FlatIndex:
-        data, ids, at = torch.empty(rows, width), torch.empty(rows, dtype=torch.long), 0
-        for idx, x in chunks():
-            if at + x.shape[0] > rows:
-                raise GhostprojError("The training run changed while the index was being built.")
+        data, ids = torch.empty(rows, width), torch.empty(rows, dtype=torch.long)
+        for at, idx, x in _positioned(chunks(), rows):
             data[at:at + x.shape[0]], ids[at:at + x.shape[0]] = x, idx
-            at += x.shape[0]
-        if at != rows:
-            raise GhostprojError("The training run changed while the index was being built.")
         return cls(data, ids)
 
     def tensors(self) -> dict[str, torch.Tensor]:
