@@ -139,16 +139,21 @@ def check_fisher(fs: FisherSums, train_run: Run, blocks: list[LayerInfo], normal
         raise GhostprojError(f"The Fisher file does not fit this score: {why}.")
 
 
+def damped(f: torch.Tensor, damping: float) -> torch.Tensor:
+    """F_l + lambda_l I in float64, lambda_l = damping * mean diag F_l."""
+    lam = damping * float(f.diagonal().mean())
+    if lam <= 0:
+        lam = 1e-12  # an all-zero block: any damping keeps the solve defined
+    return f.double() + lam * torch.eye(f.shape[0], dtype=torch.float64)
+
+
 def precondition(q: torch.Tensor, fishers: list[torch.Tensor], blocks: list[LayerInfo], damping: float,
                  full: bool) -> torch.Tensor:
     """(F_l + lambda_l I)^{-1} applied to each query block; lambda_l = damping * mean diag F_l."""
     spans = [(0, q.shape[1])] if full else [(b.offset, b.offset + b.size) for b in blocks]
     out = torch.empty_like(q)
     for f, (s, e) in zip(fishers, spans):
-        lam = damping * float(f.diagonal().mean())
-        if lam <= 0:
-            lam = 1e-12  # an all-zero block: any damping keeps the solve defined
-        a = f + lam * torch.eye(f.shape[0], dtype=torch.float64)
+        a = damped(f, damping)
         try:
             out[:, s:e] = torch.linalg.solve(a, q[:, s:e].double().t()).t().float()
         except torch.linalg.LinAlgError:
@@ -162,9 +167,7 @@ def inverse_square_roots(fishers: list[torch.Tensor], damping: float) -> list[to
     index can hold."""
     roots = []
     for f in fishers:
-        lam = damping * float(f.diagonal().mean())
-        a = f.double() + max(lam, 1e-12) * torch.eye(f.shape[0], dtype=torch.float64)
-        vals, vecs = torch.linalg.eigh(a)
+        vals, vecs = torch.linalg.eigh(damped(f, damping))
         if float(vals.min()) <= 0:
             raise GhostprojError("The damped Fisher matrix is singular; use a positive --damping.")
         roots.append(((vecs * vals.rsqrt()) @ vecs.t()).float())
