@@ -172,6 +172,36 @@ def test_checkpoint_ensembles_in_parts_with_fisher_files_and_under_torchrun_give
         assert a["train"] == b["train"] and a["scores"] == pytest.approx(b["scores"], rel=1e-5)
 
 
+def test_checkpoints_with_their_own_seeds_average_the_projection_error_away(capsys, tmp_path, gpt2_dir, data_file):
+    """Why evaluate gives each checkpoint its own seed, and score says so when they share
+    one: four projections of the same gradients with one seed repeat one error; with four
+    seeds their mean is nearer the exact inner products (by about 1/2 in expectation)."""
+    common = ["project", "--model", gpt2_dir, "--data", data_file, "--max-length", "24", "--layers", "c_attn,c_fc",
+              "--store-dtype", "float32"]
+    exact = tmp_path / "exact"  # orthonormal at full rank: a rotation of each layer's gradient
+    assert run_cli([*common, "--out", exact, "--projector", "orthonormal", "--rank-in", "256", "--rank-out", "256"],
+                   capsys)[0] == 0
+    runs = []
+    for seed in range(4):
+        runs.append(tmp_path / f"seed-{seed}")
+        assert run_cli([*common, "--out", runs[-1], "--rank", "16", "--seed", str(seed)], capsys)[0] == 0
+    truth = score(exact, exact, metric="dot", normalize="none", keep_matrix=True).scores.double()
+    norms = truth.diagonal().clamp_min(0).sqrt()
+    scale = norms[:, None] * norms[None, :]
+    labelled = scale > 0  # (the empty text has no gradient)
+
+    def error(result):  # root mean square over pairs of examples, relative to |g_i| |g_j|
+        return float((((result.scores.double() / 4 - truth) / scale)[labelled] ** 2).mean().sqrt())
+
+    shared = score([runs[0]] * 4, [runs[0]] * 4, metric="dot", normalize="none", keep_matrix=True)
+    own = score(runs, runs, metric="dot", normalize="none", keep_matrix=True)
+    assert error(own) < 0.7 * error(shared)
+    assert any("Checkpoint(s) 2, 3, 4 use an earlier checkpoint's projection matrices" in n for n in shared.notes)
+    assert not own.notes
+    code, _, err = run_cli(["score", runs[0], runs[0], runs[0], runs[0], "--show", "0"], capsys)
+    assert code == 0 and "project each checkpoint with its own --seed" in " ".join(err.split())
+
+
 def _evaluate_args(gpt2_dir, data_file, query_file, out, *extra):
     return ["evaluate", "--model", gpt2_dir, "--train", data_file, "--query", query_file, "--out", out,
             "--subsets", "5", "--epochs", "1", "--checkpoints", "2", "--replicates", "50", "--rank", "16",
@@ -206,6 +236,9 @@ def test_evaluate_reports_every_setting_and_resumes_without_retraining(capsys, t
     assert got == {(m, n, c) for m in ("cosine", "dot", "influence") for n in ("none", "layer") for c in (1, 2)}
     for s in report["settings"]:
         assert s["interval95"][0] <= s["lds"] <= s["interval95"][1] and len(s["per_query"]) == 4
+    assert report["recommended"] == "influence, --normalize layer, 2 checkpoint(s)"
+    low, high = report["recommended_minus_baseline"][1:]
+    assert low <= report["recommended_minus_baseline"][0] <= high
     assert report["removal"][0]["setting"] == "random" and len(report["removal"]) >= 2
     assert (out / "lds.png").stat().st_size > 1000
     (out / "subsets" / "subset-0002.safetensors").unlink()
@@ -230,7 +263,12 @@ def test_evaluate_reports_every_setting_and_resumes_without_retraining(capsys, t
     assert "0 subset model(s) trained now" in text and "(adam)" in text
     kinds = {(s["metric"], s["vectors"]) for s in json.loads((out / "lds.json").read_text())["settings"]}
     assert kinds == {(m, v) for m in ("dot", "influence") for v in ("grad", "adam")}
-    assert (out / "runs" / "rank-16-layers-all" / "ckpt-2" / "train-adam" / "manifest.json").exists()
+    runs = out / "runs" / "rank-16-layers-all"
+    assert (runs / "ckpt-2-seed-0" / "train-adam" / "manifest.json").exists()
+    for c, seed in ((1, 1), (2, 0)):  # a seed per checkpoint, the final model's project's default
+        for side in ("train", "query", "train-adam"):
+            manifest = json.loads((runs / f"ckpt-{c}-seed-{seed}" / side / "manifest.json").read_text())
+            assert manifest["projector"]["seed"] == seed
 
 
 def test_evaluate_bad_inputs_get_one_sentence(capsys, tmp_path, gpt2_dir, data_file, query_file):

@@ -376,7 +376,8 @@ def score(
     runs: list[str] = typer.Argument(
         ..., metavar="TRAIN QUERY [TRAIN QUERY]...",
         help="Training run and query run (directories or shard files; the query projected with --like TRAIN). "
-             "Several pairs, one per checkpoint of a fine-tuning run, give the sum of their scores."),
+             "Several pairs, one per checkpoint of a fine-tuning run (each projected with its own --seed), give the "
+             "sum of their scores."),
     metric: str = typer.Option("influence", help="influence (damped per-layer Fisher; best LDS measured), cosine, dot "
                                "or influence-full.", rich_help_panel=SCORING),
     normalize: str = typer.Option(
@@ -666,6 +667,11 @@ def _report_evaluate(res) -> None:
         d, lo, hi = res.difference
         con.print(f"best: {res.best.name}: LDS {res.best.lds.value:.3f}; raw dot products (1 checkpoint) "
                   f"{res.baseline.lds.value:.3f}; difference {d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    if res.recommended_difference is not None:
+        d, lo, hi = res.recommended_difference
+        r = res.recommended.lds
+        con.print(f"recommended (score's defaults, every checkpoint): {res.recommended.name}: LDS {r.value:.3f} "
+                  f"[{r.low:.3f}, {r.high:.3f}]; against raw dot products {d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
     if res.ensemble_gain is not None:
         d, lo, hi = res.ensemble_gain
         con.print(f"{res.best.metric}, --normalize {res.best.normalize}: all checkpoints against the final one "

@@ -28,6 +28,8 @@ def write_report(result: EvaluateResult, path: Path) -> None:
         "baseline": result.baseline.name if result.baseline else None,
         "best_minus_baseline": list(result.difference) if result.difference else None,
         "all_checkpoints_minus_final": list(result.ensemble_gain) if result.ensemble_gain else None,
+        "recommended": result.recommended.name if result.recommended else None,
+        "recommended_minus_baseline": list(result.recommended_difference) if result.recommended_difference else None,
         "removal": result.removal,
     }
     atomic_write(path, (json.dumps(doc, indent=1) + "\n").encode())

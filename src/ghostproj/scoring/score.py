@@ -29,6 +29,8 @@ from .topk import StreamingTopK
 from .transform import NORMALIZATIONS, Transform
 
 METRICS = ("cosine", "dot", "influence", "influence-full")
+# the defaults: the best linear datamodeling score measured (README, "Choosing a metric")
+DEFAULT_METRIC, DEFAULT_NORMALIZE = "influence", "layer"
 REDUCTIONS = ("mean", "max")
 
 
@@ -60,8 +62,8 @@ def check_comparable(train: Run, query: Run) -> None:
 def score(
     train,
     query,
-    metric: str = "influence",
-    normalize: str | None = "layer",
+    metric: str = DEFAULT_METRIC,
+    normalize: str | None = DEFAULT_NORMALIZE,
     center: bool = False,
     damping: float = 0.1,
     layers: list[str] | None = None,
@@ -119,6 +121,11 @@ def score(
     if n_train == 0:
         raise GhostprojError("The training set is empty.")
     notes = []
+    repeated = repeated_matrices(pairs)
+    if repeated:
+        notes.append(f"Checkpoint(s) {', '.join(map(str, repeated))} use an earlier checkpoint's projection matrices "
+                     "(the same --seed), so their projection errors add up instead of averaging out; project each "
+                     "checkpoint with its own --seed (README, \"Checkpoint ensembles\").")
     top_k = _clamped_top_k(top_k, n_train, notes)
     groups = _query_groups(query_groups, n_query) if reduce == "max" and query_groups is not None else None
     if progress is not None and hasattr(progress, "begin"):
@@ -164,6 +171,20 @@ def checkpoint_pairs(train, query) -> list[tuple[Run, Run]]:
                 raise GhostprojError(f"Checkpoint {c}'s {what} run holds other examples (or other shards) than "
                                      f"checkpoint 1's; project the same data with the same --shard-size.")
     return pairs
+
+
+def repeated_matrices(pairs: list[tuple[Run, Run]]) -> list[int]:
+    """The checkpoints (1-based) of an ensemble projected with the same matrices as an
+    earlier one. The projection error of a score is fixed by its matrices, so checkpoints
+    that share them repeat one error, while matrices of their own average it out like a
+    higher rank (README, "Checkpoint ensembles"). Bare shard files record no matrices."""
+    seen, repeated = set(), []
+    for c, (t, _) in enumerate(pairs, start=1):
+        matrices = (t.manifest.get("fingerprint_parts") or {}).get("projector")
+        if matrices is not None and matrices in seen:
+            repeated.append(c)
+        seen.add(matrices)
+    return repeated
 
 
 @dataclass
