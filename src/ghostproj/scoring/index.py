@@ -34,7 +34,15 @@ from .scan_index import (
     ScanIndex,
     parse_factory,
 )
-from .score import METRICS, _check_choices, _query_side, _training_mean, stream_scores
+from .score import (
+    DEFAULT_METRIC,
+    DEFAULT_NORMALIZE,
+    METRICS,
+    _check_choices,
+    _query_side,
+    _training_mean,
+    stream_scores,
+)
 from .topk import StreamingTopK, _ranked
 from .transform import Transform
 
@@ -59,8 +67,8 @@ def faiss_module():
 
 @dataclass
 class IndexSettings:
-    metric: str = "influence"
-    normalize: str = "layer"
+    metric: str = DEFAULT_METRIC
+    normalize: str = DEFAULT_NORMALIZE
     center: bool = False
     damping: float = 0.1
     layers: list[str] | None = None
