@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -91,6 +92,7 @@ def write_synthetic(path: Path, like: Path, rows: int, clusters: torch.Tensor, r
     manifest = read_manifest(like)
     manifest = dict(manifest, shards=[], complete=False, data={"count": rows}, summary={})
     path.mkdir(parents=True)
+    shutil.copy(like / "projector.safetensors", path / "projector.safetensors")
     write_manifest(path, manifest)
     writer = RunWriter(path, manifest, shard_size=65536)
     g = torch.Generator().manual_seed(seed)

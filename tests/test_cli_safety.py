@@ -75,8 +75,8 @@ def flip_one_value(shard):
 def test_score_outputs_never_land_on_inputs_or_existing_files(capsys, runs, tmp_path):
     train, query = runs
     before = snapshot(train)
-    fails(capsys, "score", train, query, "--topk-out", train / "manifest.json", match="inside a projection run")
-    fails(capsys, "score", train, query, "--topk-out", train / "topk.jsonl", match="inside a projection run")
+    fails(capsys, "score", train, query, "--topk-out", train / "manifest.json", match="lies inside")
+    fails(capsys, "score", train, query, "--topk-out", train / "topk.jsonl", match="lies inside")
     shard = sorted(train.glob("grads-*"))[0]
     fails(capsys, "score", shard, query, "--out", shard, match="one of the inputs")
     assert snapshot(train) == before
@@ -185,8 +185,14 @@ def test_like_run_without_bias_or_with_wrong_projector_is_refused(capsys, runs, 
     name = m["layers"][0]["name"]
     save_projectors(run / "projector.safetensors", {name: LayerProjector(torch.zeros(3, 3), torch.zeros(3, 3))}, {})
     fails(capsys, "project", "--model", gpt2_dir, "--data", corpus, "--out", tmp_path / "q2", "--like", run,
-          match="holds no projector for layer")
+          match="projector.safetensors is damaged: its sha256 differs")
     assert not (tmp_path / "q2").exists() or not any((tmp_path / "q2").glob("grads-*"))
+    # a run written before the projector's sha256 was recorded: the file's own checks still hold
+    m = json.loads((run / "manifest.json").read_text())
+    m["projector"].pop("sha256")
+    (run / "manifest.json").write_text(json.dumps(m))
+    fails(capsys, "project", "--model", gpt2_dir, "--data", corpus, "--out", tmp_path / "q3", "--like", run,
+          match="holds no projector for layer")
 
 
 def test_inspect_a_lone_shard_and_exit_codes(capsys, runs, tmp_path):

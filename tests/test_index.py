@@ -100,7 +100,7 @@ def test_index_bad_inputs(capsys, runs, tmp_path):
     before = (idx / "index.safetensors").read_bytes()
     cases = [
         (["index", "build", train, "--out", idx], "--overwrite"),
-        (["index", "build", train, "--out", train], "projection run"),
+        (["index", "build", train, "--out", train], "one of the inputs"),
         (["index", "build", train, "--out", tmp_path / "x", "--metric", "influence-full"], "influence-full"),
         (["index", "build", train, "--out", tmp_path / "x", "--factory", "IVFnonsense"], "FAISS cannot build"),
         (["index", "build", train, "--out", tmp_path / "x", "--nprobe", "0"], "--nprobe"),
@@ -276,8 +276,11 @@ def test_a_scan_index_answers_close_to_score(capsys, runs, tmp_path):
 
 def _synthetic_run(path, like, rows, seed):
     """A run shaped like ``like`` (its layers and manifest) holding gradient-like rows."""
-    manifest = dict(read_manifest(like), shards=[], complete=False, data={"count": rows}, summary={})
+    # the first of three job-array parts: dataset rows 0, 3, 6, ..., so indices are not positions
+    manifest = dict(read_manifest(like), shards=[], complete=False, data={"count": 3 * rows}, summary={},
+                    part={"shard_id": 0, "num_shards": 3, "rows": rows})
     path.mkdir()
+    shutil.copy(like / "projector.safetensors", path / "projector.safetensors")
     write_manifest(path, manifest)
     writer = RunWriter(path, manifest, shard_size=2048)
     x = _clustered(rows, manifest["dim"], seed) * torch.logspace(0, -3, manifest["dim"])  # a head holds most

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import os
 import sys
 from typing import Annotated, Optional, get_type_hints
@@ -240,10 +241,15 @@ def _report_project(s) -> None:
     from .progress import human_bytes
 
     con, out = _console(), _escape(s.out)
-    if s.already_complete:
-        con.print(f"{out} already holds this complete run ({s.examples} examples); nothing to do.", soft_wrap=True)
+    if s.mode == "complete":
+        if s.projector_rebuilt:
+            con.print(f"[green]repaired[/green]: the projector file of the complete run in {out} rebuilt.",
+                      soft_wrap=True)
+        else:
+            con.print(f"{out} already holds this complete run ({s.examples} examples); nothing to do.",
+                      soft_wrap=True)
         return
-    if s.repaired and s.resumed_from == s.examples:
+    if s.mode == "repaired":
         con.print(f"[green]repaired[/green]: {s.repaired} damaged shard(s) of the complete run in {out} recomputed.",
                   soft_wrap=True)
         return
@@ -418,6 +424,10 @@ def score(
     if len(runs) % 2:
         raise GhostprojError("score takes TRAIN QUERY pairs: an even number of run paths.")
     train, query = (runs[0], runs[1]) if len(runs) == 2 else (runs[0::2], runs[1::2])
+    if num_parts < 1:
+        raise GhostprojError(f"--num-parts must be at least 1, got {num_parts}.")
+    if num_parts == 1 and (part != 0 or part_out is not None):
+        raise GhostprojError("--part and --part-out split the scoring into parts: give --num-parts 2 or more.")
     if fisher_file is not None and len(runs) > 2:
         fisher_file = _split(fisher_file)  # one per checkpoint, comma-separated
     run_score_command(
@@ -711,8 +721,8 @@ def _report_inrun(res, show: int) -> None:
 INCOMPLETE_EXIT = 3  # `inspect` of a run that is not finished: scripts can gate on it
 
 
-@app.command()
-def inspect(
+@app.command("inspect")
+def inspect_run(
     run_dirs: list[str] = typer.Argument(..., help="Run directory; with --merge: OUT then the part directories."),
     quick: bool = typer.Option(False, "--quick", help="Skip hashing the shards."),
     merge: bool = typer.Option(False, "--merge", help="Join the runs of --num-shards/--shard-id jobs into OUT."),
@@ -750,7 +760,7 @@ def demo(
 
 
 index_app = typer.Typer(no_args_is_help=True, help="An approximate top-k index for very large training runs "
-                        "(needs the [index] extra: pip install 'ghostproj[index]').")
+                        "(needs the \\[index] extra: pip install 'ghostproj\\[index]').")
 app.add_typer(index_app, name="index")
 
 
@@ -851,6 +861,27 @@ def _on_sigint(signum, frame):
     raise Interrupted()
 
 
+def _finite_floats(command) -> None:
+    """Every float option of every command, present and future, refuses NaN and +-inf (the
+    parser takes both as floats): each command's function is wrapped to check its values
+    before it runs."""
+    for sub in getattr(command, "commands", {}).values():
+        _finite_floats(sub)
+    if command.callback is None:
+        return
+    flags = {p.name: max(p.opts, key=len) for p in command.params if getattr(p, "opts", None)}
+    inner = command.callback
+
+    @functools.wraps(inner)
+    def checked(*args, **kwargs):
+        for name, value in kwargs.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise GhostprojError(f"{flags.get(name, name)} must be a finite number, got {value}.")
+        return inner(*args, **kwargs)
+
+    command.callback = checked
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one sentence on stderr and a non-zero exit."""
     import signal
@@ -861,7 +892,9 @@ def main(argv: list[str] | None = None) -> None:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, _on_sigint)
     try:
-        app(args=argv)  # standalone: usage errors print usage and exit 2
+        command = typer.main.get_command(app)
+        _finite_floats(command)
+        command(args=argv, prog_name="ghostproj")  # standalone: usage errors print usage and exit 2
     except GhostprojError as exc:
         _status().print(f"[red]error:[/red] {_escape(exc)}", highlight=False)
         sys.exit(2)

@@ -48,11 +48,14 @@ def read_records(path: str | os.PathLike) -> Records:
             if jsonl:
                 if not line.strip():
                     continue
+                text = line.rstrip("\r\n")  # the newline is no column of the line
                 try:
-                    obj = json.loads(line)
+                    obj = json.loads(text)
                 except json.JSONDecodeError as exc:
                     cause = exc.msg.removesuffix(" at")
-                    raise GhostprojError(f"{p} line {lineno} is not valid JSON ({cause} at column {exc.colno}).") from None
+                    where = (f"at the end of the line, column {exc.pos + 1}" if exc.pos >= len(text.rstrip())
+                             else f"at column {exc.pos + 1}")
+                    raise GhostprojError(f"{p} line {lineno} is not valid JSON ({cause} {where}).") from None
                 if not isinstance(obj, dict):
                     raise GhostprojError(f"{p} line {lineno} is not a JSON object.")
                 obj["_line"] = lineno

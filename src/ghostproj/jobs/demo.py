@@ -49,9 +49,10 @@ def tiny_gpt2(vocab_size: int, n_layer: int = 2, n_embd: int = 64, n_head: int =
 
 
 def train_lm(model, tokenizer, texts: list[str], steps: int = 300, batch_size: int = 32, lr: float = 3e-3,
-             seed: int = 0) -> float:
+             seed: int = 0, show_progress: bool = False) -> float:
     """Train ``model`` on ``texts`` with the plain HF loss; returns the final loss."""
     from ..data.batching import Example, collate
+    from ..progress import RateProgress
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -60,15 +61,18 @@ def train_lm(model, tokenizer, texts: list[str], steps: int = 300, batch_size: i
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
     loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        batch = collate([Example(0, ids[rng.randrange(len(ids))]) for _ in range(batch_size)],
-                        tokenizer.pad_token_id)
-        out = model(**batch.model_inputs(), labels=batch.labels)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        sched.step()
-        loss = out.loss.detach()
+    with RateProgress("training the demo model", total=steps, unit="steps", extra_unit=None,
+                      enabled=show_progress) as bar:
+        for _ in range(steps):
+            batch = collate([Example(0, ids[rng.randrange(len(ids))]) for _ in range(batch_size)],
+                            tokenizer.pad_token_id)
+            out = model(**batch.model_inputs(), labels=batch.labels)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+            sched.step()
+            loss = out.loss.detach()
+            bar.advance(1)
     model.eval()
     return float(loss)
 
@@ -123,7 +127,7 @@ def ensure_demo(log=None) -> DemoAssets:
         tokenizer = train_tokenizer([r["text"] for r in train_rows])
         torch.manual_seed(0)
         model = tiny_gpt2(len(tokenizer), eos_id=tokenizer.eos_token_id)
-        loss = train_lm(model, tokenizer, [r["text"] for r in train_rows])
+        loss = train_lm(model, tokenizer, [r["text"] for r in train_rows], show_progress=log is not None)
         model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
         _write_jsonl(tmp / "train.jsonl", train_rows)

@@ -34,6 +34,7 @@ from ..scoring.lds import LdsEstimate, difference_interval, estimate_lds, resamp
 from ..scoring.score import DEFAULT_METRIC, DEFAULT_NORMALIZE, METRICS, score
 from ..scoring.transform import NORMALIZATIONS
 from ..store.files import atomic_write
+from ..store.outputs import check_output_dir
 from ..store.shards import encode_safetensors
 from .inrun import MAX_VAL_BATCH
 from .lds_report import plot_report, write_report
@@ -472,6 +473,7 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
     if opts.model is None or opts.train is None or opts.query is None:
         raise GhostprojError("evaluate needs a model, training data and query data.")
     part, num_parts, under_torchrun = _parts(opts)
+    check_output_dir(opts.out, "--out", [opts.model, opts.train, opts.query])
     ctx = _load(opts)
     out = Path(opts.out)
     if under_torchrun:

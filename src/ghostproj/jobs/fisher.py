@@ -12,7 +12,7 @@ from ..scoring.feed import chunk_rows_for
 from ..scoring.influence import FisherSums, check_full_size, fisher_sums, merge_fisher
 from ..scoring.transform import NORMALIZATIONS, Transform
 from ..store.reader import Run, open_run
-from .score import check_outputs
+from ..store.outputs import check_outputs
 
 
 def run_fisher(train: str, out: str, *, layers: list[str] | None, normalize: str, full: bool, num_parts: int,

@@ -34,7 +34,8 @@ from ..scoring.influence import FisherSums
 from ..scoring.score import ScoreResult
 from ..store.manifest import MANIFEST
 from ..store.reader import open_run
-from .score import check_outputs, write_topk
+from ..store.outputs import check_output_dir, check_outputs
+from .score import write_topk
 
 
 @dataclass
@@ -47,13 +48,11 @@ class RecallCheck:
     source: str  # where the check's queries came from
 
 
-def check_index_out(out: str, train: str, overwrite: bool) -> Path:
-    """Refuse an index directory that would land on the training run, inside a run, or on
-    an existing index (without ``overwrite``), before any work."""
-    path = Path(out).resolve()
-    train_path = Path(train).resolve()
-    if path == train_path or path.is_relative_to(train_path) or (path / MANIFEST).exists() \
-            or (path.parent / MANIFEST).exists():
+def check_index_out(out: str, inputs: list, overwrite: bool) -> Path:
+    """Refuse an index directory that would land on or hold an input, lie inside a run, or
+    replace an existing index (without ``overwrite``), before any work."""
+    path = check_output_dir(out, "--out", inputs, replaced=True)
+    if (path / MANIFEST).exists() or (path.parent / MANIFEST).exists():
         raise GhostprojError(f"--out {out} is a projection run or inside one; write the index elsewhere.")
     if path.exists() and not path.is_dir():
         raise GhostprojError(f"--out {out} is a file; give a directory for the index.")
@@ -74,7 +73,7 @@ def run_index_build(train: str, out: str, settings: IndexSettings, *, fisher: st
     index bytes, the recall check)."""
     if uses_faiss(settings.factory):
         faiss_module()  # the one-sentence install hint before any work
-    path = check_index_out(out, train, overwrite)
+    path = check_index_out(out, [train, fisher, check_query], overwrite)
     if check < 0:
         raise GhostprojError(f"--check must be 0 or more, got {check}.")
     if check_k < 1:

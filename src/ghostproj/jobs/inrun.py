@@ -18,6 +18,7 @@ from ..errors import GhostprojError
 from ..models import load_model, pad_token_id, position_limit
 from ..progress import RateProgress
 from ..store.files import atomic_write
+from ..store.outputs import check_output_dir
 from ..store.shards import encode_safetensors
 
 MAX_VAL_BATCH = 512  # every step carries the whole validation batch
@@ -69,7 +70,7 @@ def _check(opts: InrunOptions) -> None:
         raise GhostprojError(f"--lr must be positive, got {opts.lr}.")
     if opts.val_size is not None and opts.val_size < 1:
         raise GhostprojError(f"--val-size must be at least 1, got {opts.val_size}.")
-    out = Path(opts.out)
+    out = check_output_dir(opts.out, "--out", [opts.model, opts.train, opts.val])
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise GhostprojError(f"Output directory {out} already holds files; choose another --out.")
 

@@ -13,9 +13,10 @@ from ..progress import RateProgress
 from ..store.writer import RunWriter
 
 
-def deliver(launched: "LaunchedBatch", writer: RunWriter, bar: RateProgress) -> None:
+def deliver(launched: "LaunchedBatch", writer: RunWriter, bar: RateProgress, start: int | None = None) -> None:
+    """Hand a batch's rows to the writer; ``start``: their place in the run's row stream."""
     vectors, index, losses, counts = launched.result()
-    writer.add(vectors, index, losses, counts)
+    writer.add(vectors, index, losses, counts, start)
     bar.advance(len(index), int(counts.sum()))
 
 

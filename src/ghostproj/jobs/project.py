@@ -41,17 +41,22 @@ from ..store.manifest import (
     FORMAT_VERSION,
     MANIFEST,
     PROJECTOR_FILE,
+    SHARD_RE,
     STORE_DTYPES,
     rank_manifest_name,
     read_manifest,
     require_keys,
     write_manifest,
 )
-from ..store.projector_file import load_projectors, save_projectors
-from ..store.reader import damaged_shards
+from ..store.files import atomic_write
+from ..store.outputs import check_output_dir
+from ..store.fingerprint import sha256_hex
+from ..store.projector_file import encode_projectors, load_projectors
+from ..store.reader import check_projector_file
+from ..store.shards import file_sha256_matches
 from ..store.writer import RunWriter
 from .pipeline import deliver, launch_batch
-from .resume import batches_after, planned_batches, prepare_out_dir, repair_plan
+from .resume import RunPlan, prepare_out_dir, resume_state
 
 
 @dataclass
@@ -108,8 +113,10 @@ class ProjectSummary:
     bytes: int = 0
     seconds: float = 0.0
     resumed_from: int = 0
-    repaired: int = 0  # damaged or missing shards recomputed
+    repaired: int = 0  # listed shards recomputed: damaged, missing, or holding other examples
     already_complete: bool = False
+    mode: str = "new"  # new, resumed, repaired (a complete run's bad shards) or complete (nothing to do)
+    projector_rebuilt: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -194,8 +201,13 @@ def build_engine(model, opts: ProjectOptions, values: dict, like: dict | None) -
         raise GhostprojError(f"The model has no layer '{missing[0]}' that the --like run projects.")
     ranks = {layer["name"]: (int(layer["k_in"]), int(layer["k_out"])) for layer in like["layers"]}
     widths = {layer["name"]: (int(layer["n_in"]), int(layer["n_out"])) for layer in like["layers"]}
+    check_projector_file(Path(opts.like), like)
     matrices = load_projectors(Path(opts.like) / PROJECTOR_FILE, names, {n: (ranks[n], widths[n]) for n in names})
     projectors = {n: LayerProjector(p_in, p_out) for n, (p_in, p_out) in matrices.items()}
+    recorded = (like.get("fingerprint_parts") or {}).get("projector")
+    if recorded is not None and projector_hash(projectors) != recorded:  # a run without a recorded sha256
+        raise GhostprojError(f"{Path(opts.like) / PROJECTOR_FILE} is damaged: its matrices differ from those the "
+                             "--like run was projected with; rerun that run's project command to rebuild it.")
     return engine_class(
         model,
         ["re:^" + re.escape(n) + "$" for n in names],
@@ -214,6 +226,7 @@ def run_project(opts: ProjectOptions, summary: ProjectSummary | None = None) -> 
     t0 = time.perf_counter()
     if opts.model is None or opts.data is None:
         raise GhostprojError("project needs a model and data.")
+    check_output_dir(opts.out, "--out", [opts.data, opts.model, opts.adapter, opts.like, opts.optimizer_state])
     like, values = _apply_like(opts)
     _check_choices(opts, values)
     summary = summary if summary is not None else ProjectSummary(out=opts.out)
@@ -229,18 +242,21 @@ def run_project(opts: ProjectOptions, summary: ProjectSummary | None = None) -> 
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     out = Path(opts.out)
     part = _partition(opts, inputs, manifest, out)
-    old, damaged = _existing_run(out, manifest, opts, part)
+    projector_bytes = encode_projectors(engine.projectors, {"format": str(FORMAT_VERSION),
+                                                            "fingerprint": manifest["fingerprint"]})
+    manifest["projector"]["sha256"] = sha256_hex(projector_bytes)
+    old = prepare_out_dir(out, manifest, opts.resume, part.manifest_name, shared=part.dist)
     _count(summary, part.subset, engine.dim)
-    if old is not None and old.get("complete") and not damaged:
-        summary.already_complete = True
+    if part.dist and old is not None and (out / MANIFEST).exists():
+        summary.mode = "complete"  # merged already: the ranks' shards were checked then
         summary.bytes = sum(s.get("bytes", 0) for s in old["shards"])
     else:
         _check_disk(out, opts, part, engine.dim, fresh=old is None, summary=summary)
         with RunLock(out, part.shard_id if part.dist else None):
-            _write_run(opts, values, inputs, engine, manifest, part, old, damaged, summary, t0)
-        summary.bytes = sum(s["bytes"] for s in manifest["shards"])
+            _write_run(opts, values, inputs, engine, manifest, part, old, projector_bytes, summary, t0)
     if part.dist:
         finish_distributed(out, part.shard_id, part.num_shards)
+    summary.already_complete = summary.mode == "complete"
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -371,23 +387,6 @@ def _partition(opts: ProjectOptions, inputs: _Inputs, manifest: dict, out: Path)
     return part
 
 
-def _existing_run(out: Path, manifest: dict, opts: ProjectOptions, part: _Part) -> tuple[dict | None, list]:
-    """(the run already in ``out`` that this one continues, or None; its damaged shards)."""
-    old = prepare_out_dir(out, manifest, opts.resume, part.manifest_name, shared=part.dist)
-    if old is None:
-        return None, []
-    if part.regrouped:
-        old["complete"] = False  # this rank takes on part of the work left by the earlier run
-    if part.dist and (out / MANIFEST).exists():
-        return old, []  # merged already: the ranks' shards were checked before
-    damaged = damaged_shards(out, old, opts.verify)
-    if damaged and part.dist:
-        pos, why = damaged[0]
-        raise GhostprojError(f"Shard {out / old['shards'][pos]['file']} is damaged ({why}); rerun this project "
-                             "command without torchrun to recompute it.")
-    return old, damaged
-
-
 def _count(summary: ProjectSummary, subset: list[Example], dim: int) -> None:
     summary.dim = dim
     summary.truncated = sum(e.truncated for e in subset)
@@ -407,42 +406,47 @@ def _check_disk(out: Path, opts: ProjectOptions, part: _Part, dim: int, fresh: b
 
 
 def _write_run(opts: ProjectOptions, values: dict, inputs: _Inputs, engine: GradProjectionEngine, manifest: dict,
-               part: _Part, old: dict | None, damaged: list, summary: ProjectSummary, t0: float) -> None:
-    """Under the run's lock: recompute damaged shards, then project the rows still to do."""
+               part: _Part, old: dict | None, projector_bytes: bytes, summary: ProjectSummary, t0: float) -> None:
+    """Under the run's lock: keep the shards a clean run would hold, write every other one."""
     out = Path(opts.out)
+    first_seq = 0
+    if part.regrouped:  # this rank takes on part of the work an earlier torchrun left
+        old["complete"] = False
+        first_seq = 1 + max((int(SHARD_RE.match(e["file"]).group(2)) for e in old["shards"]), default=-1)
+    plan = RunPlan(part.subset, opts.batch_size, opts.token_budget, opts.shard_size, part.shard_id, first_seq)
+    state = resume_state(out, old, plan, opts.verify, keep_all=part.regrouped)
+    summary.notes += state.notes
+    if _ensure_projector(out, projector_bytes, manifest, part) and old is not None:
+        summary.projector_rebuilt = True
+        summary.notes.append(f"{PROJECTOR_FILE} was missing or damaged; rebuilt it from "
+                             + ("the --like run." if opts.like else f"seed {values['seed']}."))
+    was_complete = old is not None and bool(old.get("complete"))
+    if was_complete and not state.todo:
+        summary.mode = "complete"
+        summary.bytes = sum(s.get("bytes", 0) for s in old["shards"])
+        return
     if old is not None:
-        manifest["shards"] = old["shards"]
         manifest["created"] = old.get("created", manifest["created"])
-        if old.get("complete"):
-            manifest["complete"], manifest["summary"] = True, old.get("summary")
-    else:
-        if part.shard_id == 0 or not part.dist:
-            save_projectors(out / PROJECTOR_FILE, engine.projectors,
-                            {"format": str(FORMAT_VERSION), "fingerprint": manifest["fingerprint"]})
-        write_manifest(out, manifest, part.manifest_name)
-    writer = RunWriter(out, manifest, opts.shard_size, rank=part.shard_id, manifest_name=part.manifest_name)
-    start = 0 if part.regrouped else writer.rows_written
-    summary.resumed_from = writer.rows_written
-    if summary.resumed_from:
+    manifest["shards"] = state.kept
+    write_manifest(out, manifest, part.manifest_name)  # incomplete until every planned shard is back
+    writer = RunWriter(out, manifest, rank=part.shard_id, manifest_name=part.manifest_name, spans=state.todo)
+    summary.resumed_from = sum(e["rows"] for e in state.kept)
+    summary.repaired = state.recomputed
+    summary.mode = "repaired" if was_complete else "resumed" if old is not None else "new"
+    if summary.mode == "resumed" and summary.resumed_from:
         summary.notes.append(f"Resumed after {summary.resumed_from} examples already written.")
-    planned = planned_batches(part.subset, opts.batch_size, opts.token_budget)
-    todo = batches_after(planned, start, out)
-    repairs = repair_plan(planned, manifest["shards"], damaged, out)
-    for pos, why in damaged:
-        summary.notes.append(f"Shard {manifest['shards'][pos]['file']} was damaged ({why}); recomputing its "
-                             f"{manifest['shards'][pos]['rows']} examples.")
-    summary.repaired = len(repairs)
+    batches = plan.batches_for(state.todo)
     run = _BatchRunner(opts, values, inputs, engine)
-    total = len(part.subset) - start + sum(manifest["shards"][r.pos]["rows"] for r in repairs)
     try:
-        with RateProgress("projecting", total=total, enabled=opts.show_progress) as bar, engine, \
-                _dynamic_batch_sizes(opts.compile):
-            for repair in repairs:
-                run.repair(repair, writer, bar, out)
-            run.pipeline(todo, writer, bar)
-        if not manifest.get("complete"):
-            writer.finish({k: v for k, v in asdict(summary).items()
-                           if k not in ("out", "notes", "already_complete", "repaired")}, started=t0)
+        with RateProgress("projecting", total=sum(len(b) for _, b in batches), enabled=opts.show_progress) as bar, \
+                engine, _dynamic_batch_sizes(opts.compile):
+            run.pipeline(batches, writer, bar)
+        if was_complete:  # repaired: the run is again exactly as it was finished
+            writer.close()
+            manifest["complete"], manifest["summary"] = True, old.get("summary")
+            write_manifest(out, manifest, part.manifest_name)
+        else:
+            writer.finish({k: v for k, v in asdict(summary).items() if k not in _RUNTIME_ONLY}, started=t0)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise GhostprojError(f"The disk holding {out} is full after {writer.rows_written} examples; every "
@@ -462,6 +466,22 @@ def _write_run(opts: ProjectOptions, values: dict, inputs: _Inputs, engine: Grad
             pass
 
 
+# Summary fields that describe this invocation, not the run: kept out of the manifest.
+_RUNTIME_ONLY = ("out", "notes", "already_complete", "repaired", "mode", "projector_rebuilt")
+
+
+def _ensure_projector(out: Path, data: bytes, manifest: dict, part: _Part) -> bool:
+    """Write the projector file unless it already holds exactly ``data``; True when it was
+    (re)written. Under torchrun rank 0 owns it."""
+    path = out / PROJECTOR_FILE
+    if part.dist and part.shard_id != 0:
+        return False
+    if path.is_file() and file_sha256_matches(path, manifest["projector"]["sha256"]):
+        return False
+    atomic_write(path, data)
+    return True
+
+
 class _BatchRunner:
     """Runs batches of one run through the model and engine."""
 
@@ -474,36 +494,34 @@ class _BatchRunner:
     def launch(self, batch: list[Example]):
         return launch_batch(self.forward, self.engine, batch, self.reduction, self.pad, self.device, self.store_dtype)
 
-    def pipeline(self, batches: list[list[Example]], writer: RunWriter, bar: RateProgress) -> None:
+    def pipeline(self, batches: list[tuple[int, list[Example]]], writer: RunWriter, bar: RateProgress) -> None:
         """One batch in flight: batch t+1 is queued on the device before batch t's results
-        are waited for and handed to the writer."""
+        are waited for and handed to the writer with their place in the row stream."""
         pending = None
-        for batch in batches:
-            launched = self.launch(batch)
+        for start, batch in batches:
+            launched = (start, self.launch(batch))
             if pending is not None:
-                deliver(pending, writer, bar)
+                deliver(pending[1], writer, bar, pending[0])
             pending = launched
         if pending is not None:
-            deliver(pending, writer, bar)
-
-    def repair(self, repair, writer: RunWriter, bar: RateProgress, out: Path) -> None:
-        """Recompute one damaged shard from the batches it was computed in, and rewrite it."""
-        parts = [self.launch(b).result() for b in repair.batches]
-        rows = [torch.cat([p[c] for p in parts])[repair.begin:repair.end] for c in range(4)]
-        entry = writer.manifest["shards"][repair.pos]
-        if "index_min" in entry and (int(rows[1].min()), int(rows[1].max())) != (entry["index_min"],
-                                                                                 entry["index_max"]):
-            raise GhostprojError(f"{out} does not follow this version's example order; the damaged shard "
-                                 f"{entry['file']} cannot be recomputed in place.")
-        writer.replace_shard(repair.pos, *rows)
-        bar.advance(repair.end - repair.begin, int(rows[3].sum()))
+            deliver(pending[1], writer, bar, pending[0])
 
 
 def _capped_rank_notes(engine: GradProjectionEngine, values: dict, opts: ProjectOptions) -> list[str]:
     """Say so when --rank asks for more than some layers have: they are projected at their
     full size, and the run is smaller than the user may think."""
     rank = values.get("rank")
-    if rank is None or opts.rank_in is not None or opts.rank_out is not None:
+    if opts.rank_in is not None or opts.rank_out is not None:
+        notes = []
+        for flag, asked, k, n in (("--rank-in", opts.rank_in, "k_in", "n_in"), ("--rank-out", opts.rank_out, "k_out",
+                                                                               "n_out")):
+            capped = [i for i in engine.layers if asked is not None and getattr(i, k) < asked]
+            if capped:
+                first = capped[0]
+                notes.append(f"{flag} {asked} exceeds the width of {len(capped)} layer(s) (e.g. {first.name}: "
+                             f"{getattr(first, n)}); they use their full width.")
+        return notes
+    if rank is None:
         return []
     capped = [i for i in engine.layers if i.k_in == i.n_in and i.k_out == i.n_out and i.size < rank]
     if not capped:

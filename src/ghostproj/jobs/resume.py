@@ -1,21 +1,23 @@
-"""Continuing a run: what an existing output directory holds, the batches still to run,
-and where a damaged shard's examples are found again."""
+"""Continuing a run: what an existing output directory holds, the plan a clean run
+follows, and the shards still to write."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from ..data.batching import Example, fixed_size_batches, token_budget_batches
 from ..errors import GhostprojError
-from ..store.fingerprint import (
-    differing_part,
-)
+from ..store.fingerprint import differing_part
 from ..store.manifest import (
     MANIFEST,
     PROJECTOR_FILE,
     read_manifest,
 )
+from ..store.reader import damaged_shards, shard_index_digest
+from ..store.writer import ShardSpan, plan_shards
 
 # Settings a resumed run must share with the interrupted one, beyond the fingerprint.
 RESUME_SETTINGS = ("max_length", "data_spec", "store_dtype", "shard_size", "batch_size", "token_budget", "dtype")
@@ -70,57 +72,92 @@ def prepare_out_dir(out: Path, manifest: dict, resume: bool, manifest_name: str 
     return old
 
 
-def planned_batches(subset: list[Example], batch_size: int, token_budget: int | None) -> list[list[Example]]:
-    """Every batch of the run, in the order their rows are written. The order is
-    deterministic, so a resumed run skips exactly the examples already written and a
-    damaged shard's examples can be found again."""
-    if token_budget is not None:
-        # length buckets remove most padding
-        return list(token_budget_batches(subset, token_budget))
-    return list(fixed_size_batches(subset, batch_size))
+class RunPlan:
+    """What a clean run writes: its batches in a deterministic order, and the shards that
+    cut their row stream every ``shard_size`` rows. A resume keeps the shards that hold
+    exactly their planned examples and recomputes the others in the very batches a clean
+    run computes them in, so the finished run is the clean run, byte for byte."""
 
-
-def batches_after(batches: list[list[Example]], start: int, out: Path) -> list[list[Example]]:
-    """The batches still to run when ``start`` rows are already written."""
-    todo, skipped = [], 0
-    for batch in batches:
-        if skipped + len(batch) <= start:
-            skipped += len(batch)
+    def __init__(self, subset: list[Example], batch_size: int, token_budget: int | None, shard_size: int,
+                 rank: int, first_seq: int = 0):
+        if token_budget is not None:  # length buckets remove most padding
+            self.batches = list(token_budget_batches(subset, token_budget))
         else:
-            todo.append(batch)
-    if skipped != start:
-        raise GhostprojError(f"{out} ends inside a batch; it was not written by this version of ghostproj.")
-    return todo
+            self.batches = list(fixed_size_batches(subset, batch_size))
+        order = np.fromiter((e.index for b in self.batches for e in b), dtype=np.int64, count=len(subset))
+        self.spans = plan_shards(order, shard_size, rank, first_seq)
+        self._order = order
+
+    def indices(self, span: ShardSpan) -> np.ndarray:
+        return self._order[span.lo:span.hi]
+
+    def batches_for(self, spans: list[ShardSpan]) -> list[tuple[int, list[Example]]]:
+        """(position in the row stream, batch) of every batch holding a row of ``spans``."""
+        needed = np.zeros(len(self._order) + 1, dtype=np.int64)
+        for span in spans:
+            needed[span.lo] += 1
+            needed[span.hi] -= 1
+        needed = np.cumsum(needed)[:-1] > 0
+        chosen, at = [], 0
+        for batch in self.batches:
+            if needed[at:at + len(batch)].any():
+                chosen.append((at, batch))
+            at += len(batch)
+        return chosen
 
 
 @dataclass
-class Repair:
-    """A damaged shard (its position in the manifest) and how to recompute it: these
-    batches, whose concatenated rows [begin, end) are the shard's rows. Whole batches are
-    run, so each example is computed in the very batch it was computed in before."""
+class ResumeState:
+    """What an existing run directory contributes: the shard entries kept as they are, the
+    planned shards still to write, and what was found."""
 
-    pos: int
-    batches: list[list[Example]]
-    begin: int
-    end: int
+    kept: list[dict]
+    todo: list[ShardSpan]
+    notes: list[str] = field(default_factory=list)
+    recomputed: int = 0  # listed shards that are written again (damaged, or holding other examples)
 
 
-def repair_plan(batches: list[list[Example]], shards: list[dict], damaged: list[tuple[int, str]],
-                 out: Path) -> list[Repair]:
-    starts, row = [], 0
-    for entry in shards:
-        starts.append(row)
-        row += int(entry["rows"])
-    plan = []
-    for pos, _ in damaged:
-        lo, hi = starts[pos], starts[pos] + int(shards[pos]["rows"])
-        chosen, first, at = [], None, 0
-        for batch in batches:
-            if at + len(batch) > lo and at < hi:
-                first = at if first is None else first
-                chosen.append(batch)
-            at += len(batch)
-        if hi > at or first is None:
-            raise GhostprojError(f"{out} lists more rows than its data has; it cannot be repaired in place.")
-        plan.append(Repair(pos, chosen, lo - first, hi - first))
-    return plan
+def resume_state(out: Path, old: dict | None, plan: RunPlan, verify: bool, keep_all: bool = False) -> ResumeState:
+    """Match the shards ``old`` lists against ``plan``. A listed shard is kept when its file
+    is intact (size, header; sha256 for the last one written, or every one with
+    ``verify``) and holds exactly the examples the plan puts there; any other planned
+    shard is written (again). ``keep_all``: a torchrun restarted with another number of
+    ranks, whose earlier shards follow an earlier plan and are kept whole."""
+    if old is None:
+        return ResumeState([], list(plan.spans))
+    entries = old["shards"]
+    damaged = dict(damaged_shards(out, old, verify))
+    if keep_all:
+        if damaged:
+            pos, why = next(iter(damaged.items()))
+            raise GhostprojError(f"Shard {out / entries[pos]['file']} is damaged ({why}); rerun this project "
+                                 "command without torchrun to recompute it.")
+        return ResumeState(list(entries), list(plan.spans))
+    spans = {span.file: span for span in plan.spans}
+    state = ResumeState([], [])
+    for pos, entry in enumerate(entries):
+        span = spans.get(entry["file"])
+        if span is None:
+            raise GhostprojError(f"{out} lists shard {entry['file']}, which a run with these settings never writes; "
+                                 "it cannot be resumed in place: project into a new --out.")
+        if pos in damaged:
+            state.notes.append(f"Shard {entry['file']} was damaged ({damaged[pos]}); recomputing its "
+                               f"{span.rows} examples.")
+        elif entry["rows"] != span.rows or _digest(out, old, entry) != span.digest:
+            state.notes.append(f"Shard {entry['file']} holds other examples than this run puts there (it was "
+                               f"written by an earlier resume); recomputing its {span.rows} examples.")
+        else:
+            state.kept.append(entry)
+            continue
+        state.recomputed += 1
+    kept = {entry["file"] for entry in state.kept}
+    state.todo = [span for span in plan.spans if span.file not in kept]
+    return state
+
+
+def _digest(out: Path, manifest: dict, entry: dict) -> str:
+    """A listed shard's index digest: as recorded, or from its index column for a shard
+    written before digests were recorded."""
+    if "index_digest" in entry:
+        return entry["index_digest"]
+    return shard_index_digest(out / entry["file"], int(entry["rows"]))

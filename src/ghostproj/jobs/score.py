@@ -15,36 +15,13 @@ from ..errors import GhostprojError
 from ..progress import RateProgress, shorten
 from ..scoring.score import ScoreResult, score
 from ..store.files import atomic_write
+from ..store.outputs import check_outputs
 from ..store.reader import open_run
 from ..store.shards import encode_safetensors
 
 
-def check_outputs(outputs: list[tuple[str | None, str]], inputs: list[str], overwrite: bool) -> None:
-    """Refuse, before any work, an output that would land on an input, inside a projection
-    run directory, on another output, or (without ``overwrite``) on an existing file."""
-    from ..store.manifest import MANIFEST
-
-    taken: dict[Path, str] = {}
-    protected = {Path(p).resolve() for p in inputs}
-    for path, flag in outputs:
-        if path is None:
-            continue
-        target = Path(path).resolve()
-        parent = target.parent
-        if not parent.is_dir():
-            raise GhostprojError(f"{flag} {path}: the directory {parent} does not exist.")
-        if target.is_dir():
-            raise GhostprojError(f"{flag} {path} is a directory; give a file name.")
-        if target in protected:
-            raise GhostprojError(f"{flag} {path} is one of the inputs; write the output elsewhere.")
-        if any(target.is_relative_to(p) for p in protected if p.is_dir()) or (parent / MANIFEST).exists():
-            raise GhostprojError(f"{flag} {path} is inside a projection run directory; write outputs elsewhere "
-                                 "so the run stays as `project` wrote it.")
-        if target in taken:
-            raise GhostprojError(f"{flag} and {taken[target]} name the same file {path}.")
-        taken[target] = flag
-        if target.exists() and not overwrite:
-            raise GhostprojError(f"{flag} {path} already exists; pass --overwrite to replace it.")
+def _fisher_files(fisher: str | list[str] | None) -> list[str]:
+    return [] if fisher is None else [fisher] if isinstance(fisher, str) else list(fisher)
 
 
 def write_scores(path: str, result: ScoreResult) -> None:
@@ -85,8 +62,8 @@ def run_score_command(train: str | list[str], query: str | list[str], *, metric:
     if ranks is not None and parts is not None:
         raise GhostprojError("Under torchrun each rank scores its own part; drop --num-parts and --part.")
     if ranks is None or ranks[0] == 0:
-        check_outputs([(out, "--out"), (topk_out, "--topk-out"), (select_out, "--select-out")], trains + queries,
-                      overwrite)
+        check_outputs([(out, "--out"), (topk_out, "--topk-out"), (select_out, "--select-out")],
+                      trains + queries + _fisher_files(fisher), overwrite)
     if select_out and not reduce:
         raise GhostprojError("--select-out needs --reduce mean or --reduce max.")
     if group_field and reduce != "max":
@@ -99,7 +76,7 @@ def run_score_command(train: str | list[str], query: str | list[str], *, metric:
         if part_out is None or out or topk_out or select_out:
             raise GhostprojError("A part (--num-parts/--part) writes --part-out FILE only; `ghostproj merge-scores` "
                                  "writes --out, --topk-out and --select-out from all the parts.")
-        check_outputs([(part_out, "--part-out")], trains + queries, overwrite)
+        check_outputs([(part_out, "--part-out")], trains + queries + _fisher_files(fisher), overwrite)
     train_runs, query_runs = [open_run(t) for t in trains], [open_run(q) for q in queries]
     train_run, query_run = train_runs[0], query_runs[0]
     groups = _groups(query_run, group_field) if group_field else None
@@ -325,6 +302,9 @@ def merge_parts(paths: list[str]) -> ScoreResult:
 
 def run_merge_scores(parts: list[str], *, out: str | None, topk_out: str | None, select_out: str | None,
                      overwrite: bool) -> ScoreResult:
+    if not (out or topk_out or select_out):
+        raise GhostprojError("merge-scores writes nothing without --out, --topk-out or --select-out; name at least "
+                             "one.")
     check_outputs([(out, "--out"), (topk_out, "--topk-out"), (select_out, "--select-out")], parts, overwrite)
     result = merge_parts(parts)
     for path, what, writer in ((out, "scores", write_scores), (topk_out, "topk_scores", write_topk),

@@ -6,6 +6,7 @@ state; the full N x M matrix is only held when the caller asks for it."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -232,8 +233,8 @@ def _check_choices(metric: str, normalize: str, reduce: str | None, damping: flo
         raise GhostprojError(f"Unknown --normalize '{normalize}'; choose one of {', '.join(NORMALIZATIONS)}.")
     if reduce is not None and reduce not in REDUCTIONS:
         raise GhostprojError(f"Unknown --reduce '{reduce}'; choose mean or max.")
-    if damping < 0:
-        raise GhostprojError(f"--damping must be non-negative, got {damping}.")
+    if not math.isfinite(damping) or damping < 0:
+        raise GhostprojError(f"--damping must be a finite non-negative number, got {damping}.")
 
 
 def _clamped_top_k(top_k: int | None, n_train: int, notes: list[str]) -> int | None:

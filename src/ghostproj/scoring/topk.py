@@ -40,7 +40,11 @@ class StreamingTopK:
         self.values, self.ids = _ranked(vals, ids, min(self.k, vals.shape[1]))
 
     def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        return self.values, self.ids
+        """(scores, dataset indices) [M, <=k], best first; -1 where no row was found, so no
+        answer ever names a row that does not exist."""
+        if self.ids is None:
+            return self.values, self.ids
+        return self.values, torch.where(self.ids == _NONE, torch.full_like(self.ids, -1), self.ids)
 
 
 def _chunk_best(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,9 +11,11 @@ import torch
 from .manifest import LayerInfo
 
 # Parts of the fingerprint, in the words `score` uses when two runs disagree.
+# Layers come first: two runs of one model over different layers also hash different weights,
+# and the layers are the difference to name.
 FINGERPRINT_PARTS = {
-    "model_weights": "model weights",
     "layers": "layers",
+    "model_weights": "model weights",
     "ranks": "k's (ranks)",
     "projector": "projector matrices",
     "loss_reduction": "loss reduction",

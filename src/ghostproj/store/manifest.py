@@ -67,6 +67,12 @@ PROJECTOR_FILE = "projector.safetensors"
 SHARD_RE = re.compile(r"^grads-r(\d{3})-(\d{5})\.safetensors$")
 
 
+def shard_file_name(rank: int, seq: int) -> str:
+    """The file of a rank's (or job-array part's) shard number ``seq``: the names sort in
+    the order a clean run writes them."""
+    return f"grads-r{rank:03d}-{seq:05d}.safetensors"
+
+
 STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 

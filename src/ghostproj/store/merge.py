@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import GhostprojError
 from .fingerprint import differing_part
 from .manifest import PROJECTOR_FILE, write_manifest
+from .outputs import check_output_dir
 from .reader import open_run
 
 
@@ -63,7 +64,7 @@ def merge_runs(out: str | os.PathLike, parts: list[str]) -> dict:
     across file systems), every part is validated first, and nothing in the parts changes."""
     import shutil
 
-    out = Path(out)
+    out = check_output_dir(out, "OUT", parts)
     runs = [open_run(p) for p in parts]
     merged = merge_manifests([r.manifest for r in runs])
     seen: set[int] = set()

@@ -12,13 +12,18 @@ from .files import atomic_write
 from .shards import encode_safetensors
 
 
-def save_projectors(path, projectors: dict, metadata: dict[str, str]) -> None:
-    """``projectors``: {layer: an object with ``p_in`` and ``p_out`` tensors}."""
+def encode_projectors(projectors: dict, metadata: dict[str, str]) -> bytes:
+    """The bytes of a projector file: one and the same for the same matrices, so a damaged
+    file is rebuilt exactly. ``projectors``: {layer: an object with ``p_in`` and ``p_out``}."""
     tensors = {}
     for name, p in projectors.items():
         tensors[f"{name}.in"] = p.p_in.detach().cpu().contiguous()
         tensors[f"{name}.out"] = p.p_out.detach().cpu().contiguous()
-    atomic_write(Path(path), encode_safetensors(tensors, metadata))
+    return encode_safetensors(tensors, metadata)
+
+
+def save_projectors(path, projectors: dict, metadata: dict[str, str]) -> None:
+    atomic_write(Path(path), encode_projectors(projectors, metadata))
 
 
 def load_projectors(path, layer_names: list[str],

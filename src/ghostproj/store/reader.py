@@ -10,9 +10,11 @@ from pathlib import Path
 import torch
 
 from ..errors import GhostprojError
+from .coverage import check_exactly_once, index_digest
 from .manifest import (
     FORMAT_VERSION,
     MANIFEST,
+    PROJECTOR_FILE,
     SHARD_RE,
     STORE_DTYPES,
     LayerInfo,
@@ -147,6 +149,8 @@ def open_run(path: str | os.PathLike, require_complete: bool = True) -> Run:
         raise GhostprojError(f"{p} does not exist.")
     if require_complete and not manifest.get("complete", False):
         raise GhostprojError(f"{p} is an unfinished run; rerun its project command to complete it.")
+    if p.is_dir():
+        check_projector_file(p, manifest)
     store_dtype = STORE_DTYPES.get(manifest["store_dtype"])
     if store_dtype is None:
         raise GhostprojError(f"{p} records an unknown store dtype '{manifest['store_dtype']}'.")
@@ -160,7 +164,30 @@ def open_run(path: str | os.PathLike, require_complete: bool = True) -> Run:
         header = read_shard_header(shard_path)
         validate_shard(header, int(entry["rows"]), int(manifest["dim"]), store_dtype, manifest["fingerprint"])
         headers.append(header)
+    if p.is_dir():  # a lone shard of a run is one part of it, not the whole
+        by_file = {h.path.name: h for h in headers}
+        check_exactly_once(manifest, p, lambda entry: index_digest(
+            read_rows(by_file[entry["file"]], "index", 0, int(entry["rows"])).numpy()))
     return Run(base if p.is_dir() else p, manifest, headers)
+
+
+def shard_index_digest(path: Path, rows: int) -> str:
+    """The index digest of a shard file's rows, from its index column alone."""
+    return index_digest(read_rows(read_shard_header(path), "index", 0, rows).numpy())
+
+
+def check_projector_file(run_dir: Path, manifest: dict) -> None:
+    """Refuse a run whose projector file is missing or differs from the sha256 its manifest
+    records (runs written before the sha256 was recorded are not checked)."""
+    expected = (manifest.get("projector") or {}).get("sha256")
+    if expected is None:
+        return
+    path = run_dir / PROJECTOR_FILE
+    if not path.is_file():
+        raise GhostprojError(f"{path} is missing; rerun the run's project command to rebuild it.")
+    if not file_sha256_matches(path, expected):
+        raise GhostprojError(f"{path} is damaged: its sha256 differs from the manifest; rerun the run's project "
+                             "command to rebuild it.")
 
 
 def damaged_shards(run_dir: Path, manifest: dict, hash_all: bool) -> list[tuple[int, str]]:

@@ -184,7 +184,8 @@ def file_sha256_matches(path: Path, expected: str) -> bool:
     return h.hexdigest() == expected
 
 
-REPAIR_HINT = "rerun the project command that wrote the run (it recomputes damaged shards), or restore the file"
+REPAIR_HINT = ("rerun the project command that wrote the run with --verify (it recomputes damaged shards), or restore "
+               "the file")
 
 
 def damaged_shard(path: Path, why: str) -> GhostprojError:

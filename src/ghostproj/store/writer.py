@@ -1,36 +1,77 @@
-"""Writing a run: shards handed to a background thread, the manifest rewritten after each
-one so an interrupted run resumes from its last complete shard."""
+"""Writing a run: rows cut into shards at fixed places of the run's row stream, each shard
+handed to a background thread, the manifest rewritten after each one so an interrupted
+run resumes with exactly the shards it is missing."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import GhostprojError
+from .coverage import index_digest
 from .files import atomic_write
 from .fingerprint import sha256_hex
-from .manifest import MANIFEST, STORE_DTYPES, write_manifest
+from .manifest import MANIFEST, SHARD_RE, STORE_DTYPES, shard_file_name, write_manifest
 from .shards import all_finite, encode_shard
 
 
+@dataclass(frozen=True)
+class ShardSpan:
+    """One shard of a run: rows [lo, hi) of its row stream (the rows in the order its
+    batches produce them), written to ``file``; ``digest`` is the index digest those rows
+    must have (None where the rows are not known in advance)."""
+
+    file: str
+    lo: int
+    hi: int
+    digest: str | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.hi - self.lo
+
+
+def plan_shards(order: np.ndarray, shard_size: int, rank: int, first_seq: int = 0) -> list[ShardSpan]:
+    """The shards of a row stream whose dataset indices are ``order``: one every
+    ``shard_size`` rows, whatever the batches, so the cut never depends on where a run
+    was interrupted."""
+    if shard_size < 1:
+        raise GhostprojError(f"--shard-size must be at least 1, got {shard_size}.")
+    n = len(order)
+    return [ShardSpan(shard_file_name(rank, first_seq + k), lo, min(lo + shard_size, n),
+                      index_digest(order[lo:lo + shard_size]))
+            for k, lo in enumerate(range(0, n, shard_size))]
+
+
 class RunWriter:
-    """Buffers per-example rows and writes full shards atomically, rewriting the manifest
-    after each one so an interrupted run can resume from its last complete shard.
+    """Writes the shards of a run from its rows, given in row-stream order.
+
+    With ``spans`` (a resume plan) only those shards are written, each from exactly its
+    rows, and the rows of other shards are dropped; a batch is fed with its position in
+    the stream. Without, rows are cut every ``shard_size`` rows as they come, numbered
+    after the shards the manifest already lists.
 
     Encoding, hashing and writing a shard happen on a background thread, so the model does
     not wait for the disk; at most one shard is in flight, so memory stays bounded, and a
     write error surfaces at the next ``add`` or at ``finish``."""
 
-    def __init__(self, run_dir: Path, manifest: dict, shard_size: int, rank: int = 0,
-                 manifest_name: str = MANIFEST):
-        if shard_size < 1:
+    def __init__(self, run_dir: Path, manifest: dict, shard_size: int | None = None, rank: int = 0,
+                 manifest_name: str = MANIFEST, spans: list[ShardSpan] | None = None):
+        if spans is None and (shard_size is None or shard_size < 1):
             raise GhostprojError(f"--shard-size must be at least 1, got {shard_size}.")
         self.run_dir, self.manifest, self.manifest_name = run_dir, manifest, manifest_name
         self.shard_size, self.rank = shard_size, rank
+        self.planned = spans is not None
+        self.todo = sorted(spans or [], key=lambda s: s.lo)
         self.store_dtype = STORE_DTYPES[manifest["store_dtype"]]
-        self._buf: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._buffered = 0
+        self._buf: list[tuple[int, tuple[torch.Tensor, ...]]] = []  # (stream position, rows)
+        self._received = self._cut = 0  # streaming: rows seen so far, and where the next shard starts
+        self._next_seq = 1 + max((int(SHARD_RE.match(s["file"]).group(2)) for s in manifest["shards"]
+                                  if s.get("rank", 0) == rank), default=-1)
         self._pending = None  # the shard write in flight
         self._pool = None
 
@@ -38,20 +79,56 @@ class RunWriter:
     def rows_written(self) -> int:
         return sum(s["rows"] for s in self.manifest["shards"])
 
-    def add(self, grads: torch.Tensor, index: torch.Tensor, loss: torch.Tensor, tokens: torch.Tensor) -> None:
-        self._buf.append((grads.detach().cpu(), index.cpu(), loss.detach().cpu(), tokens.cpu()))
-        self._buffered += grads.shape[0]
-        while self._buffered >= self.shard_size:
-            self._flush(self.shard_size)
+    def add(self, grads: torch.Tensor, index: torch.Tensor, loss: torch.Tensor, tokens: torch.Tensor,
+            start: int | None = None) -> None:
+        """Rows [start, start + n) of the stream (``start`` only with a plan)."""
+        rows = (grads.detach().cpu(), index.cpu(), loss.detach().cpu(), tokens.cpu())
+        n = rows[0].shape[0]
+        if not self.planned:
+            start, self._received = self._received, self._received + n
+            while self._received - self._cut >= self.shard_size:
+                self._open(self._cut + self.shard_size)
+        self._buf.append((start, rows))
+        self._flush_ready(start + n)
+
+    def _open(self, end: int) -> None:
+        """Streaming: the next shard, from the last cut to ``end``."""
+        self.todo.append(ShardSpan(shard_file_name(self.rank, self._next_seq), self._cut, end))
+        self._next_seq, self._cut = self._next_seq + 1, end
+
+    def _flush_ready(self, end: int) -> None:
+        """Write every shard whose rows have all arrived (the stream has reached ``end``),
+        and drop buffered rows no shard still to write needs."""
+        while self.todo and self.todo[0].hi <= end:
+            span = self.todo.pop(0)
+            self._submit(span, self._take(span))
+        keep_from = self.todo[0].lo if self.todo else (end if self.planned else self._cut)
+        self._buf = [(s, r) for s, r in self._buf if s + r[0].shape[0] > keep_from]
+
+    def _take(self, span: ShardSpan) -> list[tuple[torch.Tensor, ...]]:
+        parts, at = [], span.lo
+        for s, rows in self._buf:
+            a, b = max(span.lo, s), min(span.hi, s + rows[0].shape[0])
+            if a >= b:
+                continue
+            if a != at:
+                break
+            parts.append(tuple(c[a - s:b - s] for c in rows))
+            at = b
+        if at != span.hi:
+            raise GhostprojError(f"Rows {at}..{span.hi} of shard {span.file} never arrived; the run is kept as it "
+                                 "is, rerun the command to resume.")
+        return parts
 
     def finish(self, summary: dict, started: float | None = None) -> None:
         """Write what is buffered, then mark the run complete with ``summary``, its bytes
         counted from the shards and its seconds from ``started`` (a perf_counter value)."""
-        import time
-
-        if self._buffered:
-            self._flush(self._buffered)
+        if not self.planned and self._received > self._cut:
+            self._open(self._received)
+            self._flush_ready(self._received)
         self.close()
+        if self.todo:
+            raise GhostprojError(f"Shard {self.todo[0].file} was never completed; rerun the command to resume.")
         summary = dict(summary, bytes=sum(s["bytes"] for s in self.manifest["shards"]))
         if started is not None:
             summary["seconds"] = round(time.perf_counter() - started, 3)
@@ -59,48 +136,32 @@ class RunWriter:
         self.manifest["summary"] = summary
         write_manifest(self.run_dir, self.manifest, self.manifest_name)
 
-    def replace_shard(self, pos: int, grads: torch.Tensor, index: torch.Tensor, loss: torch.Tensor,
-                      tokens: torch.Tensor) -> None:
-        """Rewrite the shard at ``pos`` of the manifest's list (a damaged or missing one)
-        with recomputed rows, under its own name, and record it."""
-        self.wait()
-        entry = self.manifest["shards"][pos]
-        stored = self._checked(grads, index)
-        data = encode_shard(stored, index, loss, tokens, self.manifest["fingerprint"])
-        atomic_write(self.run_dir / entry["file"], data)
-        entry.update(rows=int(grads.shape[0]), sha256=sha256_hex(data), bytes=len(data), index_min=int(index.min()),
-                     index_max=int(index.max()))
-        write_manifest(self.run_dir, self.manifest, self.manifest_name)
-
-    def _flush(self, n: int) -> None:
-        """Hand the first ``n`` buffered rows to the writer thread. Joining, checking,
-        converting and encoding them all happen there: on a GPU the main thread is what
-        keeps the device fed, so it only splits the list of batches."""
-        take, rest, count = [], [], 0
-        for part in self._buf:
-            rows = part[0].shape[0]
-            if count + rows <= n:
-                take.append(part)
-                count += rows
-            elif count < n:
-                k = n - count
-                take.append(tuple(c[:k] for c in part))
-                rest.append(tuple(c[k:] for c in part))
-                count = n
-            else:
-                rest.append(part)
-        self._buf = rest
-        self._buffered -= n
+    def _submit(self, span: ShardSpan, parts: list) -> None:
+        """Hand one shard's rows to the writer thread. Joining, checking, converting and
+        encoding them all happen there: on a GPU the main thread is what keeps the device
+        fed."""
         self.wait()  # one shard in flight at a time; also re-raises its error
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ghostproj-writer")
-        self._pending = self._pool.submit(self._encode_and_write, take, n)
+        self._pending = self._pool.submit(self._encode_and_write, span, parts)
 
-    def _encode_and_write(self, parts: list, n: int) -> None:
+    def _encode_and_write(self, span: ShardSpan, parts: list) -> None:
         grads, index, loss, tokens = (torch.cat([p[c] for p in parts]) for c in range(4))
-        self._write(self._checked(grads, index), index, loss, tokens, n)
+        digest = index_digest(index.numpy())
+        if span.digest is not None and digest != span.digest:
+            raise GhostprojError(f"Shard {span.file} would hold other examples than planned; nothing of it was "
+                                 "written. Rerun the command to resume.")
+        stored = self._checked(grads, index)
+        data = encode_shard(stored, index, loss, tokens, self.manifest["fingerprint"])
+        atomic_write(self.run_dir / span.file, data)
+        entry = {"file": span.file, "rank": self.rank, "rows": span.rows, "sha256": sha256_hex(data),
+                 "bytes": len(data), "index_min": int(index.min()) if len(index) else 0,
+                 "index_max": int(index.max()) if len(index) else 0, "index_digest": digest}
+        shards = [s for s in self.manifest["shards"] if s["file"] != span.file] + [entry]
+        self.manifest["shards"] = sorted(shards, key=lambda s: s["file"])
+        write_manifest(self.run_dir, self.manifest, self.manifest_name)
 
     def _checked(self, grads: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """``grads`` in the store dtype, refused when a value is or becomes non-finite."""
@@ -128,21 +189,3 @@ class RunWriter:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
-
-    def _write(self, stored, index, loss, tokens, n: int) -> None:
-        seq = sum(1 for s in self.manifest["shards"] if s.get("rank", 0) == self.rank)
-        name = f"grads-r{self.rank:03d}-{seq:05d}.safetensors"
-        data = encode_shard(stored, index, loss, tokens, self.manifest["fingerprint"])
-        atomic_write(self.run_dir / name, data)
-        self.manifest["shards"].append(
-            {
-                "file": name,
-                "rank": self.rank,
-                "rows": n,
-                "sha256": sha256_hex(data),
-                "bytes": len(data),
-                "index_min": int(index.min()),
-                "index_max": int(index.max()),
-            }
-        )
-        write_manifest(self.run_dir, self.manifest, self.manifest_name)
