@@ -53,13 +53,19 @@ def project_args(model_dir, data, out, *extra):
             "--batch-size", "8", "--max-length", "24", *extra]
 
 
-def test_sigkill_at_several_points_then_resume_is_identical(capsys, tmp_path, gpt2_dir, corpus):
+@pytest.mark.parametrize("batching, kill_points", [
+    (("--batch-size", "12"), (3,)),  # shard boundaries inside batches
+    (("--token-budget", "100"), (2,)),  # length buckets, boundaries anywhere
+])
+def test_sigkill_at_several_points_then_resume_is_identical(capsys, tmp_path, gpt2_dir, corpus, batching,
+                                                            kill_points):
     full = tmp_path / "full"
-    assert run_cli(project_args(gpt2_dir, corpus, full), capsys)[0] == 0
-    for kill_after in (1, 6):
+    assert run_cli(project_args(gpt2_dir, corpus, full, *batching), capsys)[0] == 0
+    for kill_after in kill_points:
         part = tmp_path / f"killed{kill_after}"
         env = dict(os.environ, HF_HUB_OFFLINE="1")
-        proc = subprocess.Popen([sys.executable, "-m", "ghostproj", *map(str, project_args(gpt2_dir, corpus, part))],
+        args = project_args(gpt2_dir, corpus, part, *batching)
+        proc = subprocess.Popen([sys.executable, "-m", "ghostproj", *map(str, args)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -74,7 +80,7 @@ def test_sigkill_at_several_points_then_resume_is_identical(capsys, tmp_path, gp
         proc.wait()
         m = json.loads((part / "manifest.json").read_text())
         assert not m["complete"], "the run finished before it could be killed"
-        code, _, err = run_cli(project_args(gpt2_dir, corpus, part), capsys)
+        code, _, err = run_cli(args, capsys)
         assert code == 0 and "Resumed after" in err, err
         names = sorted(p.name for p in full.iterdir())
         assert sorted(p.name for p in part.iterdir()) == names

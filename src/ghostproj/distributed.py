@@ -77,7 +77,9 @@ def regroup_after_rank_change(out: Path, manifest: dict, examples: list[Example]
     import torch.distributed as td
 
     existing = rank_manifests(out)
-    regroup = any((m.get("part") or {}).get("num_shards") != world for m in existing.values())
+    # once regrouped, always: the shards written then follow no rank's own plan
+    regroup = any((m.get("part") or {}).get("num_shards") != world or (m.get("part") or {}).get("regrouped")
+                  for m in existing.values())
     if regroup:
         done: set[int] = set()
         for m in existing.values():
@@ -90,6 +92,7 @@ def regroup_after_rank_change(out: Path, manifest: dict, examples: list[Example]
         remaining = [e for e in examples if e.index not in done]
         subset = remaining[rank::world]
         manifest["part"]["rows"] = len(subset)
+        manifest["part"]["regrouped"] = True
     td.barrier()  # every rank decided before any rank rewrites its manifest
     return regroup, subset
 

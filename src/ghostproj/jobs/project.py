@@ -447,6 +447,7 @@ def _write_run(opts: ProjectOptions, values: dict, inputs: _Inputs, engine: Grad
             write_manifest(out, manifest, part.manifest_name)
         else:
             writer.finish({k: v for k, v in asdict(summary).items() if k not in _RUNTIME_ONLY}, started=t0)
+        summary.bytes = sum(s["bytes"] for s in manifest["shards"])
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise GhostprojError(f"The disk holding {out} is full after {writer.rows_written} examples; every "

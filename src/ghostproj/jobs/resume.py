@@ -147,7 +147,7 @@ def resume_state(out: Path, old: dict | None, plan: RunPlan, verify: bool, keep_
             state.notes.append(f"Shard {entry['file']} holds other examples than this run puts there (it was "
                                f"written by an earlier resume); recomputing its {span.rows} examples.")
         else:
-            state.kept.append(entry)
+            state.kept.append(dict(entry, index_digest=span.digest))  # recorded from now on, if it was not
             continue
         state.recomputed += 1
     kept = {entry["file"] for entry in state.kept}

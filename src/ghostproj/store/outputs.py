@@ -130,4 +130,8 @@ def check_output_dir(path, flag: str, inputs: list, replaced: bool = False) -> P
         hit = next((inp for inp in protected if inp.path.is_relative_to(target)), None) if replaced else None
     if hit is not None:
         raise _refuse(flag, path, hit)
+    run = next((d for d in target.parents if (d / MANIFEST).is_file()), None)
+    if run is not None:
+        raise GhostprojError(f"{flag} {path} lies inside the projection run {run}; write the output elsewhere so "
+                             "the run stays as `project` wrote it.")
     return target
