@@ -22,6 +22,25 @@ CORPUS = [
 ] * 20
 
 
+WORDS = "the cat sat on the mat bake the bread planets orbit the sun doctor treated fever".split()
+
+
+def word_rows(n, step, shortest, spread):
+    """``n`` JSONL rows of ``shortest`` to ``shortest + spread - 1`` words cut from one word
+    cycle: mixed lengths (so batches pad), a handful of tokens each."""
+    return [{"text": " ".join(WORDS[(i * step + j) % len(WORDS)] for j in range(shortest + i % spread))}
+            for i in range(n)]
+
+
+def train_and_query(d, model_dir, corpus, project_args):
+    """A complete training run and a query run projected --like it, in directory ``d``."""
+    train, query = d / "train.st", d / "query.st"
+    assert run_cli(project_args(model_dir, corpus, train))[0] == 0
+    assert run_cli(["project", "--model", model_dir, "--data", corpus, "--out", query, "--like", train,
+                    "--max-length", "24", "--shard-size", "8"])[0] == 0
+    return train, query
+
+
 def build_tokenizer():
     from ghostproj.jobs.demo import train_tokenizer
 
@@ -109,6 +128,14 @@ def run_cli(args, capsys=None):
         captured = capsys.readouterr()
         return code, captured.out, captured.err
     return code, "", ""
+
+
+def fails(capsys, *args, match, code=2):
+    """Run the CLI and check it refused: exit ``code``, ``match`` in one sentence on stderr."""
+    got, out, err = run_cli(args, capsys)
+    assert got == code and match in err and "Traceback" not in err, (got, err)
+    assert len(err.strip().splitlines()) <= 3, err  # one sentence (rich may fold it)
+    return err
 
 
 def captured_reference(model, engine, examples, autocast, device="cpu", round_matrices=False):

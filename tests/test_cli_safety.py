@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from helpers import run_cli, write_jsonl
+from helpers import fails, run_cli, train_and_query, word_rows, write_jsonl
 
 from ghostproj.scoring import load_projections
 
@@ -21,11 +21,8 @@ ROWS = 40
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("safety")
-    words = "the cat sat on the mat bake the bread planets orbit the sun doctor treated fever".split()
-    rows = [{"text": " ".join(words[(i * 5 + j) % len(words)] for j in range(3 + i % 9))} for i in range(ROWS)]
-    path = d / "corpus.jsonl"
-    write_jsonl(path, rows)
+    path = tmp_path_factory.mktemp("safety") / "corpus.jsonl"
+    write_jsonl(path, word_rows(ROWS, 5, 3, 9))
     return path
 
 
@@ -37,19 +34,7 @@ def project_args(model_dir, data, out, *extra):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, gpt2_dir, corpus):
     """A complete training run (5 shards) and a query run projected --like it."""
-    d = tmp_path_factory.mktemp("runs")
-    train, query = d / "train.st", d / "query.st"
-    assert run_cli(project_args(gpt2_dir, corpus, train))[0] == 0
-    assert run_cli(["project", "--model", gpt2_dir, "--data", corpus, "--out", query, "--like", train,
-                    "--max-length", "24", "--shard-size", "8"])[0] == 0
-    return train, query
-
-
-def fails(capsys, *args, match, code=2):
-    got, out, err = run_cli(args, capsys)
-    assert got == code and match in err and "Traceback" not in err, (got, err)
-    assert len(err.strip().splitlines()) <= 3, err  # one sentence (rich may fold it)
-    return err
+    return train_and_query(tmp_path_factory.mktemp("runs"), gpt2_dir, corpus, project_args)
 
 
 def snapshot(d):

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import run_cli, write_jsonl
+from helpers import fails, run_cli, train_and_query, word_rows, write_jsonl
 
 from ghostproj.scoring import load_projections
 
@@ -17,9 +17,7 @@ ROWS = 32
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    words = "the cat sat on the mat bake the bread planets orbit the sun doctor treated fever".split()
-    rows = [{"text": " ".join(words[(i * 3 + j) % len(words)] for j in range(2 + i % 7)), "task": f"t{i % 2}"}
-            for i in range(ROWS)]
+    rows = [dict(row, task=f"t{i % 2}") for i, row in enumerate(word_rows(ROWS, 3, 2, 7))]
     path = tmp_path_factory.mktemp("integrity") / "corpus.jsonl"
     write_jsonl(path, rows)
     return path
@@ -32,19 +30,7 @@ def project_args(model_dir, data, out, *extra):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, gpt2_dir, corpus):
-    d = tmp_path_factory.mktemp("runs")
-    train, query = d / "train.st", d / "query.st"
-    assert run_cli(project_args(gpt2_dir, corpus, train))[0] == 0
-    assert run_cli(["project", "--model", gpt2_dir, "--data", corpus, "--out", query, "--like", train,
-                    "--max-length", "24"])[0] == 0
-    return train, query
-
-
-def fails(capsys, *args, match, code=2):
-    got, out, err = run_cli(args, capsys)
-    assert got == code and match in err and "Traceback" not in err, (got, err)
-    assert len(err.strip().splitlines()) <= 3, err  # one sentence (rich may fold it)
-    return err
+    return train_and_query(tmp_path_factory.mktemp("runs"), gpt2_dir, corpus, project_args)
 
 
 def snapshot(*paths):

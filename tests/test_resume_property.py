@@ -6,7 +6,7 @@ import os
 import socket
 
 import pytest
-from helpers import write_jsonl
+from helpers import word_rows, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,10 +22,8 @@ ROWS = 22
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    words = "the cat sat on the mat bake the bread planets orbit the sun doctor treated fever".split()
-    rows = [{"text": " ".join(words[(i * 5 + j) % len(words)] for j in range((i * 7) % 13))} for i in range(ROWS)]
     path = tmp_path_factory.mktemp("resume") / "corpus.jsonl"
-    write_jsonl(path, rows)  # lengths 0..12 words, in no order: padding and length buckets differ per batch
+    write_jsonl(path, word_rows(ROWS, 5, 0, 13))  # 0..12 words: padding and length buckets differ per batch
     return path
 
 

@@ -12,8 +12,8 @@ from typing import Annotated, Optional, get_type_hints
 
 import typer
 
-from .errors import GhostprojError
 from .data.readers import LayoutFields
+from .errors import GhostprojError
 from .jobs.evaluate import EvaluateOptions
 from .jobs.inrun import InrunOptions
 from .jobs.project import ProjectOptions

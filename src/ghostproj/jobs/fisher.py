@@ -11,8 +11,8 @@ from ..scoring.columns import column_index, relative_blocks, selected_layers
 from ..scoring.feed import chunk_rows_for
 from ..scoring.influence import FisherSums, check_full_size, fisher_sums, merge_fisher
 from ..scoring.transform import NORMALIZATIONS, Transform
-from ..store.reader import Run, open_run
 from ..store.outputs import check_outputs
+from ..store.reader import Run, open_run
 
 
 def run_fisher(train: str, out: str, *, layers: list[str] | None, normalize: str, full: bool, num_parts: int,

@@ -33,8 +33,8 @@ from ..scoring.index import (
 from ..scoring.influence import FisherSums
 from ..scoring.score import ScoreResult
 from ..store.manifest import MANIFEST
-from ..store.reader import open_run
 from ..store.outputs import check_output_dir, check_outputs
+from ..store.reader import open_run
 from .score import write_topk
 
 

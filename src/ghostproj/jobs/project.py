@@ -30,10 +30,12 @@ from ..engines.projector import PROJECTOR_KINDS, LayerProjector, projector_hash
 from ..errors import GhostprojError
 from ..models import config_hash, load_model, pad_token_id, position_limit
 from ..progress import RateProgress
+from ..store.files import atomic_write
 from ..store.fingerprint import (
     fingerprint,
     fingerprint_parts,
     sampled_weights_hash,
+    sha256_hex,
     weights_hash,
 )
 from ..store.lock import RunLock
@@ -48,9 +50,7 @@ from ..store.manifest import (
     require_keys,
     write_manifest,
 )
-from ..store.files import atomic_write
 from ..store.outputs import check_output_dir
-from ..store.fingerprint import sha256_hex
 from ..store.projector_file import encode_projectors, load_projectors
 from ..store.reader import check_projector_file
 from ..store.shards import file_sha256_matches
