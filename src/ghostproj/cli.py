@@ -15,6 +15,7 @@ import typer
 from .data.readers import LayoutFields
 from .errors import GhostprojError
 from .jobs.evaluate import EvaluateOptions
+from .jobs.factors import FactorsOptions
 from .jobs.inrun import InrunOptions
 from .jobs.project import ProjectOptions
 
@@ -203,6 +204,8 @@ PROJECT_OPTIONS = {
     "optimizer_state": _opt(help="Adam moments (safetensors, or a torch optimizer checkpoint): project each "
                                  "example's Adam update direction instead of its gradient.", panel=PROJECTION,
                             default="raw gradients"),
+    "factors": _opt(help="Kronecker factors (`ghostproj factors`): project in their eigenbasis, for EK-FAC influence.",
+                    panel=PROJECTION, default="random matrices"),
     "num_shards": _opt(help="Job arrays: split the examples into this many parts.", panel=RUN),
     "shard_id": _opt(help="Job arrays: the part to project (then inspect --merge).", panel=RUN),
 }
@@ -235,6 +238,62 @@ def project(**options) -> None:
 
 project.__signature__ = _options_signature(ProjectOptions, PROJECT_OPTIONS, extra=(_HF_DATASET,))
 app.command()(project)
+
+
+FACTORS_OPTIONS = {
+    "model": _info(ModelOpt),
+    "dtype": _info(DtypeOpt),
+    "revision": PROJECT_OPTIONS["revision"],
+    "data": _info(DataOpt),
+    "format": PROJECT_OPTIONS["format"],
+    **LAYOUT_OPTIONS,
+    "split": PROJECT_OPTIONS["split"],
+    "token_dtype": PROJECT_OPTIONS["token_dtype"],
+    "max_length": _info(MaxLengthOpt),
+    "layers": (_info(LayersOpt), Optional[str]),
+    "loss_reduction": _opt(help="Per-example loss: mean or sum over tokens (as the runs that use them).",
+                           panel=PROJECTION),
+    "out": _opt(help="The factors file (safetensors).", panel=OUTPUT),
+    "overwrite": _info(OverwriteOpt),
+    "device": _info(DeviceOpt),
+    "batch_size": PROJECT_OPTIONS["batch_size"],
+    "token_budget": PROJECT_OPTIONS["token_budget"],
+    "num_shards": PROJECT_OPTIONS["num_shards"],
+    "shard_id": _opt(help="Job arrays: the part to sum (then factors --merge).", panel=RUN),
+}
+_FACTORS_EXTRA = (
+    inspect.Parameter("merge", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+        bool, _opt("--merge", help="Sum the part files given as arguments into --out.", panel=RUN)]),
+    inspect.Parameter("parts", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[list[str]], typer.Argument(help="With --merge: the factors files of the parts.",
+                                            show_default=False)]),
+)
+
+
+def factors(**options) -> None:
+    """Each layer's Kronecker factors over the training data, for project --factors (EK-FAC influence)."""
+    from .jobs.factors import FactorsSummary, merge_factors, run_factors
+
+    merge, parts = options.pop("merge"), options.pop("parts")
+    if merge or parts:
+        if not merge or not parts:
+            raise GhostprojError("Part files are summed with --merge --out F PART...; give both.")
+        totals = merge_factors(options["out"], parts, options["overwrite"])
+        _status().print(f"merged {len(parts)} parts ({totals.examples} examples) into {_escape(options['out'])}")
+        return
+    options["model"], options["data"] = _default_model_and_data(options["model"], options["data"])
+    options["layers"] = _split(options["layers"])
+    s = FactorsSummary(out=options["out"])
+    try:
+        run_factors(FactorsOptions(**options), s)
+    finally:
+        _notes(s.notes)
+    _console().print(f"[green]done[/green]: factors of {s.layers} layers over {s.examples} examples "
+                     f"({s.positions} positions) in {s.seconds:.1f} s; wrote {_escape(s.out)}", soft_wrap=True)
+
+
+factors.__signature__ = _options_signature(FactorsOptions, FACTORS_OPTIONS, extra=_FACTORS_EXTRA)
+app.command()(factors)
 
 
 def _report_project(s) -> None:
@@ -626,6 +685,11 @@ _EVALUATE_EXTRA = (
                                                       panel=SCORING)]),
     inspect.Parameter("normalize_list", inspect.Parameter.KEYWORD_ONLY, default="none,layer",
                       annotation=Annotated[str, _opt("--normalize", help="Normalizations compared.", panel=SCORING)]),
+    inspect.Parameter("projection_list", inspect.Parameter.KEYWORD_ONLY, default="gaussian",
+                      annotation=Annotated[str, _opt("--projection", help="Projections compared: gaussian (random "
+                                                     "matrices); eigen adds the Kronecker eigenbasis of each "
+                                                     "checkpoint's factors, scored with EK-FAC weights (influence).",
+                                                     panel=SCORING)]),
     inspect.Parameter("vectors_list", inspect.Parameter.KEYWORD_ONLY, default="grad",
                       annotation=Annotated[str, _opt("--vectors", help="Training vectors compared: grad; adam adds "
                                                      "Adam update directions at each checkpoint (LESS).",
@@ -640,6 +704,7 @@ def evaluate(**options) -> None:
     options["metrics"] = _split(options.pop("metrics_list")) or []
     options["normalize"] = _split(options.pop("normalize_list")) or []
     options["vectors"] = _split(options.pop("vectors_list")) or []
+    options["projection"] = _split(options.pop("projection_list")) or []
     options["layers"] = _split(options["layers"])
     _demo_in_place(options, "query")
     res = run_evaluate(EvaluateOptions(**options))
@@ -669,7 +734,7 @@ def _report_evaluate(res) -> None:
     for s in res.settings:
         mark = " *" if s is res.best else ""
         inrun = s.metric == "inrun"  # from every step of the whole-set run: no normalization, no checkpoints
-        table.add_row(s.metric + (" (adam)" if s.vectors == "adam" else ""), "-" if inrun else s.normalize, "all steps" if inrun else str(s.checkpoints),
+        table.add_row(s.metric + {"adam": " (adam)", "eigen": " (eigenbasis)"}.get(s.vectors, ""), "-" if inrun else s.normalize, "all steps" if inrun else str(s.checkpoints),
                       f"{s.lds.value:.3f}{mark}",
                       f"[{s.lds.low:.3f}, {s.lds.high:.3f}]")
     con.print(table)

@@ -47,8 +47,12 @@ def _layer_records(chosen: list[tuple[str, nn.Module]], bias: bool, ranks: dict 
     return infos
 
 
-def _fitting_projectors(infos: list[LayerInfo], given: dict | None, kind: str, seed: int) -> dict[str, LayerProjector]:
-    """The given matrices (a --like run's), checked against the layers' shapes, or new ones."""
+def _fitting_projectors(infos: list[LayerInfo], given, kind: str, seed: int) -> dict[str, LayerProjector]:
+    """The given matrices (a --like run's, or a function of the layer records that makes
+    them, as the Kronecker eigenbasis does), checked against the layers' shapes, or new
+    ones."""
+    if callable(given):
+        given = given(infos)
     if given is None:
         given = build_projectors([(i.name, i.n_in, i.n_out, i.k_in, i.k_out) for i in infos], kind, seed)
     for info in infos:
@@ -70,8 +74,9 @@ class GradProjectionEngine(AttachedEngine):
 
     ``layers``: module-name patterns (substring, or ``re:`` regex); None = every supported
     layer except embeddings and the output head. ``ranks`` ({name: (k_in, k_out)}) and
-    ``projectors`` ({name: LayerProjector}) override the rank rule and the generated
-    matrices, which is how a query run reuses a training run's exact matrices.
+    ``projectors`` ({name: LayerProjector}, or a function from the layer records to one)
+    override the rank rule and the generated matrices, which is how a query run reuses a
+    training run's exact matrices and how the Kronecker eigenbasis replaces them.
     """
 
     def __init__(

@@ -41,6 +41,8 @@ from .lds_report import plot_report, write_report
 from .retrain import Recipe, fine_tune, in_run_scores, query_losses
 
 VECTORS = ("grad", "adam")  # training vectors: gradients, or Adam update directions (project --optimizer-state)
+PROJECTIONS = ("gaussian", "eigen")  # random matrices, or the Kronecker eigenbasis (factors, project --factors)
+EIGEN = "eigen"  # the Setting.vectors of gradients projected in the Kronecker eigenbasis
 MIN_SUBSETS = 5  # fewer subset models give no usable rank correlation, let alone an interval
 CONFIG = "evaluate.json"
 MOMENTS = "adam-moments.safetensors"  # the optimizer's moments at a checkpoint
@@ -64,6 +66,7 @@ class EvaluateOptions(LayoutFields):
     metrics: list[str] = field(default_factory=lambda: ["cosine", "dot", "influence"])
     normalize: list[str] = field(default_factory=lambda: ["none", "layer"])
     vectors: list[str] = field(default_factory=lambda: ["grad"])  # training vectors: grad, adam (LESS)
+    projection: list[str] = field(default_factory=lambda: ["gaussian"])  # gaussian, eigen (Kronecker eigenbasis)
     checkpoints: int = 4
     layers: list[str] | None = None
     rank: int | None = None
@@ -96,8 +99,8 @@ class Setting:
 
     @property
     def name(self) -> str:
-        adam = ", Adam directions" if self.vectors == "adam" else ""
-        return f"{self.metric}, --normalize {self.normalize}, {self.checkpoints} checkpoint(s){adam}"
+        kind = {"adam": ", Adam directions", EIGEN: ", Kronecker eigenbasis"}.get(self.vectors, "")
+        return f"{self.metric}, --normalize {self.normalize}, {self.checkpoints} checkpoint(s){kind}"
 
 
 @dataclass
@@ -148,8 +151,11 @@ def _check(opts: EvaluateOptions) -> None:
     for v in opts.vectors:
         if v not in VECTORS:
             raise GhostprojError(f"Unknown --vectors entry '{v}'; choose from {', '.join(VECTORS)}.")
-    if not opts.metrics or not opts.normalize or not opts.vectors:
-        raise GhostprojError("--metrics and --normalize each need at least one entry.")
+    for p in opts.projection:
+        if p not in PROJECTIONS:
+            raise GhostprojError(f"Unknown --projection entry '{p}'; choose from {', '.join(PROJECTIONS)}.")
+    if not opts.metrics or not opts.normalize or not opts.vectors or not opts.projection:
+        raise GhostprojError("--metrics, --normalize, --vectors and --projection each need at least one entry.")
 
 
 @dataclass
@@ -318,13 +324,19 @@ def _project(opts: EvaluateOptions, dirs: list[Path], out: Path) -> dict[str, li
     their checkpoint's gradient run's matrices (``--like``) and the same query run."""
     from .project import ProjectOptions, run_project
 
-    runs: dict[str, list[tuple[Path, Path]]] = {v: [] for v in opts.vectors}
+    runs: dict[str, list[tuple[Path, Path]]] = {v: [] for v in opts.vectors if "gaussian" in opts.projection}
+    if EIGEN in opts.projection:
+        runs[EIGEN] = []
     for c, d in enumerate(dirs, start=1):
         seed = projection_seed(c, len(dirs))
         where = out / "runs" / projection_key(opts) / f"ckpt-{c}-seed-{seed}"
         train_dir, query_dir = where / "train", where / "query"
         common = dict(model=str(d), max_length=opts.max_length, device=opts.device, batch_size=opts.batch_size,
                       show_progress=opts.show_progress, **opts.fields)
+        if EIGEN in runs:
+            runs[EIGEN].append(_project_eigen(opts, d, where, common))
+        if "gaussian" not in opts.projection:
+            continue
         run_project(ProjectOptions(data=opts.train, out=str(train_dir), layers=opts.layers, rank=opts.rank,
                                    seed=seed, **common))
         run_project(ProjectOptions(data=opts.query, out=str(query_dir), like=str(train_dir), **common))
@@ -338,6 +350,25 @@ def _project(opts: EvaluateOptions, dirs: list[Path], out: Path) -> dict[str, li
                                        optimizer_state=str(d / MOMENTS), **common))
             runs["adam"].append((adam_dir, query_dir))
     return runs
+
+
+def _project_eigen(opts: EvaluateOptions, checkpoint: Path, where: Path, common: dict) -> tuple[Path, Path]:
+    """(training run, query run) of one checkpoint in the Kronecker eigenbasis of its own
+    factors over the training set (cached like every run)."""
+    from .factors import FactorsOptions, run_factors
+    from .project import ProjectOptions, run_project
+
+    factors = where / "factors.safetensors"
+    if not factors.exists():
+        where.mkdir(parents=True, exist_ok=True)
+        run_factors(FactorsOptions(model=str(checkpoint), data=opts.train, out=str(factors), layers=opts.layers,
+                                   max_length=opts.max_length, device=opts.device, batch_size=opts.batch_size,
+                                   show_progress=opts.show_progress, **opts.fields))
+    train_dir, query_dir = where / "train-eigen", where / "query-eigen"
+    run_project(ProjectOptions(data=opts.train, out=str(train_dir), layers=opts.layers, rank=opts.rank,
+                               factors=str(factors), **common))
+    run_project(ProjectOptions(data=opts.query, out=str(query_dir), like=str(train_dir), **common))
+    return train_dir, query_dir
 
 
 def projection_seed(checkpoint: int, checkpoints: int) -> int:
@@ -398,7 +429,7 @@ def _settings(opts: EvaluateOptions, runs: dict, members: np.ndarray, losses: np
         if metric == "inrun":
             add(("inrun", "none", 1, "grad"), _in_run_matrix(ctx, opts, out))
             continue
-        for vectors in opts.vectors:
+        for vectors in runs:
             for normalize in opts.normalize:
                 for size in ensemble_sizes(opts.checkpoints):
                     m = _score_matrix(runs[vectors], ensemble_members(size, opts.checkpoints), metric, normalize,
@@ -473,6 +504,9 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
     if opts.model is None or opts.train is None or opts.query is None:
         raise GhostprojError("evaluate needs a model, training data and query data.")
     part, num_parts, under_torchrun = _parts(opts)
+    if under_torchrun and EIGEN in opts.projection:
+        raise GhostprojError("--projection eigen runs in one process (its factors are computed once per "
+                             "checkpoint); run evaluate without torchrun, or train the subsets with --num-parts.")
     check_output_dir(opts.out, "--out", [opts.model, opts.train, opts.query])
     ctx = _load(opts)
     out = Path(opts.out)

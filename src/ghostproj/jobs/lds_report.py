@@ -45,7 +45,7 @@ def plot_report(result: EvaluateResult, path: Path, notes: list[str]) -> Path | 
     except ImportError:
         notes.append("No PNG plot: matplotlib is not installed (pip install 'ghostproj[plot]').")
         return None
-    labels = [f"{s.metric}/{s.normalize}/{s.checkpoints}" + ("/adam" if s.vectors == "adam" else "")
+    labels = [f"{s.metric}/{s.normalize}/{s.checkpoints}" + ({"adam": "/adam", "eigen": "/eigen"}.get(s.vectors, ""))
               for s in result.settings]
     values = np.array([s.lds.value for s in result.settings])
     errors = np.array([[s.lds.value - s.lds.low for s in result.settings],

@@ -30,6 +30,8 @@ from ..engines.projector import PROJECTOR_KINDS, LayerProjector, projector_hash
 from ..errors import GhostprojError
 from ..models import config_hash, load_model, pad_token_id, position_limit
 from ..progress import RateProgress
+from ..engines.factors import eigenbasis_projectors
+from ..store.factors_file import FactorTotals, factors_fingerprint, factors_identity, load_factors
 from ..store.files import atomic_write
 from ..store.fingerprint import (
     fingerprint,
@@ -98,6 +100,7 @@ class ProjectOptions(LayoutFields):
     verify: bool = False  # on resume or rerun, hash every shard, not only the last one
     compile: bool = False  # torch.compile the model with the engine attached: one graph, no break per layer
     optimizer_state: str | None = None  # Adam moments: project update directions, not raw gradients (LESS)
+    factors: str | None = None  # `ghostproj factors`: project in their Kronecker eigenbasis
     show_progress: bool = True
 
 
@@ -152,7 +155,9 @@ def _apply_like(opts: ProjectOptions) -> tuple[dict | None, dict]:
 
 
 def _check_choices(opts: ProjectOptions, values: dict) -> None:
-    if values["projector"] not in PROJECTOR_KINDS:
+    if opts.factors is not None:
+        _check_factors_choices(opts)
+    elif values["projector"] not in PROJECTOR_KINDS + ((EIGEN,) if opts.like else ()):
         raise GhostprojError(f"Unknown --projector '{values['projector']}'; choose one of {', '.join(PROJECTOR_KINDS)}.")
     if values["loss_reduction"] not in LOSS_REDUCTIONS:
         raise GhostprojError(f"Unknown --loss-reduction '{values['loss_reduction']}'; choose mean or sum.")
@@ -171,8 +176,43 @@ def _check_choices(opts: ProjectOptions, values: dict) -> None:
         raise GhostprojError(f"--shard-size must be at least 1, got {opts.shard_size}.")
 
 
-def build_engine(model, opts: ProjectOptions, values: dict, like: dict | None) -> GradProjectionEngine:
+EIGEN = "eigen"  # the projector kind of runs projected in the Kronecker eigenbasis of their factors
+
+
+def _check_factors_choices(opts: ProjectOptions) -> None:
+    for flag, given in (("--like", opts.like), ("--projector", opts.projector), ("--seed", opts.seed),
+                        ("--bias", opts.bias), ("--include-embeddings", opts.include_embeddings),
+                        ("--adapter", opts.adapter), ("--optimizer-state", opts.optimizer_state)):
+        if given:
+            raise GhostprojError(f"--factors cannot be combined with {flag}: the matrices are the factors' "
+                                 "eigenvectors of each Linear / Conv1D layer's own weight gradient.")
+
+
+def _eigen_projectors(model, factors: FactorTotals, record: dict):
+    """The function that makes the engine's matrices from its layer records: the factors'
+    top eigenvectors, once the factors are known to be of these layers and weights."""
+    def make(infos):
+        names = [i.name for i in infos]
+        dims = {i.name: (i.n_in, i.n_out) for i in infos}
+        if [list(x) for x in record["identity"]["layers"]] != [[n, *dims[n]] for n in names]:
+            have = ", ".join(x[0] for x in record["identity"]["layers"])
+            raise GhostprojError(f"The --factors cover the layers {have}; this run projects {', '.join(names)}. "
+                                 "Compute factors with the same --layers.")
+        if factors_identity(model, names, dims)["model_weights"] != record["identity"]["model_weights"]:
+            raise GhostprojError("The --factors were computed for another model (the layers' weights differ); "
+                                 "compute them on this model.")
+        return eigenbasis_projectors({n: factors.layers[n] for n in names},
+                                     {i.name: (i.k_in, i.k_out) for i in infos})
+    return make
+
+
+def build_engine(model, opts: ProjectOptions, values: dict, like: dict | None,
+                 factors: tuple[FactorTotals, dict] | None = None) -> GradProjectionEngine:
     engine_class, extra = GradProjectionEngine, {}
+    if factors is not None:
+        return engine_class(model, opts.layers, rank=values["rank"], rank_min=values["rank_min"],
+                            rank_in=opts.rank_in, rank_out=opts.rank_out, projector=EIGEN, seed=0,
+                            projectors=_eigen_projectors(model, *factors))
     if opts.optimizer_state:
         from ..engines.adam import AdamDirectionEngine
 
@@ -226,12 +266,14 @@ def run_project(opts: ProjectOptions, summary: ProjectSummary | None = None) -> 
     t0 = time.perf_counter()
     if opts.model is None or opts.data is None:
         raise GhostprojError("project needs a model and data.")
-    check_output_dir(opts.out, "--out", [opts.data, opts.model, opts.adapter, opts.like, opts.optimizer_state])
+    check_output_dir(opts.out, "--out", [opts.data, opts.model, opts.adapter, opts.like, opts.optimizer_state,
+                                         opts.factors])
     like, values = _apply_like(opts)
     _check_choices(opts, values)
     summary = summary if summary is not None else ProjectSummary(out=opts.out)
-    inputs = _load_inputs(opts, summary)
-    engine = build_engine(inputs.model, opts, values, like)
+    factors = load_factors(opts.factors) if opts.factors else None
+    inputs = load_inputs(opts, summary)
+    engine = build_engine(inputs.model, opts, values, like, factors)
     parts = fingerprint_parts(engine.layers, _weights_sha(inputs.model, engine, opts.adapter),
                               projector_hash(engine.projectors), values["loss_reduction"], values["bias"])
     summary.notes += _capped_rank_notes(engine, values, opts)
@@ -240,6 +282,9 @@ def run_project(opts: ProjectOptions, summary: ProjectSummary | None = None) -> 
         loss_reduction=values["loss_reduction"], bias=values["bias"], projector=(values["projector"], values["seed"]),
         layers=engine.layers, store_dtype=opts.store_dtype, settings=_settings(opts, inputs),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    if factors is not None or (like or {}).get("factors"):
+        manifest["projector"]["kind"] = EIGEN
+        manifest["factors"] = like["factors"] if like else _factors_record(opts.factors, *factors)
     out = Path(opts.out)
     part = _partition(opts, inputs, manifest, out)
     projector_bytes = encode_projectors(engine.projectors, {"format": str(FORMAT_VERSION),
@@ -262,7 +307,7 @@ def run_project(opts: ProjectOptions, summary: ProjectSummary | None = None) -> 
 
 
 @dataclass
-class _Inputs:
+class LoadedInputs:
     """The loaded model and data of a run."""
 
     model: torch.nn.Module
@@ -273,7 +318,7 @@ class _Inputs:
     max_length: int  # --max-length, capped to the model's position limit
 
 
-def _load_inputs(opts: ProjectOptions, summary: ProjectSummary) -> _Inputs:
+def load_inputs(opts: ProjectOptions, summary: ProjectSummary) -> LoadedInputs:
     spec = DataSpec(opts.data, opts.format, token_dtype=opts.token_dtype, split=opts.split, **opts.fields)
     spec.resolved_format()  # refuse an unknown format before loading the model
     if spec.resolved_format() != "hf" and not Path(opts.data).is_file():
@@ -287,7 +332,7 @@ def _load_inputs(opts: ProjectOptions, summary: ProjectSummary) -> _Inputs:
         max_length = limit
     data = load_examples(spec, tokenizer, max_length, getattr(model.config, "vocab_size", None))
     summary.notes += data.notes
-    return _Inputs(model, tokenizer, next(model.parameters()).device, spec, data, max_length)
+    return LoadedInputs(model, tokenizer, next(model.parameters()).device, spec, data, max_length)
 
 
 def _weights_sha(model: torch.nn.Module, engine: GradProjectionEngine, adapter: str | None) -> str:
@@ -313,12 +358,12 @@ def _model_record(model: torch.nn.Module, opts: ProjectOptions, parts: dict) -> 
             "adapter": str(Path(opts.adapter).resolve()) if opts.adapter else None}
 
 
-def _data_record(inputs: _Inputs) -> dict:
+def _data_record(inputs: LoadedInputs) -> dict:
     return {**inputs.spec.describe(), "sha256": inputs.data.sha256, "fields": inputs.data.fields,
             "max_length": inputs.max_length, "count": len(inputs.data.examples)}
 
 
-def _settings(opts: ProjectOptions, inputs: _Inputs) -> dict:
+def _settings(opts: ProjectOptions, inputs: LoadedInputs) -> dict:
     """What a resumed run must share with the run it continues, beyond the fingerprint."""
     settings = {"max_length": inputs.max_length, "data_spec": inputs.spec.describe(), "store_dtype": opts.store_dtype,
                 "shard_size": opts.shard_size, "batch_size": opts.batch_size, "token_budget": opts.token_budget,
@@ -364,7 +409,7 @@ class _Part:
     regrouped: bool = False  # a torchrun restarted with another number of ranks: subset holds rows still to do
 
 
-def _partition(opts: ProjectOptions, inputs: _Inputs, manifest: dict, out: Path) -> _Part:
+def _partition(opts: ProjectOptions, inputs: LoadedInputs, manifest: dict, out: Path) -> _Part:
     examples = inputs.data.examples
     dist = distributed_rank(inputs.device)
     num_shards, shard_id = opts.num_shards, opts.shard_id
@@ -405,7 +450,7 @@ def _check_disk(out: Path, opts: ProjectOptions, part: _Part, dim: int, fresh: b
                              f"{expected / 2**20:.0f} MiB; free space or pass --force.")
 
 
-def _write_run(opts: ProjectOptions, values: dict, inputs: _Inputs, engine: GradProjectionEngine, manifest: dict,
+def _write_run(opts: ProjectOptions, values: dict, inputs: LoadedInputs, engine: GradProjectionEngine, manifest: dict,
                part: _Part, old: dict | None, projector_bytes: bytes, summary: ProjectSummary, t0: float) -> None:
     """Under the run's lock: keep the shards a clean run would hold, write every other one."""
     out = Path(opts.out)
@@ -418,8 +463,8 @@ def _write_run(opts: ProjectOptions, values: dict, inputs: _Inputs, engine: Grad
     summary.notes += state.notes
     if _ensure_projector(out, projector_bytes, manifest, part) and old is not None:
         summary.projector_rebuilt = True
-        summary.notes.append(f"{PROJECTOR_FILE} was missing or damaged; rebuilt it from "
-                             + ("the --like run." if opts.like else f"seed {values['seed']}."))
+        source = "the --like run" if opts.like else "the factors" if opts.factors else f"seed {values['seed']}"
+        summary.notes.append(f"{PROJECTOR_FILE} was missing or damaged; rebuilt it from {source}.")
     was_complete = old is not None and bool(old.get("complete"))
     if was_complete and not state.todo:
         summary.mode = "complete"
@@ -467,6 +512,14 @@ def _write_run(opts: ProjectOptions, values: dict, inputs: _Inputs, engine: Grad
             pass
 
 
+def _factors_record(path: str, factors: FactorTotals, record: dict) -> dict:
+    """What scoring an eigenbasis run needs of its factors, kept in its manifest: EK-FAC's
+    damping scale per layer (the mean eigenvalue correction over the layer's whole space)."""
+    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path), "fingerprint": factors_fingerprint(record),
+            "examples": factors.examples,
+            "lambda_base": {n: f.lambda_base(factors.examples) for n, f in factors.layers.items()}}
+
+
 # Summary fields that describe this invocation, not the run: kept out of the manifest.
 _RUNTIME_ONLY = ("out", "notes", "already_complete", "repaired", "mode", "projector_rebuilt")
 
@@ -486,7 +539,7 @@ def _ensure_projector(out: Path, data: bytes, manifest: dict, part: _Part) -> bo
 class _BatchRunner:
     """Runs batches of one run through the model and engine."""
 
-    def __init__(self, opts: ProjectOptions, values: dict, inputs: _Inputs, engine: GradProjectionEngine):
+    def __init__(self, opts: ProjectOptions, values: dict, inputs: LoadedInputs, engine: GradProjectionEngine):
         self.forward = torch.compile(inputs.model) if opts.compile else inputs.model
         self.engine, self.device = engine, inputs.device
         self.reduction, self.pad = values["loss_reduction"], pad_token_id(inputs.tokenizer)

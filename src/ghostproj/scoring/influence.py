@@ -181,3 +181,39 @@ def apply_blocks(x: torch.Tensor, mats: list[torch.Tensor], blocks: list[LayerIn
         out[:, b.offset:b.offset + b.size] = x[:, b.offset:b.offset + b.size] @ m
     return out
 
+
+
+def is_eigenbasis(run: Run) -> bool:
+    """A run projected in the Kronecker eigenbasis of its factors (``project --factors``)."""
+    return (run.manifest.get("projector") or {}).get("kind") == "eigen" and "factors" in run.manifest
+
+
+def mean_squares(train_run: Run, cols, chunk_rows: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """Each column's mean square over the training rows, float64: the diagonal of the
+    Fisher, without its blocks."""
+    acc, count = None, 0
+    for chunk in feed(train_run, cols, chunk_rows, device):
+        x = chunk.rows[: chunk.n]
+        sq = x.square().sum(0, dtype=torch.float64)
+        acc = sq if acc is None else acc + sq
+        count += chunk.n
+    return acc.cpu() / max(count, 1)
+
+
+def ekfac_scale(diagonal: torch.Tensor, blocks: list[LayerInfo], run: Run, damping: float) -> torch.Tensor:
+    """(Lambda_ab + lambda_l)^(-1/2) for every kept coordinate, with Lambda_ab the training
+    vectors' mean square of the coordinate (``diagonal``, the Fisher's) and
+    lambda_l = damping x the mean correction over the layer's whole space, which the run's
+    factors recorded. Applied to both sides, the dot product is EK-FAC's
+    sum_ab R_n,ab R_q,ab / (Lambda_ab + lambda)."""
+    base = run.manifest["factors"]["lambda_base"]
+    parts, at = [], 0
+    for b in blocks:
+        lam = damping * float(base[b.name])
+        diag = diagonal[at:at + b.size].double()
+        at += b.size
+        if lam <= 0 and bool((diag <= 0).any()):
+            raise GhostprojError(f"Layer '{b.name}' has a coordinate no training example moves; use a positive "
+                                 "--damping.")
+        parts.append((diag + lam).rsqrt())
+    return torch.cat(parts).float()

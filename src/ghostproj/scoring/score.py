@@ -23,7 +23,10 @@ from .influence import (
     FisherSums,
     check_fisher,
     check_full_size,
+    ekfac_scale,
     fisher_blocks,
+    is_eigenbasis,
+    mean_squares,
     precondition,
 )
 from .topk import StreamingTopK
@@ -211,6 +214,10 @@ def _side(train_run: Run, query_run: Run, metric, normalize, center, damping, la
     rows_per_chunk = chunk_rows_for(where, chunk_rows, width, train_run.store_dtype, train_run.rows)
     if center:
         transform.mean = _training_mean(train_run, cols, rows_per_chunk, width, where)
+    if metric.startswith("influence") and is_eigenbasis(train_run):
+        transform.scale = _ekfac_scale(train_run, cols, blocks, metric, damping, fisher, rows_per_chunk, where)
+        query_index, q = _query_side(query_run, cols, rows_per_chunk, transform)
+        return _Side(train_run, cols, transform, q.t().contiguous(), query_index, rows_per_chunk)
     query_index, q = _query_side(query_run, cols, rows_per_chunk, transform)
     if metric.startswith("influence"):
         full = metric == "influence-full"
@@ -224,6 +231,20 @@ def _side(train_run: Run, query_run: Run, metric, normalize, center, damping, la
             fishers = fisher_blocks(train_run, cols, transform, blocks, full, rows_per_chunk, train_run.rows, where)
         q = precondition(q, fishers, blocks, damping, full)
     return _Side(train_run, cols, transform, q.t().contiguous(), query_index, rows_per_chunk)
+
+
+def _ekfac_scale(train_run: Run, cols, blocks, metric, damping, fisher, rows_per_chunk, where) -> torch.Tensor:
+    """EK-FAC's weights for an eigenbasis run, from the second moments of its raw
+    coordinates (computed here, or from a Fisher file of the raw vectors)."""
+    if metric == "influence-full":
+        raise GhostprojError("EK-FAC weights an eigenbasis run's coordinates one by one; use --metric influence.")
+    if fisher is not None:
+        fisher = fisher if isinstance(fisher, FisherSums) else FisherSums.load(fisher)
+        check_fisher(fisher, train_run, blocks, "none", False, False)
+        diagonal = torch.cat([f.diagonal() for f in fisher.fishers()])
+    else:
+        diagonal = mean_squares(train_run, cols, rows_per_chunk, where)
+    return ekfac_scale(diagonal, blocks, train_run, damping)
 
 
 def _check_choices(metric: str, normalize: str, reduce: str | None, damping: float) -> None:

@@ -13,17 +13,21 @@ NORMALIZATIONS = ("none", "unit", "layer")
 
 @dataclass
 class Transform:
-    """Centering and normalization applied identically to training and query vectors."""
+    """Centering, a per-column scale and normalization, applied identically to training and
+    query vectors, in that order."""
 
     blocks: list[LayerInfo]
     normalize: str = "none"
     unit_last: bool = False  # cosine: unit-normalize after everything else
     mean: torch.Tensor | None = None
+    scale: torch.Tensor | None = None  # EK-FAC: (Lambda + lambda)^(-1/2) per eigenbasis coordinate
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The transformed rows; ``x`` (a fresh float32 chunk) may be changed in place."""
         if self.mean is not None:
             x = x.sub_(self.mean.to(x.device))
+        if self.scale is not None:
+            x = x.mul_(self.scale.to(x.device))
         if self.normalize == "layer":
             unit_blocks_(x, self.blocks)
         if self.normalize == "unit" or self.unit_last:

@@ -1,0 +1,118 @@
+"""Kronecker factors of each layer's per-example gradients, and the eigenbasis projection
+built from them.
+
+For a dense layer, G_n = sum_t g_t x_t^T (output gradient g, input x, over the positions
+of example n). K-FAC approximates the layer's Fisher by A (x) G with A = E[x x^T] and
+G = E[g g^T] over positions; projecting onto the top eigenvectors of A and of G keeps the
+coordinates of G_n in which the curvature lives, exactly, with the per-token cost of a
+Gaussian projection. EK-FAC then weights each kept coordinate by the inverse of its own
+second moment (``scoring``), and damps with a share of the mean over the layer's whole
+space, E_n ||G_n||^2 / (n_in n_out), which the collector records alongside.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import GhostprojError
+from ..store.factors_file import LayerFactors
+from .attachment import AttachedEngine, Attachment
+from .layer_types import LinearLayer, projectable_type
+from .layers import select_layers
+from .projector import LayerProjector
+
+
+def top_eigenvectors(sums: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` leading eigenvectors of a symmetric matrix, as float32 rows, in a fixed
+    sign (each vector's largest entry positive), so two runs over the same factors get the
+    same matrices."""
+    vals, vecs = torch.linalg.eigh(sums.double())
+    top = vecs[:, torch.argsort(vals, descending=True)[:k]].t()  # [k, n]
+    pivot = top.abs().argmax(dim=1)
+    sign = torch.sign(top.gather(1, pivot[:, None]))
+    return (top * torch.where(sign == 0, 1.0, sign)).float().contiguous()
+
+
+def eigenbasis_projectors(factors: dict[str, LayerFactors], ranks: dict[str, tuple[int, int]]
+                          ) -> dict[str, LayerProjector]:
+    """P_in = the top k_in eigenvectors of A, P_out = the top k_out of G, per layer."""
+    return {name: LayerProjector(top_eigenvectors(f.a, ranks[name][0]), top_eigenvectors(f.g, ranks[name][1]))
+            for name, f in factors.items()}
+
+
+class FactorCollector(AttachedEngine):
+    """Accumulates each chosen layer's Kronecker factors over batches of a projection-style
+    pass: weights frozen, gradients flowing through activations only, the per-example
+    losses summed (so g is d l_n / d y for each example's own loss).
+
+    Call :meth:`begin` with the batch's attention mask before its forward; padding
+    positions are left out of A and G."""
+
+    def __init__(self, model: nn.Module, layers: list[str] | None = None):
+        self.model = model
+        chosen = select_layers(model, layers)
+        for name, module in chosen:
+            if not issubclass(projectable_type(module), LinearLayer):
+                raise GhostprojError(f"Layer '{name}' is an embedding; Kronecker factors cover Linear and Conv1D "
+                                     "layers (leave it out of --layers).")
+        self.modules = dict(chosen)
+        self.factors: dict[str, LayerFactors] = {}
+        for name, module in chosen:
+            n_in, n_out = projectable_type(module).dims(module)
+            self.factors[name] = LayerFactors(n_in, n_out, torch.zeros(n_in, n_in, dtype=torch.float64),
+                                              torch.zeros(n_out, n_out, dtype=torch.float64))
+        self._attachment = Attachment()
+        self._mask: torch.Tensor | None = None
+        self._calls: dict[str, int] = {}
+        self.examples = 0
+
+    def begin(self, mask: torch.Tensor, examples: int) -> None:
+        self._mask = mask.bool()
+        self._calls = {}
+        self.examples += examples
+
+    def attach(self) -> "FactorCollector":
+        self._attachment.freeze(self.model.parameters())
+        for name, module in self.modules.items():
+            self._attachment.hook(module.register_forward_pre_hook(_input_requires_grad))
+            self._attachment.hook(module.register_forward_hook(self._on_forward(name)))
+        return self
+
+    def detach(self) -> None:
+        self._attachment.undo()
+
+    def _on_forward(self, name: str):
+        def hook(module, args, out):
+            self._calls[name] = self._calls.get(name, 0) + 1
+            if self._calls[name] > 1:
+                raise GhostprojError(f"Layer '{name}' is called more than once per forward pass; Kronecker factors "
+                                     "of shared layers are not supported.")
+            x = args[0].detach()
+            out.register_hook(lambda g: self._accumulate(name, x, g.detach()))
+        return hook
+
+    def _accumulate(self, name: str, x: torch.Tensor, g: torch.Tensor) -> None:
+        f = self.factors[name]
+        mask = self._mask.to(x.device)
+        x, g = x.double() * mask[..., None], g.double() * mask[..., None]
+        xs, gs = x[mask], g[mask]
+        f.a += (xs.t() @ xs).cpu()
+        f.g += (gs.t() @ gs).cpu()
+        f.positions += int(mask.sum())
+        # ||G_n||^2 = sum_{t,s} (x_t . x_s)(g_t . g_s): the token Gram when it is the smaller
+        # product, else G_n itself
+        t = x.shape[1]
+        if t * t * (f.n_in + f.n_out) < t * f.n_in * f.n_out:
+            sq = (torch.bmm(x, x.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum()
+        else:
+            sq = torch.bmm(g.transpose(1, 2), x).square().sum()
+        f.sq_norms += float(sq)
+
+
+def _input_requires_grad(module, args):
+    """Let the gradient reach this layer's output with every weight frozen."""
+    x = args[0]
+    if torch.is_tensor(x) and x.is_floating_point() and not x.requires_grad:
+        return (x.detach().requires_grad_(True), *args[1:])
+    return None
