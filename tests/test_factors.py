@@ -211,3 +211,36 @@ def test_bad_factor_inputs_are_one_sentence(capsys, tmp_path, data, gpt2_dir, ll
           match="use --metric influence")
     fails(capsys, "factors", "--model", gpt2_dir, "--data", data, "--out", data, "--overwrite",
           match="one of the inputs")
+
+
+def test_every_scorer_gives_the_same_ekfac_answer(capsys, tmp_path, eigen_runs):
+    """score, score with a Fisher file in parts then merge-scores, and an exact index: one
+    answer for an eigenbasis run."""
+    import json
+
+    train, query = eigen_runs / "train.st", eigen_runs / "query.st"
+
+    def topk(path):
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    assert run_cli(["score", train, query, "--top-k", "3", "--show", "0", "--topk-out", tmp_path / "a.jsonl"],
+                   capsys)[0] == 0
+    fisher = tmp_path / "fisher.safetensors"
+    assert run_cli(["fisher", train, "--out", fisher], capsys)[0] == 0  # raw coordinates, whatever --normalize
+    parts = [tmp_path / f"p{i}" for i in range(2)]
+    for i, part in enumerate(parts):
+        code, _, err = run_cli(["score", train, query, "--fisher", fisher, "--top-k", "3", "--num-parts", "2",
+                                "--part", str(i), "--part-out", part, "--show", "0"], capsys)
+        assert code == 0, err
+    assert run_cli(["merge-scores", *parts, "--topk-out", tmp_path / "b.jsonl"], capsys)[0] == 0
+    code, _, err = run_cli(["index", "build", train, "--out", tmp_path / "idx", "--factory", "Flat", "--check", "0"],
+                           capsys)
+    assert code == 0, err
+    assert run_cli(["index", "query", tmp_path / "idx", query, "--top-k", "3", "--topk-out", tmp_path / "c.jsonl"],
+                   capsys)[0] == 0
+    want = topk(tmp_path / "a.jsonl")
+    for other in ("b.jsonl", "c.jsonl"):
+        got = topk(tmp_path / other)
+        assert [g["train"] for g in got] == [w["train"] for w in want], other
+        for g, w in zip(got, want):
+            assert g["scores"] == pytest.approx(w["scores"], rel=1e-4, abs=1e-6), other

@@ -9,7 +9,7 @@ from ..errors import GhostprojError
 from ..models import resolve_device
 from ..scoring.columns import column_index, relative_blocks, selected_layers
 from ..scoring.feed import chunk_rows_for
-from ..scoring.influence import FisherSums, check_full_size, fisher_sums, merge_fisher
+from ..scoring.influence import FisherSums, check_full_size, fisher_sums, is_eigenbasis, merge_fisher
 from ..scoring.transform import NORMALIZATIONS, Transform
 from ..store.outputs import check_outputs
 from ..store.reader import Run, open_run
@@ -32,6 +32,8 @@ def compute_fisher(run: Run, *, layers: list[str] | None, normalize: str, full: 
     """The Fisher sums of ``run`` (or of its ``part`` (i, K)) for the selected layers."""
     if normalize not in NORMALIZATIONS:
         raise GhostprojError(f"Unknown --normalize '{normalize}'; choose one of {', '.join(NORMALIZATIONS)}.")
+    if is_eigenbasis(run):
+        normalize = "none"  # EK-FAC weighs an eigenbasis run's raw coordinates by their mean squares
     selected = selected_layers(run.layers, layers)
     blocks = relative_blocks(selected)
     width = sum(b.size for b in blocks)

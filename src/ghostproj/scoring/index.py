@@ -27,7 +27,15 @@ from ..store.reader import Run
 from ..store.shards import encode_safetensors, safetensors_parts
 from .columns import chunks, column_index, relative_blocks, selected_layers
 from .feed import chunk_rows_for
-from .influence import FisherSums, apply_blocks, check_fisher, inverse_square_roots
+from .influence import (
+    FisherSums,
+    apply_blocks,
+    check_fisher,
+    ekfac_scale,
+    inverse_square_roots,
+    is_eigenbasis,
+    mean_squares,
+)
 from .scan_index import (
     DEFAULT_CANDIDATES,
     FlatIndex,
@@ -133,7 +141,7 @@ class IndexColumns:
         self.blocks = relative_blocks(selected)
         self.width = sum(b.size for b in self.blocks)
         self.transform = Transform(self.blocks, normalize=s.normalize, unit_last=(s.metric == "cosine"),
-                                   mean=(extras or {}).get("mean"))
+                                   mean=(extras or {}).get("mean"), scale=(extras or {}).get("scale"))
         fishers = [extras[k] for k in sorted(k for k in extras or {} if k.startswith("fisher."))]
         self.roots = inverse_square_roots(fishers, s.damping) if s.metric == "influence" and fishers else None
 
@@ -165,7 +173,14 @@ def build_index(train_run: Run, s: IndexSettings, device: torch.device, fisher: 
     extras: dict[str, torch.Tensor] = {}
     if s.center:
         prep.transform.mean = extras["mean"] = _training_mean(train_run, prep.cols, chunk_rows, prep.width, device)
-    if s.metric == "influence":
+    if s.metric == "influence" and is_eigenbasis(train_run):  # EK-FAC: a weight per coordinate, on both sides
+        if fisher is not None:
+            check_fisher(fisher, train_run, prep.blocks, "none", False, False)
+            diagonal = torch.cat([f.diagonal() for f in fisher.fishers()])
+        else:
+            diagonal = mean_squares(train_run, prep.cols, chunk_rows, device)
+        extras["scale"] = ekfac_scale(diagonal, prep.blocks, train_run, s.damping)
+    elif s.metric == "influence":
         if fisher is None:
             from ..jobs.fisher import compute_fisher
 
