@@ -166,7 +166,7 @@ def test_at_full_rank_the_scores_are_full_space_ekfac(capsys, tmp_path, data, gp
     model, _ = load_model(str(gpt2_dir), device="cpu")
     model.double()
     examples = examples_of(gpt2_dir, data)
-    grads, xs, gs = [], [], []
+    grads = []
     module = dict(model.named_modules())[layer]
     for ex in examples:
         ids = torch.tensor([ex.input_ids])

@@ -228,12 +228,7 @@ def project(**options) -> None:
             raise GhostprojError("--hf-dataset needs --model.")
     options["model"], options["data"] = _default_model_and_data(options["model"], options["data"])
     options["layers"] = _split(options["layers"])
-    s = ProjectSummary(out=options["out"])
-    try:
-        run_project(ProjectOptions(**options), s)
-    finally:
-        _notes(s.notes)  # also when interrupted or refused: what was learnt is not lost
-    _report_project(s)
+    _report_project(_with_notes(run_project, ProjectOptions(**options), ProjectSummary(out=options["out"])))
 
 
 project.__signature__ = _options_signature(ProjectOptions, PROJECT_OPTIONS, extra=(_HF_DATASET,))
@@ -283,17 +278,23 @@ def factors(**options) -> None:
         return
     options["model"], options["data"] = _default_model_and_data(options["model"], options["data"])
     options["layers"] = _split(options["layers"])
-    s = FactorsSummary(out=options["out"])
-    try:
-        run_factors(FactorsOptions(**options), s)
-    finally:
-        _notes(s.notes)
+    s = _with_notes(run_factors, FactorsOptions(**options), FactorsSummary(out=options["out"]))
     _console().print(f"[green]done[/green]: factors of {s.layers} layers over {s.examples} examples "
                      f"({s.positions} positions) in {s.seconds:.1f} s; wrote {_escape(s.out)}", soft_wrap=True)
 
 
 factors.__signature__ = _options_signature(FactorsOptions, FACTORS_OPTIONS, extra=_FACTORS_EXTRA)
 app.command()(factors)
+
+
+def _with_notes(run, options, summary):
+    """``run(options, summary)``, printing the summary's notes also when the run is
+    interrupted or refused: what was learnt is not lost."""
+    try:
+        run(options, summary)
+    finally:
+        _notes(summary.notes)
+    return summary
 
 
 def _report_project(s) -> None:

@@ -6,10 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from ..data.batching import collate, fixed_size_batches, token_budget_batches
-from ..data.readers import LayoutFields
 from ..engines.factors import FactorCollector
 from ..engines.losses import LOSS_REDUCTIONS, causal_lm_losses
 from ..errors import GhostprojError
@@ -17,28 +14,18 @@ from ..models import pad_token_id
 from ..progress import RateProgress
 from ..store.factors_file import FactorTotals, factors_identity, load_factors, save_factors
 from ..store.outputs import check_outputs
-from .project import load_inputs
+from .project import InputFields, load_inputs
 
 
 @dataclass
-class FactorsOptions(LayoutFields):
+class FactorsOptions(InputFields):
     """Options of ``ghostproj factors``: the data and layer options of ``project``."""
 
-    model: str | None = None
-    data: str | None = None
     out: str = "factors.safetensors"
     layers: list[str] | None = None
     loss_reduction: str = "mean"
     batch_size: int = 8
     token_budget: int | None = None
-    max_length: int = 512
-    device: str = "auto"
-    dtype: str = "float32"
-    format: str = "auto"
-    token_dtype: str | None = None
-    split: str = "train"
-    revision: str | None = None
-    adapter: str | None = None
     num_shards: int = 1  # job arrays: split the examples into this many parts ...
     shard_id: int = 0  # ... and sum this one (then factors --merge)
     overwrite: bool = False

@@ -23,6 +23,7 @@ from ..distributed import (
     regroup_after_rank_change,
     sync_start,
 )
+from ..engines.factors import eigenbasis_projectors
 from ..engines.layers import ADAPTER_LAYERS
 from ..engines.losses import LOSS_REDUCTIONS
 from ..engines.projection import GradProjectionEngine
@@ -30,7 +31,6 @@ from ..engines.projector import PROJECTOR_KINDS, LayerProjector, projector_hash
 from ..errors import GhostprojError
 from ..models import config_hash, load_model, pad_token_id, position_limit
 from ..progress import RateProgress
-from ..engines.factors import eigenbasis_projectors
 from ..store.factors_file import FactorTotals, factors_fingerprint, factors_identity, load_factors
 from ..store.files import atomic_write
 from ..store.fingerprint import (
@@ -62,13 +62,28 @@ from .resume import RunPlan, prepare_out_dir, resume_state
 
 
 @dataclass
-class ProjectOptions(LayoutFields):
+class InputFields(LayoutFields):
+    """Where a job's model and examples come from (what :func:`load_inputs` reads): the
+    same fields for every job that runs a model over data."""
+
+    model: str | None = None
+    data: str | None = None
+    max_length: int = 512
+    device: str = "auto"
+    dtype: str = "float32"
+    format: str = "auto"
+    token_dtype: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    adapter: str | None = None
+
+
+@dataclass
+class ProjectOptions(InputFields):
     """Options of ``ghostproj project`` (the command line is made from these fields). Fields
     left None take their default, or the value recorded in the ``like`` run; ``model`` and
     ``data`` are required (the command line puts the embedded demo in their place)."""
 
-    model: str | None = None
-    data: str | None = None
     out: str = "train.st"
     layers: list[str] | None = None
     rank: int | None = None
@@ -81,18 +96,10 @@ class ProjectOptions(LayoutFields):
     loss_reduction: str | None = None
     bias: bool | None = None
     batch_size: int = 8
-    max_length: int = 512
     store_dtype: str = "bfloat16"
     shard_size: int = 4096
-    device: str = "auto"
-    dtype: str = "float32"
-    format: str = "auto"
-    token_dtype: str | None = None
-    split: str = "train"
     token_budget: int | None = None
     include_embeddings: bool = False
-    revision: str | None = None
-    adapter: str | None = None
     num_shards: int = 1  # job arrays: split the examples into this many parts ...
     shard_id: int = 0  # ... and project this one
     force: bool = False  # start even when the disk looks too small
@@ -318,7 +325,9 @@ class LoadedInputs:
     max_length: int  # --max-length, capped to the model's position limit
 
 
-def load_inputs(opts: ProjectOptions, summary: ProjectSummary) -> LoadedInputs:
+def load_inputs(opts: InputFields, summary) -> LoadedInputs:
+    """The model and examples of ``opts``; notes (a capped --max-length, the reader's) go to
+    ``summary.notes``."""
     spec = DataSpec(opts.data, opts.format, token_dtype=opts.token_dtype, split=opts.split, **opts.fields)
     spec.resolved_format()  # refuse an unknown format before loading the model
     if spec.resolved_format() != "hf" and not Path(opts.data).is_file():
