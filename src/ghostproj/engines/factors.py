@@ -65,11 +65,12 @@ class FactorCollector(AttachedEngine):
         self._attachment = Attachment()
         self._mask: torch.Tensor | None = None
         self._calls: dict[str, int] = {}
+        self._products: list[tuple[torch.Tensor, torch.Tensor]] = []  # this batch's (input, x^T x)
         self.examples = 0
 
     def begin(self, mask: torch.Tensor, examples: int) -> None:
         self._mask = mask.bool()
-        self._calls = {}
+        self._calls, self._products = {}, []
         self.examples += examples
 
     def attach(self) -> "FactorCollector":
@@ -88,25 +89,39 @@ class FactorCollector(AttachedEngine):
             if self._calls[name] > 1:
                 raise GhostprojError(f"Layer '{name}' is called more than once per forward pass; Kronecker factors "
                                      "of shared layers are not supported.")
-            x = args[0].detach()
+            x = args[0].detach() * self._mask[..., None].to(args[0].device, args[0].dtype)
+            self._add_input_factor(name, args[0], x)
             out.register_hook(lambda g: self._accumulate(name, x, g.detach()))
         return hook
 
+    def _add_input_factor(self, name: str, source: torch.Tensor, x: torch.Tensor) -> None:
+        """A += x^T x over the batch's positions. Layers reading the same input (q, k, v;
+        gate and up) share one product. Each batch's product is in float32, the running
+        sum in float64, as the Fisher's."""
+        # the inputs seen are held until the batch ends, so no other tensor can take their memory
+        product = next((p for src, p in self._products if src.data_ptr() == source.data_ptr()
+                        and src.shape == source.shape and src.stride() == source.stride()), None)
+        if product is None:
+            rows = x.reshape(-1, x.shape[-1]).float()
+            product = (rows.t() @ rows).double().cpu()
+            self._products.append((source, product))
+        self.factors[name].a += product
+
     def _accumulate(self, name: str, x: torch.Tensor, g: torch.Tensor) -> None:
+        """G += g^T g, and each example's ||G_n||^2, once the output gradient arrives."""
         f = self.factors[name]
-        mask = self._mask.to(x.device)
-        x, g = x.double() * mask[..., None], g.double() * mask[..., None]
-        xs, gs = x[mask], g[mask]
-        f.a += (xs.t() @ xs).cpu()
-        f.g += (gs.t() @ gs).cpu()
-        f.positions += int(mask.sum())
+        g = g * self._mask[..., None].to(g.device, g.dtype)
+        rows = g.reshape(-1, g.shape[-1]).float()
+        f.g += (rows.t() @ rows).double().cpu()
+        f.positions += int(self._mask.sum())
         # ||G_n||^2 = sum_{t,s} (x_t . x_s)(g_t . g_s): the token Gram when it is the smaller
         # product, else G_n itself
+        x, g = x.float(), g.float()
         t = x.shape[1]
         if t * t * (f.n_in + f.n_out) < t * f.n_in * f.n_out:
-            sq = (torch.bmm(x, x.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum()
+            sq = (torch.bmm(x, x.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dtype=torch.float64)
         else:
-            sq = torch.bmm(g.transpose(1, 2), x).square().sum()
+            sq = torch.bmm(g.transpose(1, 2), x).square().sum(dtype=torch.float64)
         f.sq_norms += float(sq)
 
 
