@@ -23,21 +23,29 @@ from .layers import select_layers
 from .projector import LayerProjector
 
 
-def top_eigenvectors(sums: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` leading eigenvectors of a symmetric matrix, as float32 rows, in a fixed
-    sign (each vector's largest entry positive), so two runs over the same factors get the
-    same matrices."""
-    vals, vecs = torch.linalg.eigh(sums.double())
-    top = vecs[:, torch.argsort(vals, descending=True)[:k]].t()  # [k, n]
-    pivot = top.abs().argmax(dim=1)
-    sign = torch.sign(top.gather(1, pivot[:, None]))
-    return (top * torch.where(sign == 0, 1.0, sign)).float().contiguous()
+def eigenvectors(sums: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """All eigenvectors of a symmetric matrix as float32 rows, leading first, each in a fixed
+    sign (its largest entry positive), so two runs over the same factors get the same
+    matrices. Decomposed in float64 on ``device`` (a GPU's is much faster than the CPU's)."""
+    vals, vecs = torch.linalg.eigh(sums.to(device=device, dtype=torch.float64))
+    rows = vecs[:, torch.argsort(vals, descending=True)].t()
+    pivot = rows.abs().argmax(dim=1)
+    sign = torch.sign(rows.gather(1, pivot[:, None]))
+    return (rows * torch.where(sign == 0, 1.0, sign)).float().cpu().contiguous()
+
+
+def decompose(factors: dict[str, LayerFactors], device: torch.device | str = "cpu") -> None:
+    """Fill in each layer's eigenvectors where they are not known yet."""
+    for f in factors.values():
+        if f.a_vecs is None or f.g_vecs is None:
+            f.a_vecs, f.g_vecs = eigenvectors(f.a, device), eigenvectors(f.g, device)
 
 
 def eigenbasis_projectors(factors: dict[str, LayerFactors], ranks: dict[str, tuple[int, int]]
                           ) -> dict[str, LayerProjector]:
     """P_in = the top k_in eigenvectors of A, P_out = the top k_out of G, per layer."""
-    return {name: LayerProjector(top_eigenvectors(f.a, ranks[name][0]), top_eigenvectors(f.g, ranks[name][1]))
+    decompose(factors)
+    return {name: LayerProjector(f.a_vecs[: ranks[name][0]].contiguous(), f.g_vecs[: ranks[name][1]].contiguous())
             for name, f in factors.items()}
 
 

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..data.batching import collate, fixed_size_batches, token_budget_batches
-from ..engines.factors import FactorCollector
+from ..engines.factors import FactorCollector, decompose
 from ..engines.losses import LOSS_REDUCTIONS, causal_lm_losses
 from ..errors import GhostprojError
 from ..models import pad_token_id
@@ -87,6 +87,8 @@ def run_factors(opts: FactorsOptions, summary: FactorsSummary | None = None) -> 
     if opts.num_shards > 1:
         record["part"] = {"shard_id": opts.shard_id, "num_shards": opts.num_shards}
     totals = FactorTotals(dict(collector.factors), collector.examples)
+    if opts.num_shards == 1:  # once here, not in every project --factors (a part's sums are merged first)
+        decompose(totals.layers, inputs.device)
     save_factors(opts.out, totals, record)
     summary.examples, summary.layers = totals.examples, len(names)
     summary.positions = sum(f.positions for f in totals.layers.values()) // max(len(names), 1)
@@ -118,5 +120,6 @@ def merge_factors(out: str, parts: list[str], overwrite: bool) -> FactorTotals:
             f.add(other.layers[name])
         totals.examples += other.examples
     record = {key: v for key, v in first.items() if key not in ("part", "format", "examples", "layers")}
+    decompose(totals.layers)
     save_factors(out, totals, record)
     return totals

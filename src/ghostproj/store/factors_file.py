@@ -29,8 +29,11 @@ class LayerFactors:
     g: torch.Tensor  # sum_t g_t g_t^T  [n_out, n_out]
     positions: int = 0
     sq_norms: float = 0.0  # sum_n ||G_n||_F^2
+    a_vecs: torch.Tensor | None = None  # A's eigenvectors as float32 rows, leading first (once decomposed)
+    g_vecs: torch.Tensor | None = None
 
     def add(self, other: "LayerFactors") -> None:
+        self.a_vecs = self.g_vecs = None  # the sums change: decompose again
         self.a += other.a
         self.g += other.g
         self.positions += other.positions
@@ -69,6 +72,8 @@ def save_factors(path, totals: FactorTotals, record: dict) -> str:
         tensors[f"{name}.A"] = f.a
         tensors[f"{name}.G"] = f.g
         tensors[f"{name}.stats"] = torch.tensor([float(f.positions), f.sq_norms], dtype=torch.float64)
+        if f.a_vecs is not None and f.g_vecs is not None:
+            tensors[f"{name}.A_vecs"], tensors[f"{name}.G_vecs"] = f.a_vecs, f.g_vecs
     record = dict(record, format=FACTORS_FORMAT, examples=totals.examples,
                   layers=[{"name": n, "n_in": f.n_in, "n_out": f.n_out} for n, f in totals.layers.items()])
     data = encode_safetensors(tensors, {"ghostproj": "factors", "record": json.dumps(record, sort_keys=True)})
@@ -98,6 +103,11 @@ def load_factors(path) -> tuple[FactorTotals, dict]:
                     raise GhostprojError(f"{path} is damaged: the factors of '{name}' do not fit its dimensions.")
                 totals.layers[name] = LayerFactors(layer["n_in"], layer["n_out"], a, g, int(stats[0]),
                                                    float(stats[1]))
+                if f"{name}.A_vecs" in f.keys():
+                    totals.layers[name].a_vecs = f.get_tensor(f"{name}.A_vecs")
+                    totals.layers[name].g_vecs = f.get_tensor(f"{name}.G_vecs")
+                    if totals.layers[name].a_vecs.shape != a.shape or totals.layers[name].g_vecs.shape != g.shape:
+                        raise GhostprojError(f"{path} is damaged: the eigenvectors of '{name}' do not fit.")
     except GhostprojError:
         raise
     except Exception as exc:  # safetensors raises several types for damaged files
