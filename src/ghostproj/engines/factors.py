@@ -76,8 +76,10 @@ class FactorCollector(AttachedEngine):
         self._products: list[tuple[torch.Tensor, torch.Tensor]] = []  # this batch's (input, x^T x)
         self.examples = 0
 
-    def begin(self, mask: torch.Tensor, examples: int) -> None:
-        self._mask = mask.bool()
+    def begin(self, mask: torch.Tensor | None, examples: int) -> None:
+        """A batch of ``examples`` examples whose forward comes next (``mask`` None: none of
+        them has a label position, so none is run, but each counts)."""
+        self._mask = mask.bool() if mask is not None else None
         self._calls, self._products = {}, []
         self.examples += examples
 

@@ -59,22 +59,7 @@ def run_factors(opts: FactorsOptions, summary: FactorsSummary | None = None) -> 
                              "Conv1D layers.")
     inputs = load_inputs(opts, summary)
     collector = FactorCollector(inputs.model, opts.layers)
-    subset = inputs.data.examples[opts.shard_id::opts.num_shards]
-    batches = list(token_budget_batches(subset, opts.token_budget) if opts.token_budget is not None
-                   else fixed_size_batches(subset, opts.batch_size))
-    pad = pad_token_id(inputs.tokenizer)
-    with RateProgress("factors", total=len(subset), enabled=opts.show_progress) as bar, collector:
-        for batch in batches:
-            live = [e for e in batch if e.n_label_positions > 0]
-            if live:
-                b = collate(live, pad).to(inputs.device)
-                collector.begin(b.attention_mask, len(batch))
-                logits = inputs.model(**b.model_inputs()).logits
-                losses, _ = causal_lm_losses(logits, b.labels, opts.loss_reduction)
-                losses.sum().backward()
-            else:
-                collector.examples += len(batch)  # zero gradients: counted, nothing to add
-            bar.advance(len(batch), sum(e.n_label_positions for e in batch))
+    _collect(collector, inputs, inputs.data.examples[opts.shard_id::opts.num_shards], opts)
     names = list(collector.factors)
     dims = {n: (f.n_in, f.n_out) for n, f in collector.factors.items()}
     record = {
@@ -94,6 +79,25 @@ def run_factors(opts: FactorsOptions, summary: FactorsSummary | None = None) -> 
     summary.positions = sum(f.positions for f in totals.layers.values()) // max(len(names), 1)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _collect(collector: FactorCollector, inputs, subset: list, opts: FactorsOptions) -> None:
+    """One pass over ``subset`` in ``project``'s batches, its per-example losses summed."""
+    batches = list(token_budget_batches(subset, opts.token_budget) if opts.token_budget is not None
+                   else fixed_size_batches(subset, opts.batch_size))
+    pad = pad_token_id(inputs.tokenizer)
+    with RateProgress("factors", total=len(subset), enabled=opts.show_progress) as bar, collector:
+        for batch in batches:
+            live = [e for e in batch if e.n_label_positions > 0]
+            if live:
+                b = collate(live, pad).to(inputs.device)
+                collector.begin(b.attention_mask, len(batch))
+                logits = inputs.model(**b.model_inputs()).logits
+                losses, _ = causal_lm_losses(logits, b.labels, opts.loss_reduction)
+                losses.sum().backward()
+            else:
+                collector.begin(None, len(batch))  # zero gradients: counted, nothing to add
+            bar.advance(len(batch), sum(e.n_label_positions for e in batch))
 
 
 def merge_factors(out: str, parts: list[str], overwrite: bool) -> FactorTotals:
