@@ -32,6 +32,12 @@ def word_rows(n, step, shortest, spread):
             for i in range(n)]
 
 
+def small_run_args(model_dir, data, out, *extra, batch_size=4):
+    """`project` of a small corpus into 8-row shards at rank 16: a run of several shards."""
+    return ["project", "--model", model_dir, "--data", data, "--out", out, "--rank", "16", "--shard-size", "8",
+            "--batch-size", str(batch_size), "--max-length", "24", *extra]
+
+
 def train_and_query(d, model_dir, corpus, project_args):
     """A complete training run and a query run projected --like it, in directory ``d``."""
     train, query = d / "train.st", d / "query.st"

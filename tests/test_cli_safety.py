@@ -1,6 +1,7 @@
 """A CLI that never lies and never loses a run: safe outputs, verified reads, repairing
 resume, validated manifests, and one clear sentence for every bad input."""
 
+import functools
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ import time
 
 import pytest
 import torch
-from helpers import fails, run_cli, train_and_query, word_rows, write_jsonl
+from helpers import fails, run_cli, small_run_args, train_and_query, word_rows, write_jsonl
 
 from ghostproj.scoring import load_projections
 
@@ -26,9 +27,7 @@ def corpus(tmp_path_factory):
     return path
 
 
-def project_args(model_dir, data, out, *extra):
-    return ["project", "--model", model_dir, "--data", data, "--out", out, "--rank", "16", "--shard-size", "8",
-            "--batch-size", "4", "--max-length", "24", *extra]
+project_args = functools.partial(small_run_args, batch_size=4)
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,14 @@
 and that the projector is the one recorded; no output lands on an input; every float
 option refuses NaN and infinities."""
 
+import functools
 import json
 import os
 import shutil
 
 import pytest
 import torch
-from helpers import fails, run_cli, train_and_query, word_rows, write_jsonl
+from helpers import fails, run_cli, small_run_args, train_and_query, word_rows, write_jsonl
 
 from ghostproj.scoring import load_projections
 
@@ -23,9 +24,7 @@ def corpus(tmp_path_factory):
     return path
 
 
-def project_args(model_dir, data, out, *extra):
-    return ["project", "--model", model_dir, "--data", data, "--out", out, "--rank", "16", "--shard-size", "8",
-            "--batch-size", "3", "--max-length", "24", *extra]
+project_args = functools.partial(small_run_args, batch_size=3)
 
 
 @pytest.fixture(scope="module")
