@@ -10,6 +10,8 @@ import shutil
 import pytest
 import torch
 from helpers import fails, run_cli, small_run_args, train_and_query, word_rows, write_jsonl
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ghostproj.scoring import load_projections
 
@@ -228,3 +230,53 @@ def test_jsonl_errors_at_the_end_of_a_line_name_that_column(capsys, tmp_path, gp
 def test_help_shows_the_index_extra(capsys):
     code, out, _ = run_cli(["--help"], capsys)
     assert code == 0 and "ghostproj[index]" in out
+
+
+@settings(max_examples=60, derandomize=True, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["file", "dir"]), route=st.sampled_from(
+    ["same", "symlink", "hardlink", "dotdot", "inside", "symlinked-parent", "elsewhere"]), depth=st.integers(0, 2))
+def test_the_output_guard_sees_through_every_name_for_an_input(tmp_path_factory, kind, route, depth):
+    """Generated ways to name an input (or a place inside one) as an output: each is refused
+    whatever --overwrite says, and a new file elsewhere is accepted."""
+    from ghostproj.errors import GhostprojError
+    from ghostproj.store.outputs import check_output_dir, check_outputs
+
+    root = tmp_path_factory.mktemp("guard")
+    base = root.joinpath(*[f"d{i}" for i in range(depth)])
+    base.mkdir(parents=True, exist_ok=True)
+    source = base / ("data.jsonl" if kind == "file" else "model")
+    if kind == "file":
+        source.write_text("{}\n")
+    else:
+        source.mkdir()
+        (source / "model.safetensors").write_bytes(b"weights")
+    target = source if kind == "file" else source / "model.safetensors"
+    if route == "symlink":
+        (root / "alias").symlink_to(target)
+        out = root / "alias"
+    elif route == "hardlink":
+        os.link(target, root / "linked")
+        out = root / "linked"
+    elif route == "dotdot":
+        (base / "sub").mkdir()
+        out = base / "sub" / ".." / target.relative_to(base)
+    elif route == "inside":
+        out = (source / "new.jsonl") if kind == "dir" else target
+    elif route == "symlinked-parent":
+        (root / "via").symlink_to(target.parent, target_is_directory=True)
+        out = root / "via" / target.name
+    elif route == "elsewhere":
+        out = root / "fresh.jsonl"
+    else:
+        out = target
+    before = target.read_bytes()
+    if route == "elsewhere":
+        check_outputs([(str(out), "--out")], [str(source)], overwrite=True)
+        return
+    with pytest.raises(GhostprojError, match="write the output elsewhere"):
+        check_outputs([(str(out), "--out")], [str(source)], overwrite=True)
+    if route != "hardlink":  # a directory output is named by its path
+        with pytest.raises(GhostprojError, match="write the output elsewhere"):
+            check_output_dir(str(out), "--out", [str(source)])
+    assert target.read_bytes() == before

@@ -124,10 +124,13 @@ class ProjectSummary:
     seconds: float = 0.0
     resumed_from: int = 0
     repaired: int = 0  # listed shards recomputed: damaged, missing, or holding other examples
-    already_complete: bool = False
     mode: str = "new"  # new, resumed, repaired (a complete run's bad shards) or complete (nothing to do)
     projector_rebuilt: bool = False
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def already_complete(self) -> bool:
+        return self.mode == "complete"
 
 
 _DEFAULTS = {"rank": 256, "rank_min": 1, "projector": "gaussian", "seed": 0, "loss_reduction": "mean", "bias": False}
@@ -308,7 +311,6 @@ def run_project(opts: ProjectOptions, summary: ProjectSummary | None = None) -> 
             _write_run(opts, values, inputs, engine, manifest, part, old, projector_bytes, summary, t0)
     if part.dist:
         finish_distributed(out, part.shard_id, part.num_shards)
-    summary.already_complete = summary.mode == "complete"
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -530,7 +532,7 @@ def _factors_record(path: str, factors: FactorTotals, record: dict) -> dict:
 
 
 # Summary fields that describe this invocation, not the run: kept out of the manifest.
-_RUNTIME_ONLY = ("out", "notes", "already_complete", "repaired", "mode", "projector_rebuilt")
+_RUNTIME_ONLY = ("out", "notes", "repaired", "mode", "projector_rebuilt")
 
 
 def _ensure_projector(out: Path, data: bytes, manifest: dict, part: _Part) -> bool:
