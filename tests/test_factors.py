@@ -38,13 +38,13 @@ def examples_of(model_dir, data, max_length=24):
     return load_examples(DataSpec(str(data)), tok, max_length).examples
 
 
-def reference_factors(model, examples, names, reduction="mean"):
+def reference_factors(model, examples, names, reduction="mean", targets=None):
     """Per layer (sum x x^T, sum g g^T over every position, sum_n ||G_n||^2) in float64, from
     each example alone with the weights trainable: G_n is the weight's own .grad."""
     modules = dict(model.named_modules())
     model = model.double()
     sums = {n: [0.0, 0.0, 0.0] for n in names}
-    seen = {}
+    seen, seen_examples = {}, []
     hooks = []
     for n in names:
         def fwd(mod, args, out, n=n):
@@ -54,8 +54,9 @@ def reference_factors(model, examples, names, reduction="mean"):
     try:
         for ex in examples:
             ids = torch.tensor([ex.input_ids])
-            labels = ids[0, 1:].clone()
+            labels = ids[0, 1:].clone() if targets is None else targets[len(seen_examples)]
             labels[~torch.tensor(ex.loss_mask[1:])] = -100
+            seen_examples.append(ex)
             model.zero_grad(set_to_none=True)
             logits = model(input_ids=ids).logits[0, :-1]
             F.cross_entropy(logits, labels, ignore_index=-100, reduction=reduction).backward()
@@ -244,3 +245,55 @@ def test_every_scorer_gives_the_same_ekfac_answer(capsys, tmp_path, eigen_runs):
         assert [g["train"] for g in got] == [w["train"] for w in want], other
         for g, w in zip(got, want):
             assert g["scores"] == pytest.approx(w["scores"], rel=1e-4, abs=1e-6), other
+
+
+def test_naive_check_and_fidelity_take_the_factors(capsys, tmp_path, data, gpt2_dir, eigen_runs):
+    f = eigen_runs / "f.safetensors"
+    code, out, err = run_cli(["naive-check", "--model", gpt2_dir, "--data", data, "--max-length", "24",
+                              "--rank", "16", "--factors", f], capsys)
+    assert code == 0 and "OK" in out, err
+    fails(capsys, "naive-check", "--model", gpt2_dir, "--data", data, "--factors", f, "--layers", "c_fc",
+          match="cover the layers")
+    fails(capsys, "naive-check", "--model", gpt2_dir, "--data", data, "--factors", f, "--bias",
+          match="cannot be combined")
+    one = tmp_path / "c_fc.safetensors"
+    assert run_cli(["factors", "--model", gpt2_dir, "--data", data, "--out", one, "--max-length", "24",
+                    "--layers", "h.0.mlp.c_fc"], capsys)[0] == 0
+    code, out, err = run_cli(["fidelity", "--model", gpt2_dir, "--data", data, "--max-length", "24", "--layers",
+                              "h.0.mlp.c_fc", "--factors", one, "--ranks", "16,16384", "--no-dense"], capsys)
+    assert code == 0, err
+    rows = [line.replace("│", " ").split() for line in out.splitlines() if "eigenbasis" in line]
+    assert [r[0] for r in rows] == ["16", "16384"]
+    full = rows[1]  # the whole basis: a rotation, so inner products are exact
+    assert float(full[3]) == pytest.approx(1.0, abs=1e-3) and float(full[4]) <= 1e-3
+    assert float(rows[0][3]) < 0.999  # a 16-coordinate truncation is not
+
+
+def test_true_fisher_factors_use_labels_drawn_from_the_model(capsys, tmp_path, data, gpt2_dir):
+    """--fisher-labels sampled: the reference takes each example's labels as the run drew
+    them (batch size 1: batch i is example i, drawn from its own float32 logits)."""
+    from ghostproj.jobs.factors import sampled_labels
+
+    out = tmp_path / "true.safetensors"
+    code, _, err = run_cli(["factors", "--model", gpt2_dir, "--data", data, "--out", out, "--max-length", "24",
+                            "--batch-size", "1", "--fisher-labels", "sampled", "--seed", "3"], capsys)
+    assert code == 0, err
+    totals, record = load_factors(out)
+    assert record["fisher_labels"] == {"kind": "sampled", "seed": 3}
+    model, _ = load_model(str(gpt2_dir), device="cpu")
+    examples = examples_of(gpt2_dir, data)
+    targets = []
+    for i, ex in enumerate(examples):
+        ids = torch.tensor([ex.input_ids])
+        labels = torch.where(torch.tensor([ex.loss_mask]), ids, -100)
+        with torch.no_grad():
+            drawn = sampled_labels(model(input_ids=ids).logits, labels, torch.Generator().manual_seed(3 * 1_000_003 + i))
+        targets.append(drawn[0, 1:].clone())
+    ref = reference_factors(model, examples, list(totals.layers), targets=targets)
+    empirical = reference_factors(model, examples, list(totals.layers))
+    for name, f in totals.layers.items():
+        a, g, sq = ref[name]
+        assert torch.allclose(f.a, a, rtol=1e-5, atol=1e-6 * float(a.abs().max())), name
+        assert torch.allclose(f.g, g, rtol=1e-4, atol=1e-5 * float(g.abs().max())), name
+        assert f.sq_norms == pytest.approx(sq, rel=1e-4), name
+        assert not torch.allclose(f.g, empirical[name][1], rtol=1e-2)  # other labels, another G

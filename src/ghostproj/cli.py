@@ -82,6 +82,8 @@ LayersOpt = Annotated[Optional[str], _opt("--layers", help="Module-name patterns
                                           "re:REGEX).", panel=PROJECTION,
                                           default="every Linear / Conv1D but the output head")]
 DeviceOpt = Annotated[str, _opt(help="auto, cpu or cuda.", panel=RUN)]
+FactorsOpt = Annotated[Optional[str], _opt(help="Kronecker factors (`ghostproj factors`): check their eigenbasis, "
+                                           "as project --factors uses it.", panel=PROJECTION, default="none")]
 DtypeOpt = Annotated[str, _opt(help="Model weights: float32, bfloat16 or float16.", panel=MODEL)]
 ScoreDeviceOpt = Annotated[str, _opt(help="auto, cpu or cuda: where the products run (auto: a GPU if there is one).",
                                      panel=RUN)]
@@ -255,6 +257,11 @@ FACTORS_OPTIONS = {
     "token_budget": PROJECT_OPTIONS["token_budget"],
     "num_shards": PROJECT_OPTIONS["num_shards"],
     "shard_id": _opt(help="Job arrays: the part to sum (then factors --merge).", panel=RUN),
+    "fisher_labels": _opt(help="empirical: the data's own labels; sampled: labels drawn from the model (the true "
+                          "Fisher).", panel=PROJECTION),
+    "seed": _opt(help="Seed of the sampled labels.", panel=PROJECTION),
+    "checkpoint_minutes": _opt(help="Save the running sums this often, for a rerun to continue from (0: every "
+                               "batch).", panel=RUN),
 }
 _FACTORS_EXTRA = (
     inspect.Parameter("merge", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
@@ -387,6 +394,7 @@ def naive_check(
     bias: bool = typer.Option(False, "--bias/--no-bias", help="Include layer biases.", rich_help_panel=PROJECTION),
     tolerance: Optional[float] = typer.Option(None, help="Max relative error.", rich_help_panel=RUN,
                                               show_default="1e-4; 2e-2 for 16-bit models, 4x the error measured"),
+    factors: FactorsOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Prove the engine equals the slow exact computation on your model and data."""
@@ -396,7 +404,7 @@ def naive_check(
     result = run_naive_check(model, data, _split(layers), samples=samples, rank=rank, projector=projector,
                              seed=seed, loss_reduction=loss_reduction, bias=bias, max_length=max_length,
                              dtype=dtype, device=device, tolerance=tolerance, adapter=adapter,
-                             include_embeddings=include_embeddings, **fields)
+                             include_embeddings=include_embeddings, factors=factors, **fields)
     con = _console()
     con.print(_error_table(
         f"engine vs naive reference ({result.n_examples} examples, lengths {result.min_len}-{result.max_len}, "
@@ -528,6 +536,7 @@ def fidelity(
     dense: bool = typer.Option(True, "--dense/--no-dense", help="Also a dense Gaussian projection of equal size.",
                                rich_help_panel=PROJECTION),
     seed: int = typer.Option(0, help="Projector seed.", rich_help_panel=PROJECTION),
+    factors: FactorsOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """How well projected inner products match exact ones, per rank and layer."""
@@ -537,14 +546,14 @@ def fidelity(
 
     model, data, fields = source.resolved()
     report = run_fidelity_check(model, data, _split(layers), ranks, samples=samples, max_length=max_length,
-                                dense=dense, seed=seed, device=device, **fields)
+                                dense=dense, seed=seed, device=device, factors=factors, **fields)
     con = _console()
     table = Table(title=f"projected vs exact per-example gradient inner products ({report.examples} examples, "
                         f"{report.examples * (report.examples - 1) // 2} pairs)", title_justify="left")
     for col in ("rank", "D", "projection", "corr(ip)", "rel err(ip)", "corr(cos)", "abs err(cos)"):
         table.add_column(col, justify="left" if col == "projection" else "right")
     for rr in report.ranks:
-        rows = [("kronecker", rr.total)] + ([("dense", rr.dense_total)] if rr.dense_total else [])
+        rows = [("eigenbasis" if factors else "kronecker", rr.total)] + ([("dense", rr.dense_total)] if rr.dense_total else [])
         for label, a in rows:
             table.add_row(str(rr.rank), str(rr.dim), label, f"{a.ip_corr:.3f}", f"{a.ip_rel_err:.3f}",
                           f"{a.cos_corr:.3f}", f"{a.cos_abs_err:.3f}")
@@ -671,6 +680,8 @@ EVALUATE_OPTIONS = {
     "layers": (_info(LayersOpt), Optional[str]),
     "rank": _opt(help="Per-layer projection budget, as for project.", panel=PROJECTION, default="256"),
     "damping": _opt(help="Influence damping, as for score.", panel=SCORING),
+    "fisher_labels": _opt(help="--projection eigen: factors of the data's labels (empirical) or of labels drawn "
+                          "from the model (sampled), as for factors.", panel=PROJECTION),
     "removal_queries": _opt(help="Queries whose top-k examples are removed and the model retrained (0: none).",
                             panel=SCORING),
     "removal_k": _opt(help="Examples removed per query.", panel=SCORING, default="5% of the training set"),

@@ -14,6 +14,7 @@ from ..data.batching import Example, collate
 from ..engines.layer_types import projectable_type
 from ..engines.losses import IGNORE_INDEX, causal_lm_losses
 from ..engines.projection import GradProjectionEngine
+from ..errors import GhostprojError
 from ..store.manifest import LayerInfo
 
 
@@ -263,18 +264,28 @@ def run_naive_check(model_path: str, data_path: str, layers: list[str] | None, *
                     rank: int = 256, projector: str = "gaussian", seed: int = 0, loss_reduction: str = "mean",
                     bias: bool = False, max_length: int = 512, dtype: str = "float32", device: str = "auto",
                     tolerance: float | None = None, adapter: str | None = None,
-                    include_embeddings: bool = False, **fields) -> NaiveCheckResult:
+                    include_embeddings: bool = False, factors: str | None = None, **fields) -> NaiveCheckResult:
     """``fields``: text_field, prompt_field, completion_field, messages_field, format, as
-    for `project` (the layout is read from the data when none is given)."""
+    for `project` (the layout is read from the data when none is given). ``factors``: check
+    the Kronecker eigenbasis of `ghostproj factors`' file, as `project --factors` uses it."""
     from ..engines.layers import ADAPTER_LAYERS
     from ..models import pad_token_id
+    from ..store.factors_file import load_factors
+    from .project import factors_engine
 
+    if factors is not None and (adapter or bias or include_embeddings):
+        raise GhostprojError("--factors cannot be combined with --adapter, --bias or --include-embeddings: "
+                             "factors cover each Linear / Conv1D layer's own weight.")
+    loaded = load_factors(factors) if factors is not None else None  # a bad file before the model load
     model, tokenizer, data = load_model_and_data(model_path, data_path, dtype, device, max_length, adapter, **fields)
     examples = pick_mixed_lengths(data.examples, samples)
     if layers is None and adapter:
         layers = [ADAPTER_LAYERS]
-    engine = GradProjectionEngine(model, layers, rank=rank, projector=projector, seed=seed, bias=bias,
-                                  include_embeddings=include_embeddings)
+    if loaded is not None:
+        engine = factors_engine(model, layers, loaded, rank=rank)
+    else:
+        engine = GradProjectionEngine(model, layers, rank=rank, projector=projector, seed=seed, bias=bias,
+                                      include_embeddings=include_embeddings)
     got = engine_projected_grads(model, examples, engine, loss_reduction, pad_token_id(tokenizer))
     ref = naive_projected_grads(model, examples, engine, loss_reduction)
     if tolerance is None:

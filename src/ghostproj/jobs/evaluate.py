@@ -67,6 +67,7 @@ class EvaluateOptions(LayoutFields):
     normalize: list[str] = field(default_factory=lambda: ["none", "layer"])
     vectors: list[str] = field(default_factory=lambda: ["grad"])  # training vectors: grad, adam (LESS)
     projection: list[str] = field(default_factory=lambda: ["gaussian"])  # gaussian, eigen (Kronecker eigenbasis)
+    fisher_labels: str = "empirical"  # the eigenbasis's factors: the data's labels, or sampled (true Fisher)
     checkpoints: int = 4
     layers: list[str] | None = None
     rank: int | None = None
@@ -154,6 +155,8 @@ def _check(opts: EvaluateOptions) -> None:
     for p in opts.projection:
         if p not in PROJECTIONS:
             raise GhostprojError(f"Unknown --projection entry '{p}'; choose from {', '.join(PROJECTIONS)}.")
+    if opts.fisher_labels not in ("empirical", "sampled"):
+        raise GhostprojError(f"Unknown --fisher-labels '{opts.fisher_labels}'; choose empirical or sampled.")
     if not opts.metrics or not opts.normalize or not opts.vectors or not opts.projection:
         raise GhostprojError("--metrics, --normalize, --vectors and --projection each need at least one entry.")
 
@@ -358,13 +361,15 @@ def _project_eigen(opts: EvaluateOptions, checkpoint: Path, where: Path, common:
     from .factors import FactorsOptions, run_factors
     from .project import ProjectOptions, run_project
 
-    factors = where / "factors.safetensors"
+    tag = "" if opts.fisher_labels == "empirical" else "-" + opts.fisher_labels
+    factors = where / f"factors{tag}.safetensors"
     if not factors.exists():
         where.mkdir(parents=True, exist_ok=True)
         run_factors(FactorsOptions(model=str(checkpoint), data=opts.train, out=str(factors), layers=opts.layers,
                                    max_length=opts.max_length, device=opts.device, batch_size=opts.batch_size,
-                                   show_progress=opts.show_progress, **opts.fields))
-    train_dir, query_dir = where / "train-eigen", where / "query-eigen"
+                                   fisher_labels=opts.fisher_labels, show_progress=opts.show_progress,
+                                   **opts.fields))
+    train_dir, query_dir = where / f"train-eigen{tag}", where / f"query-eigen{tag}"
     run_project(ProjectOptions(data=opts.train, out=str(train_dir), layers=opts.layers, rank=opts.rank,
                                factors=str(factors), **common))
     run_project(ProjectOptions(data=opts.query, out=str(query_dir), like=str(train_dir), **common))

@@ -1,20 +1,34 @@
 """The factors job: model + training data -> each layer's Kronecker factors, for
-`project --factors` (projection in the Kronecker eigenbasis, scored with EK-FAC weights)."""
+`project --factors` (projection in the Kronecker eigenbasis, scored with EK-FAC weights).
+
+A run's batches come in a fixed order and its sums only grow, so a run checkpoints its
+running sums (``OUT.partial``, one per torchrun rank) and a rerun of the same command
+continues after the last batch they hold: the float64 sums are added in the same order,
+so the file equals a clean run's byte for byte. Under torchrun each rank sums its share
+and rank 0 writes the reduced sums."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
 
 from ..data.batching import collate, fixed_size_batches, token_budget_batches
+from ..distributed import distributed_rank
 from ..engines.factors import FactorCollector, decompose
-from ..engines.losses import LOSS_REDUCTIONS, causal_lm_losses
+from ..engines.losses import IGNORE_INDEX, LOSS_REDUCTIONS, causal_lm_losses
 from ..errors import GhostprojError
 from ..models import pad_token_id
 from ..progress import RateProgress
 from ..store.factors_file import FactorTotals, factors_identity, load_factors, save_factors
+from ..store.fingerprint import fingerprint
+from ..store.lock import RunLock
 from ..store.outputs import check_outputs
 from .project import InputFields, load_inputs
+
+FISHER_LABELS = ("empirical", "sampled")
 
 
 @dataclass
@@ -24,12 +38,28 @@ class FactorsOptions(InputFields):
     out: str = "factors.safetensors"
     layers: list[str] | None = None
     loss_reduction: str = "mean"
+    fisher_labels: str = "empirical"  # the data's own labels, or labels sampled from the model (true Fisher)
+    seed: int = 0  # of the sampled labels
     batch_size: int = 8
     token_budget: int | None = None
     num_shards: int = 1  # job arrays: split the examples into this many parts ...
     shard_id: int = 0  # ... and sum this one (then factors --merge)
+    checkpoint_minutes: float = 10.0  # how often the running sums are saved for a resume (0: every batch)
     overwrite: bool = False
     show_progress: bool = True
+
+    def __post_init__(self):
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise GhostprojError(f"Unknown --loss-reduction '{self.loss_reduction}'; choose mean or sum.")
+        if self.fisher_labels not in FISHER_LABELS:
+            raise GhostprojError(f"Unknown --fisher-labels '{self.fisher_labels}'; choose empirical or sampled.")
+        if self.batch_size < 1 or (self.token_budget is not None and self.token_budget < 1):
+            raise GhostprojError("--batch-size and --token-budget must be at least 1.")
+        if self.num_shards < 1 or not 0 <= self.shard_id < self.num_shards:
+            raise GhostprojError(f"--shard-id must be in 0..{self.num_shards - 1} for --num-shards "
+                                 f"{self.num_shards}.")
+        if self.checkpoint_minutes < 0:
+            raise GhostprojError("--checkpoint-minutes must be 0 (every batch) or more.")
 
 
 @dataclass
@@ -39,7 +69,14 @@ class FactorsSummary:
     positions: int = 0
     layers: int = 0
     seconds: float = 0.0
+    resumed_batches: int = 0
     notes: list[str] = field(default_factory=list)
+
+
+def partial_path(out: str | Path, rank: int | None = None) -> Path:
+    """Where a run keeps its running sums until it finishes (per rank under torchrun)."""
+    out = Path(out)
+    return out.with_name(out.name + (".partial" if rank is None else f".partial-r{rank:03d}"))
 
 
 def run_factors(opts: FactorsOptions, summary: FactorsSummary | None = None) -> FactorsSummary:
@@ -48,18 +85,16 @@ def run_factors(opts: FactorsOptions, summary: FactorsSummary | None = None) -> 
     if opts.model is None or opts.data is None:
         raise GhostprojError("factors needs a model and data.")
     check_outputs([(opts.out, "--out")], [opts.data, opts.model, opts.adapter], opts.overwrite)
-    if opts.loss_reduction not in LOSS_REDUCTIONS:
-        raise GhostprojError(f"Unknown --loss-reduction '{opts.loss_reduction}'; choose mean or sum.")
-    if opts.batch_size < 1 or (opts.token_budget is not None and opts.token_budget < 1):
-        raise GhostprojError("--batch-size and --token-budget must be at least 1.")
-    if opts.num_shards < 1 or not 0 <= opts.shard_id < opts.num_shards:
-        raise GhostprojError(f"--shard-id must be in 0..{opts.num_shards - 1} for --num-shards {opts.num_shards}.")
     if opts.adapter:
         raise GhostprojError("factors does not take --adapter: Kronecker factors cover a model's own Linear and "
                              "Conv1D layers.")
     inputs = load_inputs(opts, summary)
     collector = FactorCollector(inputs.model, opts.layers)
-    _collect(collector, inputs, inputs.data.examples[opts.shard_id::opts.num_shards], opts)
+    dist = distributed_rank(inputs.device)
+    rank, world = dist or (0, 1)
+    subset = inputs.data.examples[opts.shard_id::opts.num_shards][rank::world]
+    batches = list(token_budget_batches(subset, opts.token_budget) if opts.token_budget is not None
+                   else fixed_size_batches(subset, opts.batch_size))
     names = list(collector.factors)
     dims = {n: (f.n_in, f.n_out) for n, f in collector.factors.items()}
     record = {
@@ -69,35 +104,120 @@ def run_factors(opts: FactorsOptions, summary: FactorsSummary | None = None) -> 
                  "max_length": inputs.max_length},
         "loss_reduction": opts.loss_reduction,
     }
+    if opts.fisher_labels != "empirical":  # kept out of older files' record, so their fingerprints stay
+        record["fisher_labels"] = {"kind": opts.fisher_labels, "seed": opts.seed}
     if opts.num_shards > 1:
         record["part"] = {"shard_id": opts.shard_id, "num_shards": opts.num_shards}
-    totals = FactorTotals(dict(collector.factors), collector.examples)
-    if opts.num_shards == 1:  # once here, not in every project --factors (a part's sums are merged first)
-        decompose(totals.layers, inputs.device)
-    save_factors(opts.out, totals, record)
+    out = Path(opts.out)
+    partial = partial_path(out, rank if world > 1 else None)
+    with RunLock(out.parent, rank if world > 1 else None, name=f".{out.name}.lock"):
+        resume_key = _resume_key(record, opts, rank, world)
+        start = _resume(collector, partial, resume_key, summary)
+        _collect(collector, inputs, batches, start, opts, partial, record, resume_key)
+        totals = FactorTotals(dict(collector.factors), collector.examples)
+        if dist is not None:
+            _reduce(totals, inputs.device)
+        if rank == 0:
+            if opts.num_shards == 1:  # once here, not in every project --factors (a part's sums are merged first)
+                decompose(totals.layers, inputs.device)
+            save_factors(out, totals, record)
+        if dist is not None:
+            import torch.distributed as td
+
+            td.barrier()  # the file is written before any rank lets go of its checkpoint
+        partial.unlink(missing_ok=True)
     summary.examples, summary.layers = totals.examples, len(names)
     summary.positions = sum(f.positions for f in totals.layers.values()) // max(len(names), 1)
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _collect(collector: FactorCollector, inputs, subset: list, opts: FactorsOptions) -> None:
-    """One pass over ``subset`` in ``project``'s batches, its per-example losses summed."""
-    batches = list(token_budget_batches(subset, opts.token_budget) if opts.token_budget is not None
-                   else fixed_size_batches(subset, opts.batch_size))
+def _resume_key(record: dict, opts: FactorsOptions, rank: int, world: int) -> str:
+    """What a checkpoint's sums depend on: everything that decides the batches and their
+    gradients. A checkpoint with another key is of another run and is started over."""
+    batching = {"batch_size": opts.batch_size, "token_budget": opts.token_budget, "rank": rank, "world": world}
+    return fingerprint({"record": str(sorted(record.items())), "batching": str(batching)})
+
+
+def _resume(collector: FactorCollector, partial: Path, key: str, summary: FactorsSummary) -> int:
+    """Take over a checkpoint's sums; returns the number of batches they hold."""
+    if not partial.exists():
+        return 0
+    try:
+        totals, rec = load_factors(partial, checkpoint=True)
+    except GhostprojError:
+        summary.notes.append(f"{partial} is damaged; starting over.")
+        return 0
+    if (rec.get("resume") or {}).get("key") != key or set(totals.layers) != set(collector.factors):
+        summary.notes.append(f"{partial} holds the sums of another factors run (other model, data or options); "
+                             "starting over.")
+        return 0
+    collector.factors, collector.examples = dict(totals.layers), totals.examples
+    summary.resumed_batches = int(rec["resume"]["batches"])
+    summary.notes.append(f"resumed after {summary.resumed_batches} batches ({totals.examples} examples) from "
+                         f"{partial}.")
+    return summary.resumed_batches
+
+
+def _collect(collector: FactorCollector, inputs, batches: list, start: int, opts: FactorsOptions,
+             partial: Path, record: dict, key: str) -> None:
+    """One pass over ``batches[start:]``, its per-example losses summed, the running sums
+    saved to ``partial`` every --checkpoint-minutes."""
     pad = pad_token_id(inputs.tokenizer)
-    with RateProgress("factors", total=len(subset), enabled=opts.show_progress) as bar, collector:
-        for batch in batches:
+    every = opts.checkpoint_minutes * 60
+    saved_at = time.monotonic()
+    total = sum(len(b) for b in batches)
+    with RateProgress("factors", total=total, enabled=opts.show_progress) as bar, collector:
+        bar.advance(sum(len(b) for b in batches[:start]), 0)
+        for i in range(start, len(batches)):
+            batch = batches[i]
             live = [e for e in batch if e.n_label_positions > 0]
             if live:
                 b = collate(live, pad).to(inputs.device)
                 collector.begin(b.attention_mask, len(batch))
                 logits = inputs.model(**b.model_inputs()).logits
-                losses, _ = causal_lm_losses(logits, b.labels, opts.loss_reduction)
+                labels = b.labels
+                if opts.fisher_labels == "sampled":
+                    labels = sampled_labels(logits, labels, torch.Generator().manual_seed(opts.seed * 1_000_003 + i))
+                losses, _ = causal_lm_losses(logits, labels, opts.loss_reduction)
                 losses.sum().backward()
             else:
                 collector.begin(None, len(batch))  # zero gradients: counted, nothing to add
             bar.advance(len(batch), sum(e.n_label_positions for e in batch))
+            if i + 1 < len(batches) and time.monotonic() - saved_at >= every:
+                save_factors(partial, FactorTotals(collector.factors, collector.examples),
+                             dict(record, resume={"key": key, "batches": i + 1}))
+                saved_at = time.monotonic()
+
+
+def sampled_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Labels drawn from the model's own predictions at each label position (the true
+    Fisher's), the others left ignored. Drawn on the CPU, so a seed gives the same labels
+    on every device."""
+    out = labels.clone()
+    keep = labels[:, 1:] != IGNORE_INDEX
+    probs = torch.softmax(logits[:, :-1][keep].detach().float(), dim=-1).cpu()
+    drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1) if probs.shape[0] else probs.new_zeros(0)
+    out[:, 1:][keep] = drawn.to(device=labels.device, dtype=labels.dtype)
+    return out
+
+
+def _reduce(totals: FactorTotals, device: torch.device) -> None:
+    """Sum every rank's factors into each rank's (nccl reduces on the GPU, gloo on the CPU)."""
+    import torch.distributed as td
+
+    where = device if device.type == "cuda" else torch.device("cpu")
+    for f in totals.layers.values():
+        for name in ("a", "g"):
+            t = getattr(f, name).to(where)
+            td.all_reduce(t)
+            setattr(f, name, t.cpu())
+        stats = torch.tensor([float(f.positions), f.sq_norms], dtype=torch.float64, device=where)
+        td.all_reduce(stats)
+        f.positions, f.sq_norms = int(stats[0]), float(stats[1])
+    count = torch.tensor([totals.examples], dtype=torch.float64, device=where)
+    td.all_reduce(count)
+    totals.examples = int(count[0])
 
 
 def merge_factors(out: str, parts: list[str], overwrite: bool) -> FactorTotals:
@@ -107,9 +227,9 @@ def merge_factors(out: str, parts: list[str], overwrite: bool) -> FactorTotals:
     first = loaded[0][1]
     k = (first.get("part") or {}).get("num_shards", 1)
     seen = set()
+    same_keys = ("identity", "loss_reduction", "fisher_labels")
     for path, (_, rec) in zip(parts, loaded):
-        same = {key: rec.get(key) for key in ("identity", "loss_reduction")} == \
-               {key: first.get(key) for key in ("identity", "loss_reduction")}
+        same = {key: rec.get(key) for key in same_keys} == {key: first.get(key) for key in same_keys}
         if not same or rec.get("data", {}).get("sha256") != first.get("data", {}).get("sha256"):
             raise GhostprojError(f"{path} holds factors of another model, layers, loss or data than {parts[0]}.")
         part = rec.get("part") or {"shard_id": 0, "num_shards": 1}

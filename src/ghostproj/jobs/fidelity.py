@@ -108,7 +108,10 @@ class FidelityReport:
 
 
 def run_fidelity(model, examples: list[Example], layers: list[str] | None, ranks: list[int], dense: bool = True,
-                 seed: int = 0, loss_reduction: str = "mean", projector: str = "gaussian") -> FidelityReport:
+                 seed: int = 0, loss_reduction: str = "mean", projector: str = "gaussian",
+                 factors: tuple | None = None) -> FidelityReport:
+    """``factors`` (from :func:`load_factors`): the Kronecker eigenbasis at each rank instead
+    of ``projector``'s random matrices."""
     live = [e for e in examples if e.n_label_positions > 0]
     if len(live) < 3:
         raise GhostprojError("Fidelity needs at least 3 calibration examples with label positions.")
@@ -120,8 +123,13 @@ def run_fidelity(model, examples: list[Example], layers: list[str] | None, ranks
     exact_total = torch.cat([exact[n] for n in names], dim=1)
     report = FidelityReport(len(live))
     for rank in sorted(set(ranks)):
-        engine = GradProjectionEngine(model, ["re:^" + re.escape(n) + "$" for n in names], rank=rank, seed=seed,
-                                      projector=projector)
+        exact_names = ["re:^" + re.escape(n) + "$" for n in names]
+        if factors is not None:
+            from .project import factors_engine
+
+            engine = factors_engine(model, exact_names, factors, rank=rank)
+        else:
+            engine = GradProjectionEngine(model, exact_names, rank=rank, seed=seed, projector=projector)
         device = next(model.parameters()).device
         batch = collate(live).to(device)
         with engine:
@@ -145,7 +153,7 @@ def run_fidelity(model, examples: list[Example], layers: list[str] | None, ranks
 
 def run_fidelity_check(model_path: str, data_path: str, layers: list[str] | None, ranks: str, *, samples: int = 16,
                        max_length: int = 512, dense: bool = True, seed: int = 0, device: str = "auto",
-                       **fields) -> FidelityReport:
+                       factors: str | None = None, **fields) -> FidelityReport:
     """The `fidelity` command: load the model and data as `project` does, pick calibration
     examples of mixed lengths and compare projected with exact inner products. ``ranks``
     is the comma-separated list the user typed."""
@@ -158,6 +166,9 @@ def run_fidelity_check(model_path: str, data_path: str, layers: list[str] | None
         raise GhostprojError(f"--ranks must be comma-separated integers, got '{ranks}'.") from None
     if not rank_list or min(rank_list) < 1:
         raise GhostprojError(f"--ranks must list positive integers, got '{ranks}'.")
+    from ..store.factors_file import load_factors
+
+    loaded = load_factors(factors) if factors is not None else None
     model, _, data = load_model_and_data(model_path, data_path, "float32", device, max_length, **fields)
     examples = pick_mixed_lengths(data.examples, samples)
-    return run_fidelity(model, examples, layers, rank_list, dense=dense, seed=seed)
+    return run_fidelity(model, examples, layers, rank_list, dense=dense, seed=seed, factors=loaded)

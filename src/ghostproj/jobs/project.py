@@ -216,13 +216,20 @@ def _eigen_projectors(model, factors: FactorTotals, record: dict):
     return make
 
 
+def factors_engine(model, layers: list[str] | None, factors: tuple[FactorTotals, dict], *, rank: int = 256,
+                   rank_min: int = 1, rank_in: int | None = None, rank_out: int | None = None) -> GradProjectionEngine:
+    """A projection engine whose matrices are the top eigenvectors of ``factors`` (from
+    :func:`load_factors`), refused where they are another model's or other layers'."""
+    return GradProjectionEngine(model, layers, rank=rank, rank_min=rank_min, rank_in=rank_in, rank_out=rank_out,
+                                projector=EIGEN, seed=0, projectors=_eigen_projectors(model, *factors))
+
+
 def build_engine(model, opts: ProjectOptions, values: dict, like: dict | None,
                  factors: tuple[FactorTotals, dict] | None = None) -> GradProjectionEngine:
     engine_class, extra = GradProjectionEngine, {}
     if factors is not None:
-        return engine_class(model, opts.layers, rank=values["rank"], rank_min=values["rank_min"],
-                            rank_in=opts.rank_in, rank_out=opts.rank_out, projector=EIGEN, seed=0,
-                            projectors=_eigen_projectors(model, *factors))
+        return factors_engine(model, opts.layers, factors, rank=values["rank"], rank_min=values["rank_min"],
+                              rank_in=opts.rank_in, rank_out=opts.rank_out)
     if opts.optimizer_state:
         from ..engines.adam import AdamDirectionEngine
 

@@ -61,8 +61,11 @@ def factors_identity(model: torch.nn.Module, names: list[str], dims: dict[str, t
 
 
 def factors_fingerprint(record: dict) -> str:
-    return fingerprint({"identity": str(record["identity"]), "loss_reduction": record["loss_reduction"],
-                        "data": record["data"].get("sha256", "")})
+    parts = {"identity": str(record["identity"]), "loss_reduction": record["loss_reduction"],
+             "data": record["data"].get("sha256", "")}
+    if "fisher_labels" in record:
+        parts["fisher_labels"] = str(record["fisher_labels"])
+    return fingerprint(parts)
 
 
 def save_factors(path, totals: FactorTotals, record: dict) -> str:
@@ -81,9 +84,9 @@ def save_factors(path, totals: FactorTotals, record: dict) -> str:
     return sha256_hex(data)
 
 
-def load_factors(path) -> tuple[FactorTotals, dict]:
+def load_factors(path, checkpoint: bool = False) -> tuple[FactorTotals, dict]:
     """(the factors, their record) of a factors file, refused in one sentence when it is
-    not one or is damaged."""
+    not one or is damaged, or (unless ``checkpoint``) is an unfinished run's checkpoint."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -117,6 +120,9 @@ def load_factors(path) -> tuple[FactorTotals, dict]:
     if record.get("format") != FACTORS_FORMAT:
         raise GhostprojError(f"{path} has factors format {record.get('format')}; this ghostproj reads "
                              f"{FACTORS_FORMAT}.")
+    if "resume" in record and not checkpoint:
+        raise GhostprojError(f"{path} is the checkpoint of an unfinished factors run; rerun that `ghostproj "
+                             "factors` command to finish it.")
     for name, f in totals.layers.items():
         if not (torch.isfinite(f.a).all() and torch.isfinite(f.g).all()):
             raise GhostprojError(f"{path} is damaged: the factors of '{name}' are not finite.")

@@ -15,8 +15,8 @@ class RunLock:
     whose process is gone (same host) is stale and taken over, so a crash never blocks a
     resume."""
 
-    def __init__(self, run_dir: Path, rank: int | None = None):
-        self.path = run_dir / (".lock" if rank is None else f".lock-r{rank:03d}")
+    def __init__(self, run_dir: Path, rank: int | None = None, name: str = ".lock"):
+        self.path = run_dir / (name if rank is None else f"{name}-r{rank:03d}")
 
     def acquire(self) -> "RunLock":
         me = f"{os.getpid()} {host_name()}"
