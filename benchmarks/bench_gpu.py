@@ -180,7 +180,7 @@ def end_to_end(device) -> None:
                 cli_main(argv)
             except SystemExit as exc:
                 if exc.code not in (0, None):
-                    raise RuntimeError(f"ghostproj {' '.join(argv)} exited {exc.code}")
+                    raise RuntimeError(f"ghostproj {' '.join(argv)} exited {exc.code}") from None
         return time.perf_counter() - t0
 
     def fresh_process(cmd: list[str], site: str | None = None) -> float:

@@ -48,7 +48,7 @@ def main():
         engine = GradDotProdEngine(model, val_batch_size=args.val_batch, method=method)
         engine.attach(opt)
 
-        def engine_step():
+        def engine_step(engine=engine):
             losses, _ = causal_lm_losses(model(input_ids=ids).logits, ids)
             losses.sum().backward()
             engine.aggregate_and_log()

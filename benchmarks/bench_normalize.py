@@ -85,7 +85,7 @@ def main():
     for row in stdlib_texts():
         by_topic.setdefault(row["topic"], []).append(row)
     train, query = [], []
-    for topic, rows in sorted(by_topic.items()):
+    for _, rows in sorted(by_topic.items()):
         rng.shuffle(rows)
         take = rows[: args.per_topic + args.queries_per_topic]
         query += take[: args.queries_per_topic]

@@ -63,7 +63,7 @@ else:
     opt_a = torch.optim.SGD(plain.parameters(), lr=0.1)
     opt_b = torch.optim.SGD(watched.parameters(), lr=0.1)
     engine = GradProjectionEngine(watched, layers, rank=rank, freeze_weights=False).attach()
-    for step in range(5):
+    for _ in range(5):
         for m, opt in ((plain, opt_a), (watched, opt_b)):
             opt.zero_grad()
             nn.functional.cross_entropy(m(x), y).backward()

@@ -182,9 +182,13 @@ def captured_reference(model, engine, examples, autocast, device="cpu", round_ma
     return got, ref, low
 
 
-needs_torchrun = pytest.mark.skipif(
-    shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
-    reason="torchrun is not installed")
+TORCHRUN_MISSING = shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists()
+
+
+def needs_torchrun(test):
+    """A test that starts torchrun processes: slow (several seconds of process start-up),
+    and skipped where torchrun is not installed."""
+    return pytest.mark.slow(pytest.mark.skipif(TORCHRUN_MISSING, reason="torchrun is not installed")(test))
 
 
 def torchrun(n, args, timeout=300, popen=False):

@@ -1,3 +1,4 @@
+import pytest
 from helpers import run_cli
 
 from ghostproj.data.demo_corpus import MODULES, demo_splits
@@ -14,6 +15,7 @@ def test_corpus_is_real_text_deterministic_and_labelled():
     assert lengths[0] >= 6 and lengths[-1] <= 60 and lengths[len(lengths) // 2] < lengths[-1] // 2
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(capsys, ghost_home, tmp_path):
     """The first thing a new user runs: builds (or reuses) the embedded model, projects,
     scores, and reports same-topic precision above chance, with settings that differ.

@@ -137,7 +137,7 @@ def test_trajectory_equals_training_on_training_part(opt_name):
     x_val, y_val = torch.randn(3, 6), torch.randint(0, 3, (3,))
     engine = GradDotProdEngine(module=net, val_batch_size=3)
     engine.attach(opt)
-    for step in range(5):
+    for _ in range(5):
         x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
         loss = nn.functional.cross_entropy(net(torch.cat([x, x_val])), torch.cat([y, y_val]), reduction="sum")
         loss.backward()

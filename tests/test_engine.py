@@ -287,6 +287,7 @@ def test_engine_dispatches_at_most_three_operators_per_layer(tokenizer):
     assert 1 <= extra <= 3, extra
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_compiled_model_has_no_graph_break_and_same_vectors(tokenizer, arch):
     torch.manual_seed(7)
@@ -309,6 +310,7 @@ def test_compiled_model_has_no_graph_break_and_same_vectors(tokenizer, arch):
     assert rel_err(compiled, eager) <= 1e-6
 
 
+@pytest.mark.slow
 def test_compiled_batches_of_varying_size_share_a_graph(tokenizer):
     """--token-budget batches differ in size and length: after the first two shapes the
     compiled graph is dynamic in both, and every batch's vectors equal the eager ones."""

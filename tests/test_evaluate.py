@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import needs_torchrun, run_cli, torchrun, write_jsonl
+from helpers import TORCHRUN_MISSING, needs_torchrun, run_cli, torchrun, write_jsonl
 from test_scoring import reference
 
 from ghostproj.scoring import score
@@ -161,7 +161,7 @@ def test_checkpoint_ensembles_in_parts_with_fisher_files_and_under_torchrun_give
                     merged["sel.jsonl"]], capsys)[0] == 0
     for name in whole:
         assert merged[name].read_bytes() == whole[name].read_bytes(), name
-    if needs_torchrun.args[0]:
+    if TORCHRUN_MISSING:
         return
     ranked = tmp_path / "ranked-top.jsonl"
     proc = torchrun(2, ["score", ta, qa, tb, qb, "--top-k", "3", "--show", "0", "--device", "cpu",

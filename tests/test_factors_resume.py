@@ -87,7 +87,9 @@ def test_a_checkpoint_is_not_a_factors_file_and_another_runs_is_started_over(cap
     out = tmp_path / "f.safetensors"
     real = factors_job.save_factors
 
-    def crash_on_second(path, totals, record, seen=[]):
+    seen = []
+
+    def crash_on_second(path, totals, record):
         seen.append(path)
         real(path, totals, record)
         if len(seen) == 2:

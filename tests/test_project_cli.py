@@ -152,6 +152,7 @@ def test_hub_id_without_network_is_one_sentence(capsys, tmp_path, data_file):
     assert code == 2 and "the hub could not be reached" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_compile_gives_the_eager_vectors(capsys, tmp_path, gpt2_dir, monkeypatch):
     from torch._dynamo.utils import counters
 
