@@ -1,7 +1,7 @@
 from helpers import run_cli
 
 from ghostproj import GradProjectionEngine
-from ghostproj.engines.calls import _Tap
+from ghostproj.engines.calls import LayerTap
 
 
 def test_naive_check_passes_on_gpt2_and_llama(capsys, gpt2_dir, llama_dir, data_file):
@@ -31,12 +31,12 @@ def test_non_interf_passes(capsys, gpt2_dir, data_file):
 
 
 def test_non_interf_fails_when_the_engine_interferes(capsys, gpt2_dir, data_file, monkeypatch):
-    real = _Tap.backward
+    real = LayerTap.backward
 
     def meddling(ctx, grad):
         out = real(ctx, grad)
         return (out[0] * 1.01,) + out[1:]  # changes the gradient flowing below the layer
-    monkeypatch.setattr(_Tap, "backward", staticmethod(meddling))
+    monkeypatch.setattr(LayerTap, "backward", staticmethod(meddling))
     code, out, _ = run_cli(["non-interf", "--model", gpt2_dir, "--data", data_file, "--steps", "1",
                             "--max-length", "24"], capsys)
     assert code == 1 and "FAILED" in out

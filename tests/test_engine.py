@@ -6,8 +6,8 @@ from torch import nn
 from ghostproj import GradProjectionEngine, causal_lm_losses
 from ghostproj.data import Example, collate
 from ghostproj.jobs.checks import (
-    _module_state,
     engine_projected_grads,
+    module_state,
     non_interference,
 )
 
@@ -110,7 +110,7 @@ def test_conv1d_and_linear_give_identical_vectors(tokenizer):
 
 def test_projection_mode_computes_no_weight_gradient_and_restores(model, tokenizer):
     examples = make_examples(tokenizer)
-    before = _module_state(model)
+    before = module_state(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     engine = GradProjectionEngine(model, None, rank=16)
     batch = collate(examples)
@@ -122,7 +122,7 @@ def test_projection_mode_computes_no_weight_gradient_and_restores(model, tokeniz
         v = engine.collect()
     assert v.shape == (len(examples), engine.dim) and v.abs().sum() > 0
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert _module_state(model) == before
+    assert module_state(model) == before
 
 
 def test_backward_stops_at_lowest_projected_layer(tokenizer):
@@ -314,7 +314,7 @@ def test_compiled_model_has_no_graph_break_and_same_vectors(tokenizer, arch):
 def test_compiled_batches_of_varying_size_share_a_graph(tokenizer):
     """--token-budget batches differ in size and length: after the first two shapes the
     compiled graph is dynamic in both, and every batch's vectors equal the eager ones."""
-    from ghostproj.jobs.project import _dynamic_batch_sizes
+    from ghostproj.jobs.project import dynamic_batch_sizes
 
     torch.manual_seed(8)
     m = tiny_llama(len(tokenizer))
@@ -325,7 +325,7 @@ def test_compiled_batches_of_varying_size_share_a_graph(tokenizer):
     compiled = torch.compile(loss, backend="aot_eager")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    with engine, _dynamic_batch_sizes(True):
+    with engine, dynamic_batch_sizes(True):
         for b, t in ((3, 12), (4, 9), (5, 7), (2, 15)):
             ids = torch.randint(0, len(tokenizer), (b, t))
             loss(ids).backward()

@@ -334,7 +334,7 @@ def test_in_run_scores_match_a_naive_training_loop(gpt2_dir, data_file, query_fi
     """Per step: lr * <grad l_i, grad l_q> / B from one backward per example at the step's
     weights, then an AdamW step on the batch's mean loss, exactly as the fine-tuning does."""
     from ghostproj.data import read_records, tokenize_records
-    from ghostproj.jobs.retrain import Recipe, _batches, in_run_scores
+    from ghostproj.jobs.retrain import Recipe, epoch_batches, in_run_scores
     from ghostproj.models import load_model
 
     model, tok = load_model(str(gpt2_dir), device="cpu")
@@ -356,7 +356,7 @@ def test_in_run_scores_match_a_naive_training_loop(gpt2_dir, data_file, query_fi
     model.load_state_dict(base)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
     live = [r for r, e in enumerate(train) if e.n_label_positions > 0]
-    batches = _batches(len(live), recipe)
+    batches = epoch_batches(len(live), recipe)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / len(batches))
     ref = torch.zeros(len(train), len(queries), dtype=torch.float64)
     for rows in batches:

@@ -8,8 +8,8 @@ from helpers import fails, needs_torchrun, run_cli, torchrun, word_rows, write_j
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import ghostproj.inputs as inputs_module
 import ghostproj.jobs.factors as factors_job
-import ghostproj.jobs.project as project_job
 from ghostproj.engines.losses import IGNORE_INDEX
 from ghostproj.jobs.factors import FactorsOptions, partial_path, run_factors, sampled_labels
 from ghostproj.models import load_model
@@ -47,7 +47,7 @@ configs = st.one_of(st.fixed_dictionaries({"batch_size": st.integers(1, 5)}),
 def test_a_killed_factors_run_resumes_into_the_clean_file(tmp_path_factory, monkeypatch, gpt2_dir, corpus, config,
                                                           crash_at, after_write):
     loaded = load_model(str(gpt2_dir), "float32", "cpu")
-    monkeypatch.setattr(project_job, "load_model", lambda *args, **kwargs: loaded)
+    monkeypatch.setattr(inputs_module, "load_model", lambda *args, **kwargs: loaded)
     root = tmp_path_factory.mktemp("case")
     clean = root / "clean.safetensors"
     run_factors(_options(gpt2_dir, corpus, clean, config))

@@ -10,6 +10,7 @@ from helpers import word_rows, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import ghostproj.inputs as inputs_module
 import ghostproj.jobs.project as project_job
 import ghostproj.store.manifest as manifest_module
 import ghostproj.store.writer as writer_module
@@ -37,7 +38,7 @@ class Runs:
         self.count = 0
         self.log: list | None = None
         loaded = load_model(self.model_dir, "float32", "cpu")
-        monkeypatch.setattr(project_job, "load_model", lambda *args, **kwargs: loaded)
+        monkeypatch.setattr(inputs_module, "load_model", lambda *args, **kwargs: loaded)
         monkeypatch.setattr(os, "fsync", lambda fd: None)  # durability is not what is tested here
         for module in (writer_module, manifest_module, project_job):
             real = module.atomic_write

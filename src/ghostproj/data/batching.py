@@ -8,10 +8,11 @@ from typing import Iterable, Iterator
 
 import torch
 
-from ..engines.losses import IGNORE_INDEX
 from ..errors import GhostprojError
 from .records import Records, record_text
 from .transfer import to_device
+
+IGNORE_INDEX = -100  # the label of a position that carries no loss (padding, masked prompts)
 
 
 @dataclass

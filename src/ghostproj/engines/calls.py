@@ -12,7 +12,7 @@ gradient of a "sink" leaf, so ``torch.compile`` can trace a whole model through 
   node, :class:`_ProjectedLinear`: the module's own forward, then in backward the input
   gradient its own backward would give and the projected gradient.
 - Anything else (a model being trained while observed, embeddings, a tied output head,
-  subclasses of Linear) keeps its own forward and backward; :class:`_Tap`, an identity on
+  subclasses of Linear) keeps its own forward and backward; :class:`LayerTap`, an identity on
   its output, adds the projection.
 """
 
@@ -111,7 +111,7 @@ class LayerCall:
         elif x.shape[0] != engine.batch_size:
             engine.start_batch(self.name, x)
         xp, p_out = self.project_input(x, y.dtype)
-        return _Tap.apply(y, engine.step_sinks[self.name], xp, p_out, self.transposed, x.shape[0])
+        return LayerTap.apply(y, engine.step_sinks[self.name], xp, p_out, self.transposed, x.shape[0])
 
     def begin(self, x: torch.Tensor) -> None:
         """Inside a compiled region: the step was begun by ``engine.prepare`` outside it, and
@@ -246,7 +246,7 @@ class _ProjectedLinear(torch.autograd.Function):
 _APPLY_FUSED = super(torch.autograd.Function, _ProjectedLinear).apply
 
 
-class _Tap(torch.autograd.Function):
+class LayerTap(torch.autograd.Function):
     """Identity on a layer's output y. Its backward passes y's gradient on and turns it into
     the layer's per-example projected gradient sum_t (P_out delta_t)(P_in x_t)^T, returned
     as the gradient of ``sink``."""
@@ -261,8 +261,8 @@ class _Tap(torch.autograd.Function):
     def backward(ctx, grad):
         if torch.is_autocast_enabled(grad.device.type):
             with no_autocast(grad.device):
-                return _Tap._backward(ctx, grad)
-        return _Tap._backward(ctx, grad)
+                return LayerTap._backward(ctx, grad)
+        return LayerTap._backward(ctx, grad)
 
     @staticmethod
     def _backward(ctx, grad):

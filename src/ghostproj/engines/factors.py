@@ -16,11 +16,14 @@ import torch
 from torch import nn
 
 from ..errors import GhostprojError
-from ..store.factors_file import LayerFactors
+from ..store.factors_file import FactorTotals, LayerFactors, factors_identity
 from .attachment import AttachedEngine, Attachment
 from .layer_types import LinearLayer, projectable_type
 from .layers import select_layers
+from .projection import GradProjectionEngine
 from .projector import LayerProjector
+
+EIGEN = "eigen"  # the projector kind of runs projected in the Kronecker eigenbasis of their factors
 
 
 def eigenvectors(sums: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -141,3 +144,29 @@ def _input_requires_grad(module, args):
     if torch.is_tensor(x) and x.is_floating_point() and not x.requires_grad:
         return (x.detach().requires_grad_(True), *args[1:])
     return None
+
+
+def _eigen_projectors(model, factors: FactorTotals, record: dict):
+    """The function that makes the engine's matrices from its layer records: the factors'
+    top eigenvectors, once the factors are known to be of these layers and weights."""
+    def make(infos):
+        names = [i.name for i in infos]
+        dims = {i.name: (i.n_in, i.n_out) for i in infos}
+        if [list(x) for x in record["identity"]["layers"]] != [[n, *dims[n]] for n in names]:
+            have = ", ".join(x[0] for x in record["identity"]["layers"])
+            raise GhostprojError(f"The --factors cover the layers {have}; this run projects {', '.join(names)}. "
+                                 "Compute factors with the same --layers.")
+        if factors_identity(model, names, dims)["model_weights"] != record["identity"]["model_weights"]:
+            raise GhostprojError("The --factors were computed for another model (the layers' weights differ); "
+                                 "compute them on this model.")
+        return eigenbasis_projectors({n: factors.layers[n] for n in names},
+                                     {i.name: (i.k_in, i.k_out) for i in infos})
+    return make
+
+
+def factors_engine(model, layers: list[str] | None, factors: tuple[FactorTotals, dict], *, rank: int = 256,
+                   rank_min: int = 1, rank_in: int | None = None, rank_out: int | None = None) -> GradProjectionEngine:
+    """A projection engine whose matrices are the top eigenvectors of ``factors`` (from
+    :func:`load_factors`), refused where they are another model's or other layers'."""
+    return GradProjectionEngine(model, layers, rank=rank, rank_min=rank_min, rank_in=rank_in, rank_out=rank_out,
+                                projector=EIGEN, seed=0, projectors=_eigen_projectors(model, *factors))

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from ..data.batching import IGNORE_INDEX
+
 LOSS_REDUCTIONS = ("mean", "sum")
 
 

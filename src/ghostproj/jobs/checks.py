@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.batching import Example, collate
+from ..engines.factors import factors_engine
 from ..engines.layer_types import projectable_type
 from ..engines.losses import IGNORE_INDEX, causal_lm_losses
 from ..engines.projection import GradProjectionEngine
 from ..errors import GhostprojError
+from ..inputs import load_model_and_data, pick_mixed_lengths
 from ..store.manifest import LayerInfo
 
 
@@ -125,7 +127,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return (diff / scale if scale > 0 else diff), diff
 
 
-def _module_state(model: nn.Module) -> dict:
+def module_state(model: nn.Module) -> dict:
     """Everything attaching an engine could leave behind."""
     state = {}
     for name, m in model.named_modules():
@@ -165,7 +167,7 @@ def non_interference(
             return torch.optim.SGD(params, lr=lr, momentum=0.9)
         return torch.optim.AdamW(params, lr=lr)
 
-    before = _module_state(watched)
+    before = module_state(watched)
     engine = GradProjectionEngine(watched, layers, freeze_weights=False, **engine_kwargs)
     engine.attach()
     opt_plain, opt_watched = make_opt(plain), make_opt(watched)
@@ -196,7 +198,7 @@ def non_interference(
     for p in watched.parameters():
         p.grad = None
     problems = []
-    after = _module_state(watched)
+    after = module_state(watched)
     for key in before:
         if before[key] != after.get(key):
             problems.append(f"module '{key or '<root>'}' differs after detach")
@@ -218,46 +220,7 @@ class NaiveCheckResult:
         return all(e.max_rel <= self.tolerance for e in self.errors)
 
 
-def pick_mixed_lengths(examples: list[Example], samples: int) -> list[Example]:
-    """Examples spread evenly over the length range, so the batch is padded and mixed."""
-    if samples < 1:
-        from ..errors import GhostprojError
-
-        raise GhostprojError(f"--samples must be at least 1, got {samples}.")
-    live = sorted((e for e in examples if e.n_label_positions > 0), key=lambda e: len(e.input_ids))
-    if not live:
-        from ..errors import GhostprojError
-
-        raise GhostprojError("No example in the data has a label position to check.")
-    if len(live) <= samples:
-        chosen = live
-    else:
-        step = (len(live) - 1) / (samples - 1) if samples > 1 else 0
-        chosen = [live[round(i * step)] for i in range(samples)]
-    chosen = sorted(chosen, key=lambda e: e.index)  # mixed order: not sorted by length in the batch
-    return chosen
-
-
 SIXTEEN_BIT_TOLERANCE = 2e-2
-
-
-def load_model_and_data(model_path: str, data_path: str, dtype: str, device: str, max_length: int,
-                        adapter: str | None = None, **fields):
-    """(model, tokenizer, LoadedData) for the checks, read as `project` reads them: every
-    data format and layout, examples cut to the model's position limit. A malformed data
-    file is reported before the (slow) model load."""
-    from ..data.readers import DataSpec, load_examples
-    from ..data.records import read_records
-    from ..models import load_model, position_limit
-
-    spec = DataSpec(data_path, **fields)
-    if spec.resolved_format() in ("jsonl", "text"):
-        read_records(data_path)
-    model, tokenizer = load_model(model_path, dtype, device, adapter=adapter)
-    limit = position_limit(model)
-    if limit is not None:
-        max_length = min(max_length, limit)
-    return model, tokenizer, load_examples(spec, tokenizer, max_length, getattr(model.config, "vocab_size", None))
 
 
 def run_naive_check(model_path: str, data_path: str, layers: list[str] | None, *, samples: int = 8,
@@ -271,7 +234,6 @@ def run_naive_check(model_path: str, data_path: str, layers: list[str] | None, *
     from ..engines.layers import ADAPTER_LAYERS
     from ..models import pad_token_id
     from ..store.factors_file import load_factors
-    from .project import factors_engine
 
     if factors is not None and (adapter or bias or include_embeddings):
         raise GhostprojError("--factors cannot be combined with --adapter, --bias or --include-embeddings: "
@@ -306,7 +268,7 @@ class NonInterferenceResult:
 def detach_problems(model: nn.Module, batch_examples: list[Example], layers: list[str] | None, pad_id: int = 0,
                     **engine_kwargs) -> list[str]:
     """Attach a projection-mode engine, run one backward pass, detach, and list what differs."""
-    before = _module_state(model)
+    before = module_state(model)
     engine = GradProjectionEngine(model, layers, **engine_kwargs)
     device = next(model.parameters()).device
     batch = collate(batch_examples, pad_id).to(device)
@@ -314,7 +276,7 @@ def detach_problems(model: nn.Module, batch_examples: list[Example], layers: lis
         losses, _ = causal_lm_losses(model(**batch.model_inputs()).logits, batch.labels)
         losses.sum().backward()
         engine.collect()
-    after = _module_state(model)
+    after = module_state(model)
     return [f"module '{k or '<root>'}' differs after detach (projection mode)" for k in before if before[k] != after.get(k)]
 
 

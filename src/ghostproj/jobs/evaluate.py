@@ -25,24 +25,25 @@ import numpy as np
 import torch
 
 from ..data.batching import Example
-from ..data.readers import DataSpec, LayoutFields, load_examples
-from ..data.records import read_records
+from ..data.readers import DataSpec, LayoutFields
+from ..engines.factors import EIGEN
 from ..errors import GhostprojError
-from ..models import load_model, pad_token_id, position_limit
+from ..inputs import load_model_and_examples
+from ..models import pad_token_id
 from ..progress import RateProgress
-from ..scoring.lds import LdsEstimate, difference_interval, estimate_lds, resamples
+from ..scoring.lds import difference_interval, estimate_lds, resamples
 from ..scoring.score import DEFAULT_METRIC, DEFAULT_NORMALIZE, METRICS, score
 from ..scoring.transform import NORMALIZATIONS
 from ..store.files import atomic_write
 from ..store.outputs import check_output_dir
 from ..store.shards import encode_safetensors
 from .inrun import MAX_VAL_BATCH
-from .lds_report import plot_report, write_report
+from .lds_report import EvaluateResult, Setting, plot_report, write_report
 from .retrain import Recipe, fine_tune, in_run_scores, query_losses
 
 VECTORS = ("grad", "adam")  # training vectors: gradients, or Adam update directions (project --optimizer-state)
 PROJECTIONS = ("gaussian", "eigen")  # random matrices, or the Kronecker eigenbasis (factors, project --factors)
-EIGEN = "eigen"  # the Setting.vectors of gradients projected in the Kronecker eigenbasis
+
 MIN_SUBSETS = 5  # fewer subset models give no usable rank correlation, let alone an interval
 CONFIG = "evaluate.json"
 MOMENTS = "adam-moments.safetensors"  # the optimizer's moments at a checkpoint
@@ -84,48 +85,6 @@ class EvaluateOptions(LayoutFields):
     @property
     def recipe(self) -> Recipe:
         return Recipe(self.epochs, self.lr, self.batch_size, self.seed)
-
-
-@dataclass
-class Setting:
-    metric: str
-    normalize: str
-    checkpoints: int
-    lds: LdsEstimate
-    vectors: str = "grad"
-
-    @property
-    def key(self) -> tuple[str, str, int, str]:
-        return self.metric, self.normalize, self.checkpoints, self.vectors
-
-    @property
-    def name(self) -> str:
-        kind = {"adam": ", Adam directions", EIGEN: ", Kronecker eigenbasis"}.get(self.vectors, "")
-        return f"{self.metric}, --normalize {self.normalize}, {self.checkpoints} checkpoint(s){kind}"
-
-
-@dataclass
-class EvaluateResult:
-    out: Path
-    subsets: int
-    n_train: int
-    n_query: int  # queries with a label position, the ones evaluated
-    trained: int = 0  # subset models trained by this call (the rest were cached)
-    settings: list[Setting] = field(default_factory=list)
-    best: Setting | None = None
-    baseline: Setting | None = None
-    difference: tuple[float, float, float] | None = None  # best - baseline, with its interval
-    ensemble_gain: tuple[float, float, float] | None = None  # all checkpoints - the final one, best's scoring
-    recommended: Setting | None = None  # score's defaults with every checkpoint, as the README recommends
-    recommended_difference: tuple[float, float, float] | None = None  # recommended - baseline
-    removal: list[dict] = field(default_factory=list)
-    finished: bool = True  # False: a part that trained its subsets only, or a torchrun rank other than 0
-    rank: int | None = None  # the torchrun rank
-    rank_setting: int | None = None  # --rank and --layers the runs were projected with
-    layers_setting: list[str] | None = None
-    plot: Path | None = None
-    seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
 
 def _check(opts: EvaluateOptions) -> None:
@@ -178,14 +137,10 @@ class _Context:
 
 def _load(opts: EvaluateOptions) -> _Context:
     specs = [DataSpec(path, **opts.fields) for path in (opts.train, opts.query)]
-    for spec in specs:
-        if spec.resolved_format() in ("jsonl", "text"):
-            read_records(spec.path)  # a malformed file is reported before the model load
-    model, tokenizer = load_model(opts.model, "float32", opts.device)
-    limit = position_limit(model)
-    max_length = min(opts.max_length, limit) if limit else opts.max_length
-    vocab = getattr(model.config, "vocab_size", None)
-    train_data, query_data = (load_examples(spec, tokenizer, max_length, vocab) for spec in specs)
+    inputs = load_model_and_examples(opts.model, specs, max_length=opts.max_length, device=opts.device,
+                                     read_first=True)
+    model, tokenizer, max_length = inputs.model, inputs.tokenizer, inputs.max_length
+    train_data, query_data = inputs.sets
     if not any(e.n_label_positions for e in train_data.examples):
         raise GhostprojError("The training set has no example with a label token; nothing to fine-tune on.")
     query = [e for e in query_data.examples if e.n_label_positions > 0]

@@ -20,13 +20,13 @@ from ..distributed import distributed_rank
 from ..engines.factors import FactorCollector, decompose
 from ..engines.losses import IGNORE_INDEX, LOSS_REDUCTIONS, causal_lm_losses
 from ..errors import GhostprojError
+from ..inputs import InputFields, load_inputs
 from ..models import pad_token_id
 from ..progress import RateProgress
 from ..store.factors_file import FactorTotals, factors_identity, load_factors, save_factors
 from ..store.fingerprint import fingerprint
 from ..store.lock import RunLock
 from ..store.outputs import check_outputs
-from .project import InputFields, load_inputs
 
 FISHER_LABELS = ("empirical", "sampled")
 

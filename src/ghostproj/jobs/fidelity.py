@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.batching import Example, collate
+from ..engines.factors import factors_engine
 from ..engines.layer_types import projectable_type
 from ..engines.losses import causal_lm_losses
 from ..engines.projection import GradProjectionEngine
@@ -125,8 +126,6 @@ def run_fidelity(model, examples: list[Example], layers: list[str] | None, ranks
     for rank in sorted(set(ranks)):
         exact_names = ["re:^" + re.escape(n) + "$" for n in names]
         if factors is not None:
-            from .project import factors_engine
-
             engine = factors_engine(model, exact_names, factors, rank=rank)
         else:
             engine = GradProjectionEngine(model, exact_names, rank=rank, seed=seed, projector=projector)
@@ -158,7 +157,7 @@ def run_fidelity_check(model_path: str, data_path: str, layers: list[str] | None
     examples of mixed lengths and compare projected with exact inner products. ``ranks``
     is the comma-separated list the user typed."""
     from ..errors import GhostprojError
-    from .checks import load_model_and_data, pick_mixed_lengths
+    from ..inputs import load_model_and_data, pick_mixed_lengths
 
     try:
         rank_list = [int(r) for r in ranks.split(",") if r.strip()]

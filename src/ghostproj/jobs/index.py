@@ -31,11 +31,11 @@ from ..scoring.index import (
     uses_faiss,
 )
 from ..scoring.influence import FisherSums
+from ..scoring.result_files import write_topk
 from ..scoring.score import ScoreResult
 from ..store.manifest import MANIFEST
 from ..store.outputs import check_output_dir, check_outputs
 from ..store.reader import open_run
-from .score import write_topk
 
 
 @dataclass

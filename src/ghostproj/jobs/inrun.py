@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 
 from ..data.batching import Example, collate
-from ..data.readers import DataSpec, LayoutFields, load_examples
-from ..data.records import example_text, read_records
+from ..data.readers import DataSpec, LayoutFields
+from ..data.records import example_text
 from ..engines.dotprod import GradDotProdEngine
 from ..engines.losses import causal_lm_losses
 from ..errors import GhostprojError
-from ..models import load_model, pad_token_id, position_limit
+from ..inputs import load_model_and_examples
+from ..models import pad_token_id
 from ..progress import RateProgress
 from ..store.files import atomic_write
 from ..store.outputs import check_output_dir
@@ -112,14 +113,9 @@ def _load(opts: InrunOptions):
     """(model, tokenizer, the training data's spec, (training data, validation data)), read as
     `project` reads data."""
     specs = [DataSpec(path, **opts.fields) for path in (opts.train, opts.val)]
-    for spec in specs:
-        if spec.resolved_format() in ("jsonl", "text"):
-            read_records(spec.path)  # a malformed file is reported before the model load
-    model, tokenizer = load_model(opts.model, "float32", opts.device)
-    limit = position_limit(model)
-    max_length = min(opts.max_length, limit) if limit else opts.max_length
-    vocab = getattr(model.config, "vocab_size", None)
-    return model, tokenizer, specs[0], tuple(load_examples(spec, tokenizer, max_length, vocab) for spec in specs)
+    inputs = load_model_and_examples(opts.model, specs, max_length=opts.max_length, device=opts.device,
+                                     read_first=True)
+    return inputs.model, inputs.tokenizer, specs[0], tuple(inputs.sets)
 
 
 def _validation_batch(val: list[Example], val_size: int | None) -> list[Example]:

@@ -4,15 +4,56 @@ with their intervals as PNG."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..engines.factors import EIGEN
+from ..scoring.lds import LdsEstimate
 from ..store.files import atomic_write
 
-if TYPE_CHECKING:
-    from .evaluate import EvaluateResult
+
+@dataclass
+class Setting:
+    metric: str
+    normalize: str
+    checkpoints: int
+    lds: LdsEstimate
+    vectors: str = "grad"
+
+    @property
+    def key(self) -> tuple[str, str, int, str]:
+        return self.metric, self.normalize, self.checkpoints, self.vectors
+
+    @property
+    def name(self) -> str:
+        kind = {"adam": ", Adam directions", EIGEN: ", Kronecker eigenbasis"}.get(self.vectors, "")
+        return f"{self.metric}, --normalize {self.normalize}, {self.checkpoints} checkpoint(s){kind}"
+
+
+@dataclass
+class EvaluateResult:
+    out: Path
+    subsets: int
+    n_train: int
+    n_query: int  # queries with a label position, the ones evaluated
+    trained: int = 0  # subset models trained by this call (the rest were cached)
+    settings: list[Setting] = field(default_factory=list)
+    best: Setting | None = None
+    baseline: Setting | None = None
+    difference: tuple[float, float, float] | None = None  # best - baseline, with its interval
+    ensemble_gain: tuple[float, float, float] | None = None  # all checkpoints - the final one, best's scoring
+    recommended: Setting | None = None  # score's defaults with every checkpoint, as the README recommends
+    recommended_difference: tuple[float, float, float] | None = None  # recommended - baseline
+    removal: list[dict] = field(default_factory=list)
+    finished: bool = True  # False: a part that trained its subsets only, or a torchrun rank other than 0
+    rank: int | None = None  # the torchrun rank
+    rank_setting: int | None = None  # --rank and --layers the runs were projected with
+    layers_setting: list[str] | None = None
+    plot: Path | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
 
 def write_report(result: EvaluateResult, path: Path) -> None:

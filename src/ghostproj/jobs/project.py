@@ -14,24 +14,23 @@ from pathlib import Path
 import torch
 
 from ..data.batching import Example
-from ..data.readers import DataSpec, LayoutFields, LoadedData, load_examples
 from ..data.records import file_sha256
 from ..distributed import (
-    device_for_this_process,
     distributed_rank,
     finish_distributed,
     regroup_after_rank_change,
     sync_start,
 )
-from ..engines.factors import eigenbasis_projectors
+from ..engines.factors import EIGEN, factors_engine
 from ..engines.layers import ADAPTER_LAYERS
 from ..engines.losses import LOSS_REDUCTIONS
 from ..engines.projection import GradProjectionEngine
 from ..engines.projector import PROJECTOR_KINDS, LayerProjector, projector_hash
 from ..errors import GhostprojError
-from ..models import config_hash, load_model, pad_token_id, position_limit
+from ..inputs import InputFields, LoadedInputs, load_inputs
+from ..models import config_hash, pad_token_id
 from ..progress import RateProgress
-from ..store.factors_file import FactorTotals, factors_fingerprint, factors_identity, load_factors
+from ..store.factors_file import FactorTotals, factors_fingerprint, load_factors
 from ..store.files import atomic_write
 from ..store.fingerprint import (
     fingerprint,
@@ -59,23 +58,6 @@ from ..store.shards import file_sha256_matches
 from ..store.writer import RunWriter
 from .pipeline import deliver, launch_batch
 from .resume import RunPlan, prepare_out_dir, resume_state
-
-
-@dataclass
-class InputFields(LayoutFields):
-    """Where a job's model and examples come from (what :func:`load_inputs` reads): the
-    same fields for every job that runs a model over data."""
-
-    model: str | None = None
-    data: str | None = None
-    max_length: int = 512
-    device: str = "auto"
-    dtype: str = "float32"
-    format: str = "auto"
-    token_dtype: str | None = None
-    split: str = "train"
-    revision: str | None = None
-    adapter: str | None = None
 
 
 @dataclass
@@ -186,9 +168,6 @@ def _check_choices(opts: ProjectOptions, values: dict) -> None:
         raise GhostprojError(f"--shard-size must be at least 1, got {opts.shard_size}.")
 
 
-EIGEN = "eigen"  # the projector kind of runs projected in the Kronecker eigenbasis of their factors
-
-
 def _check_factors_choices(opts: ProjectOptions) -> None:
     for flag, given in (("--like", opts.like), ("--projector", opts.projector), ("--seed", opts.seed),
                         ("--bias", opts.bias), ("--include-embeddings", opts.include_embeddings),
@@ -196,32 +175,6 @@ def _check_factors_choices(opts: ProjectOptions) -> None:
         if given:
             raise GhostprojError(f"--factors cannot be combined with {flag}: the matrices are the factors' "
                                  "eigenvectors of each Linear / Conv1D layer's own weight gradient.")
-
-
-def _eigen_projectors(model, factors: FactorTotals, record: dict):
-    """The function that makes the engine's matrices from its layer records: the factors'
-    top eigenvectors, once the factors are known to be of these layers and weights."""
-    def make(infos):
-        names = [i.name for i in infos]
-        dims = {i.name: (i.n_in, i.n_out) for i in infos}
-        if [list(x) for x in record["identity"]["layers"]] != [[n, *dims[n]] for n in names]:
-            have = ", ".join(x[0] for x in record["identity"]["layers"])
-            raise GhostprojError(f"The --factors cover the layers {have}; this run projects {', '.join(names)}. "
-                                 "Compute factors with the same --layers.")
-        if factors_identity(model, names, dims)["model_weights"] != record["identity"]["model_weights"]:
-            raise GhostprojError("The --factors were computed for another model (the layers' weights differ); "
-                                 "compute them on this model.")
-        return eigenbasis_projectors({n: factors.layers[n] for n in names},
-                                     {i.name: (i.k_in, i.k_out) for i in infos})
-    return make
-
-
-def factors_engine(model, layers: list[str] | None, factors: tuple[FactorTotals, dict], *, rank: int = 256,
-                   rank_min: int = 1, rank_in: int | None = None, rank_out: int | None = None) -> GradProjectionEngine:
-    """A projection engine whose matrices are the top eigenvectors of ``factors`` (from
-    :func:`load_factors`), refused where they are another model's or other layers'."""
-    return GradProjectionEngine(model, layers, rank=rank, rank_min=rank_min, rank_in=rank_in, rank_out=rank_out,
-                                projector=EIGEN, seed=0, projectors=_eigen_projectors(model, *factors))
 
 
 def build_engine(model, opts: ProjectOptions, values: dict, like: dict | None,
@@ -320,37 +273,6 @@ def run_project(opts: ProjectOptions, summary: ProjectSummary | None = None) -> 
         finish_distributed(out, part.shard_id, part.num_shards)
     summary.seconds = time.perf_counter() - t0
     return summary
-
-
-@dataclass
-class LoadedInputs:
-    """The loaded model and data of a run."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    device: torch.device
-    spec: DataSpec
-    data: LoadedData
-    max_length: int  # --max-length, capped to the model's position limit
-
-
-def load_inputs(opts: InputFields, summary) -> LoadedInputs:
-    """The model and examples of ``opts``; notes (a capped --max-length, the reader's) go to
-    ``summary.notes``."""
-    spec = DataSpec(opts.data, opts.format, token_dtype=opts.token_dtype, split=opts.split, **opts.fields)
-    spec.resolved_format()  # refuse an unknown format before loading the model
-    if spec.resolved_format() != "hf" and not Path(opts.data).is_file():
-        raise GhostprojError(f"Data file {opts.data} does not exist.")
-    model, tokenizer = load_model(opts.model, opts.dtype, device_for_this_process(opts.device), opts.revision,
-                                  opts.adapter)
-    max_length = opts.max_length
-    limit = position_limit(model)
-    if limit is not None and max_length > limit:
-        summary.notes.append(f"--max-length {max_length} exceeds the model's position limit; capped to {limit}.")
-        max_length = limit
-    data = load_examples(spec, tokenizer, max_length, getattr(model.config, "vocab_size", None))
-    summary.notes += data.notes
-    return LoadedInputs(model, tokenizer, next(model.parameters()).device, spec, data, max_length)
 
 
 def _weights_sha(model: torch.nn.Module, engine: GradProjectionEngine, adapter: str | None) -> str:
@@ -502,7 +424,7 @@ def _write_run(opts: ProjectOptions, values: dict, inputs: LoadedInputs, engine:
     run = _BatchRunner(opts, values, inputs, engine)
     try:
         with RateProgress("projecting", total=sum(len(b) for _, b in batches), enabled=opts.show_progress) as bar, \
-                engine, _dynamic_batch_sizes(opts.compile):
+                engine, dynamic_batch_sizes(opts.compile):
             run.pipeline(batches, writer, bar)
         if was_complete:  # repaired: the run is again exactly as it was finished
             writer.close()
@@ -603,7 +525,7 @@ def _capped_rank_notes(engine: GradProjectionEngine, values: dict, opts: Project
             f"{first.n_out} = {first.size}); they are projected at that full size."]
 
 
-def _dynamic_batch_sizes(compiling: bool):
+def dynamic_batch_sizes(compiling: bool):
     """Under torch.compile, let the engine's per-layer result buffers (attributes reached
     through the model's modules, which dynamo otherwise takes as fixed-size) follow the
     batch size, so --token-budget batches share one graph instead of one each."""

@@ -26,7 +26,7 @@ class Recipe:
         return asdict(self)
 
 
-def _batches(n: int, recipe: Recipe) -> list[list[int]]:
+def epoch_batches(n: int, recipe: Recipe) -> list[list[int]]:
     g = torch.Generator().manual_seed(recipe.seed)
     out = []
     for _ in range(recipe.epochs):
@@ -77,7 +77,7 @@ class _TrainingRun:
         model.load_state_dict(base_state)
         self.device = next(model.parameters()).device
         live = [r for r, e in enumerate(examples) if e.n_label_positions > 0]
-        self.batches = [[live[r] for r in rows] for rows in _batches(len(live), recipe)]
+        self.batches = [[live[r] for r in rows] for rows in epoch_batches(len(live), recipe)]
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
         total = max(1, len(self.batches))
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0 - step / total)

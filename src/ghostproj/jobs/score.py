@@ -13,6 +13,8 @@ from ..data.records import example_text, record_field, records_for_run
 from ..distributed import device_for_this_process, distributed_rank
 from ..errors import GhostprojError
 from ..progress import RateProgress, shorten
+from ..scoring.fisher import compute_fisher
+from ..scoring.result_files import write_scores, write_selection, write_topk
 from ..scoring.score import ScoreResult, score
 from ..store.files import atomic_write
 from ..store.outputs import check_outputs
@@ -22,31 +24,6 @@ from ..store.shards import encode_safetensors
 
 def _fisher_files(fisher: str | list[str] | None) -> list[str]:
     return [] if fisher is None else [fisher] if isinstance(fisher, str) else list(fisher)
-
-
-def write_scores(path: str, result: ScoreResult) -> None:
-    tensors = {"scores": result.scores, "train_index": result.train_index, "query_index": result.query_index}
-    atomic_write(Path(path), encode_safetensors(tensors))
-
-
-def write_topk(path: str, result: ScoreResult) -> None:
-    lines = []
-    for j in range(result.topk_train.shape[0]):
-        found = result.topk_train[j] >= 0  # an approximate index may find fewer than k
-        lines.append(json.dumps({
-            "query": int(result.query_index[j]),
-            "train": [int(i) for i in result.topk_train[j][found]],
-            "scores": [float(v) for v in result.topk_scores[j][found]],
-        }))
-    atomic_write(Path(path), ("\n".join(lines) + "\n").encode())
-
-
-def write_selection(path: str, result: ScoreResult) -> None:
-    if path.endswith(".safetensors"):
-        atomic_write(Path(path), encode_safetensors({"index": result.train_index, "score": result.selection}))
-        return
-    lines = [json.dumps({"index": int(i), "score": float(v)}) for i, v in zip(result.train_index, result.selection)]
-    atomic_write(Path(path), ("\n".join(lines) + "\n").encode())
 
 
 def run_score_command(train: str | list[str], query: str | list[str], *, metric: str, normalize: str | None, center: bool, damping: float,
@@ -181,7 +158,6 @@ def _all_reduced_fisher(train_run, options: dict, rank: int, world: int):
 
     from ..models import resolve_device
     from ..scoring.influence import FisherSums
-    from .fisher import compute_fisher
 
     mine = compute_fisher(train_run, layers=options["layers"], normalize=options["normalize"] or "none",
                           full=options["metric"] == "influence-full", part=(rank, world),

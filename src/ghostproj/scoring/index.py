@@ -27,6 +27,7 @@ from ..store.reader import Run
 from ..store.shards import encode_safetensors, safetensors_parts
 from .columns import chunks, column_index, relative_blocks, selected_layers
 from .feed import chunk_rows_for
+from .fisher import compute_fisher
 from .influence import (
     FisherSums,
     apply_blocks,
@@ -46,12 +47,12 @@ from .score import (
     DEFAULT_METRIC,
     DEFAULT_NORMALIZE,
     METRICS,
-    _check_choices,
-    _query_side,
-    _training_mean,
+    check_choices,
+    query_side,
     stream_scores,
+    training_mean,
 )
-from .topk import StreamingTopK, _ranked
+from .topk import StreamingTopK, ranked
 from .transform import Transform
 
 INDEX_FILE, TORCH_INDEX_FILE = "index.faiss", "index.safetensors"
@@ -104,7 +105,7 @@ def uses_faiss(factory: str) -> bool:
 
 
 def check_settings(s: IndexSettings) -> None:
-    _check_choices(s.metric, s.normalize, None, s.damping)
+    check_choices(s.metric, s.normalize, None, s.damping)
     if s.metric not in METRICS[:3]:
         raise GhostprojError("The index supports --metric cosine, dot and influence (influence-full needs the "
                              "full Fisher; score it exactly with `ghostproj score`).")
@@ -172,7 +173,7 @@ def build_index(train_run: Run, s: IndexSettings, device: torch.device, fisher: 
     s.train_manifest = {k: v for k, v in train_run.manifest.items() if k not in ("shards", "summary")}
     extras: dict[str, torch.Tensor] = {}
     if s.center:
-        prep.transform.mean = extras["mean"] = _training_mean(train_run, prep.cols, chunk_rows, prep.width, device)
+        prep.transform.mean = extras["mean"] = training_mean(train_run, prep.cols, chunk_rows, prep.width, device)
     if s.metric == "influence" and is_eigenbasis(train_run):  # EK-FAC: a weight per coordinate, on both sides
         if fisher is not None:
             check_fisher(fisher, train_run, prep.blocks, "none", False, False)
@@ -182,8 +183,6 @@ def build_index(train_run: Run, s: IndexSettings, device: torch.device, fisher: 
         extras["scale"] = ekfac_scale(diagonal, prep.blocks, train_run, s.damping)
     elif s.metric == "influence":
         if fisher is None:
-            from ..jobs.fisher import compute_fisher
-
             fisher = compute_fisher(train_run, layers=s.layers, normalize=s.normalize, full=False, part=None,
                                     chunk_rows=None, device=device)
         else:
@@ -325,7 +324,7 @@ def query_vectors(query_run: Run, s: IndexSettings, extras: dict) -> tuple[torch
     if query_run.rows == 0:
         raise GhostprojError("The query set is empty.")
     prep = IndexColumns(Run(query_run.path, dict(s.train_manifest, shards=[]), []), s, extras)
-    index, q = _query_side(query_run, prep.cols, 8192, prep.transform)
+    index, q = query_side(query_run, prep.cols, 8192, prep.transform)
     return index, prep.as_queries(q)
 
 
@@ -348,7 +347,7 @@ def search(index, q: torch.Tensor, k: int, nprobe: int | None = None,
     scores, ids = torch.from_numpy(scores), torch.from_numpy(ids)
     scores = torch.where(ids < 0, torch.full_like(scores, float("-inf")), scores)
     ids = torch.where(ids < 0, torch.full_like(ids, torch.iinfo(torch.int64).max), ids)
-    scores, ids = _ranked(scores, ids, k)
+    scores, ids = ranked(scores, ids, k)
     return scores, torch.where(scores == float("-inf"), torch.full_like(ids, -1), ids)
 
 

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..errors import GhostprojError
-from .topk import StreamingTopK, _ranked
+from .topk import StreamingTopK, ranked
 
 BLOCK = 8192  # rows per head product
 GROUP = 16  # rows per maximum in the threshold pass
@@ -281,7 +281,7 @@ class ScanIndex:
             ids = torch.full((e - s, width), torch.iinfo(torch.int64).max)
             vals[queries, slot] = pair_scores
             ids[queries, slot] = self.ids[rows]
-            v, i = _ranked(vals, ids, k)
+            v, i = ranked(vals, ids, k)
             out_scores.append(v)
             out_ids.append(i)
         return torch.cat(out_scores), torch.cat(out_ids)
@@ -294,7 +294,7 @@ class ScanIndex:
             ids = self.ids[rows].expand_as(vals)
             if best_v is not None:
                 vals, ids = torch.cat([best_v, vals], 1), torch.cat([best_i, ids], 1)
-            best_v, best_i = _ranked(vals, ids, k)
+            best_v, best_i = ranked(vals, ids, k)
         return best_v, best_i
 
 

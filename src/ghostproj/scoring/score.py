@@ -107,7 +107,7 @@ def score(
     256 MiB of stored rows on a GPU).
     """
     t0 = time.perf_counter()
-    _check_choices(metric, normalize or "none", reduce, damping)
+    check_choices(metric, normalize or "none", reduce, damping)
     if part is not None and (center or (metric.startswith("influence") and fisher is None)):
         raise GhostprojError("Scoring in parts needs the whole run's statistics: no --center, and influence "
                              "with --fisher (from `ghostproj fisher`).")
@@ -213,12 +213,12 @@ def _side(train_run: Run, query_run: Run, metric, normalize, center, damping, la
     width = sum(b.size for b in blocks)
     rows_per_chunk = chunk_rows_for(where, chunk_rows, width, train_run.store_dtype, train_run.rows)
     if center:
-        transform.mean = _training_mean(train_run, cols, rows_per_chunk, width, where)
+        transform.mean = training_mean(train_run, cols, rows_per_chunk, width, where)
     if metric.startswith("influence") and is_eigenbasis(train_run):
         transform.scale = _ekfac_scale(train_run, cols, blocks, metric, damping, fisher, rows_per_chunk, where)
-        query_index, q = _query_side(query_run, cols, rows_per_chunk, transform)
+        query_index, q = query_side(query_run, cols, rows_per_chunk, transform)
         return _Side(train_run, cols, transform, q.t().contiguous(), query_index, rows_per_chunk)
-    query_index, q = _query_side(query_run, cols, rows_per_chunk, transform)
+    query_index, q = query_side(query_run, cols, rows_per_chunk, transform)
     if metric.startswith("influence"):
         full = metric == "influence-full"
         if full:
@@ -247,7 +247,7 @@ def _ekfac_scale(train_run: Run, cols, blocks, metric, damping, fisher, rows_per
     return ekfac_scale(diagonal, blocks, train_run, damping)
 
 
-def _check_choices(metric: str, normalize: str, reduce: str | None, damping: float) -> None:
+def check_choices(metric: str, normalize: str, reduce: str | None, damping: float) -> None:
     if metric not in METRICS:
         raise GhostprojError(f"Unknown --metric '{metric}'; choose one of {', '.join(METRICS)}.")
     if normalize not in NORMALIZATIONS:
@@ -279,14 +279,14 @@ def _query_groups(query_groups: list[str], n_query: int) -> tuple[list[str], tor
     return names, matrix / matrix.sum(dim=0, keepdim=True)
 
 
-def _training_mean(train_run: Run, cols, chunk_rows: int, width: int, device: torch.device) -> torch.Tensor:
+def training_mean(train_run: Run, cols, chunk_rows: int, width: int, device: torch.device) -> torch.Tensor:
     total = torch.zeros(width, dtype=torch.float64, device=device)
     for chunk in feed(train_run, cols, chunk_rows, device):
         total += chunk.rows[: chunk.n].sum(dim=0, dtype=torch.float64)
     return (total / train_run.rows).float().cpu()
 
 
-def _query_side(query_run: Run, cols, chunk_rows: int, transform: Transform) -> tuple[torch.Tensor, torch.Tensor]:
+def query_side(query_run: Run, cols, chunk_rows: int, transform: Transform) -> tuple[torch.Tensor, torch.Tensor]:
     """(query dataset indices [M], transformed query vectors [M, D'])."""
     parts, index = [], []
     for idx, x in chunks(query_run, cols, chunk_rows):

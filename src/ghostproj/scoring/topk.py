@@ -7,7 +7,7 @@ import torch
 _NONE = torch.iinfo(torch.int64).max  # the dataset index of "no candidate"
 
 
-def _ranked(vals: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def ranked(vals: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first k of each row of candidates [M, c] in the order (score desc, index asc)."""
     by_index = ids.argsort(dim=1, stable=True)
     vals, ids = vals.gather(1, by_index), ids.gather(1, by_index)
@@ -37,7 +37,7 @@ class StreamingTopK:
         """Candidates [M, c] (scores, dataset indices), e.g. another process's best k."""
         if self.values is not None:
             vals, ids = torch.cat([self.values, vals], dim=1), torch.cat([self.ids, ids], dim=1)
-        self.values, self.ids = _ranked(vals, ids, min(self.k, vals.shape[1]))
+        self.values, self.ids = ranked(vals, ids, min(self.k, vals.shape[1]))
 
     def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(scores, dataset indices) [M, <=k], best first; -1 where no row was found, so no
@@ -53,7 +53,7 @@ def _chunk_best(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torc
     vals, pos = scores.topk(min(k + 1, scores.shape[0]), dim=0)
     kth = vals[k - 1]
     if vals.shape[0] == k or bool((vals[k] < kth).all()):
-        return _ranked(vals[:k].t(), index[pos[:k].t()], k)
+        return ranked(vals[:k].t(), index[pos[:k].t()], k)
     # a tie at the boundary: every row above the k-th score, and the tied rows of smallest index
     rows = index.unsqueeze(1)
     above = torch.where(scores > kth, rows, _NONE).topk(k, dim=0, largest=False).values
@@ -64,4 +64,4 @@ def _chunk_best(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torc
     pos = order[torch.searchsorted(index[order], torch.where(found, ids, index[order[0]]).contiguous())]
     cand = scores.t().gather(1, pos)
     cand = torch.where(found, cand, torch.full_like(cand, float("-inf")))
-    return _ranked(cand, ids, k)
+    return ranked(cand, ids, k)
