@@ -46,12 +46,12 @@ def main():
     print(f"plain training step: {t_plain * 1000:.0f} ms")
     for method in ("ghost", "materialize"):
         engine = GradDotProdEngine(model, val_batch_size=args.val_batch, method=method)
-        engine.attach(opt)
+        engine.attach()
 
         def engine_step(engine=engine):
             losses, _ = causal_lm_losses(model(input_ids=ids).logits, ids)
             losses.sum().backward()
-            engine.aggregate_and_log()
+            engine.aggregate()
             engine.prepare_gradients()
             opt.step()
             engine.clear_gradients()

@@ -27,7 +27,7 @@ optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
 x_val, y_val = sample(4)
 
 engine = GradDotProdEngine(module=model, val_batch_size=len(x_val), loss_reduction="sum")
-engine.attach(optimizer)
+engine.attach()
 for step in range(10):
     x, y = sample(8)
     loss = nn.functional.cross_entropy(model(torch.cat([x, x_val])), torch.cat([y, y_val]), reduction="sum")
@@ -35,7 +35,7 @@ for step in range(10):
     print(f"step {step}")
     for name, p in model.named_parameters():
         print(f"  {name:10s} " + " ".join(f"{v:+.3f}" for v in p.grad_dot_prod.tolist()))
-    dots = engine.aggregate_and_log(indices=torch.arange(step * 8, step * 8 + 8))
+    dots = engine.aggregate()  # [8]: this step's examples, in batch order
     print("  summed     " + " ".join(f"{v:+.3f}" for v in dots.tolist()))
     engine.prepare_gradients()  # .grad = gradient of the training part's mean loss
     optimizer.step()

@@ -11,9 +11,9 @@ from ghostproj.scoring import score
 from ghostproj.scoring.lds import (
     average_ranks,
     estimate_lds,
-    lds_per_query,
     resamples,
     spearman_columns,
+    subset_predictions,
 )
 
 
@@ -393,3 +393,8 @@ def test_evaluate_on_a_llama_with_masked_prompts(capsys, tmp_path, llama_dir):
     assert code == 0, err
     report = json.loads((tmp_path / "ev" / "lds.json").read_text())
     assert report["queries"] == 1 and len(report["settings"]) == 2 * 2 + 1
+
+
+def lds_per_query(scores, members, losses):
+    """Reference: each query's Spearman over subsets of predicted and negated actual loss."""
+    return spearman_columns(subset_predictions(scores, members), -losses)

@@ -106,16 +106,13 @@ class GradDotProdEngine(AttachedEngine):
             if id(p) in covered_ids:
                 self.param_names.setdefault(id(p), n)
         self._attachment = Attachment()
-        self.optimizer = None
         self.step = 0
-        self.log: list[dict] = []
         self._reset_step()
 
     # -- lifecycle -----------------------------------------------------------------------
-    def attach(self, optimizer=None) -> "GradDotProdEngine":
+    def attach(self) -> "GradDotProdEngine":
         if self._attachment.active:
             raise RuntimeError("GradDotProdEngine is already attached")
-        self.optimizer = optimizer
         freeze = {id(p) for m, _ in self._covered.values() for p in m.parameters(recurse=False)}
         self._attachment.freeze([p for p in self.model.parameters()
                                  if id(p) in freeze or (self._freeze_extra and p.requires_grad)])
@@ -132,7 +129,6 @@ class GradDotProdEngine(AttachedEngine):
         self._attachment.undo()
         self._drop_param_attributes()
         self._reset_step()
-        self.optimizer = None
 
     # -- per-step API ------------------------------------------------------------------------
     def _reset_step(self) -> None:
@@ -176,12 +172,10 @@ class GradDotProdEngine(AttachedEngine):
         total = sum(per_param.values())
         return DotProducts(total, per_param, dict(self._paths))
 
-    def aggregate_and_log(self, indices=None) -> torch.Tensor:
-        """Sum the per-parameter dot products into one vector for this step, log it with the
-        step's batch indices, and free the per-parameter tensors."""
+    def aggregate(self) -> torch.Tensor:
+        """This step's dot products summed over parameters [B], the per-parameter tensors
+        freed (what to keep of them, and with which example indices, is the caller's)."""
         res = self.results()
-        self.log.append({"step": self.step, "indices": None if indices is None else torch.as_tensor(indices).cpu(),
-                         "dots": res.total.detach().cpu()})
         self._drop_param_attributes()
         return res.total
 

@@ -154,7 +154,7 @@ def _train(model, pad: int, train: list[Example], val: list[Example], batch_size
     optimizer = (torch.optim.SGD if opts.optimizer == "sgd" else torch.optim.AdamW)(params, lr=opts.lr)
     torch.manual_seed(opts.seed)  # dropout masks
     log = _Log(torch.zeros(len(train), dtype=torch.float64), torch.zeros(len(train), dtype=torch.int64))
-    engine.attach(optimizer)
+    engine.attach()
     try:
         with RateProgress("training", total=opts.steps, unit="steps", extra_unit=None,
                           enabled=opts.show_progress) as bar:
@@ -162,7 +162,7 @@ def _train(model, pad: int, train: list[Example], val: list[Example], batch_size
                 batch = collate([train[i] for i in idx.tolist()] + val, pad).to(device)
                 losses, _ = causal_lm_losses(model(**batch.model_inputs()).logits, batch.labels, "mean")
                 losses.sum().backward()
-                dots = engine.aggregate_and_log(idx).detach().double().cpu()
+                dots = engine.aggregate().detach().double().cpu()
                 engine.prepare_gradients()
                 optimizer.step()
                 engine.clear_gradients()

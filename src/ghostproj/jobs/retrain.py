@@ -122,7 +122,7 @@ def in_run_scores(model, base_state: dict, examples: list[Example], queries: lis
                                uncovered="freeze")
     run = _TrainingRun(model, base_state, examples, recipe)
     optimizer = run.optimizer
-    engine.attach(optimizer)
+    engine.attach()
     try:
         for chosen in run.batches:
             batch = collate([examples[i] for i in chosen] + queries, pad_id).to(run.device)

@@ -40,12 +40,6 @@ def subset_predictions(scores: np.ndarray, members: np.ndarray) -> np.ndarray:
     return members.astype(np.float64) @ scores.astype(np.float64)
 
 
-def lds_per_query(scores: np.ndarray, members: np.ndarray, losses: np.ndarray) -> np.ndarray:
-    """Each query's LDS [M]: Spearman over subsets of the predicted and the actual negated loss
-    (``losses`` [S, M], query j's loss under subset model s)."""
-    return spearman_columns(subset_predictions(scores, members), -losses)
-
-
 @dataclass
 class LdsEstimate:
     value: float  # mean LDS over queries
