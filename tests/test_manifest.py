@@ -47,3 +47,17 @@ def test_validation_names_what_is_wrong(edit, match):
     edit(m)
     with pytest.raises(GhostprojError, match=match):
         validate_manifest(m, "manifest.json")
+
+
+def test_recorded_hashes_keep_their_values():
+    """Runs and caches on disk hold these hashes: the one tensor hash must give the values
+    the earlier per-caller hashes gave (pinned here from them)."""
+    import torch
+
+    from ghostproj.engines.projector import LayerProjector, projector_hash
+    from ghostproj.store.fingerprint import sampled_weights_hash, weights_hash
+
+    a = torch.arange(12, dtype=torch.float32).reshape(3, 4) / 7
+    assert projector_hash({"l": LayerProjector(a[:2], a[:, :3])}).startswith("b09e4e1ae85dc029")
+    assert weights_hash([("w", a)]).startswith("a27b0c15e4eb1570")
+    assert sampled_weights_hash([("w", a)], 5).startswith("9cc64e41215982823")

@@ -436,7 +436,7 @@ def non_interf(
                                   optimizer=optimizer, max_length=max_length, device=device, **fields)
     con = _console()
     con.print(_error_table(f"training with vs without the engine ({steps} {optimizer} steps)",
-                           [(c.what, c.max_rel, c.max_abs) for c in result.comparisons], tolerance))
+                           [(c.name, c.max_rel, c.max_abs) for c in result.comparisons], tolerance))
     for problem in result.problems:
         con.print(f"[red]detach left something behind[/red]: {problem}")
     if result.problems or any(c.max_rel > tolerance for c in result.comparisons):
@@ -875,12 +875,7 @@ def index_build(
     from .scoring.index import IndexSettings
 
     settings = IndexSettings(metric=metric, normalize=normalize, center=center, damping=damping, layers=_split(layers),
-                             factory=factory or "", nprobe=nprobe if nprobe is not None else 0,
-                             candidates=candidates if candidates is not None else 0)
-    if nprobe is not None and nprobe < 1:
-        raise GhostprojError(f"--nprobe must be at least 1, got {nprobe}.")
-    if candidates is not None and candidates < 1:
-        raise GhostprojError(f"--candidates must be at least 1, got {candidates}.")
+                             factory=factory or "", nprobe=nprobe, candidates=candidates)
     status = _status()
     built, size, recall = run_index_build(train, out, settings, fisher=fisher_file, check=check,
                                           check_query=check_query, check_k=top_k, device=device,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import GhostprojError
+from ..store.fingerprint import hash_tensors
 
 PROJECTOR_KINDS = ("gaussian", "rademacher", "orthonormal")
 
@@ -114,10 +115,6 @@ def build_projectors(
 
 
 def projector_hash(projectors: dict[str, LayerProjector]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(projectors):
-        p = projectors[name]
-        for side, m in (("in", p.p_in), ("out", p.p_out)):
-            h.update(f"{name}.{side}:{tuple(m.shape)}".encode())
-            h.update(m.detach().cpu().contiguous().float().numpy().tobytes())
-    return h.hexdigest()
+    matrices = ((f"{name}.{side}", m) for name in sorted(projectors)
+                for side, m in (("in", projectors[name].p_in), ("out", projectors[name].p_out)))
+    return hash_tensors(matrices, header="{name}:{shape}", dtype=torch.float32)

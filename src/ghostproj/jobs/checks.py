@@ -90,13 +90,15 @@ def engine_projected_grads(
 
 
 @dataclass
-class LayerError:
+class Discrepancy:
+    """How far one thing (a layer's vectors, a weight, a loss) is from its reference."""
+
     name: str
     max_rel: float
     max_abs: float
 
 
-def compare_per_layer(got: torch.Tensor, ref: torch.Tensor, layers: list[LayerInfo]) -> list[LayerError]:
+def compare_per_layer(got: torch.Tensor, ref: torch.Tensor, layers: list[LayerInfo]) -> list[Discrepancy]:
     """Per layer: max over examples of ||got - ref|| / ||ref|| (examples whose reference
     block is zero use the absolute norm) and the max absolute entry difference."""
     rows = []
@@ -108,18 +110,11 @@ def compare_per_layer(got: torch.Tensor, ref: torch.Tensor, layers: list[LayerIn
         diff = (a - b).norm(dim=1)
         scale = b.norm(dim=1)
         rel = torch.where(scale > 0, diff / scale.clamp(min=1e-300), diff)
-        rows.append(LayerError(info.name, float(rel.max()), float((a - b).abs().max())))
+        rows.append(Discrepancy(info.name, float(rel.max()), float((a - b).abs().max())))
     return rows
 
 
 # -- non-interference ---------------------------------------------------------------------
-@dataclass
-class Comparison:
-    what: str
-    max_rel: float
-    max_abs: float
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     a, b = a.double(), b.double()
     diff = (a - b).abs().max().item() if a.numel() else 0.0
@@ -152,7 +147,7 @@ def non_interference(
     optimizer: str = "adamw",
     pad_id: int = 0,
     **engine_kwargs,
-) -> tuple[list[Comparison], list[str]]:
+) -> tuple[list[Discrepancy], list[str]]:
     """Train two identical copies for ``steps`` steps, one with the engine attached in
     observe mode, and compare losses, logits, gradients and parameters. Returns the
     comparisons and a list of problems with detaching (empty when clean)."""
@@ -202,14 +197,14 @@ def non_interference(
     for key in before:
         if before[key] != after.get(key):
             problems.append(f"module '{key or '<root>'}' differs after detach")
-    comps = [Comparison(k, max(r for r, _ in v), max(a for _, a in v)) for k, v in results.items()]
+    comps = [Discrepancy(k, max(r for r, _ in v), max(a for _, a in v)) for k, v in results.items()]
     return comps, problems
 
 
 # -- command-level checks -------------------------------------------------------------------
 @dataclass
 class NaiveCheckResult:
-    errors: list[LayerError]
+    errors: list[Discrepancy]
     tolerance: float
     n_examples: int
     min_len: int
@@ -261,7 +256,7 @@ def run_naive_check(model_path: str, data_path: str, layers: list[str] | None, *
 
 @dataclass
 class NonInterferenceResult:
-    comparisons: list[Comparison]
+    comparisons: list[Discrepancy]
     problems: list[str]
 
 

@@ -35,6 +35,7 @@ from ..scoring.lds import difference_interval, estimate_lds, resamples
 from ..scoring.score import DEFAULT_METRIC, DEFAULT_NORMALIZE, METRICS, score
 from ..scoring.transform import NORMALIZATIONS
 from ..store.files import atomic_write
+from ..store.fingerprint import hash_tensors
 from ..store.outputs import check_output_dir
 from ..store.shards import encode_safetensors
 from .inrun import MAX_VAL_BATCH
@@ -168,11 +169,7 @@ def _load(opts: EvaluateOptions) -> _Context:
 
 
 def _weights_sha(state: dict) -> str:
-    h = hashlib.sha256()
-    for name in sorted(state):
-        h.update(name.encode())
-        h.update(state[name].detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return hash_tensors(((name, state[name]) for name in sorted(state)), header="{name}", dtype=torch.float32)
 
 
 def _claim(out: Path, config: dict) -> None:

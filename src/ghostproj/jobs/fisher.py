@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from ..errors import GhostprojError
 from ..models import resolve_device
 from ..scoring.fisher import compute_fisher
 from ..scoring.influence import FisherSums, merge_fisher
@@ -14,8 +13,6 @@ from ..store.reader import open_run
 def run_fisher(train: str, out: str, *, layers: list[str] | None, normalize: str, full: bool, num_parts: int,
                part: int, chunk_rows: int | None, overwrite: bool, device: str = "auto") -> FisherSums:
     check_outputs([(out, "--out")], [train], overwrite)
-    if chunk_rows is not None and chunk_rows < 1:
-        raise GhostprojError(f"--chunk-rows must be at least 1, got {chunk_rows}.")
     result = compute_fisher(open_run(train), layers=layers, normalize=normalize, full=full,
                             part=(part, num_parts) if num_parts > 1 else None, chunk_rows=chunk_rows,
                             device=resolve_device(device))

@@ -16,6 +16,7 @@ from ..scoring.index import (
     SETTINGS_FILE,
     IndexSettings,
     build_index,
+    check_search_counts,
     exact_topk,
     faiss_module,
     index_bytes,
@@ -137,10 +138,7 @@ def run_index_query(index_dir: str, query: str, *, top_k: int, topk_out: str | N
     check_outputs([(topk_out, "--topk-out")], [index_dir, query], overwrite)
     if top_k < 1:
         raise GhostprojError(f"--top-k must be at least 1, got {top_k}.")
-    if nprobe is not None and nprobe < 1:
-        raise GhostprojError(f"--nprobe must be at least 1, got {nprobe}.")
-    if candidates is not None and candidates < 1:
-        raise GhostprojError(f"--candidates must be at least 1, got {candidates}.")
+    check_search_counts(nprobe, candidates)
     path = Path(index_dir)
     index, s, extras = load_index(path)
     if nprobe is not None and not uses_faiss(s.factory):

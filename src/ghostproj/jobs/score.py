@@ -45,8 +45,6 @@ def run_score_command(train: str | list[str], query: str | list[str], *, metric:
         raise GhostprojError("--select-out needs --reduce mean or --reduce max.")
     if group_field and reduce != "max":
         raise GhostprojError("--group-field only applies with --reduce max.")
-    if chunk_rows is not None and chunk_rows < 1:
-        raise GhostprojError(f"--chunk-rows must be at least 1, got {chunk_rows}.")
     if fisher and not metric.startswith("influence"):
         raise GhostprojError("--fisher only applies to --metric influence and influence-full.")
     if parts is not None:

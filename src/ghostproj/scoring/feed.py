@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import GhostprojError
 from ..store.reader import Run
 from .columns import chunks
 
@@ -28,6 +29,11 @@ class Chunk:
     rows: torch.Tensor  # [n or chunk_rows, D'] float32 on the device; may be changed in place
     n: int  # valid rows (the first n of ``rows``)
     store_dtype: torch.dtype
+
+
+def check_chunk_rows(chunk_rows: int | None) -> None:
+    if chunk_rows is not None and chunk_rows < 1:
+        raise GhostprojError(f"--chunk-rows must be at least 1, got {chunk_rows}.")
 
 
 def chunk_rows_for(device: torch.device, chunk_rows: int | None, width: int, store_dtype: torch.dtype,

@@ -8,7 +8,7 @@ import torch
 from ..errors import GhostprojError
 from ..store.reader import Run
 from .columns import column_index, relative_blocks, selected_layers
-from .feed import chunk_rows_for
+from .feed import check_chunk_rows, chunk_rows_for
 from .influence import FisherSums, check_full_size, fisher_sums, is_eigenbasis
 from .transform import NORMALIZATIONS, Transform
 
@@ -16,6 +16,7 @@ from .transform import NORMALIZATIONS, Transform
 def compute_fisher(run: Run, *, layers: list[str] | None, normalize: str, full: bool, part: tuple[int, int] | None,
                    chunk_rows: int | None, device: torch.device) -> FisherSums:
     """The Fisher sums of ``run`` (or of its ``part`` (i, K)) for the selected layers."""
+    check_chunk_rows(chunk_rows)
     if normalize not in NORMALIZATIONS:
         raise GhostprojError(f"Unknown --normalize '{normalize}'; choose one of {', '.join(NORMALIZATIONS)}.")
     if is_eigenbasis(run):

@@ -82,8 +82,8 @@ class IndexSettings:
     damping: float = 0.1
     layers: list[str] | None = None
     factory: str = ""  # Flat, Scan[d] or a FAISS index factory string; chosen from the size when empty
-    nprobe: int = 0  # FAISS IVF lists searched per query; chosen from the index when 0
-    candidates: int = 0  # Scan: rows per query re-ranked with the full codes
+    nprobe: int | None = None  # FAISS IVF lists searched per query; None: chosen from the index
+    candidates: int | None = None  # Scan: rows per query re-ranked with the full codes; None: the default
     rows: int = 0
     width: int = 0
     train_manifest: dict = field(default_factory=dict)
@@ -109,12 +109,17 @@ def check_settings(s: IndexSettings) -> None:
     if s.metric not in METRICS[:3]:
         raise GhostprojError("The index supports --metric cosine, dot and influence (influence-full needs the "
                              "full Fisher; score it exactly with `ghostproj score`).")
-    if s.nprobe < 0:
-        raise GhostprojError(f"--nprobe must be at least 1, got {s.nprobe}.")
-    if s.candidates < 0:
-        raise GhostprojError(f"--candidates must be at least 1, got {s.candidates}.")
+    check_search_counts(s.nprobe, s.candidates)
     if parse_factory(s.factory) == 0 and s.factory != "Scan":
         raise GhostprojError(f"--factory {s.factory}: a scan index needs at least one head direction (Scan<d>, d >= 1).")
+
+
+def check_search_counts(nprobe: int | None, candidates: int | None) -> None:
+    """--nprobe and --candidates, when given (None: chosen from the index), at building and
+    at querying alike."""
+    for flag, value in (("--nprobe", nprobe), ("--candidates", candidates)):
+        if value is not None and value < 1:
+            raise GhostprojError(f"{flag} must be at least 1, got {value}.")
 
 
 def _check_search_options(s: IndexSettings) -> None:

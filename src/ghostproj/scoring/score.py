@@ -18,7 +18,7 @@ from ..models import resolve_device
 from ..store.fingerprint import differing_part
 from ..store.reader import Run, open_run
 from .columns import chunks, column_index, relative_blocks, selected_layers
-from .feed import chunk_rows_for, feed
+from .feed import check_chunk_rows, chunk_rows_for, feed
 from .influence import (
     FisherSums,
     check_fisher,
@@ -112,8 +112,7 @@ def score(
         raise GhostprojError("Scoring in parts needs the whole run's statistics: no --center, and influence "
                              "with --fisher (from `ghostproj fisher`).")
     where = resolve_device(device)
-    if chunk_rows is not None and chunk_rows < 1:
-        raise GhostprojError(f"--chunk-rows must be at least 1, got {chunk_rows}.")
+    check_chunk_rows(chunk_rows)
     pairs = checkpoint_pairs(train, query)
     fishers = list(fisher) if isinstance(fisher, (list, tuple)) else [fisher] * len(pairs)
     if len(fishers) != len(pairs) or (len(pairs) > 1 and fisher is not None and not isinstance(fisher, (list, tuple))):

@@ -38,12 +38,20 @@ def fingerprint(parts: dict[str, str]) -> str:
     return sha256_hex(json.dumps({k: parts[k] for k in sorted(parts)}, sort_keys=True).encode())
 
 
-def weights_hash(named_tensors: list[tuple[str, torch.Tensor]]) -> str:
+def hash_tensors(named_tensors, header: str = "{name}:{dtype}:{shape}", dtype: torch.dtype | None = None) -> str:
+    """The one tensor hash: sha256 over each tensor's ``header`` (its name, dtype and shape
+    formatted in) and bytes, in the order given; ``dtype``: converted first. Each caller's
+    header is fixed, as hashes already recorded in runs and caches must stay valid."""
     h = hashlib.sha256()
     for name, t in named_tensors:
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        t = t.detach() if dtype is None else t.detach().to(dtype)
+        h.update(header.format(name=name, dtype=t.dtype, shape=tuple(t.shape)).encode())
         h.update(tensor_bytes(t))
     return h.hexdigest()
+
+
+def weights_hash(named_tensors: list[tuple[str, torch.Tensor]]) -> str:
+    return hash_tensors(named_tensors)
 
 
 def sampled_weights_hash(named_tensors: list[tuple[str, torch.Tensor]], per_tensor: int = 65536) -> str:
@@ -51,13 +59,11 @@ def sampled_weights_hash(named_tensors: list[tuple[str, torch.Tensor]], per_tens
     of at most ``per_tensor`` values of each. Two different checkpoints of a model differ
     in it (fine-tuning moves every weight); hashing all bytes of a multi-billion-parameter
     base would cost a full pass over it."""
-    h = hashlib.sha256()
-    for name, t in named_tensors:
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        flat = t.detach().reshape(-1)
-        step = max(1, flat.numel() // per_tensor)
-        h.update(tensor_bytes(flat[::step][:per_tensor]))
-    return h.hexdigest()
+    def samples():
+        for name, t in named_tensors:
+            flat = t.detach().reshape(-1)
+            yield f"{name}:{t.dtype}:{tuple(t.shape)}", flat[::max(1, flat.numel() // per_tensor)][:per_tensor]
+    return hash_tensors(samples(), header="{name}")
 
 
 def fingerprint_parts(
