@@ -247,7 +247,7 @@ def run_naive_check(model_path: str, data_path: str, layers: list[str] | None, *
     ref = naive_projected_grads(model, examples, engine, loss_reduction)
     if tolerance is None:
         # 16-bit: the naive reference's own weight gradients are rounded to the model's
-        # dtype; measured up to 5e-3 on the test and demo models, so 4x that margin
+        # dtype (README, "Models": 4x the largest error measured)
         tolerance = 1e-4 if dtype == "float32" else SIXTEEN_BIT_TOLERANCE
     lengths = [len(e.input_ids) for e in examples]
     return NaiveCheckResult(compare_per_layer(got, ref, engine.layers), tolerance, len(examples),

@@ -92,11 +92,10 @@ class IndexSettings:
 
 
 def default_factory(rows: int) -> str:
-    """Exact below FLAT_MAX_ROWS, the scan index above it. On gradient-like vectors (1M
-    rows, benchmarks/bench_index.py) the scan index reaches recall@10 0.97 at over 10x
-    exact speed, where FAISS's inverted files (IVF1024,SQ6) gave 0.69 at 5x and 0.92 only
-    at exact speed: such vectors are close to isotropic, so a partition of them prunes
-    little."""
+    """Exact below FLAT_MAX_ROWS, the scan index above it: gradient-like vectors are close
+    to isotropic, so FAISS's inverted files prune little of them, and the scan index keeps
+    far more recall at equal speed (benchmarks/README.md, "The index on gradient-like
+    vectors")."""
     return "Flat" if rows < FLAT_MAX_ROWS else "Scan"
 
 

@@ -47,9 +47,8 @@ HEAD_LEVELS = 127  # int8 head codes in [-127, 127]
 HEAD_HEADROOM = 1.5  # the head scales cover 1.5x the sample's range: rows beyond it are rare
 RESIDUAL_LEVELS = 31  # 6-bit residual codes in [-31, 31], stored +31
 DEFAULT_CANDIDATES = 256
-# The head holds 70% of the rows' variance: on the benchmark's gradient-like vectors that is
-# 128 directions for cosine and 256 for influence, and recall@10 0.96-0.97 with 256
-# candidates, where 49% of the variance (influence at 128) gave 0.67.
+# The head holds this share of the rows' variance: chosen by recall on gradient-like vectors
+# (benchmarks/README.md, "The index on gradient-like vectors"); a smaller share lost recall.
 HEAD_VARIANCE = 0.7
 MAX_HEAD_DIMS = 1024
 FACTORY = re.compile(r"^Scan(\d+)?$")
