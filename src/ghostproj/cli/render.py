@@ -201,3 +201,71 @@ def report_non_interference(result, steps: int, optimizer: str, tolerance: float
         return False
     con.print("[green]OK[/green]: identical losses, logits, gradients and parameters; detach restored the model.")
     return True
+
+
+def score_reporter(metric: str, reduce: str | None, show: int):
+    """What `score` shows of a result: the top-k table of the first ``show`` queries, and
+    the best and worst selection scores."""
+    def report(train_run, query_run, result) -> None:
+        report_scores(train_run, query_run, result, metric, reduce, show)
+    return report
+
+
+def report_scores(train_run, query_run, result, metric: str, reduce: str | None, show: int) -> None:
+    import torch
+    from rich.table import Table
+
+    from ..data.records import example_text, records_for_run
+    from ..progress import shorten
+
+    console, status = console_out(), console_err()
+    train_records, train_why = records_for_run(train_run.manifest)
+    query_records, _ = records_for_run(query_run.manifest)
+    train_data, query_data = train_run.manifest.get("data", {}), query_run.manifest.get("data", {})
+    if train_records is None:
+        status.print(f"[dim]texts not shown: {train_why}[/dim]")
+
+    def text(tidx: int) -> list[str]:
+        return [shorten(example_text(train_records, tidx, train_data), 90)] if train_records is not None else []
+
+    for j in range(min(show, result.topk_train.shape[0])):
+        qidx = int(result.query_index[j])
+        title = f"query {qidx}"
+        if query_records is not None:
+            title += ": " + shorten(example_text(query_records, qidx, query_data), 80)
+        table = Table(title=title, title_justify="left")
+        for col in ("rank", "train", metric) + (("text",) if train_records is not None else ()):
+            table.add_column(col, justify="left" if col == "text" else "right")
+        for r in range(result.topk_train.shape[1]):
+            tidx = int(result.topk_train[j, r])
+            table.add_row(str(r + 1), str(tidx), f"{float(result.topk_scores[j, r]):.4g}", *text(tidx))
+        console.print(table)
+    if reduce:
+        order = torch.argsort(result.selection, descending=True)
+        table = Table(title=f"selection scores (--reduce {reduce}): best and worst", title_justify="left")
+        for col in ("", "train", "score") + (("text",) if train_records is not None else ()):
+            table.add_column(col, justify="right" if col in ("train", "score") else "left")
+        n = min(5, len(order))
+        for label, rows in (("best", order[:n]), ("worst", order[-n:].flip(0))):
+            for pos in rows.tolist():
+                tidx = int(result.train_index[pos])
+                table.add_row(label, str(tidx), f"{float(result.selection[pos]):.4g}", *text(tidx))
+        console.print(table)
+
+
+def report_demo(res) -> None:
+    """The demo's same-topic precision of each metric and normalization, and what to try next."""
+    from rich.table import Table
+
+    console = console_out()
+    baseline = res.precisions[("random", "none")]
+    table = Table(title=f"same-topic precision@{res.top_k} over {res.queries} held-out queries "
+                        f"(random: {baseline:.3f})", title_justify="left")
+    table.add_column("metric")
+    table.add_column("--normalize none", justify="right")
+    table.add_column("--normalize layer", justify="right")
+    for metric in ("cosine", "dot", "influence"):
+        table.add_row(metric, *(f"{res.precisions[(metric, n)]:.3f}" for n in ("none", "layer")))
+    console.print(table)
+    console.print(f"Runs kept in {res.train_dir.parent}/ — try: ghostproj score {res.train_dir} {res.query_dir} --metric cosine "
+                  "--top-k 5")

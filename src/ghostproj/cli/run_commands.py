@@ -35,12 +35,14 @@ from .options import (
     with_source,
 )
 from .render import (
+    report_demo,
     report_evaluate,
     report_fidelity,
     report_inrun,
     report_naive_check,
     report_non_interference,
     report_project,
+    report_scores,
     with_notes,
 )
 
@@ -222,4 +224,9 @@ def demo(
     """Project the embedded corpus, score held-out queries and show what ghostproj finds."""
     from ..jobs.demo import run_demo
 
-    run_demo(out, console_out(), console_err(), top_k=top_k, show=show)
+    def report(train_run, query_run, result) -> None:
+        console_out().print(f"[bold]Which training texts push the model like each query?[/bold] (the defaults: "
+                            f"influence, --normalize layer, top {top_k})")
+        report_scores(train_run, query_run, result, "influence", None, show)
+
+    report_demo(run_demo(out, top_k=top_k, log=console_err().print, report=report))

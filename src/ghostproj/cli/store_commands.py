@@ -10,7 +10,7 @@ import typer
 from ..errors import GhostprojError
 from .app import OUTPUT, RUN, SCORING, app, console_err, console_out, markup_safe
 from .options import ChunkRowsOpt, OverwriteOpt, ScoreDeviceOpt, SelectOutOpt, TopkOutOpt, split_list
-from .render import report_index_build, report_index_query
+from .render import report_index_build, report_index_query, score_reporter
 
 
 @app.command()
@@ -68,8 +68,9 @@ def score(
         fisher_file = split_list(fisher_file)  # one per checkpoint, comma-separated
     run_score_command(
         train, query, metric=metric, normalize=normalize, center=center, damping=damping, layers=split_list(layers),
-        top_k=top_k, show=show, out=out, topk_out=topk_out, reduce=reduce, group_field=group_field,
-        select_out=select_out, chunk_rows=chunk_rows, overwrite=overwrite, console=console_out(), status=console_err(),
+        top_k=top_k, out=out, topk_out=topk_out, reduce=reduce, group_field=group_field, select_out=select_out,
+        chunk_rows=chunk_rows, overwrite=overwrite, log=console_err().print,
+        report=score_reporter(metric, reduce, show) if show > 0 else None,
         fisher=fisher_file, parts=(part, num_parts) if num_parts > 1 else None, part_out=part_out,
         keep_matrix=keep_matrix, device=device,
     )

@@ -157,30 +157,36 @@ def topic_precision(result, train_topics: dict[int, str], query_topics: dict[int
     return sum(hits) / len(hits)
 
 
-def run_demo(out: str | os.PathLike, console, status, top_k: int = 10, show: int = 3) -> dict[tuple[str, str], float]:
-    """Project the demo's training and query splits, score them, print the best matches and
-    the same-topic precision@k of each metric and normalization next to the random
-    baseline."""
-    from rich.table import Table
+@dataclass
+class DemoResult:
+    precisions: dict  # (metric, normalize) -> same-topic precision@k; ("random", "none"): the baseline
+    top_k: int
+    queries: int
+    train_dir: Path
+    query_dir: Path
 
+
+def run_demo(out: str | os.PathLike, top_k: int = 10, log=None, report=None) -> DemoResult:
+    """Project the demo's training and query splits, score them with the defaults
+    (``report(train_run, query_run, result)`` shows the matches), and measure the same-topic
+    precision@k of each metric and normalization next to the random baseline."""
     from ..data.records import read_records
     from ..scoring.score import score
     from .project import ProjectOptions, run_project
     from .score import run_score_command
 
-    assets = ensure_demo(lambda m: status.print(f"[dim]{m}[/dim]"))
+    log = log or (lambda message: None)
+    assets = ensure_demo(lambda m: log(f"[dim]{m}[/dim]"))
     out = Path(out)
     train_dir, query_dir = out / "train.st", out / "query.st"
     for data, run_dir, like in ((assets.train, train_dir, None), (assets.query, query_dir, train_dir)):
         s = run_project(ProjectOptions(model=str(assets.model), data=str(data), out=str(run_dir),
                                        like=str(like) if like else None, batch_size=16, max_length=64))
-        status.print(f"[dim]projected {s.examples} examples into {run_dir} (D={s.dim}"
-                     f"{', reused' if s.already_complete else f', {s.seconds:.1f} s'})[/dim]")
-    console.print(f"[bold]Which training texts push the model like each query?[/bold] (the defaults: influence, "
-                  f"--normalize layer, top {top_k})")
+        log(f"[dim]projected {s.examples} examples into {run_dir} (D={s.dim}"
+            f"{', reused' if s.already_complete else f', {s.seconds:.1f} s'})[/dim]")
     run_score_command(str(train_dir), str(query_dir), metric="influence", normalize="layer", center=False,
-                      damping=0.1, layers=None, top_k=top_k, show=show, out=None, topk_out=None, reduce=None,
-                      group_field=None, select_out=None, chunk_rows=8192, console=console, status=status)
+                      damping=0.1, layers=None, top_k=top_k, out=None, topk_out=None, reduce=None,
+                      group_field=None, select_out=None, chunk_rows=8192, report=report, log=log)
 
     train_topics = {i: r["topic"] for i, r in enumerate(read_records(assets.train).rows)}
     query_topics = {i: r["topic"] for i, r in enumerate(read_records(assets.query).rows)}
@@ -192,15 +198,6 @@ def run_demo(out: str | os.PathLike, console, status, top_k: int = 10, show: int
     counts: dict[str, int] = {}
     for t in train_topics.values():
         counts[t] = counts.get(t, 0) + 1
-    baseline = sum(counts[t] / len(train_topics) for t in query_topics.values()) / len(query_topics)
-    table = Table(title=f"same-topic precision@{top_k} over {len(query_topics)} held-out queries "
-                        f"(random: {baseline:.3f})", title_justify="left")
-    table.add_column("metric")
-    table.add_column("--normalize none", justify="right")
-    table.add_column("--normalize layer", justify="right")
-    for metric in ("cosine", "dot", "influence"):
-        table.add_row(metric, *(f"{precisions[(metric, n)]:.3f}" for n in ("none", "layer")))
-    console.print(table)
-    console.print(f"Runs kept in {out}/ — try: ghostproj score {train_dir} {query_dir} --metric cosine --top-k 5")
-    precisions[("random", "none")] = baseline
-    return precisions
+    precisions[("random", "none")] = sum(counts[t] / len(train_topics) for t in query_topics.values()) / len(
+        query_topics)
+    return DemoResult(precisions, top_k, len(query_topics), train_dir, query_dir)

@@ -7,12 +7,11 @@ import os
 from pathlib import Path
 
 import torch
-from rich.table import Table
 
-from ..data.records import example_text, record_field, records_for_run
+from ..data.records import record_field, records_for_run
 from ..distributed import device_for_this_process, distributed_rank
 from ..errors import GhostprojError
-from ..progress import RateProgress, shorten
+from ..progress import RateProgress
 from ..scoring.fisher import compute_fisher
 from ..scoring.result_files import write_scores, write_selection, write_topk
 from ..scoring.score import ScoreResult, score
@@ -27,12 +26,15 @@ def _fisher_files(fisher: str | list[str] | None) -> list[str]:
 
 
 def run_score_command(train: str | list[str], query: str | list[str], *, metric: str, normalize: str | None, center: bool, damping: float,
-                      layers: list[str] | None, top_k: int, show: int, out: str | None, topk_out: str | None,
+                      layers: list[str] | None, top_k: int, out: str | None, topk_out: str | None,
                       reduce: str | None, group_field: str | None, select_out: str | None,
-                      chunk_rows: int | None, console, status, overwrite: bool = False,
+                      chunk_rows: int | None, report=None, log=None, overwrite: bool = False,
                       fisher: str | list[str] | None = None,
                       parts: tuple[int, int] | None = None, part_out: str | None = None,
                       keep_matrix: bool = False, device: str = "auto") -> ScoreResult:
+    """``report(train_run, query_run, result)`` shows a finished result (rank 0 only);
+    ``log(message)`` takes the status lines."""
+    log = log or (lambda message: None)
     trains = list(train) if isinstance(train, (list, tuple)) else [train]
     queries = list(query) if isinstance(query, (list, tuple)) else [query]
     ranks = _torchrun_ranks()
@@ -60,28 +62,27 @@ def run_score_command(train: str | list[str], query: str | list[str], *, metric:
             metric=metric, normalize=normalize, center=center, damping=damping, layers=layers, top_k=top_k,
             reduce=reduce, query_groups=groups, keep_matrix=out is not None, chunk_rows=chunk_rows, fisher=fisher,
             device=device_for_this_process(device)), (out, topk_out, select_out), (train, query), group_field,
-            show, console, status)
+            report, log)
     with RateProgress("scoring", total=train_run.rows, unit="rows", extra_unit=None, lazy=True) as bar:
         result = score(train_runs, query_runs, metric=metric, normalize=normalize, center=center, damping=damping,
                        layers=layers, top_k=top_k, reduce=reduce, query_groups=groups,
                        keep_matrix=out is not None or keep_matrix, chunk_rows=chunk_rows, progress=bar, fisher=fisher,
                        part=parts, device=device)
     for note in result.notes:
-        status.print(f"[yellow]note:[/yellow] {note}")
+        log(f"[yellow]note:[/yellow] {note}")
     if parts is not None:
         _write_own_part(part_out, result, parts, train_runs, query_runs, group_field, metric=metric,
                         normalize=normalize, center=center, damping=damping, layers=layers, top_k=top_k, reduce=reduce)
-        status.print(f"[green]scored[/green] part {parts[0]} of {parts[1]} ({result.train_index.numel()} x "
+        log(f"[green]scored[/green] part {parts[0]} of {parts[1]} ({result.train_index.numel()} x "
                      f"{query_run.rows}); wrote {part_out}")
         return result
-    _write_and_show(result, (out, topk_out, select_out), train_run, query_run, metric, reduce, show, console, status)
-    status.print(f"[green]scored[/green] {train_run.rows} x {query_run.rows} ({metric}) in {result.seconds:.1f} s"
+    _write_and_show(result, (out, topk_out, select_out), train_run, query_run, report)
+    log(f"[green]scored[/green] {train_run.rows} x {query_run.rows} ({metric}) in {result.seconds:.1f} s"
                  + "".join(f"; wrote {p}" for p in (out, topk_out, select_out) if p))
     return result
 
 
-def _write_and_show(result: ScoreResult, outputs: tuple, train_run, query_run, metric: str, reduce: str | None,
-                    show: int, console, status) -> None:
+def _write_and_show(result: ScoreResult, outputs: tuple, train_run, query_run, report) -> None:
     out, topk_out, select_out = outputs
     if out:
         write_scores(out, result)
@@ -89,8 +90,8 @@ def _write_and_show(result: ScoreResult, outputs: tuple, train_run, query_run, m
         write_topk(topk_out, result)
     if select_out:
         write_selection(select_out, result)
-    if show > 0:
-        _show(console, status, train_run, query_run, result, metric, reduce, show)
+    if report is not None:
+        report(train_run, query_run, result)
 
 
 def _write_own_part(path: str, result: ScoreResult, part: tuple[int, int], train_runs: list, query_runs: list,
@@ -112,7 +113,7 @@ def _torchrun_ranks() -> tuple[int, int] | None:
 
 
 def _score_under_torchrun(train_runs: list, query_runs: list, ranks: tuple[int, int], options: dict, outputs: tuple,
-                          inputs: tuple, group_field: str | None, show: int, console, status) -> ScoreResult:
+                          inputs: tuple, group_field: str | None, report, log) -> ScoreResult:
     """Each rank scores shards rank, rank + K, ... and writes its part beside the first
     output; rank 0 merges the parts into exactly the single-process answer and writes the
     outputs. Influence without --fisher gets the whole run's Fisher by an all-reduce of
@@ -137,15 +138,14 @@ def _score_under_torchrun(train_runs: list, query_runs: list, ranks: tuple[int, 
     td.barrier()
     if rank == 0:
         for note in result.notes:
-            status.print(f"[yellow]note:[/yellow] {note}")
+            log(f"[yellow]note:[/yellow] {note}")
         try:
             result = merge_parts([str(part_file(r)) for r in range(world)])
         finally:
             for r in range(world):
                 part_file(r).unlink(missing_ok=True)
-        _write_and_show(result, outputs, train_run, query_run, options["metric"], options["reduce"], show, console,
-                        status)
-        status.print(f"[green]scored[/green] {train_run.rows} x {query_run.rows} ({options['metric']}) in {world} "
+        _write_and_show(result, outputs, train_run, query_run, report)
+        log(f"[green]scored[/green] {train_run.rows} x {query_run.rows} ({options['metric']}) in {world} "
                      f"ranks" + "".join(f"; wrote {p}" for p in outputs if p))
     td.barrier()
     return result
@@ -176,43 +176,6 @@ def _groups(query_run, group_field: str) -> list[str]:
     if any(g is None for g in groups):
         raise GhostprojError(f"Some query rows have no field '{group_field}'.")
     return [str(g) for g in groups]
-
-
-def _show(console, status, train_run, query_run, result: ScoreResult, metric: str, reduce: str | None,
-          show: int) -> None:
-    """The top-k table of the first ``show`` queries, and the best and worst selection scores."""
-    train_records, train_why = records_for_run(train_run.manifest)
-    query_records, _ = records_for_run(query_run.manifest)
-    train_data, query_data = train_run.manifest.get("data", {}), query_run.manifest.get("data", {})
-    if train_records is None:
-        status.print(f"[dim]texts not shown: {train_why}[/dim]")
-
-    def text(tidx: int) -> list[str]:
-        return [shorten(example_text(train_records, tidx, train_data), 90)] if train_records is not None else []
-
-    for j in range(min(show, result.topk_train.shape[0])):
-        qidx = int(result.query_index[j])
-        title = f"query {qidx}"
-        if query_records is not None:
-            title += ": " + shorten(example_text(query_records, qidx, query_data), 80)
-        table = Table(title=title, title_justify="left")
-        for col in ("rank", "train", metric) + (("text",) if train_records is not None else ()):
-            table.add_column(col, justify="left" if col == "text" else "right")
-        for r in range(result.topk_train.shape[1]):
-            tidx = int(result.topk_train[j, r])
-            table.add_row(str(r + 1), str(tidx), f"{float(result.topk_scores[j, r]):.4g}", *text(tidx))
-        console.print(table)
-    if reduce:
-        order = torch.argsort(result.selection, descending=True)
-        table = Table(title=f"selection scores (--reduce {reduce}): best and worst", title_justify="left")
-        for col in ("", "train", "score") + (("text",) if train_records is not None else ()):
-            table.add_column(col, justify="right" if col in ("train", "score") else "left")
-        n = min(5, len(order))
-        for label, rows in (("best", order[:n]), ("worst", order[-n:].flip(0))):
-            for pos in rows.tolist():
-                tidx = int(result.train_index[pos])
-                table.add_row(label, str(tidx), f"{float(result.selection[pos]):.4g}", *text(tidx))
-        console.print(table)
 
 
 def write_part(path: str, result: ScoreResult, part: tuple[int, int], shard_rows: list[int], settings: dict) -> None:
