@@ -8,9 +8,9 @@ from typing import Optional
 import typer
 
 from ..errors import GhostprojError
-from .app import OUTPUT, RUN, SCORING, app, console_err, console_out, markup_safe
+from .app import OUTPUT, RUN, SCORING, app, console_err, markup_safe
 from .options import ChunkRowsOpt, OverwriteOpt, ScoreDeviceOpt, SelectOutOpt, TopkOutOpt, split_list
-from .render import report_index_build, report_index_query, score_reporter
+from .render import report_index_build, report_index_query, report_run, score_reporter
 
 
 @app.command()
@@ -140,7 +140,7 @@ def inspect_run(
     """Show a run and verify its shards (or merge job-array parts into one run).
 
     Exits 0 for a complete, verified run, 3 for an unfinished one and 2 for a damaged one."""
-    from ..jobs.inspect import describe_run
+    from ..store.reader import verify_run
 
     if merge:
         from ..store.merge import merge_runs
@@ -151,7 +151,7 @@ def inspect_run(
         console_err().print(f"merged {len(run_dirs) - 1} parts into {markup_safe(run_dirs[0])}")
     elif len(run_dirs) != 1:
         raise GhostprojError("inspect takes one run directory (or --merge OUT PART...).")
-    complete = describe_run(run_dirs[0], console_out(), hash_shards=not quick)
+    complete = report_run(run_dirs[0], verify_run(run_dirs[0], hash_shards=not quick), hash_shards=not quick)
     if not complete:
         raise typer.Exit(INCOMPLETE_EXIT)
 
