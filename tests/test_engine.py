@@ -314,7 +314,7 @@ def test_compiled_model_has_no_graph_break_and_same_vectors(tokenizer, arch):
 def test_compiled_batches_of_varying_size_share_a_graph(tokenizer):
     """--token-budget batches differ in size and length: after the first two shapes the
     compiled graph is dynamic in both, and every batch's vectors equal the eager ones."""
-    from ghostproj.jobs.project import dynamic_batch_sizes
+    from ghostproj.jobs.pipeline import dynamic_batch_sizes
 
     torch.manual_seed(8)
     m = tiny_llama(len(tokenizer))

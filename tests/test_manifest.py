@@ -6,7 +6,7 @@ import copy
 import pytest
 
 from ghostproj.errors import GhostprojError
-from ghostproj.jobs.project import build_manifest
+from ghostproj.jobs.run_records import build_manifest
 from ghostproj.store.fingerprint import fingerprint
 from ghostproj.store.manifest import LayerInfo, validate_manifest
 

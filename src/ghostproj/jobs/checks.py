@@ -138,6 +138,19 @@ def module_state(model: nn.Module) -> dict:
     return state
 
 
+def _training_step(model: nn.Module, opt, batch, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step on the batch's mean loss; (loss, logits, flat gradient)."""
+    torch.manual_seed(seed)  # the same dropout masks in both copies
+    opt.zero_grad(set_to_none=True)
+    logits = model(**batch.model_inputs()).logits
+    losses, _ = causal_lm_losses(logits, batch.labels, "mean")
+    loss = losses.mean()
+    loss.backward()
+    grads = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+    opt.step()
+    return loss.detach(), logits.detach(), grads
+
+
 def non_interference(
     model: nn.Module,
     batches: list[list[Example]],
@@ -170,17 +183,7 @@ def non_interference(
     watched.train()
     for step in range(steps):
         batch = collate(batches[step % len(batches)], pad_id).to(device)
-        outs = []
-        for m, opt in ((plain, opt_plain), (watched, opt_watched)):
-            torch.manual_seed(1000 + step)  # same dropout masks in both copies
-            opt.zero_grad(set_to_none=True)
-            logits = m(**batch.model_inputs()).logits
-            losses, _ = causal_lm_losses(logits, batch.labels, "mean")
-            loss = losses.mean()
-            loss.backward()
-            grads = torch.cat([p.grad.reshape(-1) for p in m.parameters() if p.grad is not None])
-            opt.step()
-            outs.append((loss.detach(), logits.detach(), grads))
+        outs = [_training_step(m, opt, batch, seed=1000 + step) for m, opt in ((plain, opt_plain), (watched, opt_watched))]
         engine.collect()
         (l0, z0, g0), (l1, z1, g1) = outs
         results["loss"].append(_rel(l1, l0))

@@ -3,13 +3,18 @@ before the previous batch's results are waited for and handed to the writer."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..data.batching import Example, collate
 from ..data.transfer import HostCopy
 from ..engines.losses import causal_lm_losses
 from ..engines.projection import GradProjectionEngine
+from ..inputs import LoadedInputs
+from ..models import pad_token_id
 from ..progress import RateProgress
+from ..store.manifest import STORE_DTYPES
 from ..store.writer import RunWriter
 
 
@@ -66,3 +71,39 @@ def launch_batch(model, engine: GradProjectionEngine, examples: list[Example], l
         # convert (bf16 keeps float32's range, so no overflow check is lost).
         vectors = vectors.to(store_dtype)
     return LaunchedBatch(examples, live, engine.dim, HostCopy([vectors, per_example]))
+
+
+class BatchRunner:
+    """Runs batches of one run through the model and engine."""
+
+    def __init__(self, opts, values: dict, inputs: LoadedInputs, engine: GradProjectionEngine):
+        self.forward = torch.compile(inputs.model) if opts.compile else inputs.model
+        self.engine, self.device = engine, inputs.device
+        self.reduction, self.pad = values["loss_reduction"], pad_token_id(inputs.tokenizer)
+        self.store_dtype = STORE_DTYPES[opts.store_dtype]
+
+    def launch(self, batch: list[Example]):
+        return launch_batch(self.forward, self.engine, batch, self.reduction, self.pad, self.device, self.store_dtype)
+
+    def pipeline(self, batches: list[tuple[int, list[Example]]], writer: RunWriter, bar: RateProgress) -> None:
+        """One batch in flight: batch t+1 is queued on the device before batch t's results
+        are waited for and handed to the writer with their place in the row stream."""
+        pending = None
+        for start, batch in batches:
+            launched = (start, self.launch(batch))
+            if pending is not None:
+                deliver(pending[1], writer, bar, pending[0])
+            pending = launched
+        if pending is not None:
+            deliver(pending[1], writer, bar, pending[0])
+
+
+def dynamic_batch_sizes(compiling: bool):
+    """Under torch.compile, let the engine's per-layer result buffers (attributes reached
+    through the model's modules, which dynamo otherwise takes as fixed-size) follow the
+    batch size, so --token-budget batches share one graph instead of one each."""
+    if not compiling:
+        return contextlib.nullcontext()
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(force_nn_module_property_static_shapes=False)

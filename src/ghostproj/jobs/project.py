@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import errno
 import re
@@ -11,10 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from ..data.batching import Example
-from ..data.records import file_sha256
 from ..distributed import (
     distributed_rank,
     finish_distributed,
@@ -28,16 +24,12 @@ from ..engines.projection import GradProjectionEngine
 from ..engines.projector import PROJECTOR_KINDS, LayerProjector, projector_hash
 from ..errors import GhostprojError
 from ..inputs import InputFields, LoadedInputs, load_inputs
-from ..models import config_hash, pad_token_id
 from ..progress import RateProgress
-from ..store.factors_file import FactorTotals, factors_fingerprint, load_factors
+from ..store.factors_file import FactorTotals, load_factors
 from ..store.files import atomic_write
 from ..store.fingerprint import (
-    fingerprint,
     fingerprint_parts,
-    sampled_weights_hash,
     sha256_hex,
-    weights_hash,
 )
 from ..store.lock import RunLock
 from ..store.manifest import (
@@ -56,8 +48,9 @@ from ..store.projector_file import encode_projectors, load_projectors
 from ..store.reader import check_projector_file
 from ..store.shards import file_sha256_matches
 from ..store.writer import RunWriter
-from .pipeline import deliver, launch_batch
+from .pipeline import BatchRunner, dynamic_batch_sizes
 from .resume import RunPlan, prepare_out_dir, resume_state
+from .run_records import build_manifest, data_record, factors_record, model_record, run_settings, weights_sha
 
 
 @dataclass
@@ -244,17 +237,17 @@ def run_project(opts: ProjectOptions, summary: ProjectSummary | None = None) -> 
     factors = load_factors(opts.factors) if opts.factors else None
     inputs = load_inputs(opts, summary)
     engine = build_engine(inputs.model, opts, values, like, factors)
-    parts = fingerprint_parts(engine.layers, _weights_sha(inputs.model, engine, opts.adapter),
+    parts = fingerprint_parts(engine.layers, weights_sha(inputs.model, engine, opts.adapter),
                               projector_hash(engine.projectors), values["loss_reduction"], values["bias"])
     summary.notes += _capped_rank_notes(engine, values, opts)
     manifest = build_manifest(
-        parts=parts, model=_model_record(inputs.model, opts, parts), data=_data_record(inputs),
+        parts=parts, model=model_record(inputs.model, opts, parts), data=data_record(inputs),
         loss_reduction=values["loss_reduction"], bias=values["bias"], projector=(values["projector"], values["seed"]),
-        layers=engine.layers, store_dtype=opts.store_dtype, settings=_settings(opts, inputs),
+        layers=engine.layers, store_dtype=opts.store_dtype, settings=run_settings(opts, inputs),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     if factors is not None or (like or {}).get("factors"):
         manifest["projector"]["kind"] = EIGEN
-        manifest["factors"] = like["factors"] if like else _factors_record(opts.factors, *factors)
+        manifest["factors"] = like["factors"] if like else factors_record(opts.factors, *factors)
     out = Path(opts.out)
     part = _partition(opts, inputs, manifest, out)
     projector_bytes = encode_projectors(engine.projectors, {"format": str(FORMAT_VERSION),
@@ -273,68 +266,6 @@ def run_project(opts: ProjectOptions, summary: ProjectSummary | None = None) -> 
         finish_distributed(out, part.shard_id, part.num_shards)
     summary.seconds = time.perf_counter() - t0
     return summary
-
-
-def _weights_sha(model: torch.nn.Module, engine: GradProjectionEngine, adapter: str | None) -> str:
-    """The fingerprint's model part: the projected layers' weights (and biases with --bias)."""
-    modules = dict(model.named_modules())
-    tensors = []
-    for info in engine.layers:
-        tensors.append((info.name + ".weight", modules[info.name].weight))
-        if engine.bias:
-            tensors.append((info.name + ".bias", modules[info.name].bias))
-    sha = weights_hash(tensors)
-    if adapter:
-        # the adapter's matrices alone do not say which base they sit on: runs over
-        # different bases must not compare as equal
-        base = [(n, p) for n, p in model.named_parameters() if ".lora_" not in n]
-        sha = fingerprint({"adapter": sha, "base": sampled_weights_hash(base)})
-    return sha
-
-
-def _model_record(model: torch.nn.Module, opts: ProjectOptions, parts: dict) -> dict:
-    return {"path": opts.model, "class": type(model).__name__, "config_hash": config_hash(model),
-            "weights_hash": parts["model_weights"], "dtype": opts.dtype,
-            "adapter": str(Path(opts.adapter).resolve()) if opts.adapter else None}
-
-
-def _data_record(inputs: LoadedInputs) -> dict:
-    return {**inputs.spec.describe(), "sha256": inputs.data.sha256, "fields": inputs.data.fields,
-            "max_length": inputs.max_length, "count": len(inputs.data.examples)}
-
-
-def _settings(opts: ProjectOptions, inputs: LoadedInputs) -> dict:
-    """What a resumed run must share with the run it continues, beyond the fingerprint."""
-    settings = {"max_length": inputs.max_length, "data_spec": inputs.spec.describe(), "store_dtype": opts.store_dtype,
-                "shard_size": opts.shard_size, "batch_size": opts.batch_size, "token_budget": opts.token_budget,
-                "dtype": opts.dtype}
-    if opts.optimizer_state:  # the vectors are Adam directions under these moments
-        settings["optimizer_state"] = {"path": str(Path(opts.optimizer_state).resolve()),
-                                       "sha256": file_sha256(opts.optimizer_state)}
-    return settings
-
-
-def build_manifest(*, parts: dict, model: dict, data: dict, loss_reduction: str, bias: bool,
-                   projector: tuple[str, int], layers: list, store_dtype: str, settings: dict, created: str) -> dict:
-    """The manifest of a new run, before any shard: a pure function of what defines the run
-    (the reader's schema is :func:`ghostproj.store.manifest.validate_manifest`)."""
-    return {
-        "format": FORMAT_VERSION,
-        "fingerprint": fingerprint(parts),
-        "fingerprint_parts": parts,
-        "model": model,
-        "data": data,
-        "loss_reduction": loss_reduction,
-        "bias": bias,
-        "projector": {"kind": projector[0], "seed": projector[1], "file": PROJECTOR_FILE},
-        "layers": [info.to_json() for info in layers],
-        "dim": sum(info.size for info in layers),
-        "store_dtype": store_dtype,
-        "settings": settings,
-        "created": created,
-        "shards": [],
-        "complete": False,
-    }
 
 
 @dataclass
@@ -421,7 +352,7 @@ def _write_run(opts: ProjectOptions, values: dict, inputs: LoadedInputs, engine:
     if summary.mode == "resumed" and summary.resumed_from:
         summary.notes.append(f"Resumed after {summary.resumed_from} examples already written.")
     batches = plan.batches_for(state.todo)
-    run = _BatchRunner(opts, values, inputs, engine)
+    run = BatchRunner(opts, values, inputs, engine)
     try:
         with RateProgress("projecting", total=sum(len(b) for _, b in batches), enabled=opts.show_progress) as bar, \
                 engine, dynamic_batch_sizes(opts.compile):
@@ -452,14 +383,6 @@ def _write_run(opts: ProjectOptions, values: dict, inputs: LoadedInputs, engine:
             pass
 
 
-def _factors_record(path: str, factors: FactorTotals, record: dict) -> dict:
-    """What scoring an eigenbasis run needs of its factors, kept in its manifest: EK-FAC's
-    damping scale per layer (the mean eigenvalue correction over the layer's whole space)."""
-    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path), "fingerprint": factors_fingerprint(record),
-            "examples": factors.examples,
-            "lambda_base": {n: f.lambda_base(factors.examples) for n, f in factors.layers.items()}}
-
-
 # Summary fields that describe this invocation, not the run: kept out of the manifest.
 _RUNTIME_ONLY = ("out", "notes", "repaired", "mode", "projector_rebuilt")
 
@@ -474,31 +397,6 @@ def _ensure_projector(out: Path, data: bytes, manifest: dict, part: _Part) -> bo
         return False
     atomic_write(path, data)
     return True
-
-
-class _BatchRunner:
-    """Runs batches of one run through the model and engine."""
-
-    def __init__(self, opts: ProjectOptions, values: dict, inputs: LoadedInputs, engine: GradProjectionEngine):
-        self.forward = torch.compile(inputs.model) if opts.compile else inputs.model
-        self.engine, self.device = engine, inputs.device
-        self.reduction, self.pad = values["loss_reduction"], pad_token_id(inputs.tokenizer)
-        self.store_dtype = STORE_DTYPES[opts.store_dtype]
-
-    def launch(self, batch: list[Example]):
-        return launch_batch(self.forward, self.engine, batch, self.reduction, self.pad, self.device, self.store_dtype)
-
-    def pipeline(self, batches: list[tuple[int, list[Example]]], writer: RunWriter, bar: RateProgress) -> None:
-        """One batch in flight: batch t+1 is queued on the device before batch t's results
-        are waited for and handed to the writer with their place in the row stream."""
-        pending = None
-        for start, batch in batches:
-            launched = (start, self.launch(batch))
-            if pending is not None:
-                deliver(pending[1], writer, bar, pending[0])
-            pending = launched
-        if pending is not None:
-            deliver(pending[1], writer, bar, pending[0])
 
 
 def _capped_rank_notes(engine: GradProjectionEngine, values: dict, opts: ProjectOptions) -> list[str]:
@@ -523,14 +421,3 @@ def _capped_rank_notes(engine: GradProjectionEngine, values: dict, opts: Project
     first = capped[0]
     return [f"--rank {rank} exceeds the full size of {len(capped)} layer(s) (e.g. {first.name}: {first.n_in} x "
             f"{first.n_out} = {first.size}); they are projected at that full size."]
-
-
-def dynamic_batch_sizes(compiling: bool):
-    """Under torch.compile, let the engine's per-layer result buffers (attributes reached
-    through the model's modules, which dynamo otherwise takes as fixed-size) follow the
-    batch size, so --token-budget batches share one graph instead of one each."""
-    if not compiling:
-        return contextlib.nullcontext()
-    import torch._dynamo
-
-    return torch._dynamo.config.patch(force_nn_module_property_static_shapes=False)

@@ -113,29 +113,15 @@ def score(
                              "with --fisher (from `ghostproj fisher`).")
     where = resolve_device(device)
     check_chunk_rows(chunk_rows)
-    pairs = checkpoint_pairs(train, query)
-    fishers = list(fisher) if isinstance(fisher, (list, tuple)) else [fisher] * len(pairs)
-    if len(fishers) != len(pairs) or (len(pairs) > 1 and fisher is not None and not isinstance(fisher, (list, tuple))):
-        raise GhostprojError(f"Give one --fisher file per checkpoint ({len(pairs)}), in the order of the runs.")
-    train_run, query_run = pairs[0]
-    n_train, n_query = train_run.rows, query_run.rows
-    if n_query == 0:
-        raise GhostprojError("The query set is empty.")
-    if n_train == 0:
-        raise GhostprojError("The training set is empty.")
-    notes = []
-    repeated = repeated_matrices(pairs)
-    if repeated:
-        notes.append(f"Checkpoint(s) {', '.join(map(str, repeated))} use an earlier checkpoint's projection matrices "
-                     "(the same --seed), so their projection errors add up instead of averaging out; project each "
-                     "checkpoint with its own --seed (README, \"Checkpoint ensembles\").")
+    pairs, fishers = _pairs_with_fishers(train, query, fisher)
+    n_train, n_query = pairs[0][0].rows, pairs[0][1].rows
+    notes = _repeated_matrices_note(pairs)
     top_k = _clamped_top_k(top_k, n_train, notes)
     groups = _query_groups(query_groups, n_query) if reduce == "max" and query_groups is not None else None
     if progress is not None and hasattr(progress, "begin"):
         progress.begin()  # every check has passed: show the bar from here
     sides = [_side(t, q, metric, normalize or "none", center, damping, layers, f, chunk_rows, where)
              for (t, q), f in zip(pairs, fishers)]
-    query_index = sides[0].query_index
     if part is not None:
         for side in sides:
             side.run = side.run.part(*part)
@@ -148,8 +134,30 @@ def score(
     topk_scores, topk_train = best.result() if best is not None else (None, None)
     if topk_scores is not None:
         topk_scores, topk_train = topk_scores.cpu(), topk_train.cpu()
-    return ScoreResult(train_index, query_index, matrix, topk_scores, topk_train, selection,
+    return ScoreResult(train_index, sides[0].query_index, matrix, topk_scores, topk_train, selection,
                        groups[0] if groups else [], time.perf_counter() - t0, flops, notes)
+
+
+def _pairs_with_fishers(train, query, fisher) -> tuple[list[tuple[Run, Run]], list]:
+    """The (training, query) run pairs, one per checkpoint, with each one's Fisher (or None)."""
+    pairs = checkpoint_pairs(train, query)
+    fishers = list(fisher) if isinstance(fisher, (list, tuple)) else [fisher] * len(pairs)
+    if len(fishers) != len(pairs) or (len(pairs) > 1 and fisher is not None and not isinstance(fisher, (list, tuple))):
+        raise GhostprojError(f"Give one --fisher file per checkpoint ({len(pairs)}), in the order of the runs.")
+    if pairs[0][1].rows == 0:
+        raise GhostprojError("The query set is empty.")
+    if pairs[0][0].rows == 0:
+        raise GhostprojError("The training set is empty.")
+    return pairs, fishers
+
+
+def _repeated_matrices_note(pairs: list[tuple[Run, Run]]) -> list[str]:
+    repeated = repeated_matrices(pairs)
+    if not repeated:
+        return []
+    return [f"Checkpoint(s) {', '.join(map(str, repeated))} use an earlier checkpoint's projection matrices (the same "
+            "--seed), so their projection errors add up instead of averaging out; project each checkpoint with its "
+            "own --seed (README, \"Checkpoint ensembles\")."]
 
 
 def checkpoint_pairs(train, query) -> list[tuple[Run, Run]]:

@@ -1,0 +1,87 @@
+"""What a projection run's manifest records of its model, data, settings and factors: pure
+functions of what defines the run, so that a resumed run can be compared with the one it
+continues."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..data.records import file_sha256
+from ..engines.projection import GradProjectionEngine
+from ..inputs import LoadedInputs
+from ..models import config_hash
+from ..store.factors_file import FactorTotals, factors_fingerprint
+from ..store.fingerprint import fingerprint, sampled_weights_hash, weights_hash
+from ..store.manifest import FORMAT_VERSION, PROJECTOR_FILE
+
+
+def weights_sha(model: torch.nn.Module, engine: GradProjectionEngine, adapter: str | None) -> str:
+    """The fingerprint's model part: the projected layers' weights (and biases with --bias)."""
+    modules = dict(model.named_modules())
+    tensors = []
+    for info in engine.layers:
+        tensors.append((info.name + ".weight", modules[info.name].weight))
+        if engine.bias:
+            tensors.append((info.name + ".bias", modules[info.name].bias))
+    sha = weights_hash(tensors)
+    if adapter:
+        # the adapter's matrices alone do not say which base they sit on: runs over
+        # different bases must not compare as equal
+        base = [(n, p) for n, p in model.named_parameters() if ".lora_" not in n]
+        sha = fingerprint({"adapter": sha, "base": sampled_weights_hash(base)})
+    return sha
+
+
+def model_record(model: torch.nn.Module, opts, parts: dict) -> dict:
+    return {"path": opts.model, "class": type(model).__name__, "config_hash": config_hash(model),
+            "weights_hash": parts["model_weights"], "dtype": opts.dtype,
+            "adapter": str(Path(opts.adapter).resolve()) if opts.adapter else None}
+
+
+def data_record(inputs: LoadedInputs) -> dict:
+    return {**inputs.spec.describe(), "sha256": inputs.data.sha256, "fields": inputs.data.fields,
+            "max_length": inputs.max_length, "count": len(inputs.data.examples)}
+
+
+def run_settings(opts, inputs: LoadedInputs) -> dict:
+    """What a resumed run must share with the run it continues, beyond the fingerprint."""
+    settings = {"max_length": inputs.max_length, "data_spec": inputs.spec.describe(), "store_dtype": opts.store_dtype,
+                "shard_size": opts.shard_size, "batch_size": opts.batch_size, "token_budget": opts.token_budget,
+                "dtype": opts.dtype}
+    if opts.optimizer_state:  # the vectors are Adam directions under these moments
+        settings["optimizer_state"] = {"path": str(Path(opts.optimizer_state).resolve()),
+                                       "sha256": file_sha256(opts.optimizer_state)}
+    return settings
+
+
+def build_manifest(*, parts: dict, model: dict, data: dict, loss_reduction: str, bias: bool,
+                   projector: tuple[str, int], layers: list, store_dtype: str, settings: dict, created: str) -> dict:
+    """The manifest of a new run, before any shard: a pure function of what defines the run
+    (the reader's schema is :func:`ghostproj.store.manifest.validate_manifest`)."""
+    return {
+        "format": FORMAT_VERSION,
+        "fingerprint": fingerprint(parts),
+        "fingerprint_parts": parts,
+        "model": model,
+        "data": data,
+        "loss_reduction": loss_reduction,
+        "bias": bias,
+        "projector": {"kind": projector[0], "seed": projector[1], "file": PROJECTOR_FILE},
+        "layers": [info.to_json() for info in layers],
+        "dim": sum(info.size for info in layers),
+        "store_dtype": store_dtype,
+        "settings": settings,
+        "created": created,
+        "shards": [],
+        "complete": False,
+    }
+
+
+def factors_record(path: str, factors: FactorTotals, record: dict) -> dict:
+    """What scoring an eigenbasis run needs of its factors, kept in its manifest: EK-FAC's
+    damping scale per layer (the mean eigenvalue correction over the layer's whole space)."""
+    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path), "fingerprint": factors_fingerprint(record),
+            "examples": factors.examples,
+            "lambda_base": {n: f.lambda_base(factors.examples) for n, f in factors.layers.items()}}
