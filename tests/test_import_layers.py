@@ -91,3 +91,19 @@ def test_tests_use_public_names_only():
                 problems += [f"{path.name}:{node.lineno} {a.name}" for a in node.names
                              if a.name.startswith("_") and not a.name.startswith("__")]
     assert not problems, problems
+
+
+def test_functions_and_modules_stay_small():
+    """No function over 60 lines, no module over 450, and the command line's dispatch (the
+    commands and the app, parsing and dispatch only) none over 300."""
+    problems = []
+    for path in SRC.rglob("*.py"):
+        text = path.read_text()
+        limit = 300 if path.parent.name == "cli" and path.stem in ("app", "run_commands", "store_commands") else 450
+        if text.count("\n") > limit:
+            problems.append(f"{path.relative_to(SRC)}: {text.count(chr(10))} lines (at most {limit})")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                problems.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name}: "
+                                f"{node.end_lineno - node.lineno + 1} lines")
+    assert not problems, "\n".join(problems)

@@ -86,11 +86,9 @@ def score(
     ``train``/``query``: run directories or shard files (or opened :class:`Run` objects);
     or equal-length lists of them, one pair per checkpoint of a fine-tuning run (a
     checkpoint ensemble): each pair is transformed on its own and the scores are summed.
-    ``metric`` defaults to ``influence`` (the damped per-layer Fisher inverse between the
-    two sides) and ``normalize`` to ``layer`` (each layer's block to unit norm before the
-    blocks are combined): together the best linear datamodeling score measured, on a real
-    pretrained model and on the embedded evaluation (README, "Choosing a metric"); ``none``
-    keeps the raw vectors. Cosine always ends with a unit normalization.
+    ``metric``: ``influence`` (the damped per-layer Fisher inverse between the two sides) by
+    default, with ``normalize='layer'`` (each layer's block to unit norm, then combined), as
+    the README's "Choosing a metric" measures; ``none`` keeps the raw vectors.
     ``query_groups`` (one label per query row) makes ``reduce='max'`` take the max over
     group means (LESS-style); without it ``max`` is over single queries.
     ``progress``: an object with ``advance(n)`` called per training chunk (and, if it has
@@ -100,11 +98,8 @@ def score(
     ensemble). ``part`` = (i, K): score only shards i,
     i + K, ... of the training run (one of K processes; ``merge-scores`` joins them into
     exactly the single-process answer). ``device``: where the products run (``auto``: a GPU
-    when there is one). On a GPU, vectors stored in bfloat16 or float16 are multiplied on
-    tensor cores in that dtype with float32 accumulation: each score is within
-    2^-7 * |x| * |q| of the float32 CPU score (README, "Scoring"); float32 runs
-    stay float32. ``chunk_rows``: training rows per chunk (default: 8192 on the CPU, about
-    256 MiB of stored rows on a GPU).
+    when there is one; 16-bit vectors multiply there in their dtype, README "Scoring").
+    ``chunk_rows``: training rows per chunk (:func:`chunk_rows_for`).
     """
     t0 = time.perf_counter()
     check_choices(metric, normalize or "none", reduce, damping)
@@ -125,7 +120,15 @@ def score(
     if part is not None:
         for side in sides:
             side.run = side.run.part(*part)
-        n_train = sides[0].run.rows
+    result = _streamed(sides, where, keep_matrix, top_k, reduce, groups, progress)
+    result.seconds, result.notes = time.perf_counter() - t0, notes
+    return result
+
+
+def _streamed(sides: list, where: torch.device, keep_matrix: bool, top_k: int | None, reduce: str | None,
+              groups, progress) -> ScoreResult:
+    """One pass over the training rows of every checkpoint's side, keeping what was asked."""
+    n_train, n_query = sides[0].run.rows, len(sides[0].query_index)
     matrix = torch.empty(n_train, n_query, dtype=torch.float32) if keep_matrix else None
     train_index = torch.empty(n_train, dtype=torch.long)
     best = StreamingTopK(top_k) if top_k is not None else None
@@ -135,7 +138,7 @@ def score(
     if topk_scores is not None:
         topk_scores, topk_train = topk_scores.cpu(), topk_train.cpu()
     return ScoreResult(train_index, sides[0].query_index, matrix, topk_scores, topk_train, selection,
-                       groups[0] if groups else [], time.perf_counter() - t0, flops, notes)
+                       groups[0] if groups else [], 0.0, flops, [])
 
 
 def _pairs_with_fishers(train, query, fisher) -> tuple[list[tuple[Run, Run]], list]:
