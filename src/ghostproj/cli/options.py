@@ -11,6 +11,7 @@ from typing import Annotated, Optional, get_type_hints
 
 import typer
 
+from .. import defaults
 from ..data.readers import LayoutFields
 from ..errors import GhostprojError
 from .app import DATA, DEMO_DATA, DEMO_MODEL, MODEL, OUTPUT, PROJECTION, RUN, SCORING, console_err
@@ -168,13 +169,13 @@ PROJECT_OPTIONS = {
     "max_length": info(MaxLengthOpt),
     "layers": (info(LayersOpt), Optional[str]),
     "include_embeddings": opt("--include-embeddings", help="Also project nn.Embedding layers.", panel=PROJECTION),
-    "rank": opt(help="Per-layer budget r: k_in * k_out <= r.", panel=PROJECTION, default="256"),
+    "rank": opt(help="Per-layer budget r: k_in * k_out <= r.", panel=PROJECTION, default=str(defaults.RANK)),
     "rank_min": opt(help="Smallest k_in / k_out.", panel=PROJECTION, default="1"),
     "rank_in": opt(help="Fix k_in for every layer.", panel=PROJECTION, default="from --rank"),
     "rank_out": opt(help="Fix k_out for every layer.", panel=PROJECTION, default="from --rank"),
-    "projector": opt(help="gaussian, rademacher or orthonormal.", panel=PROJECTION, default="gaussian"),
+    "projector": opt(help="gaussian, rademacher or orthonormal.", panel=PROJECTION, default=defaults.PROJECTOR),
     "seed": opt(help="Projector seed.", panel=PROJECTION, default="0"),
-    "loss_reduction": opt(help="Per-example loss: mean or sum over tokens.", panel=PROJECTION, default="mean"),
+    "loss_reduction": opt(help="Per-example loss: mean or sum over tokens.", panel=PROJECTION, default=defaults.LOSS_REDUCTION),
     "bias": opt("--bias/--no-bias", help="Include layer biases.", panel=PROJECTION, default="--no-bias"),
     "like": opt(help="Reuse layers, k's, matrices and loss settings of this run.", panel=PROJECTION,
                  default="none"),
@@ -315,7 +316,7 @@ EVALUATE_OPTIONS = {
     "checkpoints": opt(help="Checkpoints kept from the whole-set run; ensembles of 1, 2, 4, ... are compared.",
                         panel=SCORING),
     "layers": (info(LayersOpt), Optional[str]),
-    "rank": opt(help="Per-layer projection budget, as for project.", panel=PROJECTION, default="256"),
+    "rank": opt(help="Per-layer projection budget, as for project.", panel=PROJECTION, default=str(defaults.RANK)),
     "damping": opt(help="Influence damping, as for score.", panel=SCORING),
     "fisher_labels": opt(help="--projection eigen: factors of the data's labels (empirical) or of labels drawn "
                           "from the model (sampled), as for factors.", panel=PROJECTION),

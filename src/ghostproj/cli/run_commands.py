@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from .. import defaults
 from ..errors import GhostprojError
 from ..jobs.evaluate import EvaluateOptions
 from ..jobs.factors import FactorsOptions
@@ -105,10 +106,10 @@ def naive_check(
     layers: LayersOpt = None,
     include_embeddings: bool = typer.Option(False, "--include-embeddings", help="Also check nn.Embedding layers.",
                                             rich_help_panel=PROJECTION),
-    rank: int = typer.Option(256, help="Per-layer budget.", rich_help_panel=PROJECTION),
-    projector: str = typer.Option("gaussian", help="gaussian, rademacher or orthonormal.", rich_help_panel=PROJECTION),
+    rank: int = typer.Option(defaults.RANK, help="Per-layer budget.", rich_help_panel=PROJECTION),
+    projector: str = typer.Option(defaults.PROJECTOR, help="gaussian, rademacher or orthonormal.", rich_help_panel=PROJECTION),
     seed: int = typer.Option(0, help="Projector seed.", rich_help_panel=PROJECTION),
-    loss_reduction: str = typer.Option("mean", help="mean or sum.", rich_help_panel=PROJECTION),
+    loss_reduction: str = typer.Option(defaults.LOSS_REDUCTION, help="mean or sum.", rich_help_panel=PROJECTION),
     bias: bool = typer.Option(False, "--bias/--no-bias", help="Include layer biases.", rich_help_panel=PROJECTION),
     tolerance: Optional[float] = typer.Option(None, help="Max relative error.", rich_help_panel=RUN,
                                               show_default="1e-4; 2e-2 for 16-bit models"),
@@ -227,6 +228,6 @@ def demo(
     def report(train_run, query_run, result) -> None:
         console_out().print(f"[bold]Which training texts push the model like each query?[/bold] (the defaults: "
                             f"influence, --normalize layer, top {top_k})")
-        report_scores(train_run, query_run, result, "influence", None, show)
+        report_scores(train_run, query_run, result, defaults.METRIC, None, show)
 
     report_demo(run_demo(out, top_k=top_k, log=console_err().print, report=report))

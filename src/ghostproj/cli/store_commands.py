@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from .. import defaults
 from ..errors import GhostprojError
 from .app import OUTPUT, RUN, SCORING, app, console_err, markup_safe
 from .options import ChunkRowsOpt, OverwriteOpt, ScoreDeviceOpt, SelectOutOpt, TopkOutOpt, split_list
@@ -20,14 +21,14 @@ def score(
         help="Training run and query run (directories or shard files; the query projected with --like TRAIN). "
              "Several pairs, one per checkpoint of a fine-tuning run (each projected with its own --seed), give the "
              "sum of their scores."),
-    metric: str = typer.Option("influence", help="influence (damped per-layer Fisher; best LDS measured), cosine, dot "
+    metric: str = typer.Option(defaults.METRIC, help="influence (damped per-layer Fisher; best LDS measured), cosine, dot "
                                "or influence-full.", rich_help_panel=SCORING),
     normalize: str = typer.Option(
-        "layer", help="none, unit or layer. layer (unit norm per layer, then combined) ranked best on real data.",
+        defaults.NORMALIZE, help="none, unit or layer. layer (unit norm per layer, then combined) ranked best on real data.",
         rich_help_panel=SCORING),
     center: bool = typer.Option(False, "--center/--no-center", help="Subtract the training mean vector first.",
                                 rich_help_panel=SCORING),
-    damping: float = typer.Option(0.1, help="Influence damping: lambda_l = damping * mean diag F_l.",
+    damping: float = typer.Option(defaults.DAMPING, help="Influence damping: lambda_l = damping * mean diag F_l.",
                                   rich_help_panel=SCORING),
     layers: Optional[str] = typer.Option(None, "--layers", help="Score only these projected layers (patterns).",
                                          rich_help_panel=SCORING, show_default="all"),
@@ -100,7 +101,7 @@ def fisher(
                                       show_default="required without --merge"),
     layers: Optional[str] = typer.Option(None, "--layers", help="Only these projected layers (patterns), as score.",
                                          rich_help_panel=SCORING, show_default="all"),
-    normalize: str = typer.Option("layer", help="none, unit or layer: as the score that will use it.",
+    normalize: str = typer.Option(defaults.NORMALIZE, help="none, unit or layer: as the score that will use it.",
                                   rich_help_panel=SCORING),
     full: bool = typer.Option(False, "--full", help="One D x D block, for influence-full.", rich_help_panel=SCORING),
     num_parts: int = typer.Option(1, help="Split the training shards into this many parts.", rich_help_panel=RUN),
@@ -167,11 +168,11 @@ app.add_typer(index_app, name="index")
 def index_build(
     train: str = typer.Argument(..., help="Training run directory."),
     out: str = typer.Option(..., help="Directory for the index.", rich_help_panel=OUTPUT),
-    metric: str = typer.Option("influence", help="influence, cosine or dot, as score.", rich_help_panel=SCORING),
-    normalize: str = typer.Option("layer", help="none, unit or layer, as score.", rich_help_panel=SCORING),
+    metric: str = typer.Option(defaults.METRIC, help="influence, cosine or dot, as score.", rich_help_panel=SCORING),
+    normalize: str = typer.Option(defaults.NORMALIZE, help="none, unit or layer, as score.", rich_help_panel=SCORING),
     center: bool = typer.Option(False, "--center/--no-center", help="Subtract the training mean vector first.",
                                 rich_help_panel=SCORING),
-    damping: float = typer.Option(0.1, help="Influence damping, as score.", rich_help_panel=SCORING),
+    damping: float = typer.Option(defaults.DAMPING, help="Influence damping, as score.", rich_help_panel=SCORING),
     layers: Optional[str] = typer.Option(None, "--layers", help="Index only these projected layers (patterns).",
                                          rich_help_panel=SCORING, show_default="all"),
     fisher_file: Optional[str] = typer.Option(None, "--fisher", help="Influence: the Fisher `ghostproj fisher` wrote.",
@@ -183,7 +184,7 @@ def index_build(
     nprobe: Optional[int] = typer.Option(None, help="FAISS IVF lists searched per query (recall against speed).",
                                          rich_help_panel=SCORING, show_default="nlist / 16"),
     candidates: Optional[int] = typer.Option(None, help="Scan: rows per query re-ranked with the full codes "
-                                             "(recall against speed).", rich_help_panel=SCORING, show_default="256"),
+                                             "(recall against speed).", rich_help_panel=SCORING, show_default=str(defaults.RANK)),
     check: int = typer.Option(100, help="Measure recall@k against exact scoring on this many sampled queries "
                                          "(0: skip).", rich_help_panel=RUN),
     check_query: Optional[str] = typer.Option(None, help="A query run to draw the --check queries from.",

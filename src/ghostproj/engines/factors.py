@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import defaults
 from ..errors import GhostprojError
 from ..store.factors_file import FactorTotals, LayerFactors, factors_identity
 from .attachment import AttachedEngine, Attachment
@@ -164,7 +165,7 @@ def _eigen_projectors(model, factors: FactorTotals, record: dict):
     return make
 
 
-def factors_engine(model, layers: list[str] | None, factors: tuple[FactorTotals, dict], *, rank: int = 256,
+def factors_engine(model, layers: list[str] | None, factors: tuple[FactorTotals, dict], *, rank: int = defaults.RANK,
                    rank_min: int = 1, rank_in: int | None = None, rank_out: int | None = None) -> GradProjectionEngine:
     """A projection engine whose matrices are the top eigenvectors of ``factors`` (from
     :func:`load_factors`), refused where they are another model's or other layers'."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import defaults
 from ..errors import GhostprojError
 from ..store.manifest import LayerInfo
 from .attachment import AttachedEngine, Attachment
@@ -84,11 +85,11 @@ class GradProjectionEngine(AttachedEngine):
         model: nn.Module,
         layers: list[str] | None = None,
         *,
-        rank: int = 256,
+        rank: int = defaults.RANK,
         rank_min: int = 1,
         rank_in: int | None = None,
         rank_out: int | None = None,
-        projector: str = "gaussian",
+        projector: str = defaults.PROJECTOR,
         seed: int = 0,
         bias: bool = False,
         ranks: dict[str, tuple[int, int]] | None = None,

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import defaults
 from ..data.batching import Example, collate
 from ..engines.factors import factors_engine
 from ..engines.layer_types import projectable_type
@@ -222,7 +223,8 @@ SIXTEEN_BIT_TOLERANCE = 2e-2
 
 
 def run_naive_check(model_path: str, data_path: str, layers: list[str] | None, *, samples: int = 8,
-                    rank: int = 256, projector: str = "gaussian", seed: int = 0, loss_reduction: str = "mean",
+                    rank: int = defaults.RANK, projector: str = defaults.PROJECTOR, seed: int = 0,
+                    loss_reduction: str = defaults.LOSS_REDUCTION,
                     bias: bool = False, max_length: int = 512, dtype: str = "float32", device: str = "auto",
                     tolerance: float | None = None, adapter: str | None = None,
                     include_embeddings: bool = False, factors: str | None = None, **fields) -> NaiveCheckResult:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .. import defaults
 from ..data.demo_corpus import demo_splits
 
 DEMO_VERSION = 2  # 2: real text (standard-library docstrings) instead of template sentences
@@ -184,8 +185,8 @@ def run_demo(out: str | os.PathLike, top_k: int = 10, log=None, report=None) -> 
                                        like=str(like) if like else None, batch_size=16, max_length=64))
         log(f"[dim]projected {s.examples} examples into {run_dir} (D={s.dim}"
             f"{', reused' if s.already_complete else f', {s.seconds:.1f} s'})[/dim]")
-    run_score_command(str(train_dir), str(query_dir), metric="influence", normalize="layer", center=False,
-                      damping=0.1, layers=None, top_k=top_k, out=None, topk_out=None, reduce=None,
+    run_score_command(str(train_dir), str(query_dir), metric=defaults.METRIC, normalize=defaults.NORMALIZE,
+                      center=False, damping=defaults.DAMPING, layers=None, top_k=top_k, out=None, topk_out=None, reduce=None,
                       group_field=None, select_out=None, chunk_rows=8192, report=report, log=log)
 
     train_topics = {i: r["topic"] for i, r in enumerate(read_records(assets.train).rows)}

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import defaults
 from ..data.batching import Example
 from ..data.readers import DataSpec, LayoutFields
 from ..engines.factors import EIGEN
@@ -73,7 +74,7 @@ class EvaluateOptions(LayoutFields):
     checkpoints: int = 4
     layers: list[str] | None = None
     rank: int | None = None
-    damping: float = 0.1
+    damping: float = defaults.DAMPING
     max_length: int = 512
     removal_queries: int = 8
     removal_k: int | None = None  # None: 5% of the training examples

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .. import defaults
 from ..data.batching import collate, fixed_size_batches, token_budget_batches
 from ..distributed import distributed_rank
 from ..engines.factors import FactorCollector, decompose
@@ -37,7 +38,7 @@ class FactorsOptions(InputFields):
 
     out: str = "factors.safetensors"
     layers: list[str] | None = None
-    loss_reduction: str = "mean"
+    loss_reduction: str = defaults.LOSS_REDUCTION
     fisher_labels: str = "empirical"  # the data's own labels, or labels sampled from the model (true Fisher)
     seed: int = 0  # of the sampled labels
     batch_size: int = 8

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import defaults
 from ..data.batching import Example, collate
 from ..engines.factors import factors_engine
 from ..engines.layer_types import projectable_type
@@ -109,7 +110,7 @@ class FidelityReport:
 
 
 def run_fidelity(model, examples: list[Example], layers: list[str] | None, ranks: list[int], dense: bool = True,
-                 seed: int = 0, loss_reduction: str = "mean", projector: str = "gaussian",
+                 seed: int = 0, loss_reduction: str = defaults.LOSS_REDUCTION, projector: str = defaults.PROJECTOR,
                  factors: tuple | None = None) -> FidelityReport:
     """``factors`` (from :func:`load_factors`): the Kronecker eigenbasis at each rank instead
     of ``projector``'s random matrices."""

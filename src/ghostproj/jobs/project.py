@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import defaults
 from ..data.batching import Example
 from ..distributed import (
     distributed_rank,
@@ -108,7 +109,8 @@ class ProjectSummary:
         return self.mode == "complete"
 
 
-_DEFAULTS = {"rank": 256, "rank_min": 1, "projector": "gaussian", "seed": 0, "loss_reduction": "mean", "bias": False}
+_DEFAULTS = {"rank": defaults.RANK, "rank_min": 1, "projector": defaults.PROJECTOR, "seed": 0,
+             "loss_reduction": defaults.LOSS_REDUCTION, "bias": False}
 
 
 def _apply_like(opts: ProjectOptions) -> tuple[dict | None, dict]:

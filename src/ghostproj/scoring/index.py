@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .. import defaults
 from ..errors import GhostprojError
 from ..store.files import atomic_write
 from ..store.fingerprint import differing_part
@@ -79,7 +80,7 @@ class IndexSettings:
     metric: str = DEFAULT_METRIC
     normalize: str = DEFAULT_NORMALIZE
     center: bool = False
-    damping: float = 0.1
+    damping: float = defaults.DAMPING
     layers: list[str] | None = None
     factory: str = ""  # Flat, Scan[d] or a FAISS index factory string; chosen from the size when empty
     nprobe: int | None = None  # FAISS IVF lists searched per query; None: chosen from the index

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import defaults
 from ..engines.fp32 import mm_out_float32_supported
 from ..errors import GhostprojError
 from ..models import resolve_device
@@ -34,7 +35,7 @@ from .transform import NORMALIZATIONS, Transform
 
 METRICS = ("cosine", "dot", "influence", "influence-full")
 # the defaults: the best linear datamodeling score measured (README, "Choosing a metric")
-DEFAULT_METRIC, DEFAULT_NORMALIZE = "influence", "layer"
+DEFAULT_METRIC, DEFAULT_NORMALIZE = defaults.METRIC, defaults.NORMALIZE
 REDUCTIONS = ("mean", "max")
 
 
@@ -69,7 +70,7 @@ def score(
     metric: str = DEFAULT_METRIC,
     normalize: str | None = DEFAULT_NORMALIZE,
     center: bool = False,
-    damping: float = 0.1,
+    damping: float = defaults.DAMPING,
     layers: list[str] | None = None,
     top_k: int | None = None,
     reduce: str | None = None,
