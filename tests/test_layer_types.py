@@ -190,3 +190,46 @@ def test_in_run_dot_products_over_generated_shapes(name, shape, m):
         got = result.per_param[f"layer.{n}"].double().reshape(-1)
         scale = flat_g[:b].norm(dim=1) * val.norm()  # |<g_i, g_val>| <= |g_i| |g_val|: float32's yardstick
         assert ((got - ref).abs() <= 1e-5 * scale + 1e-12).all(), n
+
+
+class PlainDense(nn.Module):
+    """A module of one's own computing x W^T, as custom model code often does."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) / n_in**0.5)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight)
+
+
+def test_a_new_layer_type_is_one_class_and_one_case():
+    """Defining the class registers the type: both engines cover the new module with no
+    other change (the harness's own case is the only other addition)."""
+    from ghostproj.engines import layer_types
+
+    class PlainDenseLayer(layer_types.LinearLayer):
+        type_name = "PlainDense"
+        has_bias_column = False
+
+        @staticmethod
+        def matches(module):
+            return isinstance(module, PlainDense)
+
+        @staticmethod
+        def dims(module):
+            return module.weight.shape[1], module.weight.shape[0]
+
+        @staticmethod
+        def fusable(module):
+            return False
+
+    CASES["PlainDense"] = (PlainDense, False, _as_out_by_in)
+    try:
+        assert layer_type(PlainDense(3, 2)) is PlainDenseLayer
+        test_projection_of_each_layer_type("PlainDense", True)
+        test_in_run_dot_products_of_each_layer_type("PlainDense", False, "materialize")
+        test_in_run_dot_products_of_each_layer_type("PlainDense", True, "ghost")
+    finally:
+        del CASES["PlainDense"]
+        layer_types.remove_layer_type(PlainDenseLayer)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import GhostprojError
+from .capture import HookCapture
 from .projection import GradProjectionEngine
 
 
@@ -101,15 +102,15 @@ def load_adam_moments(path: str, engine: GradProjectionEngine) -> AdamMoments:
     moments, hyper = _read_safetensors(p) if is_safetensors else _read_torch_checkpoint(p, engine.model)
     out = {}
     for info in engine.layers:
-        kind = engine._types[info.name]
+        kind = engine.kinds[info.name]
         param = f"{info.name}.weight"
         if param not in moments:
             raise GhostprojError(f"The optimizer state has no Adam moments for '{param}', a projected layer's weight.")
         m, v = (t.float().t() if kind.stores_transposed else t.float() for t in moments[param])
-        if tuple(m.shape) != (info.n_out, info.n_in - int(engine._has_bias[info.name])) or m.shape != v.shape:
+        if tuple(m.shape) != (info.n_out, info.n_in - int(engine.has_bias[info.name])) or m.shape != v.shape:
             raise GhostprojError(f"The optimizer state's moments for '{param}' have shape {tuple(m.shape)}, not the "
                                  "layer's weight shape.")
-        if engine._has_bias[info.name]:
+        if engine.has_bias[info.name]:
             if f"{info.name}.bias" not in moments:
                 raise GhostprojError(f"--bias was given but the optimizer state has no moments for '{info.name}.bias'.")
             mb, vb = (t.float().reshape(-1, 1) for t in moments[f"{info.name}.bias"])
@@ -118,57 +119,60 @@ def load_adam_moments(path: str, engine: GradProjectionEngine) -> AdamMoments:
     return AdamMoments(out, hyper.get("beta1", 0.9), hyper.get("beta2", 0.999), hyper.get("eps", 1e-8))
 
 
+class _AdamCapture(HookCapture):
+    """Keeps each projected layer call's input and output gradient for the Adam engine."""
+
+    def __init__(self, engine: "AdamDirectionEngine") -> None:
+        super().__init__(engine.model, {n: (m, engine.kinds[n]) for n, m in engine.modules.items()})
+        self.engine = engine
+
+    def on_call(self, name, module, kind, args, output):
+        engine = self.engine
+        if engine.batch_size is None:
+            engine.start_batch(name, args[0])
+        x = kind.save_input(module, args)
+        if not kind.takes_token_ids:
+            x = x.float()
+            if engine.has_bias[name]:
+                x = torch.cat([x, torch.ones_like(x[..., :1])], -1)
+        entry = [x, None]
+        engine.seen.setdefault(name, []).append(entry)
+        return entry
+
+    def on_output_grad(self, entry, grad):
+        entry[1] = grad.detach().float().reshape(grad.shape[0], -1, grad.shape[-1])
+
+
 class AdamDirectionEngine(GradProjectionEngine):
     """:class:`GradProjectionEngine` whose vectors are projected Adam update directions;
-    same layers, matrices and [B, D] layout. Hooks keep each projected layer's input and
-    output gradient, and :meth:`collect` forms, transforms and projects the per-example
-    gradients."""
+    same layers, matrices and [B, D] layout. The shared hook capture keeps each projected
+    layer's input and output gradient, and :meth:`collect` forms (by the layer type),
+    transforms and projects the per-example gradients."""
 
     def __init__(self, model: nn.Module, layers=None, *, optimizer_state: str, **kwargs) -> None:
         super().__init__(model, layers, **kwargs)
-        if self._tied:
+        if self.tied:
             raise GhostprojError("--optimizer-state does not support layers whose weight is tied to another module.")
         self.adam = load_adam_moments(optimizer_state, self)
-        self._seen: dict[str, list] = {}
+        self.seen: dict[str, list] = {}  # this step's [input, output gradient] per call of each layer
+        self._capture = _AdamCapture(self)
         self._on_device: dict[tuple[str, torch.device], tuple[torch.Tensor, ...]] = {}
 
+    @property
+    def attached(self) -> bool:
+        return self._capture.attached
+
     def attach(self) -> "AdamDirectionEngine":
-        if self.attached:
-            raise RuntimeError("AdamDirectionEngine is already attached")
-        self._attachment.freeze(self.model.parameters())
-        for name, module in self._modules.items():
-            self._attachment.hook(module.register_forward_pre_hook(self._input_needs_grad))
-            self._attachment.hook(module.register_forward_hook(self._keeper(name)))
+        self._capture.attach()
         return self
 
-    @staticmethod
-    def _input_needs_grad(module, args):
-        # the lowest projected layer: gradients must reach its output with every weight frozen
-        if torch.is_grad_enabled() and not args[0].requires_grad:
-            return (args[0].detach().requires_grad_(True),) + tuple(args[1:])
-        return None
-
-    def _keeper(self, name: str):
-        def keep(module, args, output):
-            if not output.requires_grad:
-                return
-            if self.batch_size is None:
-                self.start_batch(name, args[0])
-            x = args[0].detach().float()
-            x = x.reshape(x.shape[0], -1, x.shape[-1])
-            if self._has_bias[name]:
-                x = torch.cat([x, torch.ones_like(x[..., :1])], -1)
-            entry = [x, None]
-            self._seen.setdefault(name, []).append(entry)
-
-            def on_grad(g, entry=entry):
-                entry[1] = g.detach().float().reshape(g.shape[0], -1, g.shape[-1])
-            output.register_hook(on_grad)
-        return keep
+    def detach(self) -> None:
+        self._capture.detach()
+        self.reset()
 
     def reset(self) -> None:
         super().reset()
-        self._seen = {}
+        self.seen = {}
 
     def _layer_tensors(self, name: str, device: torch.device) -> tuple[torch.Tensor, ...]:
         """(m, v, P_in, P_out) of one layer on ``device``, float32; copied there once, not per batch."""
@@ -184,11 +188,12 @@ class AdamDirectionEngine(GradProjectionEngine):
             raise RuntimeError("no projected layer ran a forward pass with gradients enabled since the last collect()")
         b, blocks, a = self.batch_size, [], self.adam
         for info in self.layers:
-            calls = [(x, d) for x, d in self._seen.get(info.name, []) if d is not None]
+            calls = [(x, d) for x, d in self.seen.get(info.name, []) if d is not None]
+            kind, module = self.kinds[info.name], self.modules[info.name]
             if not calls:
                 g = torch.zeros(b, info.n_out, info.n_in, device=self.device)
             else:
-                g = sum(torch.einsum("bto,bti->boi", d, x) for x, d in calls)
+                g = sum(kind.weight_grads(module, x, d) for x, d in calls)
             m, v, p_in, p_out = self._layer_tensors(info.name, g.device)
             direction = (a.beta1 * m + (1 - a.beta1) * g) / ((a.beta2 * v + (1 - a.beta2) * g * g).sqrt() + a.eps)
             blocks.append((p_out @ direction @ p_in.t()).reshape(b, info.size))

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .fp32 import Projection, no_autocast
-from .layer_types import EmbeddingLayer, LayerType, LinearLayer, expand_broadcast_ids
+from .layer_types import LayerType, expand_broadcast_ids
 
 
 @dataclass
@@ -72,12 +72,11 @@ def contract(xp: torch.Tensor, dp: torch.Tensor, batch: int, transposed: bool) -
 class LayerCall:
     """Stands in for ``module.forward`` while attached; ``inner`` is the forward it wraps."""
 
-    def __init__(self, engine, name: str, module: nn.Module, cls: type, transposed: bool, fused: bool,
+    def __init__(self, engine, name: str, module: nn.Module, kind: type[LayerType], transposed: bool, fused: bool,
                  inner) -> None:
         self.engine, self.name, self.module, self.inner = engine, name, module, inner
-        self.transposed, self.fused = transposed, fused
-        self.embedding = cls is EmbeddingLayer
-        self.conv1d = cls is not LinearLayer  # for fused calls: weight stored (n_in, n_out)
+        self.kind, self.transposed, self.fused = kind, transposed, fused
+        self.token_ids = kind.takes_token_ids  # its input is projected by the type (a gather), not by P_in x
         self.weight = module.weight
         self.device: torch.device | None = None  # where and in which dtype ``mats`` apply
         self.dtype: torch.dtype | None = None
@@ -100,7 +99,7 @@ class LayerCall:
             # Function.apply's Python wrapper only serves compilers and functorch transforms;
             # eager calls go straight to the C++ entry point (a few microseconds per layer).
             return _APPLY_FUSED(x, engine.step_sinks[self.name], self)
-        if self.embedding and engine.batch_size is not None:
+        if self.token_ids and engine.batch_size is not None:
             args = expand_broadcast_ids(args, engine.batch_size) or args
         y = self.inner(*args, **kwargs)
         if not torch.is_grad_enabled() or not torch.is_tensor(y):
@@ -127,11 +126,9 @@ class LayerCall:
             self.use_matrices(x.device, dtype)
         mats = self.mats
         if self.transposed:  # a tied module's input meets P_out, its output gradient P_in
-            if self.embedding:
-                return EmbeddingLayer.project_input(self.module, x, mats.p_out), mats.p_in
-            return project(x, mats.p_out, None), mats.p_in
-        if self.embedding:
-            return EmbeddingLayer.project_input(self.module, x, mats.p_in), mats.p_out
+            return self.kind.project_input(self.module, x, mats.p_out), mats.p_in
+        if self.token_ids:
+            return self.kind.project_input(self.module, x, mats.p_in), mats.p_out
         return self.engine.inputs.project(self, x, mats), mats.p_out
 
 
@@ -239,7 +236,8 @@ class _ProjectedLinear(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:  # not for the lowest projected layer: backward ends here
             w = call.weight if call.weight.dtype is grad.dtype else call.weight.to(grad.dtype)
-            grad_x = torch.mm(rows, w.t() if call.conv1d else w).view(*grad.shape[:-1], w.shape[0 if call.conv1d else 1])
+            grad_x = call.kind.input_grad(rows, w)
+            grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1])
         return grad_x, contract(xp, ctx.p_out.rows(rows), ctx.batch, False), None
 
 

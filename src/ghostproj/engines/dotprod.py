@@ -20,15 +20,14 @@ parameter, so the cross terms between its uses are in its dot product.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 from torch import nn
 
 from ..errors import GhostprojError
-from .attachment import AttachedEngine, Attachment
+from .capture import HookCapture
 from .fp32 import no_autocast
-from .layer_types import LayerType, Use, expand_broadcast_ids, layer_type
+from .layer_types import LAYER_TYPES, LayerType, Use, expand_broadcast_ids, layer_type
 from .layers import pattern_matches
 
 
@@ -50,7 +49,7 @@ class _ParamState:
     roles: list[tuple[Use, str]] = field(default_factory=list)
 
 
-class GradDotProdEngine(AttachedEngine):
+class GradDotProdEngine(HookCapture):
     """Per-example gradient dot products with a validation batch, in the training backward.
 
     The batch is B training examples followed by ``val_batch_size`` (M) validation
@@ -76,7 +75,6 @@ class GradDotProdEngine(AttachedEngine):
             raise GhostprojError(f"uncovered must be 'error' or 'freeze', not '{uncovered}'.")
         if method not in ("auto", "ghost", "materialize"):
             raise GhostprojError(f"method must be 'auto', 'ghost' or 'materialize', not '{method}'.")
-        self.model = module
         self.val_batch_size = val_batch_size
         self.per_query = per_query
         self.loss_reduction = loss_reduction
@@ -90,8 +88,9 @@ class GradDotProdEngine(AttachedEngine):
                 continue
             covered[name] = (m, math)
         if not covered:
-            raise GhostprojError("The model has no trainable supported layer (Linear, Conv1D, Embedding, LayerNorm, RMSNorm).")
-        self._covered = covered
+            names = ", ".join(cls.type_name for cls in LAYER_TYPES)
+            raise GhostprojError(f"The model has no trainable supported layer ({names}).")
+        super().__init__(module, covered)
         covered_ids = {id(p) for m, _ in covered.values() for p in m.parameters(recurse=False)}
         self.uncovered = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in covered_ids]
         if self.uncovered and uncovered == "error":
@@ -105,28 +104,22 @@ class GradDotProdEngine(AttachedEngine):
         for n, p in module.named_parameters(remove_duplicate=False):
             if id(p) in covered_ids:
                 self.param_names.setdefault(id(p), n)
-        self._attachment = Attachment()
         self.step = 0
         self._reset_step()
 
-    # -- lifecycle -----------------------------------------------------------------------
-    def attach(self) -> "GradDotProdEngine":
-        if self._attachment.active:
-            raise RuntimeError("GradDotProdEngine is already attached")
-        freeze = {id(p) for m, _ in self._covered.values() for p in m.parameters(recurse=False)}
-        self._attachment.freeze([p for p in self.model.parameters()
-                                 if id(p) in freeze or (self._freeze_extra and p.requires_grad)])
-        for name, (m, math) in self._covered.items():
-            if math.takes_token_ids:
-                self._attachment.hook(m.register_forward_pre_hook(self._expand_broadcast_ids))
-            self._attachment.hook(m.register_forward_hook(partial(self._forward_hook, name, math)))
-        return self
+    # -- the capture ---------------------------------------------------------------------
+    def frozen_parameters(self):
+        """Covered parameters (their gradient is formed here), and the others with uncovered='freeze'."""
+        freeze = {id(p) for m, _ in self.captured.values() for p in m.parameters(recurse=False)}
+        return [p for p in self.model.parameters() if id(p) in freeze or (self._freeze_extra and p.requires_grad)]
 
-    def _expand_broadcast_ids(self, module, args):
+    def rewrites_arguments(self, kind) -> bool:
+        return kind.takes_token_ids
+
+    def before_call(self, name, module, kind, args):
         return expand_broadcast_ids(args, self._n)
 
-    def detach(self) -> None:
-        self._attachment.undo()
+    def after_detach(self) -> None:
         self._drop_param_attributes()
         self._reset_step()
 
@@ -201,10 +194,8 @@ class GradDotProdEngine(AttachedEngine):
         self._end_step()
         return res
 
-    # -- hooks ---------------------------------------------------------------------------------
-    def _forward_hook(self, name, math, module, args, output):
-        if not torch.is_grad_enabled() or not torch.is_tensor(output):
-            return None
+    # -- per call ------------------------------------------------------------------------------
+    def on_call(self, name, module, math, args, output):
         n = args[0].shape[0]
         if self._n is None:
             self._n = n
@@ -225,14 +216,9 @@ class GradDotProdEngine(AttachedEngine):
             st = self._params.setdefault(id(p), _ParamState(self.param_names.get(id(p), name + "." + role), p))
             st.roles.append((use, role))
         self._use_params[id(use)] = [id(p) for _, p in params]
-        replaced = None
-        if not output.requires_grad:
-            output = output.detach().requires_grad_(True)
-            replaced = output
-        output.register_hook(partial(self._grad_hook, use))
-        return replaced
+        return use
 
-    def _grad_hook(self, use: Use, grad: torch.Tensor) -> None:
+    def on_output_grad(self, use: Use, grad: torch.Tensor) -> None:
         scale = float(self._n) if self.loss_reduction == "mean" else 1.0
         g = grad.float() * scale if scale != 1.0 else grad.float()
         use.delta = use.kind.output_gradient(use, g)

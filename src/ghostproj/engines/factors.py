@@ -18,8 +18,8 @@ from torch import nn
 from .. import defaults
 from ..errors import GhostprojError
 from ..store.factors_file import FactorTotals, LayerFactors, factors_identity
-from .attachment import AttachedEngine, Attachment
-from .layer_types import LinearLayer, projectable_type
+from .capture import HookCapture
+from .layer_types import projectable_type
 from .layers import select_layers
 from .projection import GradProjectionEngine
 from .projector import LayerProjector
@@ -53,7 +53,7 @@ def eigenbasis_projectors(factors: dict[str, LayerFactors], ranks: dict[str, tup
             for name, f in factors.items()}
 
 
-class FactorCollector(AttachedEngine):
+class FactorCollector(HookCapture):
     """Accumulates each chosen layer's Kronecker factors over batches of a projection-style
     pass: weights frozen, gradients flowing through activations only, the per-example
     losses summed (so g is d l_n / d y for each example's own loss).
@@ -62,19 +62,17 @@ class FactorCollector(AttachedEngine):
     positions are left out of A and G."""
 
     def __init__(self, model: nn.Module, layers: list[str] | None = None):
-        self.model = model
         chosen = select_layers(model, layers)
         for name, module in chosen:
-            if not issubclass(projectable_type(module), LinearLayer):
-                raise GhostprojError(f"Layer '{name}' is an embedding; Kronecker factors cover Linear and Conv1D "
-                                     "layers (leave it out of --layers).")
-        self.modules = dict(chosen)
+            if not projectable_type(module).kronecker_factors:
+                raise GhostprojError(f"Layer '{name}' is a {projectable_type(module).type_name} layer; Kronecker "
+                                     "factors cover Linear and Conv1D layers (leave it out of --layers).")
+        super().__init__(model, {name: (module, projectable_type(module)) for name, module in chosen})
         self.factors: dict[str, LayerFactors] = {}
         for name, module in chosen:
             n_in, n_out = projectable_type(module).dims(module)
             self.factors[name] = LayerFactors(n_in, n_out, torch.zeros(n_in, n_in, dtype=torch.float64),
                                               torch.zeros(n_out, n_out, dtype=torch.float64))
-        self._attachment = Attachment()
         self._mask: torch.Tensor | None = None
         self._calls: dict[str, int] = {}
         self._products: list[tuple[torch.Tensor, torch.Tensor]] = []  # this batch's (input, x^T x)
@@ -87,26 +85,18 @@ class FactorCollector(AttachedEngine):
         self._calls, self._products = {}, []
         self.examples += examples
 
-    def attach(self) -> "FactorCollector":
-        self._attachment.freeze(self.model.parameters())
-        for name, module in self.modules.items():
-            self._attachment.hook(module.register_forward_pre_hook(_input_requires_grad))
-            self._attachment.hook(module.register_forward_hook(self._on_forward(name)))
-        return self
+    def on_call(self, name, module, kind, args, output):
+        self._calls[name] = self._calls.get(name, 0) + 1
+        if self._calls[name] > 1:
+            raise GhostprojError(f"Layer '{name}' is called more than once per forward pass; Kronecker factors "
+                                 "of shared layers are not supported.")
+        x = args[0].detach() * self._mask[..., None].to(args[0].device, args[0].dtype)
+        self._add_input_factor(name, args[0], x)
+        return name, x
 
-    def detach(self) -> None:
-        self._attachment.undo()
-
-    def _on_forward(self, name: str):
-        def hook(module, args, out):
-            self._calls[name] = self._calls.get(name, 0) + 1
-            if self._calls[name] > 1:
-                raise GhostprojError(f"Layer '{name}' is called more than once per forward pass; Kronecker factors "
-                                     "of shared layers are not supported.")
-            x = args[0].detach() * self._mask[..., None].to(args[0].device, args[0].dtype)
-            self._add_input_factor(name, args[0], x)
-            out.register_hook(lambda g: self._accumulate(name, x, g.detach()))
-        return hook
+    def on_output_grad(self, context, grad):
+        name, x = context
+        self._accumulate(name, x, grad.detach())
 
     def _add_input_factor(self, name: str, source: torch.Tensor, x: torch.Tensor) -> None:
         """A += x^T x over the batch's positions. Layers reading the same input (q, k, v;
@@ -137,14 +127,6 @@ class FactorCollector(AttachedEngine):
         else:
             sq = torch.bmm(g.transpose(1, 2), x).square().sum(dtype=torch.float64)
         f.sq_norms += float(sq)
-
-
-def _input_requires_grad(module, args):
-    """Let the gradient reach this layer's output with every weight frozen."""
-    x = args[0]
-    if torch.is_tensor(x) and x.is_floating_point() and not x.requires_grad:
-        return (x.detach().requires_grad_(True), *args[1:])
-    return None
 
 
 def _eigen_projectors(model, factors: FactorTotals, record: dict):

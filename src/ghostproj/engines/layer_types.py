@@ -12,7 +12,8 @@ In-run tensors: x [N, S, n_in] (token ids [N, S] for embeddings), delta [N, S, n
 float32 already scaled per example; ``role`` is 'weight' or 'bias'; a validation
 gradient carries a leading query axis M' (1 when summed over the validation examples).
 
-A new module type is one class here plus its place in :data:`LAYER_TYPES`.
+A new module type is one subclass of :class:`LayerType` with a ``type_name``: defining it
+registers it (:data:`LAYER_TYPES`), and every engine asks it, never its identity, what to do.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fp32 import Projection
+
+# Every supported type, in definition order (filled by LayerType.__init_subclass__), and the
+# type found for each module class (cleared whenever a type is added).
+LAYER_TYPES: list[type["LayerType"]] = []
+_BY_MODULE_TYPE: dict[type, type["LayerType"] | None] = {}
 
 
 @dataclass
@@ -41,12 +47,39 @@ class Use:
 class LayerType:
     type_name: str = ""
     projectable = False  # the projection engine can project it
+    projected_by_default = True  # chosen when no --layers pattern is given (embeddings are not)
+    kronecker_factors = False  # `ghostproj factors` can take its A and G
     has_bias_column = True  # --bias extends x with a constant 1
     stores_transposed = False  # weight stored (n_in, n_out) rather than (n_out, n_in)
     takes_token_ids = False  # its input is token ids, not activations
 
+    def __init_subclass__(cls, **kwargs):
+        """A class with a ``type_name`` is a supported module type from its definition on."""
+        super().__init_subclass__(**kwargs)
+        if cls.type_name and cls not in LAYER_TYPES:
+            LAYER_TYPES.append(cls)
+            _BY_MODULE_TYPE.clear()
+
     @staticmethod
     def matches(module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    @staticmethod
+    def fusable(module: nn.Module) -> bool:
+        """Whether a frozen call can run as one autograd node computing the layer's output,
+        its input gradient (:meth:`input_grad`) and the projection: only the exact classes
+        whose forward is known (a subclass may do anything in its own)."""
+        return False
+
+    @staticmethod
+    def input_grad(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The input gradient of a fused call, from the output gradient as rows [B * S, n_out]."""
+        raise NotImplementedError
+
+    @classmethod
+    def weight_grads(cls, module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Each example's weight gradient G_n [B, n_out, n_in], from x [B, S, n_in] (token ids
+        [B, S] for embeddings) and delta [B, S, n_out], float32."""
         raise NotImplementedError
 
     # -- the projection engine -------------------------------------------------------------
@@ -124,10 +157,23 @@ class LinearLayer(LayerType):
 
     type_name = "Linear"
     projectable = True
+    kronecker_factors = True
 
     @staticmethod
     def matches(module: nn.Module) -> bool:
         return isinstance(module, nn.Linear)
+
+    @staticmethod
+    def fusable(module: nn.Module) -> bool:
+        return type(module) is nn.Linear
+
+    @staticmethod
+    def input_grad(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return torch.mm(rows, weight)
+
+    @classmethod
+    def weight_grads(cls, module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bto,bti->boi", delta, x)
 
     @staticmethod
     def dims(module: nn.Module) -> tuple[int, int]:
@@ -206,6 +252,14 @@ class Conv1DLayer(LinearLayer):
         return conv1d is not None and isinstance(module, conv1d)
 
     @staticmethod
+    def fusable(module: nn.Module) -> bool:
+        return type(module) is hf_conv1d_class()
+
+    @staticmethod
+    def input_grad(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return torch.mm(rows, weight.t())
+
+    @staticmethod
     def dims(module: nn.Module) -> tuple[int, int]:
         n_in, n_out = module.weight.shape
         return int(n_in), int(n_out)
@@ -218,6 +272,7 @@ class EmbeddingLayer(LayerType):
 
     type_name = "Embedding"
     projectable = True
+    projected_by_default = False  # vocabulary-sized gradients: chosen by --include-embeddings or a pattern
     has_bias_column = False
     stores_transposed = True
     takes_token_ids = True
@@ -246,6 +301,16 @@ class EmbeddingLayer(LayerType):
     def save_input(module, args):
         ids = args[0].detach()
         return ids.reshape(ids.shape[0], -1)
+
+    @classmethod
+    def weight_grads(cls, module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The one-hot product as a scatter: G_n[:, v] = sum of delta_t where token t is v."""
+        b, t, n_out = delta.shape
+        if module.padding_idx is not None:  # the padding row never receives a gradient
+            delta = delta * (x != module.padding_idx).unsqueeze(-1)
+        vocab_rows = torch.zeros(b, module.num_embeddings, n_out, dtype=delta.dtype, device=delta.device)
+        vocab_rows.scatter_add_(1, x.reshape(b, t, 1).expand(b, t, n_out), delta)
+        return vocab_rows.transpose(1, 2)
 
     @classmethod
     def output_gradient(cls, use, grad):
@@ -340,8 +405,12 @@ def rms_eps(module: nn.Module) -> float | None:
     return None
 
 
-LAYER_TYPES: tuple[type[LayerType], ...] = (LinearLayer, Conv1DLayer, EmbeddingLayer, LayerNormLayer, RMSNormLayer)
-_BY_MODULE_TYPE: dict[type, type[LayerType] | None] = {}
+
+
+def remove_layer_type(cls: type[LayerType]) -> None:
+    """Undo a type's registration (a type defined for a while, in a test or a notebook)."""
+    LAYER_TYPES.remove(cls)
+    _BY_MODULE_TYPE.clear()
 
 
 def layer_type(module: nn.Module) -> type[LayerType] | None:

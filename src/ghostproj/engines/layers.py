@@ -7,10 +7,16 @@ from __future__ import annotations
 
 from torch import nn
 
-from .layer_types import EmbeddingLayer, projectable_type
+from .layer_types import LAYER_TYPES, projectable_type
 
 # With a PEFT adapter, its LoRA matrices are what was trained, so they are what is projected.
 ADAPTER_LAYERS = r"re:\.lora_[AB]\.[^.]+$"
+
+
+def type_names(default: bool = False) -> str:
+    """The projectable layer types by name (only those chosen without --layers with ``default``)."""
+    names = [cls.type_name for cls in LAYER_TYPES if cls.projectable and (cls.projected_by_default or not default)]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 
 
 def pattern_matches(pattern: str, name: str) -> bool:
@@ -49,9 +55,9 @@ def select_layers(model: nn.Module, patterns: list[str] | None,
             if head is not None:
                 excluded.add(id(head))
         chosen = [(n, m) for n, m in supported if id(m) not in excluded
-                  and (include_embeddings or projectable_type(m) is not EmbeddingLayer)]
+                  and (include_embeddings or projectable_type(m).projected_by_default)]
         if not chosen:
-            raise GhostprojError("The model has no supported layer (nn.Linear or HF Conv1D) to project.")
+            raise GhostprojError(f"The model has no supported layer ({type_names(default=True)}) to project.")
         return chosen
 
     chosen: list[tuple[str, nn.Module]] = []
@@ -70,7 +76,7 @@ def select_layers(model: nn.Module, patterns: list[str] | None,
             kinds = sorted({type(m).__name__ for _, m in hits})
             raise GhostprojError(
                 f"Layer pattern '{pattern}' matches only unsupported layer types ({', '.join(kinds)}); "
-                "ghostproj projects nn.Linear, HF Conv1D and nn.Embedding layers."
+                f"ghostproj projects {type_names()} layers."
             )
         for n, m in usable:
             if n not in seen:

@@ -18,7 +18,7 @@ from ..errors import GhostprojError
 from ..store.manifest import LayerInfo
 from .attachment import AttachedEngine, Attachment
 from .calls import LayerCall, LayerMatrices, SharedInputs
-from .layer_types import hf_conv1d_class, projectable_type
+from .layer_types import projectable_type
 from .layers import select_layers
 from .projector import LayerProjector, build_projectors, split_ranks
 
@@ -103,10 +103,10 @@ class GradProjectionEngine(AttachedEngine):
         self.layers: list[LayerInfo] = _layer_records(chosen, bias, ranks, rank, rank_min, rank_in, rank_out)
         self.dim = sum(info.size for info in self.layers)
         self.projectors = _fitting_projectors(self.layers, projectors, projector, seed)
-        self._modules = {name: module for name, module in chosen}
-        self._types = {name: projectable_type(module) for name, module in chosen}
-        self._has_bias = {i.name: bias and self._types[i.name].has_bias_column for i in self.layers}
-        self._tied = self._find_tied_uses(model)
+        self.modules = {name: module for name, module in chosen}  # the projected layers, by name
+        self.kinds = {name: projectable_type(module) for name, module in chosen}  # and their layer types
+        self.has_bias = {i.name: bias and self.kinds[i.name].has_bias_column for i in self.layers}
+        self.tied = self._find_tied_uses(model)
         self._attachment = Attachment()
         self._device_mats: dict[tuple, LayerMatrices] = {}
         self._sinks: dict[tuple[torch.device, int], dict[str, torch.Tensor]] = {}
@@ -123,14 +123,14 @@ class GradProjectionEngine(AttachedEngine):
         module storing the weight the other way round (Linear vs Embedding) contributes
         G^T, i.e. its input meets P_out and its output gradient meets P_in."""
         tied = []
-        selected = {id(m) for m in self._modules.values()}
-        for name, module in self._modules.items():
+        selected = {id(m) for m in self.modules.values()}
+        for name, module in self.modules.items():
             for other_name, other in model.named_modules():
                 cls = projectable_type(other)
                 if other is module or id(other) in selected or cls is None or other.weight is not module.weight:
                     continue
-                transposed = cls.stores_transposed != self._types[name].stores_transposed
-                if transposed and self._has_bias[name]:
+                transposed = cls.stores_transposed != self.kinds[name].stores_transposed
+                if transposed and self.has_bias[name]:
                     raise GhostprojError(f"--bias is not supported for '{name}', whose weight is tied to '{other_name}'.")
                 tied.append((name, other, transposed))
         return tied
@@ -145,8 +145,8 @@ class GradProjectionEngine(AttachedEngine):
             raise RuntimeError("GradProjectionEngine is already attached")
         if self.freeze_weights:
             self._attachment.freeze(self.model.parameters())
-        uses = [(name, module, False) for name, module in self._modules.items()]
-        uses += [(name, module, transposed) for name, module, transposed in self._tied]
+        uses = [(name, module, False) for name, module in self.modules.items()]
+        uses += [(name, module, transposed) for name, module, transposed in self.tied]
         for name, module, transposed in uses:
             # The layer's forward is wrapped rather than hooked: a wrapped call keeps
             # nn.Module's hook-free fast path and, being plain tensor code with an autograd
@@ -155,11 +155,11 @@ class GradProjectionEngine(AttachedEngine):
             # anything else (an observed training loop, embeddings, tied or subclassed
             # modules, a forward someone else replaced) keeps its own forward and backward,
             # tapped at its output.
-            fused = (self.freeze_weights and not transposed and "forward" not in module.__dict__
-                     and type(module) in (nn.Linear, hf_conv1d_class()))
+            kind = projectable_type(module)
+            fused = self.freeze_weights and not transposed and "forward" not in module.__dict__ and kind.fusable(module)
 
-            def make(inner, name=name, module=module, transposed=transposed, fused=fused):
-                call = LayerCall(self, name, module, projectable_type(module), transposed, fused, inner)
+            def make(inner, name=name, module=module, kind=kind, transposed=transposed, fused=fused):
+                call = LayerCall(self, name, module, kind, transposed, fused, inner)
                 call.use_matrices(module.weight.device, module.weight.dtype)  # made now, not in a compiled graph
                 return call
             self._attachment.wrap_forward(module, make)
@@ -245,5 +245,5 @@ class GradProjectionEngine(AttachedEngine):
         mats = self._device_mats.get(key)
         if mats is None:
             p = self.projectors[name]
-            mats = self._device_mats[key] = LayerMatrices.of(p.p_in, p.p_out, self._has_bias[name], device, dtype)
+            mats = self._device_mats[key] = LayerMatrices.of(p.p_in, p.p_out, self.has_bias[name], device, dtype)
         return mats
