@@ -35,6 +35,14 @@ class InputFields(LayoutFields):
 
 
 @dataclass
+class CheckSource(LayoutFields):
+    """The model and data a check runs on, and the data's layout."""
+
+    model: str | None = None
+    data: str | None = None
+
+
+@dataclass
 class LoadedInputs:
     """A loaded model and its data sets (one per spec, in order)."""
 

@@ -5,14 +5,12 @@ one mechanism that turns a dataclass and its declarations into a command's signa
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 from typing import Annotated, Optional, get_type_hints
 
 import typer
 
 from .. import defaults
-from ..data.readers import LayoutFields
 from ..errors import GhostprojError
 from .app import DATA, DEMO_DATA, DEMO_MODEL, MODEL, OUTPUT, PROJECTION, RUN, SCORING, console_err
 
@@ -143,7 +141,8 @@ def options_signature(options_cls, declared: dict, extra: tuple = ()) -> inspect
     for name, spec in declared.items():  # in the order ``declared`` lists them, which --help keeps
         f = fields[name]
         info, cli_type = spec if isinstance(spec, tuple) else (spec, None)
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+        default = f.default if f.default is not dataclasses.MISSING else inspect.Parameter.empty  # required
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                         annotation=Annotated[cli_type or hints[f.name], info]))
     return inspect.Signature(params + list(extra), return_annotation=None)
 
@@ -243,36 +242,7 @@ FACTORS_EXTRA = (
 )
 
 
-@dataclasses.dataclass
-class Source(LayoutFields):
-    """Where a check's model and data come from, and the data's layout."""
-
-    model: str | None = None
-    data: str | None = None
-
-    def resolved(self) -> tuple[str, str, dict]:
-        """(model, data, layout fields), the embedded demo standing in for what was left out."""
-        model, data = default_model_and_data(self.model, self.data)
-        return model, data, self.fields
-
-
 SOURCE_OPTIONS = {"model": info(ModelOpt), "data": info(DataOpt), **LAYOUT_OPTIONS}
-
-
-def with_source(command):
-    """Gives a command the model, data and layout options (declared once, in Source) ahead
-    of its own; the command receives them as one Source, its first parameter."""
-    own = [param.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-           for param in list(inspect.signature(command, eval_str=True).parameters.values())[1:]]
-    names = list(SOURCE_OPTIONS)
-
-    @functools.wraps(command)
-    def wrapper(**options):
-        return command(Source(**{n: options.pop(n) for n in names}), **options)
-
-    wrapper.__signature__ = inspect.Signature(
-        list(options_signature(Source, SOURCE_OPTIONS).parameters.values()) + own, return_annotation=None)
-    return wrapper
 
 
 INRUN_OPTIONS = {
@@ -346,4 +316,56 @@ EVALUATE_EXTRA = (
                       annotation=Annotated[str, opt("--vectors", help="Training vectors compared: grad; adam adds "
                                                      "Adam update directions at each checkpoint (LESS).",
                                                      panel=SCORING)]),
+)
+
+
+# The checks' options: names, types and defaults are their options dataclasses' fields.
+NAIVE_CHECK_OPTIONS = {
+    **SOURCE_OPTIONS,
+    "dtype": info(DtypeOpt),
+    "adapter": opt(help="PEFT LoRA adapter directory.", panel=MODEL, default="none"),
+    "samples": opt(help="Examples in the padded batch.", panel=DATA),
+    "max_length": info(MaxLengthOpt),
+    "layers": (info(LayersOpt), Optional[str]),
+    "include_embeddings": opt("--include-embeddings", help="Also check nn.Embedding layers.", panel=PROJECTION),
+    "rank": opt(help="Per-layer budget.", panel=PROJECTION),
+    "projector": opt(help="gaussian, rademacher or orthonormal.", panel=PROJECTION),
+    "seed": opt(help="Projector seed.", panel=PROJECTION),
+    "loss_reduction": opt(help="mean or sum.", panel=PROJECTION),
+    "bias": opt("--bias/--no-bias", help="Include layer biases.", panel=PROJECTION),
+    "tolerance": opt(help="Max relative error.", panel=RUN, default="1e-4; 2e-2 for 16-bit models"),
+    "factors": info(FactorsOpt),
+    "device": info(DeviceOpt),
+}
+NON_INTERF_OPTIONS = {
+    **SOURCE_OPTIONS,
+    "max_length": info(MaxLengthOpt),
+    "layers": (info(LayersOpt), Optional[str]),
+    "steps": opt(help="Optimizer steps.", panel=RUN),
+    "batch_size": opt(help="Examples per step.", panel=RUN),
+    "lr": opt(help="Learning rate.", panel=RUN),
+    "optimizer": opt(help="adamw or sgd.", panel=RUN),
+    "tolerance": opt(help="Max relative difference.", panel=RUN),
+    "device": info(DeviceOpt),
+}
+FIDELITY_OPTIONS = {
+    **SOURCE_OPTIONS,
+    "samples": opt(help="Calibration examples (exact gradients are held for these).", panel=DATA),
+    "max_length": info(MaxLengthOpt),
+    "layers": (info(LayersOpt), Optional[str]),
+    "ranks": opt(help="Per-layer ranks to compare.", panel=PROJECTION),
+    "dense": opt("--dense/--no-dense", help="Also a dense Gaussian projection of equal size.", panel=PROJECTION),
+    "seed": opt(help="Projector seed.", panel=PROJECTION),
+    "factors": info(FactorsOpt),
+    "device": info(DeviceOpt),
+}
+
+
+DEMO_OPTIONS = {
+    "out": opt(help="Directory for the demo's projection runs.", panel=OUTPUT),
+    "top_k": opt(help="Matches per query.", panel=SCORING),
+}
+DEMO_EXTRA = (
+    inspect.Parameter("show", inspect.Parameter.KEYWORD_ONLY, default=3, annotation=Annotated[
+        int, opt(help="Queries whose matches are printed.", panel=OUTPUT)]),
 )

@@ -307,3 +307,18 @@ def report_run(path: str, report, hash_shards: bool) -> bool:
     console.print(f"{report.rows} rows in {len(m['shards'])} shards, {human_bytes(report.bytes)}, {state}; "
                   f"shards {checked}.")
     return complete
+
+
+def report_fisher(opts, result) -> None:
+    if opts.merge:
+        console_err().print(f"merged {len(opts.paths) - 1} parts ({result.count} rows) into "
+                            f"{markup_safe(opts.paths[0])}")
+        return
+    what = f"part {opts.part} of {opts.num_parts}, " if opts.num_parts > 1 else ""
+    console_err().print(f"[green]wrote[/green] {markup_safe(opts.out)}: {what}{result.count} rows, "
+                        f"{len(result.sums)} block(s)")
+
+
+def report_merged_scores(opts, result) -> None:
+    console_err().print(f"merged {len(opts.parts)} parts ({result.train_index.numel()} training rows)"
+                        + "".join(f"; wrote {markup_safe(p)}" for p in (opts.out, opts.topk_out, opts.select_out) if p))

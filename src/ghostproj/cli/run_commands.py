@@ -3,37 +3,36 @@ Each builds its options, runs its job and hands the result to :mod:`render`."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from .. import defaults
 from ..errors import GhostprojError
+from ..jobs.checks import NaiveCheckOptions, NonInterferenceOptions
+from ..jobs.demo import DemoOptions
 from ..jobs.evaluate import EvaluateOptions
 from ..jobs.factors import FactorsOptions
+from ..jobs.fidelity import FidelityOptions
 from ..jobs.inrun import InrunOptions
 from ..jobs.project import ProjectOptions
-from .app import DATA, MODEL, OUTPUT, PROJECTION, RUN, SCORING, app, console_err, console_out, markup_safe, print_notes
+from .app import app, console_err, console_out, markup_safe, print_notes
 from .options import (
+    DEMO_EXTRA,
+    DEMO_OPTIONS,
     EVALUATE_EXTRA,
     EVALUATE_OPTIONS,
     FACTORS_EXTRA,
     FACTORS_OPTIONS,
+    FIDELITY_OPTIONS,
     HF_DATASET,
     INRUN_EXTRA,
     INRUN_OPTIONS,
+    NAIVE_CHECK_OPTIONS,
+    NON_INTERF_OPTIONS,
     PROJECT_OPTIONS,
-    DeviceOpt,
-    DtypeOpt,
-    FactorsOpt,
-    LayersOpt,
-    MaxLengthOpt,
-    Source,
     default_model_and_data,
     demo_in_place,
     options_signature,
     split_list,
-    with_source,
 )
 from .render import (
     report_demo,
@@ -94,85 +93,43 @@ factors.__signature__ = options_signature(FactorsOptions, FACTORS_OPTIONS, extra
 app.command()(factors)
 
 
-@app.command("naive-check")
-@with_source
-def naive_check(
-    source: Source,
-    dtype: DtypeOpt = "float32",
-    adapter: Optional[str] = typer.Option(None, help="PEFT LoRA adapter directory.", rich_help_panel=MODEL,
-                                          show_default="none"),
-    samples: int = typer.Option(8, help="Examples in the padded batch.", rich_help_panel=DATA),
-    max_length: MaxLengthOpt = 512,
-    layers: LayersOpt = None,
-    include_embeddings: bool = typer.Option(False, "--include-embeddings", help="Also check nn.Embedding layers.",
-                                            rich_help_panel=PROJECTION),
-    rank: int = typer.Option(defaults.RANK, help="Per-layer budget.", rich_help_panel=PROJECTION),
-    projector: str = typer.Option(defaults.PROJECTOR, help="gaussian, rademacher or orthonormal.", rich_help_panel=PROJECTION),
-    seed: int = typer.Option(0, help="Projector seed.", rich_help_panel=PROJECTION),
-    loss_reduction: str = typer.Option(defaults.LOSS_REDUCTION, help="mean or sum.", rich_help_panel=PROJECTION),
-    bias: bool = typer.Option(False, "--bias/--no-bias", help="Include layer biases.", rich_help_panel=PROJECTION),
-    tolerance: Optional[float] = typer.Option(None, help="Max relative error.", rich_help_panel=RUN,
-                                              show_default="1e-4; 2e-2 for 16-bit models"),
-    factors: FactorsOpt = None,
-    device: DeviceOpt = "auto",
-) -> None:
+def naive_check(**options) -> None:
     """Prove the engine equals the slow exact computation on your model and data."""
-    from ..jobs.checks import run_naive_check
+    from ..jobs.checks import NaiveCheckOptions, run_naive_check
 
-    model, data, fields = source.resolved()
-    result = run_naive_check(model, data, split_list(layers), samples=samples, rank=rank, projector=projector,
-                             seed=seed, loss_reduction=loss_reduction, bias=bias, max_length=max_length,
-                             dtype=dtype, device=device, tolerance=tolerance, adapter=adapter,
-                             include_embeddings=include_embeddings, factors=factors, **fields)
-    if not report_naive_check(result):
+    options["model"], options["data"] = default_model_and_data(options["model"], options["data"])
+    options["layers"] = split_list(options["layers"])
+    if not report_naive_check(run_naive_check(NaiveCheckOptions(**options))):
         raise typer.Exit(1)
 
 
-@app.command("non-interf")
-@with_source
-def non_interf(
-    source: Source,
-    max_length: MaxLengthOpt = 128,
-    layers: LayersOpt = None,
-    steps: int = typer.Option(3, help="Optimizer steps.", rich_help_panel=RUN),
-    batch_size: int = typer.Option(4, help="Examples per step.", rich_help_panel=RUN),
-    lr: float = typer.Option(1e-3, help="Learning rate.", rich_help_panel=RUN),
-    optimizer: str = typer.Option("adamw", help="adamw or sgd.", rich_help_panel=RUN),
-    tolerance: float = typer.Option(1e-6, help="Max relative difference.", rich_help_panel=RUN),
-    device: DeviceOpt = "auto",
-) -> None:
+def non_interf(**options) -> None:
     """Prove attaching the engine changes nothing about training."""
-    from ..jobs.checks import run_non_interference
+    from ..jobs.checks import NonInterferenceOptions, run_non_interference
 
-    model, data, fields = source.resolved()
-    result = run_non_interference(model, data, split_list(layers), steps=steps, batch_size=batch_size, lr=lr,
-                                  optimizer=optimizer, max_length=max_length, device=device, **fields)
-    if not report_non_interference(result, steps, optimizer, tolerance):
+    options["model"], options["data"] = default_model_and_data(options["model"], options["data"])
+    options["layers"] = split_list(options["layers"])
+    opts = NonInterferenceOptions(**options)
+    if not report_non_interference(run_non_interference(opts), opts.steps, opts.optimizer, opts.tolerance):
         raise typer.Exit(1)
 
 
-@app.command()
-@with_source
-def fidelity(
-    source: Source,
-    samples: int = typer.Option(16, help="Calibration examples (exact gradients are held for these).",
-                                rich_help_panel=DATA),
-    max_length: MaxLengthOpt = 512,
-    layers: LayersOpt = None,
-    ranks: str = typer.Option("64,256,1024", help="Per-layer ranks to compare.", rich_help_panel=PROJECTION),
-    dense: bool = typer.Option(True, "--dense/--no-dense", help="Also a dense Gaussian projection of equal size.",
-                               rich_help_panel=PROJECTION),
-    seed: int = typer.Option(0, help="Projector seed.", rich_help_panel=PROJECTION),
-    factors: FactorsOpt = None,
-    device: DeviceOpt = "auto",
-) -> None:
+def fidelity(**options) -> None:
     """How well projected inner products match exact ones, per rank and layer."""
-    from ..jobs.fidelity import run_fidelity_check
+    from ..jobs.fidelity import FidelityOptions, run_fidelity_check
 
-    model, data, fields = source.resolved()
-    report = run_fidelity_check(model, data, split_list(layers), ranks, samples=samples, max_length=max_length,
-                                dense=dense, seed=seed, device=device, factors=factors, **fields)
-    report_fidelity(report, eigenbasis=factors is not None)
+    options["model"], options["data"] = default_model_and_data(options["model"], options["data"])
+    options["layers"] = split_list(options["layers"])
+    opts = FidelityOptions(**options)
+    report_fidelity(run_fidelity_check(opts), eigenbasis=opts.factors is not None)
+
+
+naive_check.__signature__ = options_signature(NaiveCheckOptions, NAIVE_CHECK_OPTIONS)
+non_interf.__signature__ = options_signature(NonInterferenceOptions, NON_INTERF_OPTIONS)
+fidelity.__signature__ = options_signature(FidelityOptions, FIDELITY_OPTIONS)
+app.command("naive-check")(naive_check)
+app.command("non-interf")(non_interf)
+app.command()(fidelity)
 
 
 def inrun(**options) -> None:
@@ -215,19 +172,20 @@ evaluate.__signature__ = options_signature(EvaluateOptions, EVALUATE_OPTIONS, ex
 app.command()(evaluate)
 
 
-@app.command()
-def demo(
-    out: str = typer.Option("ghostproj-demo", help="Directory for the demo's projection runs.",
-                            rich_help_panel=OUTPUT),
-    top_k: int = typer.Option(10, help="Matches per query.", rich_help_panel=SCORING),
-    show: int = typer.Option(3, help="Queries whose matches are printed.", rich_help_panel=OUTPUT),
-) -> None:
+def demo(**options) -> None:
     """Project the embedded corpus, score held-out queries and show what ghostproj finds."""
     from ..jobs.demo import run_demo
 
+    show = options.pop("show")
+    opts = DemoOptions(**options)
+
     def report(train_run, query_run, result) -> None:
         console_out().print(f"[bold]Which training texts push the model like each query?[/bold] (the defaults: "
-                            f"influence, --normalize layer, top {top_k})")
+                            f"influence, --normalize layer, top {opts.top_k})")
         report_scores(train_run, query_run, result, defaults.METRIC, None, show)
 
-    report_demo(run_demo(out, top_k=top_k, log=console_err().print, report=report))
+    report_demo(run_demo(opts, log=console_err().print, report=report))
+
+
+demo.__signature__ = options_signature(DemoOptions, DEMO_OPTIONS, extra=DEMO_EXTRA)
+app.command()(demo)

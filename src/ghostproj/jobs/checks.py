@@ -7,28 +7,20 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import defaults
 from ..data.batching import Example, collate
 from ..engines.factors import factors_engine
-from ..engines.layer_types import projectable_type
-from ..engines.losses import IGNORE_INDEX, causal_lm_losses
+from ..engines.losses import causal_lm_losses
 from ..engines.projection import GradProjectionEngine
 from ..errors import GhostprojError
-from ..inputs import load_model_and_data, pick_mixed_lengths
+from ..inputs import CheckSource, load_model_and_data, pick_mixed_lengths
 from ..store.manifest import LayerInfo
+from .reference import per_example_weight_grads
 
 
 # -- naive reference --------------------------------------------------------------------
-def _reference_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Loss of one unpadded example, written independently of :mod:`ghostproj.losses`."""
-    target = labels[0, 1:]
-    keep = target != IGNORE_INDEX
-    return F.cross_entropy(logits[0, :-1][keep].float(), target[keep], reduction=reduction)
-
-
 def naive_projected_grads(
     model: nn.Module,
     examples: list[Example],
@@ -37,43 +29,13 @@ def naive_projected_grads(
 ) -> torch.Tensor:
     """[B, D] float64: each example alone (batch size 1, no padding), full autograd on the
     weights, explicit P_out G P_in^T with the engine's matrices."""
-    modules = dict(model.named_modules())
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    targets = []
-    for info in engine.layers:
-        m = modules[info.name]
-        m.weight.requires_grad_(True)
-        targets.append(m.weight)
-        if engine.bias and projectable_type(m).has_bias_column:
-            m.bias.requires_grad_(True)
-            targets.append(m.bias)
-    device = next(model.parameters()).device
     out = torch.zeros(len(examples), engine.dim, dtype=torch.float64)
-    try:
-        for r, ex in enumerate(examples):
-            if ex.n_label_positions == 0:
-                continue
-            batch = collate([ex]).to(device)
-            for t in targets:
-                t.grad = None
-            logits = model(input_ids=batch.input_ids).logits
-            loss = _reference_loss(logits, batch.labels, loss_reduction)
-            loss.backward()
-            for info in engine.layers:
-                m = modules[info.name]
-                g = projectable_type(m).weight_grad(m).double().cpu()
-                if engine.bias and projectable_type(m).has_bias_column:
-                    g = torch.cat([g, m.bias.grad.double().cpu()[:, None]], dim=1)
-                p = engine.projectors[info.name]
-                block = p.p_out.double() @ g @ p.p_in.double().t()
-                out[r, info.offset : info.offset + info.size] = block.reshape(-1)
-    finally:
-        for t in targets:
-            t.grad = None
-        for p, flag in saved:
-            p.requires_grad_(flag)
+    names = [info.name for info in engine.layers]
+    for r, grads in per_example_weight_grads(model, examples, names, loss_reduction, engine.bias):
+        for info in engine.layers:
+            p = engine.projectors[info.name]
+            block = p.p_out.double() @ grads[info.name] @ p.p_in.double().t()
+            out[r, info.offset : info.offset + info.size] = block.reshape(-1)
     return out
 
 
@@ -222,15 +184,54 @@ class NaiveCheckResult:
 SIXTEEN_BIT_TOLERANCE = 2e-2
 
 
-def run_naive_check(model_path: str, data_path: str, layers: list[str] | None, *, samples: int = 8,
-                    rank: int = defaults.RANK, projector: str = defaults.PROJECTOR, seed: int = 0,
-                    loss_reduction: str = defaults.LOSS_REDUCTION,
-                    bias: bool = False, max_length: int = 512, dtype: str = "float32", device: str = "auto",
-                    tolerance: float | None = None, adapter: str | None = None,
-                    include_embeddings: bool = False, factors: str | None = None, **fields) -> NaiveCheckResult:
-    """``fields``: text_field, prompt_field, completion_field, messages_field, format, as
-    for `project` (the layout is read from the data when none is given). ``factors``: check
-    the Kronecker eigenbasis of `ghostproj factors`' file, as `project --factors` uses it."""
+@dataclass
+class NaiveCheckOptions(CheckSource):
+    """Options of ``ghostproj naive-check``."""
+
+    dtype: str = "float32"
+    adapter: str | None = None
+    samples: int = 8
+    max_length: int = 512
+    layers: list[str] | None = None
+    include_embeddings: bool = False
+    rank: int = defaults.RANK
+    projector: str = defaults.PROJECTOR
+    seed: int = 0
+    loss_reduction: str = defaults.LOSS_REDUCTION
+    bias: bool = False
+    tolerance: float | None = None  # None: 1e-4, or SIXTEEN_BIT_TOLERANCE for 16-bit models
+    factors: str | None = None
+    device: str = "auto"
+
+
+@dataclass
+class NonInterferenceOptions(CheckSource):
+    """Options of ``ghostproj non-interf``."""
+
+    max_length: int = 128
+    layers: list[str] | None = None
+    steps: int = 3
+    batch_size: int = 4
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    tolerance: float = 1e-6
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise GhostprojError(f"--steps must be at least 1, got {self.steps}.")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise GhostprojError(f"Unknown --optimizer '{self.optimizer}'; choose adamw or sgd.")
+
+
+def run_naive_check(opts: NaiveCheckOptions) -> NaiveCheckResult:
+    """The engine against the naive reference on a padded batch of the data's examples
+    (``factors``: in the Kronecker eigenbasis of that file, as `project --factors` uses it)."""
+    model_path, data_path, layers, samples, rank = opts.model, opts.data, opts.layers, opts.samples, opts.rank
+    projector, seed, loss_reduction, bias, max_length = (opts.projector, opts.seed, opts.loss_reduction, opts.bias,
+                                                          opts.max_length)
+    dtype, device, tolerance, adapter = opts.dtype, opts.device, opts.tolerance, opts.adapter
+    include_embeddings, factors, fields = opts.include_embeddings, opts.factors, opts.fields
     from ..engines.layers import ADAPTER_LAYERS
     from ..models import pad_token_id
     from ..store.factors_file import load_factors
@@ -280,18 +281,13 @@ def detach_problems(model: nn.Module, batch_examples: list[Example], layers: lis
     return [f"module '{k or '<root>'}' differs after detach (projection mode)" for k in before if before[k] != after.get(k)]
 
 
-def run_non_interference(model_path: str, data_path: str, layers: list[str] | None, *, steps: int = 3,
-                         batch_size: int = 4, lr: float = 1e-3, optimizer: str = "adamw", max_length: int = 128,
-                         device: str = "auto", **fields) -> NonInterferenceResult:
+def run_non_interference(opts: NonInterferenceOptions) -> NonInterferenceResult:
     from ..data.batching import fixed_size_batches
-    from ..errors import GhostprojError
     from ..models import pad_token_id
 
-    if steps < 1:
-        raise GhostprojError(f"--steps must be at least 1, got {steps}.")
-    if optimizer not in ("adamw", "sgd"):
-        raise GhostprojError(f"Unknown --optimizer '{optimizer}'; choose adamw or sgd.")
-    model, tokenizer, data = load_model_and_data(model_path, data_path, "float32", device, max_length, **fields)
+    layers, steps, batch_size, lr, optimizer = opts.layers, opts.steps, opts.batch_size, opts.lr, opts.optimizer
+    model, tokenizer, data = load_model_and_data(opts.model, opts.data, "float32", opts.device, opts.max_length,
+                                                 **opts.fields)
     examples = [e for e in data.examples if e.n_label_positions > 0]
     if not examples:
         raise GhostprojError("No example in the data has a label position to train on.")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .. import defaults
 from ..data.demo_corpus import demo_splits
+from ..errors import GhostprojError
 
 DEMO_VERSION = 2  # 2: real text (standard-library docstrings) instead of template sentences
 EOS = "<|endoftext|>"
@@ -167,27 +167,39 @@ class DemoResult:
     query_dir: Path
 
 
-def run_demo(out: str | os.PathLike, top_k: int = 10, log=None, report=None) -> DemoResult:
+@dataclass
+class DemoOptions:
+    """Options of ``ghostproj demo``."""
+
+    out: str = "ghostproj-demo"
+    top_k: int = 10
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise GhostprojError(f"--top-k must be at least 1, got {self.top_k}.")
+
+
+def run_demo(opts: DemoOptions, log=None, report=None) -> DemoResult:
     """Project the demo's training and query splits, score them with the defaults
     (``report(train_run, query_run, result)`` shows the matches), and measure the same-topic
     precision@k of each metric and normalization next to the random baseline."""
     from ..data.records import read_records
     from ..scoring.score import score
     from .project import ProjectOptions, run_project
-    from .score import run_score_command
+    from .score import ScoreOptions, run_score_command
 
     log = log or (lambda message: None)
+    top_k = opts.top_k
     assets = ensure_demo(lambda m: log(f"[dim]{m}[/dim]"))
-    out = Path(out)
+    out = Path(opts.out)
     train_dir, query_dir = out / "train.st", out / "query.st"
     for data, run_dir, like in ((assets.train, train_dir, None), (assets.query, query_dir, train_dir)):
         s = run_project(ProjectOptions(model=str(assets.model), data=str(data), out=str(run_dir),
                                        like=str(like) if like else None, batch_size=16, max_length=64))
         log(f"[dim]projected {s.examples} examples into {run_dir} (D={s.dim}"
             f"{', reused' if s.already_complete else f', {s.seconds:.1f} s'})[/dim]")
-    run_score_command(str(train_dir), str(query_dir), metric=defaults.METRIC, normalize=defaults.NORMALIZE,
-                      center=False, damping=defaults.DAMPING, layers=None, top_k=top_k, out=None, topk_out=None, reduce=None,
-                      group_field=None, select_out=None, chunk_rows=8192, report=report, log=log)
+    run_score_command(ScoreOptions(runs=[str(train_dir), str(query_dir)], top_k=top_k, chunk_rows=8192), report,
+                      log)
 
     train_topics = {i: r["topic"] for i, r in enumerate(read_records(assets.train).rows)}
     query_topics = {i: r["topic"] for i, r in enumerate(read_records(assets.query).rows)}

@@ -13,38 +13,20 @@ import torch
 from .. import defaults
 from ..data.batching import Example, collate
 from ..engines.factors import factors_engine
-from ..engines.layer_types import projectable_type
 from ..engines.losses import causal_lm_losses
 from ..engines.projection import GradProjectionEngine
 from ..errors import GhostprojError
+from ..inputs import CheckSource
+from .reference import per_example_weight_grads
 
 
 def exact_layer_grads(model, examples: list[Example], names: list[str], loss_reduction: str = "mean"):
     """{layer: [B, n_out * n_in] float64} per-example weight gradients in (n_out, n_in)
-    orientation, each example alone with full autograd on those weights."""
-    modules = dict(model.named_modules())
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for n in names:
-        modules[n].weight.requires_grad_(True)
-    device = next(model.parameters()).device
+    orientation (the examples given all have label positions)."""
     out = {n: [] for n in names}
-    try:
-        for ex in examples:
-            batch = collate([ex]).to(device)
-            for n in names:
-                modules[n].weight.grad = None
-            losses, _ = causal_lm_losses(model(input_ids=batch.input_ids).logits, batch.labels, loss_reduction)
-            losses.sum().backward()
-            for n in names:
-                g = projectable_type(modules[n]).weight_grad(modules[n])
-                out[n].append(g.detach().double().cpu().reshape(-1))
-    finally:
+    for _, grads in per_example_weight_grads(model, examples, names, loss_reduction):
         for n in names:
-            modules[n].weight.grad = None
-        for p, flag in saved:
-            p.requires_grad_(flag)
+            out[n].append(grads[n].reshape(-1))
     return {n: torch.stack(v) for n, v in out.items()}
 
 
@@ -151,24 +133,37 @@ def run_fidelity(model, examples: list[Example], layers: list[str] | None, ranks
     return report
 
 
-def run_fidelity_check(model_path: str, data_path: str, layers: list[str] | None, ranks: str, *, samples: int = 16,
-                       max_length: int = 512, dense: bool = True, seed: int = 0, device: str = "auto",
-                       factors: str | None = None, **fields) -> FidelityReport:
-    """The `fidelity` command: load the model and data as `project` does, pick calibration
-    examples of mixed lengths and compare projected with exact inner products. ``ranks``
-    is the comma-separated list the user typed."""
-    from ..errors import GhostprojError
-    from ..inputs import load_model_and_data, pick_mixed_lengths
+@dataclass
+class FidelityOptions(CheckSource):
+    """Options of ``ghostproj fidelity``; ``ranks`` as typed, comma-separated."""
 
-    try:
-        rank_list = [int(r) for r in ranks.split(",") if r.strip()]
-    except ValueError:
-        raise GhostprojError(f"--ranks must be comma-separated integers, got '{ranks}'.") from None
-    if not rank_list or min(rank_list) < 1:
-        raise GhostprojError(f"--ranks must list positive integers, got '{ranks}'.")
+    samples: int = 16
+    max_length: int = 512
+    layers: list[str] | None = None
+    ranks: str = "64,256,1024"
+    dense: bool = True
+    seed: int = 0
+    factors: str | None = None
+    device: str = "auto"
+
+    def __post_init__(self):
+        try:
+            self.rank_list = [int(r) for r in self.ranks.split(",") if r.strip()]
+        except ValueError:
+            raise GhostprojError(f"--ranks must be comma-separated integers, got '{self.ranks}'.") from None
+        if not self.rank_list or min(self.rank_list) < 1:
+            raise GhostprojError(f"--ranks must list positive integers, got '{self.ranks}'.")
+
+
+def run_fidelity_check(opts: FidelityOptions) -> FidelityReport:
+    """The `fidelity` command: load the model and data as `project` does, pick calibration
+    examples of mixed lengths and compare projected with exact inner products."""
+    from ..inputs import load_model_and_data, pick_mixed_lengths
     from ..store.factors_file import load_factors
 
-    loaded = load_factors(factors) if factors is not None else None
-    model, _, data = load_model_and_data(model_path, data_path, "float32", device, max_length, **fields)
-    examples = pick_mixed_lengths(data.examples, samples)
-    return run_fidelity(model, examples, layers, rank_list, dense=dense, seed=seed, factors=loaded)
+    loaded = load_factors(opts.factors) if opts.factors is not None else None
+    model, _, data = load_model_and_data(opts.model, opts.data, "float32", opts.device, opts.max_length,
+                                         **opts.fields)
+    examples = pick_mixed_lengths(data.examples, opts.samples)
+    return run_fidelity(model, examples, opts.layers, opts.rank_list, dense=opts.dense, seed=opts.seed,
+                        factors=loaded)

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+from .. import defaults
+from ..errors import GhostprojError
 from ..models import resolve_device
 from ..scoring.fisher import compute_fisher
 from ..scoring.influence import FisherSums, merge_fisher
@@ -10,13 +14,39 @@ from ..store.outputs import check_outputs
 from ..store.reader import open_run
 
 
-def run_fisher(train: str, out: str, *, layers: list[str] | None, normalize: str, full: bool, num_parts: int,
-               part: int, chunk_rows: int | None, overwrite: bool, device: str = "auto") -> FisherSums:
-    check_outputs([(out, "--out")], [train], overwrite)
-    result = compute_fisher(open_run(train), layers=layers, normalize=normalize, full=full,
-                            part=(part, num_parts) if num_parts > 1 else None, chunk_rows=chunk_rows,
-                            device=resolve_device(device))
-    result.save(out)
+@dataclass
+class FisherOptions:
+    """Options of ``ghostproj fisher``: one training run and the Fisher file to write, or
+    with ``merge`` the output followed by the part files."""
+
+    paths: list[str] = field(default_factory=list)
+    out: str | None = None
+    layers: list[str] | None = None
+    normalize: str = defaults.NORMALIZE
+    full: bool = False
+    num_parts: int = 1
+    part: int = 0
+    merge: bool = False
+    overwrite: bool = False
+    chunk_rows: int | None = None
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.merge and len(self.paths) < 2:
+            raise GhostprojError("--merge needs OUT followed by the part files.")
+        if not self.merge and (len(self.paths) != 1 or self.out is None):
+            raise GhostprojError("fisher takes one training run and --out FILE (or --merge OUT PART...).")
+
+
+def run_fisher(opts: FisherOptions) -> FisherSums:
+    """The Fisher file of the run (or part), or the sum of the parts with ``merge``."""
+    if opts.merge:
+        return run_fisher_merge(opts.paths[0], opts.paths[1:], opts.overwrite)
+    check_outputs([(opts.out, "--out")], [opts.paths[0]], opts.overwrite)
+    result = compute_fisher(open_run(opts.paths[0]), layers=opts.layers, normalize=opts.normalize, full=opts.full,
+                            part=(opts.part, opts.num_parts) if opts.num_parts > 1 else None,
+                            chunk_rows=opts.chunk_rows, device=resolve_device(opts.device))
+    result.save(opts.out)
     return result
 
 

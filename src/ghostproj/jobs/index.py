@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .. import defaults
 from ..errors import GhostprojError
 from ..models import resolve_device
 from ..scoring.index import (
@@ -67,18 +68,70 @@ def check_index_out(out: str, inputs: list, overwrite: bool) -> Path:
     return path
 
 
-def run_index_build(train: str, out: str, settings: IndexSettings, *, fisher: str | None, check: int,
-                    check_query: str | None, check_k: int, device: str, overwrite: bool, log) \
-        -> tuple[IndexSettings, int, RecallCheck | None]:
+@dataclass
+class IndexBuildOptions:
+    """Options of ``ghostproj index build``: the training run, where the index goes, the
+    scoring transform it is built for (as ``score``'s) and the recall check."""
+
+    train: str
+    out: str
+    metric: str = defaults.METRIC
+    normalize: str = defaults.NORMALIZE
+    center: bool = False
+    damping: float = defaults.DAMPING
+    layers: list[str] | None = None
+    fisher: str | None = None
+    factory: str | None = None  # None: chosen from the size (default_factory)
+    nprobe: int | None = None
+    candidates: int | None = None
+    check: int = 100
+    check_query: str | None = None
+    top_k: int = 10
+    device: str = "auto"
+    overwrite: bool = False
+
+    def __post_init__(self):
+        check_search_counts(self.nprobe, self.candidates)
+        if self.check < 0:
+            raise GhostprojError(f"--check must be 0 or more, got {self.check}.")
+        if self.top_k < 1:
+            raise GhostprojError(f"--top-k must be at least 1, got {self.top_k}.")
+
+    @property
+    def settings(self) -> IndexSettings:
+        return IndexSettings(metric=self.metric, normalize=self.normalize, center=self.center, damping=self.damping,
+                             layers=self.layers, factory=self.factory or "", nprobe=self.nprobe,
+                             candidates=self.candidates)
+
+
+@dataclass
+class IndexQueryOptions:
+    """Options of ``ghostproj index query``."""
+
+    index_dir: str
+    query: str
+    top_k: int = 10
+    nprobe: int | None = None  # None: as built
+    candidates: int | None = None
+    topk_out: str | None = None
+    device: str = "auto"
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise GhostprojError(f"--top-k must be at least 1, got {self.top_k}.")
+        check_search_counts(self.nprobe, self.candidates)
+
+
+def run_index_build(opts: IndexBuildOptions, log=None) -> tuple[IndexSettings, int, RecallCheck | None]:
     """Build, save and (with ``check`` > 0) measure the index. Returns (settings as built,
-    index bytes, the recall check)."""
+    index bytes, the recall check); ``log(message)`` takes what the build says."""
+    log = log or (lambda message: None)
+    train, out, settings, fisher = opts.train, opts.out, opts.settings, opts.fisher
+    check, check_query, check_k, device, overwrite = opts.check, opts.check_query, opts.top_k, opts.device, opts.overwrite
     if uses_faiss(settings.factory):
         faiss_module()  # the one-sentence install hint before any work
     path = check_index_out(out, [train, fisher, check_query], overwrite)
-    if check < 0:
-        raise GhostprojError(f"--check must be 0 or more, got {check}.")
-    if check_k < 1:
-        raise GhostprojError(f"--top-k must be at least 1, got {check_k}.")
     where = resolve_device(device)
     train_run = open_run(train)
     fisher_sums = FisherSums.load(fisher) if fisher else None
@@ -133,12 +186,10 @@ def _without(ids: torch.Tensor, own: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
-def run_index_query(index_dir: str, query: str, *, top_k: int, topk_out: str | None, nprobe: int | None,
-                    device: str, overwrite: bool, candidates: int | None = None) -> ScoreResult:
-    check_outputs([(topk_out, "--topk-out")], [index_dir, query], overwrite)
-    if top_k < 1:
-        raise GhostprojError(f"--top-k must be at least 1, got {top_k}.")
-    check_search_counts(nprobe, candidates)
+def run_index_query(opts: IndexQueryOptions) -> ScoreResult:
+    index_dir, query, top_k, topk_out, nprobe = opts.index_dir, opts.query, opts.top_k, opts.topk_out, opts.nprobe
+    device, candidates = opts.device, opts.candidates
+    check_outputs([(topk_out, "--topk-out")], [index_dir, query], opts.overwrite)
     path = Path(index_dir)
     index, s, extras = load_index(path)
     if nprobe is not None and not uses_faiss(s.factory):

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import torch
 
-from ..data.batching import Example, collate
+from ..data.batching import Example
 from ..data.readers import DataSpec, LayoutFields
 from ..data.records import example_text
 from ..engines.dotprod import GradDotProdEngine
-from ..engines.losses import causal_lm_losses
 from ..errors import GhostprojError
 from ..inputs import load_model_and_examples
 from ..models import pad_token_id
@@ -21,6 +20,7 @@ from ..progress import RateProgress
 from ..store.files import atomic_write
 from ..store.outputs import check_output_dir
 from ..store.shards import encode_safetensors
+from .retrain import in_run_step, seeded_batches
 
 MAX_VAL_BATCH = 512  # every step carries the whole validation batch
 
@@ -78,12 +78,7 @@ def _check(opts: InrunOptions) -> None:
 
 def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
     """Seeded batches: a fresh permutation each epoch, consecutive slices of it."""
-    g = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    while len(order) < steps * batch_size:
-        order += torch.randperm(n, generator=g).tolist()
-    flat = torch.tensor(order[: steps * batch_size])
-    return list(flat.view(steps, batch_size))
+    return [torch.tensor(b) for b in seeded_batches(n, batch_size, seed, steps=steps)]
 
 
 def run_inrun(opts: InrunOptions) -> InrunResult:
@@ -159,14 +154,10 @@ def _train(model, pad: int, train: list[Example], val: list[Example], batch_size
         with RateProgress("training", total=opts.steps, unit="steps", extra_unit=None,
                           enabled=opts.show_progress) as bar:
             for step, idx in enumerate(batch_order(len(train), batch_size, opts.steps, opts.seed)):
-                batch = collate([train[i] for i in idx.tolist()] + val, pad).to(device)
-                losses, _ = causal_lm_losses(model(**batch.model_inputs()).logits, batch.labels, "mean")
-                losses.sum().backward()
-                dots = engine.aggregate().detach().double().cpu()
-                engine.prepare_gradients()
-                optimizer.step()
-                engine.clear_gradients()
-                log.values.index_add_(0, idx, -optimizer.param_groups[0]["lr"] * dots)
+                lr = optimizer.param_groups[0]["lr"]
+                losses, dots = in_run_step(model, engine, optimizer, [train[i] for i in idx.tolist()] + val, pad,
+                                           device)
+                log.values.index_add_(0, idx, -lr * dots)
                 log.counts.index_add_(0, idx, torch.ones_like(idx))
                 log.steps.append(torch.full((len(idx),), step, dtype=torch.int64))
                 log.index.append(idx.clone())

@@ -26,13 +26,40 @@ class Recipe:
         return asdict(self)
 
 
+def seeded_batches(n: int, batch_size: int, seed: int, *, epochs: int | None = None,
+                   steps: int | None = None) -> list[list[int]]:
+    """The one batch order of every training loop here: a fresh seeded permutation of the
+    n examples per epoch. With ``epochs``, each epoch's slices (the last one smaller);
+    with ``steps``, that many full batches of consecutive slices across epochs."""
+    g = torch.Generator().manual_seed(seed)
+    if epochs is not None:
+        out = []
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=g).tolist()
+            out += [order[i : i + batch_size] for i in range(0, n, batch_size)]
+        return out
+    order: list[int] = []
+    while len(order) < steps * batch_size:
+        order += torch.randperm(n, generator=g).tolist()
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
+
+
 def epoch_batches(n: int, recipe: Recipe) -> list[list[int]]:
-    g = torch.Generator().manual_seed(recipe.seed)
-    out = []
-    for _ in range(recipe.epochs):
-        order = torch.randperm(n, generator=g).tolist()
-        out += [order[i : i + recipe.batch_size] for i in range(0, n, recipe.batch_size)]
-    return out
+    return seeded_batches(n, recipe.batch_size, recipe.seed, epochs=recipe.epochs)
+
+
+def in_run_step(model, engine, optimizer, examples: list[Example], pad_id: int, device) -> tuple:
+    """One training step that carries the engine's validation examples (after ``examples``):
+    (the per-example losses, each training example's dot products with the validation
+    gradient). The optimizer sees the training part's gradient only."""
+    batch = collate(examples, pad_id).to(device)
+    losses, _ = causal_lm_losses(model(**batch.model_inputs()).logits, batch.labels, "mean")
+    losses.sum().backward()
+    dots = engine.aggregate().detach().double().cpu()
+    engine.prepare_gradients()
+    optimizer.step()
+    engine.clear_gradients()
+    return losses, dots
 
 
 @dataclass
@@ -125,15 +152,10 @@ def in_run_scores(model, base_state: dict, examples: list[Example], queries: lis
     engine.attach()
     try:
         for chosen in run.batches:
-            batch = collate([examples[i] for i in chosen] + queries, pad_id).to(run.device)
-            losses, _ = causal_lm_losses(model(**batch.model_inputs()).logits, batch.labels, "mean")
-            losses.sum().backward()
-            dots = engine.results().total.detach().double().cpu()  # [B, M]
-            lr = optimizer.param_groups[0]["lr"]
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+            _, dots = in_run_step(model, engine, optimizer, [examples[i] for i in chosen] + queries, pad_id,
+                                  run.device)  # dots [B, M]
             scores.index_add_(0, torch.tensor(chosen), lr * dots / len(chosen))
-            engine.prepare_gradients()
-            optimizer.step()
-            engine.clear_gradients()
             run.schedule.step()
     finally:
         engine.detach()

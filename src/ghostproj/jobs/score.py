@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .. import defaults
 from ..data.records import record_field, records_for_run
 from ..distributed import device_for_this_process, distributed_rank
 from ..errors import GhostprojError
@@ -25,16 +27,60 @@ def _fisher_files(fisher: str | list[str] | None) -> list[str]:
     return [] if fisher is None else [fisher] if isinstance(fisher, str) else list(fisher)
 
 
-def run_score_command(train: str | list[str], query: str | list[str], *, metric: str, normalize: str | None, center: bool, damping: float,
-                      layers: list[str] | None, top_k: int, out: str | None, topk_out: str | None,
-                      reduce: str | None, group_field: str | None, select_out: str | None,
-                      chunk_rows: int | None, report=None, log=None, overwrite: bool = False,
-                      fisher: str | list[str] | None = None,
-                      parts: tuple[int, int] | None = None, part_out: str | None = None,
-                      keep_matrix: bool = False, device: str = "auto") -> ScoreResult:
+@dataclass
+class ScoreOptions:
+    """Options of ``ghostproj score``: TRAIN QUERY run pairs (one per checkpoint of an
+    ensemble) and how to score, keep and write their scores."""
+
+    runs: list[str] = field(default_factory=list)
+    metric: str = defaults.METRIC
+    normalize: str = defaults.NORMALIZE
+    center: bool = False
+    damping: float = defaults.DAMPING
+    layers: list[str] | None = None
+    top_k: int = 10
+    reduce: str | None = None
+    group_field: str | None = None
+    out: str | None = None
+    topk_out: str | None = None
+    select_out: str | None = None
+    overwrite: bool = False
+    chunk_rows: int | None = None
+    device: str = "auto"
+    fisher: str | list[str] | None = None  # one file, or one per checkpoint (comma-separated on the command line)
+    num_parts: int = 1
+    part: int = 0
+    part_out: str | None = None
+    keep_matrix: bool = False
+
+    def __post_init__(self):
+        if len(self.runs) < 2 or len(self.runs) % 2:
+            raise GhostprojError("score takes TRAIN QUERY pairs: an even number of run paths.")
+        if self.num_parts < 1:
+            raise GhostprojError(f"--num-parts must be at least 1, got {self.num_parts}.")
+        if self.num_parts == 1 and (self.part != 0 or self.part_out is not None):
+            raise GhostprojError("--part and --part-out split the scoring into parts: give --num-parts 2 or more.")
+        if isinstance(self.fisher, str) and len(self.runs) > 2:
+            self.fisher = [f.strip() for f in self.fisher.split(",") if f.strip()]
+
+    @property
+    def train(self) -> str | list[str]:
+        return self.runs[0] if len(self.runs) == 2 else self.runs[0::2]
+
+    @property
+    def query(self) -> str | list[str]:
+        return self.runs[1] if len(self.runs) == 2 else self.runs[1::2]
+
+
+def run_score_command(opts: ScoreOptions, report=None, log=None) -> ScoreResult:
     """``report(train_run, query_run, result)`` shows a finished result (rank 0 only);
     ``log(message)`` takes the status lines."""
     log = log or (lambda message: None)
+    train, query, metric, normalize, center = opts.train, opts.query, opts.metric, opts.normalize, opts.center
+    damping, layers, top_k, reduce, group_field = opts.damping, opts.layers, opts.top_k, opts.reduce, opts.group_field
+    out, topk_out, select_out, overwrite, fisher = opts.out, opts.topk_out, opts.select_out, opts.overwrite, opts.fisher
+    chunk_rows, device, part_out, keep_matrix = opts.chunk_rows, opts.device, opts.part_out, opts.keep_matrix
+    parts = (opts.part, opts.num_parts) if opts.num_parts > 1 else None
     trains = list(train) if isinstance(train, (list, tuple)) else [train]
     queries = list(query) if isinstance(query, (list, tuple)) else [query]
     ranks = _torchrun_ranks()
@@ -237,11 +283,24 @@ def merge_parts(paths: list[str]) -> ScoreResult:
                        rows("selection"), json.loads(loaded[0][2]["groups"]))
 
 
-def run_merge_scores(parts: list[str], *, out: str | None, topk_out: str | None, select_out: str | None,
-                     overwrite: bool) -> ScoreResult:
-    if not (out or topk_out or select_out):
-        raise GhostprojError("merge-scores writes nothing without --out, --topk-out or --select-out; name at least "
-                             "one.")
+@dataclass
+class MergeScoresOptions:
+    """Options of ``ghostproj merge-scores``: every part's --part-out file and what to write."""
+
+    parts: list[str] = field(default_factory=list)
+    out: str | None = None
+    topk_out: str | None = None
+    select_out: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if not (self.out or self.topk_out or self.select_out):
+            raise GhostprojError("merge-scores writes nothing without --out, --topk-out or --select-out; name at "
+                                 "least one.")
+
+
+def run_merge_scores(opts: MergeScoresOptions) -> ScoreResult:
+    parts, out, topk_out, select_out, overwrite = opts.parts, opts.out, opts.topk_out, opts.select_out, opts.overwrite
     check_outputs([(out, "--out"), (topk_out, "--topk-out"), (select_out, "--select-out")], parts, overwrite)
     result = merge_parts(parts)
     for path, what, writer in ((out, "scores", write_scores), (topk_out, "topk_scores", write_topk),
