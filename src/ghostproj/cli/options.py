@@ -90,6 +90,18 @@ SelectOutOpt = Annotated[Optional[str], opt(help="Write the per-example scores (
 OverwriteOpt = Annotated[bool, opt("--overwrite", help="Replace output files that already exist.", panel=OUTPUT)]
 
 
+def argument(name: str, help: str, kind=list[str], default=inspect.Parameter.empty, **kwargs) -> inspect.Parameter:
+    """A positional argument a command takes besides its options dataclass's fields."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[kind, typer.Argument(help=help, **kwargs)])
+
+
+def extra_option(name: str, default, kind, *flags: str, help: str, panel: str) -> inspect.Parameter:
+    """An option a command reads itself (how much to print, a list to split) rather than a field."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[kind, opt(*flags, help=help, panel=panel)])
+
+
 def info(alias):
     """The typer.Option inside an Annotated alias."""
     return alias.__metadata__[0]
@@ -234,11 +246,10 @@ FACTORS_OPTIONS = {
 
 
 FACTORS_EXTRA = (
-    inspect.Parameter("merge", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
-        bool, opt("--merge", help="Sum the part files given as arguments into --out.", panel=RUN)]),
-    inspect.Parameter("parts", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-        Optional[list[str]], typer.Argument(help="With --merge: the factors files of the parts.",
-                                            show_default=False)]),
+    extra_option("merge", False, bool, "--merge", help="Sum the part files given as arguments into --out.",
+                 panel=RUN),
+    argument("parts", "With --merge: the factors files of the parts.", Optional[list[str]], default=None,
+             show_default=False),
 )
 
 
@@ -263,10 +274,9 @@ INRUN_OPTIONS = {
 
 
 INRUN_EXTRA = (
-    inspect.Parameter("freeze_uncovered", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
-        bool, opt("--freeze-uncovered", help="Freeze trainable parameters outside supported layers.", panel=RUN)]),
-    inspect.Parameter("show", inspect.Parameter.KEYWORD_ONLY, default=5, annotation=Annotated[
-        int, opt(help="Most and least valuable examples printed.", panel=OUTPUT)]),
+    extra_option("freeze_uncovered", False, bool, "--freeze-uncovered",
+                 help="Freeze trainable parameters outside supported layers.", panel=RUN),
+    extra_option("show", 5, int, help="Most and least valuable examples printed.", panel=OUTPUT),
 )
 
 
@@ -301,21 +311,15 @@ EVALUATE_OPTIONS = {
 
 
 EVALUATE_EXTRA = (
-    inspect.Parameter("metrics_list", inspect.Parameter.KEYWORD_ONLY, default="cosine,dot,influence",
-                      annotation=Annotated[str, opt("--metrics", help="Scoring metrics compared: cosine, dot, influence; "
-                                                      "inrun adds the in-run values of the whole-set fine-tuning.",
-                                                      panel=SCORING)]),
-    inspect.Parameter("normalize_list", inspect.Parameter.KEYWORD_ONLY, default="none,layer",
-                      annotation=Annotated[str, opt("--normalize", help="Normalizations compared.", panel=SCORING)]),
-    inspect.Parameter("projection_list", inspect.Parameter.KEYWORD_ONLY, default="gaussian",
-                      annotation=Annotated[str, opt("--projection", help="Projections compared: gaussian (random "
-                                                     "matrices); eigen adds the Kronecker eigenbasis of each "
-                                                     "checkpoint's factors, scored with EK-FAC weights (influence).",
-                                                     panel=SCORING)]),
-    inspect.Parameter("vectors_list", inspect.Parameter.KEYWORD_ONLY, default="grad",
-                      annotation=Annotated[str, opt("--vectors", help="Training vectors compared: grad; adam adds "
-                                                     "Adam update directions at each checkpoint (LESS).",
-                                                     panel=SCORING)]),
+    extra_option("metrics_list", "cosine,dot,influence", str, "--metrics", panel=SCORING,
+                 help="Scoring metrics compared: cosine, dot, influence; inrun adds the in-run values of the "
+                      "whole-set fine-tuning."),
+    extra_option("normalize_list", "none,layer", str, "--normalize", help="Normalizations compared.", panel=SCORING),
+    extra_option("projection_list", "gaussian", str, "--projection", panel=SCORING,
+                 help="Projections compared: gaussian (random matrices); eigen adds the Kronecker eigenbasis of each "
+                      "checkpoint's factors, scored with EK-FAC weights (influence)."),
+    extra_option("vectors_list", "grad", str, "--vectors", panel=SCORING,
+                 help="Training vectors compared: grad; adam adds Adam update directions at each checkpoint (LESS)."),
 )
 
 
@@ -366,6 +370,5 @@ DEMO_OPTIONS = {
     "top_k": opt(help="Matches per query.", panel=SCORING),
 }
 DEMO_EXTRA = (
-    inspect.Parameter("show", inspect.Parameter.KEYWORD_ONLY, default=3, annotation=Annotated[
-        int, opt(help="Queries whose matches are printed.", panel=OUTPUT)]),
+    extra_option("show", 3, int, help="Queries whose matches are printed.", panel=OUTPUT),
 )

@@ -4,14 +4,23 @@ fields."""
 
 from __future__ import annotations
 
-import inspect
-from typing import Annotated, Optional
+from typing import Optional
 
 import typer
 
 from ..scoring.scan_index import DEFAULT_CANDIDATES
 from .app import OUTPUT, RUN, SCORING
-from .options import ChunkRowsOpt, OverwriteOpt, ScoreDeviceOpt, SelectOutOpt, TopkOutOpt, info, opt
+from .options import (
+    ChunkRowsOpt,
+    OverwriteOpt,
+    ScoreDeviceOpt,
+    SelectOutOpt,
+    TopkOutOpt,
+    argument,
+    extra_option,
+    info,
+    opt,
+)
 
 # `score`'s options: names, types and defaults are ScoreOptions' fields.
 SCORE_OPTIONS = {
@@ -40,13 +49,10 @@ SCORE_OPTIONS = {
     "keep_matrix": opt("--keep-matrix", help="A part keeps its rows of the scores matrix.", panel=OUTPUT),
 }
 SCORE_EXTRA = (
-    inspect.Parameter("runs", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[list[str], typer.Argument(
-        metavar="TRAIN QUERY [TRAIN QUERY]...",
-        help="Training run and query run (directories or shard files; the query projected with --like TRAIN). "
+    argument("runs", "Training run and query run (directories or shard files; the query projected with --like TRAIN). "
              "Several pairs, one per checkpoint of a fine-tuning run (each projected with its own --seed), give the "
-             "sum of their scores.")]),
-    inspect.Parameter("show", inspect.Parameter.KEYWORD_ONLY, default=3, annotation=Annotated[
-        int, opt(help="Queries whose top-k table is printed (0: none).", panel=OUTPUT)]),
+             "sum of their scores.", metavar="TRAIN QUERY [TRAIN QUERY]..."),
+    extra_option("show", 3, int, help="Queries whose top-k table is printed (0: none).", panel=OUTPUT),
 )
 
 
@@ -64,8 +70,7 @@ FISHER_OPTIONS = {
     "device": info(ScoreDeviceOpt),
 }
 FISHER_EXTRA = (
-    inspect.Parameter("paths", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[list[str], typer.Argument(
-        help="TRAIN run; with --merge: OUT then the part files.")]),
+    argument("paths", "TRAIN run; with --merge: OUT then the part files."),
 )
 
 
@@ -93,8 +98,7 @@ INDEX_BUILD_OPTIONS = {
     "overwrite": info(OverwriteOpt),
 }
 INDEX_BUILD_EXTRA = (
-    inspect.Parameter("train", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[str, typer.Argument(
-        help="Training run directory.")]),
+    argument("train", "Training run directory.", str),
 )
 INDEX_QUERY_OPTIONS = {
     "top_k": opt(help="Best training examples per query.", panel=SCORING),
@@ -105,12 +109,9 @@ INDEX_QUERY_OPTIONS = {
     "overwrite": info(OverwriteOpt),
 }
 INDEX_QUERY_EXTRA = (
-    inspect.Parameter("index_dir", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[str, typer.Argument(
-        help="Index directory (from index build).")]),
-    inspect.Parameter("query", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[str, typer.Argument(
-        help="Query run directory (projected with --like TRAIN).")]),
-    inspect.Parameter("show", inspect.Parameter.KEYWORD_ONLY, default=3, annotation=Annotated[
-        int, opt(help="Queries whose matches are printed (0: none).", panel=OUTPUT)]),
+    argument("index_dir", "Index directory (from index build).", str),
+    argument("query", "Query run directory (projected with --like TRAIN).", str),
+    extra_option("show", 3, int, help="Queries whose matches are printed (0: none).", panel=OUTPUT),
 )
 
 MERGE_SCORES_OPTIONS = {
@@ -121,14 +122,12 @@ MERGE_SCORES_OPTIONS = {
     "overwrite": info(OverwriteOpt),
 }
 MERGE_SCORES_EXTRA = (
-    inspect.Parameter("parts", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[list[str], typer.Argument(
-        help="The --part-out files of all the parts.")]),
+    argument("parts", "The --part-out files of all the parts."),
 )
 INSPECT_OPTIONS = {
     "quick": typer.Option("--quick", help="Skip hashing the shards."),
     "merge": typer.Option("--merge", help="Join the runs of --num-shards/--shard-id jobs into OUT."),
 }
 INSPECT_EXTRA = (
-    inspect.Parameter("run_dirs", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[list[str], typer.Argument(
-        help="Run directory; with --merge: OUT then the part directories.")]),
+    argument("run_dirs", "Run directory; with --merge: OUT then the part directories."),
 )
