@@ -240,6 +240,8 @@ FACTORS_OPTIONS = {
     "fisher_labels": opt(help="empirical: the data's own labels; sampled: labels drawn from the model (the true "
                           "Fisher).", panel=PROJECTION),
     "seed": opt(help="Seed of the sampled labels.", panel=PROJECTION),
+    "memory_gb": opt(help="Host memory for one pass's float64 sums; layers beyond it are summed in further passes "
+                     "over the data, each group's factors streamed to disk.", panel=RUN),
     "checkpoint_minutes": opt(help="Save the running sums this often, for a rerun to continue from (0: every "
                                "batch).", panel=RUN),
 }

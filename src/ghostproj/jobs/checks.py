@@ -239,7 +239,7 @@ def run_naive_check(opts: NaiveCheckOptions) -> NaiveCheckResult:
     if factors is not None and (adapter or bias or include_embeddings):
         raise GhostprojError("--factors cannot be combined with --adapter, --bias or --include-embeddings: "
                              "factors cover each Linear / Conv1D layer's own weight.")
-    loaded = load_factors(factors) if factors is not None else None  # a bad file before the model load
+    loaded = load_factors(factors, sums=False) if factors is not None else None  # a bad file before the model load
     model, tokenizer, data = load_model_and_data(model_path, data_path, dtype, device, max_length, adapter, **fields)
     examples = pick_mixed_lengths(data.examples, samples)
     if layers is None and adapter:

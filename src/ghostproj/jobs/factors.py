@@ -9,6 +9,7 @@ and rank 0 writes the reduced sums."""
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,21 @@ from .. import defaults
 from ..data.batching import collate, fixed_size_batches, token_budget_batches
 from ..distributed import distributed_rank
 from ..engines.factors import FactorCollector, decompose
+from ..engines.layer_types import projectable_type
+from ..engines.layers import select_layers
 from ..engines.losses import IGNORE_INDEX, LOSS_REDUCTIONS, causal_lm_losses
 from ..errors import GhostprojError
 from ..inputs import InputFields, load_inputs
 from ..models import pad_token_id
 from ..progress import RateProgress
-from ..store.factors_file import FactorTotals, factors_identity, load_factors, save_factors
+from ..store.factors_file import (
+    FactorTotals,
+    factors_identity,
+    join_factors,
+    load_factors,
+    read_factors_record,
+    save_factors,
+)
 from ..store.fingerprint import fingerprint
 from ..store.lock import RunLock
 from ..store.outputs import check_outputs
@@ -46,6 +56,7 @@ class FactorsOptions(InputFields):
     num_shards: int = 1  # job arrays: split the examples into this many parts ...
     shard_id: int = 0  # ... and sum this one (then factors --merge)
     checkpoint_minutes: float = 10.0  # how often the running sums are saved for a resume (0: every batch)
+    memory_gb: float = 8.0  # host memory for one pass's float64 sums; more layers take more passes
     overwrite: bool = False
     show_progress: bool = True
 
@@ -61,6 +72,8 @@ class FactorsOptions(InputFields):
                                  f"{self.num_shards}.")
         if self.checkpoint_minutes < 0:
             raise GhostprojError("--checkpoint-minutes must be 0 (every batch) or more.")
+        if not self.memory_gb > 0:
+            raise GhostprojError(f"--memory-gb must be positive, got {self.memory_gb}.")
 
 
 @dataclass
@@ -90,14 +103,13 @@ def run_factors(opts: FactorsOptions, summary: FactorsSummary | None = None) -> 
         raise GhostprojError("factors does not take --adapter: Kronecker factors cover a model's own Linear and "
                              "Conv1D layers.")
     inputs = load_inputs(opts, summary)
-    collector = FactorCollector(inputs.model, opts.layers)
+    dims = factor_layers(inputs.model, opts.layers)
+    names = list(dims)
     dist = distributed_rank(inputs.device)
     rank, world = dist or (0, 1)
     subset = inputs.data.examples[opts.shard_id::opts.num_shards][rank::world]
     batches = list(token_budget_batches(subset, opts.token_budget) if opts.token_budget is not None
                    else fixed_size_batches(subset, opts.batch_size))
-    names = list(collector.factors)
-    dims = {n: (f.n_in, f.n_out) for n, f in collector.factors.items()}
     record = {
         "identity": factors_identity(inputs.model, names, dims),
         "model": {"path": opts.model, "class": type(inputs.model).__name__, "dtype": opts.dtype},
@@ -109,28 +121,110 @@ def run_factors(opts: FactorsOptions, summary: FactorsSummary | None = None) -> 
         record["fisher_labels"] = {"kind": opts.fisher_labels, "seed": opts.seed}
     if opts.num_shards > 1:
         record["part"] = {"shard_id": opts.shard_id, "num_shards": opts.num_shards}
+    groups = layer_groups(dims, opts.memory_gb * 2**30)
+    if len(groups) > 1:
+        summary.notes.append(f"the float64 sums of {len(names)} layers exceed --memory-gb {opts.memory_gb:g}: "
+                             f"{len(groups)} passes over the data, one per group of layers.")
     out = Path(opts.out)
-    partial = partial_path(out, rank if world > 1 else None)
+    run = _Pass(inputs, batches, opts, record, _resume_key(record, opts, rank, world), dist, rank, world, summary)
     with RunLock(out.parent, rank if world > 1 else None, name=f".{out.name}.lock"):
-        resume_key = _resume_key(record, opts, rank, world)
-        start = _resume(collector, partial, resume_key, summary)
-        _collect(collector, inputs, batches, start, opts, partial, record, resume_key)
-        totals = FactorTotals(dict(collector.factors), collector.examples)
-        if dist is not None:
-            _reduce(totals, inputs.device)
-        if rank == 0:
-            if opts.num_shards == 1:  # once here, not in every project --factors (a part's sums are merged first)
-                decompose(totals.layers, inputs.device)
-            save_factors(out, totals, record)
+        if len(groups) == 1:
+            totals = run.sums(names, partial_path(out, rank if world > 1 else None))
+            if rank == 0:
+                save_factors(out, totals, record)
+        else:
+            totals = _grouped(run, groups, out)
         if dist is not None:
             import torch.distributed as td
 
-            td.barrier()  # the file is written before any rank lets go of its checkpoint
-        partial.unlink(missing_ok=True)
+            td.barrier()  # the file is written before any rank lets go of its checkpoints
+        partial_path(out, rank if world > 1 else None).unlink(missing_ok=True)
     summary.examples, summary.layers = totals.examples, len(names)
-    summary.positions = sum(f.positions for f in totals.layers.values()) // max(len(names), 1)
+    summary.positions = sum(len(e.input_ids) for e in inputs.data.examples[opts.shard_id::opts.num_shards]
+                            if e.n_label_positions > 0)  # every layer sums over these
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def factor_layers(model, layers: list[str] | None) -> dict[str, tuple[int, int]]:
+    """(n_in, n_out) of each layer factors are taken for, refused where a type has none."""
+    dims = {}
+    for name, module in select_layers(model, layers):
+        kind = projectable_type(module)
+        if not kind.kronecker_factors:
+            raise GhostprojError(f"Layer '{name}' is a {kind.type_name} layer; Kronecker factors cover Linear and "
+                                 "Conv1D layers (leave it out of --layers).")
+        dims[name] = kind.dims(module)
+    return dims
+
+
+def layer_groups(dims: dict[str, tuple[int, int]], budget: float) -> list[list[str]]:
+    """Consecutive layers whose float64 sums (8 (n_in^2 + n_out^2) bytes each) fit ``budget``
+    together; a layer larger than it is a group of its own."""
+    groups, size = [[]], 0
+    for name, (n_in, n_out) in dims.items():
+        need = 8 * (n_in * n_in + n_out * n_out)
+        if groups[-1] and size + need > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += need
+    return groups
+
+
+@dataclass
+class _Pass:
+    """One pass over the data for a set of layers: their sums, resumed from and saved to a
+    checkpoint, summed over ranks, decomposed (rank 0 only)."""
+
+    inputs: object
+    batches: list
+    opts: FactorsOptions
+    record: dict
+    key: str
+    dist: tuple | None
+    rank: int
+    world: int
+    summary: FactorsSummary
+
+    def sums(self, names: list[str], partial: Path) -> FactorTotals:
+        collector = FactorCollector(self.inputs.model, ["re:^" + re.escape(n) + "$" for n in names])
+        start = _resume(collector, partial, self.key, self.summary)
+        _collect(collector, self.inputs, self.batches, start, self.opts, partial, self.record, self.key)
+        totals = FactorTotals(dict(collector.factors), collector.examples)
+        if self.dist is not None:
+            _reduce(totals, self.inputs.device)
+        if self.rank == 0 and self.opts.num_shards == 1:  # a part's sums are decomposed once merged
+            decompose(totals.layers, self.inputs.device)
+        return totals
+
+
+def _grouped(run: _Pass, groups: list[list[str]], out: Path) -> FactorTotals:
+    """Each group's factors in a file of its own (kept across a crash, like a checkpoint),
+    then joined into ``out`` one tensor at a time."""
+    import torch.distributed as td
+
+    files, totals = [], FactorTotals()
+    rank_tag = f"-r{run.rank:03d}" if run.world > 1 else ""
+    for g, names in enumerate(groups):
+        file = out.with_name(f"{out.name}.group-{g:03d}")
+        files.append(file)
+        partial = out.with_name(f"{out.name}.partial-g{g:03d}{rank_tag}")
+        done = file.exists() and read_factors_record(file).get("resume", {}) == {"key": run.key, "group": g}
+        if not done:
+            part = run.sums(names, partial)
+            if run.rank == 0:
+                save_factors(file, part, dict(run.record, resume={"key": run.key, "group": g}))
+        partial.unlink(missing_ok=True)  # the group's file holds its sums now (also after a crash right then)
+        if run.dist is not None:
+            td.barrier()  # the group's file is there before any rank looks for the next
+        rec = read_factors_record(file)
+        totals.examples = rec["examples"]
+    if run.rank == 0:
+        join_factors(out, files, run.record)
+        for file in files:
+            file.unlink(missing_ok=True)
+    return totals
 
 
 def _resume_key(record: dict, opts: FactorsOptions, rank: int, world: int) -> str:

@@ -161,7 +161,7 @@ def run_fidelity_check(opts: FidelityOptions) -> FidelityReport:
     from ..inputs import load_model_and_data, pick_mixed_lengths
     from ..store.factors_file import load_factors
 
-    loaded = load_factors(opts.factors) if opts.factors is not None else None
+    loaded = load_factors(opts.factors, sums=False) if opts.factors is not None else None
     model, _, data = load_model_and_data(opts.model, opts.data, "float32", opts.device, opts.max_length,
                                          **opts.fields)
     examples = pick_mixed_lengths(data.examples, opts.samples)

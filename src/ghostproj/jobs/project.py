@@ -236,7 +236,7 @@ def run_project(opts: ProjectOptions, summary: ProjectSummary | None = None) -> 
     like, values = _apply_like(opts)
     _check_choices(opts, values)
     summary = summary if summary is not None else ProjectSummary(out=opts.out)
-    factors = load_factors(opts.factors) if opts.factors else None
+    factors = load_factors(opts.factors, sums=False) if opts.factors else None  # the eigenvectors are what it uses
     inputs = load_inputs(opts, summary)
     engine = build_engine(inputs.model, opts, values, like, factors)
     parts = fingerprint_parts(engine.layers, weights_sha(inputs.model, engine, opts.adapter),

@@ -35,12 +35,13 @@ def sweep_stale_temporaries(run_dir: Path) -> list[Path]:
 
 def atomic_write(path: Path, data: bytes | list) -> None:
     """Write to a temporary name, flush and fsync, then rename: a reader (or a resumed run)
-    sees the old file or the new one, never a partial one. ``data`` may be a list of
-    buffers, written one after the other (no joined copy of a large file)."""
+    sees the old file or the new one, never a partial one. ``data`` may be an iterable of
+    buffers, written one after the other (no joined copy of a large file; a generator
+    keeps only one of them in memory at a time)."""
     tmp = path.with_name(f".{path.name}{TMP_MARK}{host_name()}-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.writelines(data if isinstance(data, list) else [data])
+            f.writelines([data] if isinstance(data, (bytes, bytearray, memoryview)) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,23 +41,36 @@ def encode_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     return b"".join(safetensors_parts(tensors, metadata))
 
 
-def safetensors_parts(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> list:
-    """encode_safetensors as [header bytes, one buffer per tensor]: the buffers are views of
-    the tensors' memory, so a large file is written without a copy of it."""
+def safetensors_header(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                       metadata: dict[str, str] | None = None) -> bytes:
+    """The header of a safetensors file holding tensors of these (dtype, shape), their data
+    following in sorted name order: known before any tensor is, so a file can be written
+    one tensor at a time."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = {k: str(metadata[k]) for k in sorted(metadata)}
-    blobs, offset = [], 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        raw = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
-        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + raw.nbytes if raw else offset]}
-        blobs.append(raw)
-        offset += raw.nbytes if raw else 0
+    offset = 0
+    for name in sorted(specs):
+        dtype, shape = specs[name]
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # keep tensor data 8-byte aligned
-    return [struct.pack("<Q", len(text)) + text, *blobs]
+    return struct.pack("<Q", len(text)) + text
+
+
+def tensor_buffer(t: torch.Tensor):
+    """A tensor's bytes as a buffer over its memory (no copy when it is contiguous on the CPU)."""
+    t = t.detach().cpu().contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
+
+
+def safetensors_parts(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> list:
+    """encode_safetensors as [header bytes, one buffer per tensor]: the buffers are views of
+    the tensors' memory, so a large file is written without a copy of it."""
+    header = safetensors_header({n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}, metadata)
+    return [header, *(tensor_buffer(tensors[n]) for n in sorted(tensors))]
 
 
 def encode_shard(grads: torch.Tensor, index: torch.Tensor, loss: torch.Tensor, tokens: torch.Tensor, fp: str) -> bytes:
