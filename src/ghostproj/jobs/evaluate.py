@@ -84,42 +84,41 @@ class EvaluateOptions(LayoutFields):
     device: str = "auto"
     show_progress: bool = True
 
+    def __post_init__(self):
+        if not 0.0 < self.fraction < 1.0:
+            raise GhostprojError(f"--fraction must be between 0 and 1 (exclusive), got {self.fraction}.")
+        if self.subsets < MIN_SUBSETS:
+            raise GhostprojError(f"--subsets {self.subsets} is too few for a rank correlation with an interval; "
+                                 f"use at least {MIN_SUBSETS} (32 is the default).")
+        for name in ("epochs", "batch_size", "checkpoints", "replicates"):
+            if getattr(self, name) < 1:
+                raise GhostprojError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if not self.lr > 0:
+            raise GhostprojError(f"--lr must be positive, got {self.lr}.")
+        if self.removal_queries < 0 or (self.removal_k is not None and self.removal_k < 1):
+            raise GhostprojError("--removal-queries must be 0 or more and --removal-k at least 1.")
+        if self.num_parts < 1 or not 0 <= self.part < self.num_parts:
+            raise GhostprojError(f"--part must be in 0..{self.num_parts - 1} for --num-parts {self.num_parts}.")
+        for m in self.metrics:
+            if m not in METRICS + ("inrun",) or m == "influence-full":
+                raise GhostprojError(f"Unknown --metrics entry '{m}'; choose from cosine, dot, influence, inrun.")
+        for n in self.normalize:
+            if n not in NORMALIZATIONS:
+                raise GhostprojError(f"Unknown --normalize entry '{n}'; choose from {', '.join(NORMALIZATIONS)}.")
+        for v in self.vectors:
+            if v not in VECTORS:
+                raise GhostprojError(f"Unknown --vectors entry '{v}'; choose from {', '.join(VECTORS)}.")
+        for p in self.projection:
+            if p not in PROJECTIONS:
+                raise GhostprojError(f"Unknown --projection entry '{p}'; choose from {', '.join(PROJECTIONS)}.")
+        if self.fisher_labels not in ("empirical", "sampled"):
+            raise GhostprojError(f"Unknown --fisher-labels '{self.fisher_labels}'; choose empirical or sampled.")
+        if not self.metrics or not self.normalize or not self.vectors or not self.projection:
+            raise GhostprojError("--metrics, --normalize, --vectors and --projection each need at least one entry.")
+
     @property
     def recipe(self) -> Recipe:
         return Recipe(self.epochs, self.lr, self.batch_size, self.seed)
-
-
-def _check(opts: EvaluateOptions) -> None:
-    if not 0.0 < opts.fraction < 1.0:
-        raise GhostprojError(f"--fraction must be between 0 and 1 (exclusive), got {opts.fraction}.")
-    if opts.subsets < MIN_SUBSETS:
-        raise GhostprojError(f"--subsets {opts.subsets} is too few for a rank correlation with an interval; "
-                             f"use at least {MIN_SUBSETS} (32 is the default).")
-    for name in ("epochs", "batch_size", "checkpoints", "replicates"):
-        if getattr(opts, name) < 1:
-            raise GhostprojError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}.")
-    if not opts.lr > 0:
-        raise GhostprojError(f"--lr must be positive, got {opts.lr}.")
-    if opts.removal_queries < 0 or (opts.removal_k is not None and opts.removal_k < 1):
-        raise GhostprojError("--removal-queries must be 0 or more and --removal-k at least 1.")
-    if opts.num_parts < 1 or not 0 <= opts.part < opts.num_parts:
-        raise GhostprojError(f"--part must be in 0..{opts.num_parts - 1} for --num-parts {opts.num_parts}.")
-    for m in opts.metrics:
-        if m not in METRICS + ("inrun",) or m == "influence-full":
-            raise GhostprojError(f"Unknown --metrics entry '{m}'; choose from cosine, dot, influence, inrun.")
-    for n in opts.normalize:
-        if n not in NORMALIZATIONS:
-            raise GhostprojError(f"Unknown --normalize entry '{n}'; choose from {', '.join(NORMALIZATIONS)}.")
-    for v in opts.vectors:
-        if v not in VECTORS:
-            raise GhostprojError(f"Unknown --vectors entry '{v}'; choose from {', '.join(VECTORS)}.")
-    for p in opts.projection:
-        if p not in PROJECTIONS:
-            raise GhostprojError(f"Unknown --projection entry '{p}'; choose from {', '.join(PROJECTIONS)}.")
-    if opts.fisher_labels not in ("empirical", "sampled"):
-        raise GhostprojError(f"Unknown --fisher-labels '{opts.fisher_labels}'; choose empirical or sampled.")
-    if not opts.metrics or not opts.normalize or not opts.vectors or not opts.projection:
-        raise GhostprojError("--metrics, --normalize, --vectors and --projection each need at least one entry.")
 
 
 @dataclass
@@ -387,7 +386,6 @@ def _parts(opts: EvaluateOptions) -> tuple[int, int, bool]:
 
 def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
     t0 = time.perf_counter()
-    _check(opts)
     if opts.model is None or opts.train is None or opts.query is None:
         raise GhostprojError("evaluate needs a model, training data and query data.")
     part, num_parts, under_torchrun = _parts(opts)

@@ -45,6 +45,18 @@ class InrunOptions(LayoutFields):
     uncovered: str = "error"
     show_progress: bool = True
 
+    def __post_init__(self):
+        if self.steps <= 0:
+            raise GhostprojError(f"--steps must be at least 1, got {self.steps}.")
+        if self.batch_size < 1:
+            raise GhostprojError(f"--batch-size must be at least 1, got {self.batch_size}.")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise GhostprojError(f"Unknown --optimizer '{self.optimizer}'; choose sgd or adamw.")
+        if not self.lr > 0:
+            raise GhostprojError(f"--lr must be positive, got {self.lr}.")
+        if self.val_size is not None and self.val_size < 1:
+            raise GhostprojError(f"--val-size must be at least 1, got {self.val_size}.")
+
 
 @dataclass
 class InrunResult:
@@ -60,17 +72,7 @@ class InrunResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _check(opts: InrunOptions) -> None:
-    if opts.steps <= 0:
-        raise GhostprojError(f"--steps must be at least 1, got {opts.steps}.")
-    if opts.batch_size < 1:
-        raise GhostprojError(f"--batch-size must be at least 1, got {opts.batch_size}.")
-    if opts.optimizer not in ("sgd", "adamw"):
-        raise GhostprojError(f"Unknown --optimizer '{opts.optimizer}'; choose sgd or adamw.")
-    if not opts.lr > 0:
-        raise GhostprojError(f"--lr must be positive, got {opts.lr}.")
-    if opts.val_size is not None and opts.val_size < 1:
-        raise GhostprojError(f"--val-size must be at least 1, got {opts.val_size}.")
+def _check_out(opts: InrunOptions) -> None:
     out = check_output_dir(opts.out, "--out", [opts.model, opts.train, opts.val])
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise GhostprojError(f"Output directory {out} already holds files; choose another --out.")
@@ -83,7 +85,7 @@ def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[torch.Te
 
 def run_inrun(opts: InrunOptions) -> InrunResult:
     t0 = time.perf_counter()
-    _check(opts)
+    _check_out(opts)
     model, tokenizer, train_spec, (train_data, val_data) = _load(opts)
     train, val = train_data.examples, _validation_batch(val_data.examples, opts.val_size)
     batch_size = min(opts.batch_size, len(train))

@@ -86,6 +86,24 @@ class ProjectOptions(InputFields):
     factors: str | None = None  # `ghostproj factors`: project in their Kronecker eigenbasis
     show_progress: bool = True
 
+    def __post_init__(self):
+        if self.factors is not None:
+            _check_factors_choices(self)
+        if self.store_dtype not in STORE_DTYPES:
+            raise GhostprojError(f"Unknown --store-dtype '{self.store_dtype}'; choose one of "
+                                 f"{', '.join(STORE_DTYPES)}.")
+        if self.max_length < 2:
+            raise GhostprojError(f"--max-length must be at least 2, got {self.max_length}.")
+        if self.batch_size < 1:
+            raise GhostprojError(f"--batch-size must be at least 1, got {self.batch_size}.")
+        if self.optimizer_state and (self.compile or self.include_embeddings):
+            raise GhostprojError("--optimizer-state works with Linear / Conv1D layers in eager mode: drop --compile "
+                                 "and --include-embeddings.")
+        if self.token_budget is not None and self.token_budget < 1:
+            raise GhostprojError(f"--token-budget must be at least 1, got {self.token_budget}.")
+        if self.shard_size < 1:
+            raise GhostprojError(f"--shard-size must be at least 1, got {self.shard_size}.")
+
 
 @dataclass
 class ProjectSummary:
@@ -142,25 +160,11 @@ def _apply_like(opts: ProjectOptions) -> tuple[dict | None, dict]:
 
 
 def _check_choices(opts: ProjectOptions, values: dict) -> None:
-    if opts.factors is not None:
-        _check_factors_choices(opts)
-    elif values["projector"] not in PROJECTOR_KINDS + ((EIGEN,) if opts.like else ()):
+    """The choices a --like run may supply, once they are known."""
+    if opts.factors is None and values["projector"] not in PROJECTOR_KINDS + ((EIGEN,) if opts.like else ()):
         raise GhostprojError(f"Unknown --projector '{values['projector']}'; choose one of {', '.join(PROJECTOR_KINDS)}.")
     if values["loss_reduction"] not in LOSS_REDUCTIONS:
         raise GhostprojError(f"Unknown --loss-reduction '{values['loss_reduction']}'; choose mean or sum.")
-    if opts.store_dtype not in STORE_DTYPES:
-        raise GhostprojError(f"Unknown --store-dtype '{opts.store_dtype}'; choose one of {', '.join(STORE_DTYPES)}.")
-    if opts.max_length < 2:
-        raise GhostprojError(f"--max-length must be at least 2, got {opts.max_length}.")
-    if opts.batch_size < 1:
-        raise GhostprojError(f"--batch-size must be at least 1, got {opts.batch_size}.")
-    if opts.optimizer_state and (opts.compile or opts.include_embeddings):
-        raise GhostprojError("--optimizer-state works with Linear / Conv1D layers in eager mode: drop --compile and "
-                             "--include-embeddings.")
-    if opts.token_budget is not None and opts.token_budget < 1:
-        raise GhostprojError(f"--token-budget must be at least 1, got {opts.token_budget}.")
-    if opts.shard_size < 1:
-        raise GhostprojError(f"--shard-size must be at least 1, got {opts.shard_size}.")
 
 
 def _check_factors_choices(opts: ProjectOptions) -> None:
