@@ -1,0 +1,1 @@
+"""Attribution inside the training loops people already run."""

@@ -1,0 +1,241 @@
+"""A training-time gradient store for ``transformers.Trainer`` (and the trainers built on
+it): :class:`GradientStoreCallback` projects each training example's gradient at the
+steps it observes, in the same backward pass as training, and writes one ordinary run
+per epoch (manifest, shards, projector), which ``score``, ``fisher`` and ``index`` read
+unchanged.
+
+Two things make the stored vectors equal to ``ghostproj project`` on the model of that
+step:
+
+- **Per-example identity.** The Trainer shuffles, drops columns and pads, so each row is
+  found by its content: the hash of its unpadded token ids, looked up in the training
+  dataset given to the callback. Two dataset rows with the same token ids are refused at
+  the start, since no row could then be told from the other.
+- **The loss convention.** The Trainer back-propagates a token mean over the batch (over
+  all micro-batches of a step under gradient accumulation, in whatever precision scaling
+  it uses). The engine's block for example i is therefore c_i times the gradient of the
+  sum of its token losses. c_i is read off the gradient of the model's logits at one of
+  the example's label positions, c = (dL/dz_y) / (p_y - 1), and checked at another. A
+  loss that weighs tokens unequally (label smoothing, token weights) is refused in one
+  sentence, because its vectors cannot be rescaled exactly. Dividing by c_i (and by the
+  example's label count for ``loss_reduction="mean"``) gives ``project``'s vector exactly,
+  because the projection is linear.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from .. import defaults
+from ..data.batching import IGNORE_INDEX
+from ..engines.projection import GradProjectionEngine
+from ..engines.projector import projector_hash
+from ..errors import GhostprojError
+from ..jobs.run_records import weights_sha
+from ..models import config_hash
+from ..store.files import atomic_write
+from ..store.fingerprint import fingerprint, fingerprint_parts, sha256_hex
+from ..store.manifest import FORMAT_VERSION, PROJECTOR_FILE, write_manifest
+from ..store.outputs import check_output_dir
+from ..store.projector_file import encode_projectors
+from ..store.writer import RunWriter
+
+SCALE_TOLERANCE = 1e-3  # c_i read at two label positions of one example agree to float32 rounding
+
+
+def token_key(ids) -> str:
+    """The identity of an example: the sha256 of its token ids as int64."""
+    return hashlib.sha256(torch.as_tensor(ids, dtype=torch.int64).cpu().numpy().tobytes()).hexdigest()
+
+
+def dataset_keys(dataset) -> dict[str, int]:
+    """{token key: row} of a tokenized dataset (rows with ``input_ids``); duplicates refused."""
+    keys: dict[str, int] = {}
+    for row in range(len(dataset)):
+        item = dataset[row]
+        if "input_ids" not in item:
+            raise GhostprojError("GradientStoreCallback needs a tokenized training dataset (rows with input_ids).")
+        key = token_key(item["input_ids"])
+        if key in keys:
+            raise GhostprojError(f"Training rows {keys[key]} and {row} have the same token ids, so the stored "
+                                 "gradients could not tell them apart; drop the duplicates first.")
+        keys[key] = row
+    return keys
+
+
+class GradientStoreCallback(TrainerCallback):
+    """Store each training example's projected gradient at every ``every``-th optimizer
+    step, one run per epoch under ``out_dir`` (``epoch-0``, ``epoch-1``, ...), all with the
+    same projector, so ``project --like`` of any of them gives the matching query run.
+
+    ``train_dataset``: the tokenized dataset the Trainer trains on (rows are identified by
+    their token ids). ``layers``, ``rank``, ``seed``, ``loss_reduction`` and ``store_dtype``
+    mean what they mean for ``project``."""
+
+    def __init__(self, out_dir: str, train_dataset, layers: list[str] | None = None, rank: int = defaults.RANK,
+                 seed: int = 0, every: int = 1, loss_reduction: str = defaults.LOSS_REDUCTION,
+                 store_dtype: str = "float32", shard_size: int = 4096) -> None:
+        if every < 1:
+            raise GhostprojError(f"every must be at least 1, got {every}.")
+        if loss_reduction not in ("mean", "sum"):
+            raise GhostprojError(f"Unknown loss_reduction '{loss_reduction}'; choose mean or sum.")
+        self.out_dir, self.layers, self.rank, self.seed, self.every = Path(out_dir), layers, rank, seed, every
+        self.loss_reduction, self.store_dtype, self.shard_size = loss_reduction, store_dtype, shard_size
+        self.keys = dataset_keys(train_dataset)
+        self.engine: GradProjectionEngine | None = None
+        self.windows: list[Path] = []
+        self._hooks: list = []
+        self._batch: dict | None = None  # the micro-batch in flight: its rows, label counts and scales
+        self._writer: RunWriter | None = None
+        self._observing = False
+        self._step = 0
+
+    # -- the Trainer's events ------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise GhostprojError("GradientStoreCallback got no model from the Trainer.")
+        self.model = model
+        self.engine = GradProjectionEngine(model, self.layers, rank=self.rank, seed=self.seed, freeze_weights=False)
+        self._hooks = [model.register_forward_pre_hook(self._on_inputs, with_kwargs=True),
+                       model.register_forward_hook(self._on_outputs)]
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self._open_window(len(self.windows))
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step = state.global_step
+        self._observing = state.global_step % self.every == 0
+        if self._observing:
+            self.engine.attach()
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._collect()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._collect()
+        if self._observing:
+            self.engine.detach()
+            self._observing = False
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._close_window()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._close_window()
+        if self.engine is not None and self.engine.attached:
+            self.engine.detach()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    # -- one micro-batch -------------------------------------------------------------------------
+    def _on_inputs(self, module, args, kwargs):
+        if not (self._observing and torch.is_grad_enabled()):
+            return None
+        ids, labels = kwargs.get("input_ids"), kwargs.get("labels")
+        if ids is None or labels is None:
+            raise GhostprojError("GradientStoreCallback needs batches with input_ids and labels (a causal-LM "
+                                 "collator), so that each row's loss and identity are known.")
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        rows = []
+        for i in range(ids.shape[0]):
+            row = self.keys.get(token_key(ids[i][mask[i]]))
+            if row is None:
+                raise GhostprojError("A training batch holds a row that is not in the callback's train_dataset "
+                                     "(a packing or truncating collator?); give the callback the dataset exactly as "
+                                     "the Trainer batches it.")
+            rows.append(row)
+        target = labels[:, 1:]
+        self._batch = {"rows": torch.tensor(rows), "labels": labels, "counts": (target != IGNORE_INDEX).sum(1).cpu()}
+        return None
+
+    def _on_outputs(self, module, args, output):
+        batch = self._batch
+        if batch is None or batch.get("logits") is not None:
+            return
+        logits = output["logits"] if isinstance(output, dict) else output.logits
+        batch["logits"] = logits.detach()
+        logits.register_hook(lambda grad: batch.__setitem__("scale", self._scales(batch, grad.detach())))
+
+    def _scales(self, batch: dict, grad: torch.Tensor) -> torch.Tensor:
+        """c_i per example: the loss's weight on each of its label tokens."""
+        labels, logits = batch["labels"][:, 1:], batch["logits"][:, :-1]
+        scales = torch.zeros(labels.shape[0], dtype=torch.float64)
+        for i in range(labels.shape[0]):
+            where = (labels[i] != IGNORE_INDEX).nonzero().flatten()
+            if where.numel() == 0:
+                continue
+            read = []
+            for t in {int(where[0]), int(where[-1])}:
+                y = int(labels[i, t])
+                p = torch.softmax(logits[i, t].double(), dim=-1)[y]
+                read.append(float(grad[i, t, y].double()) / (float(p) - 1.0))
+            if max(read) - min(read) > SCALE_TOLERANCE * max(abs(r) for r in read):
+                raise GhostprojError("The training loss weighs an example's tokens unequally (label smoothing or "
+                                     "token weights), so its gradients cannot be rescaled to project's per-example "
+                                     "loss exactly; train without them while storing gradients.")
+            scales[i] = read[0]
+        return scales
+
+    def _collect(self) -> None:
+        batch, self._batch = self._batch, None
+        if not self._observing or batch is None:
+            return
+        blocks = self.engine.collect().double().cpu()
+        scales, counts = batch.get("scale"), batch["counts"]
+        if scales is None:
+            raise GhostprojError("No gradient reached the model's logits; GradientStoreCallback stores the "
+                                 "gradients of a loss computed from them.")
+        live = scales != 0
+        divide = scales * (counts.double() if self.loss_reduction == "mean" else 1.0)
+        vectors = torch.where(live[:, None], blocks / torch.where(live, divide, 1.0)[:, None], 0.0)
+        self._writer.add(vectors.float(), batch["rows"], torch.zeros(len(counts)), counts.to(torch.int32))
+        self._seen.append(batch["rows"])
+
+    # -- one window, one run ---------------------------------------------------------------------
+    def _open_window(self, number: int) -> None:
+        out = check_output_dir(self.out_dir / f"epoch-{number}", "out_dir", [])
+        out.mkdir(parents=True, exist_ok=True)
+        engine = self.engine
+        # the model the window starts from (the base model, or the checkpoint the previous epoch
+        # ended with) is the one its query runs are projected with (`project --like`)
+        parts = fingerprint_parts(engine.layers, weights_sha(self.model, engine, None),
+                                  projector_hash(engine.projectors), self.loss_reduction, False)
+        projector = encode_projectors(engine.projectors, {"format": str(FORMAT_VERSION),
+                                                          "fingerprint": fingerprint(parts)})
+        atomic_write(out / PROJECTOR_FILE, projector)
+        self._manifest = {
+            "format": FORMAT_VERSION, "fingerprint": fingerprint(parts), "fingerprint_parts": parts,
+            "model": {"path": None, "class": type(self.model).__name__, "config_hash": config_hash(self.model),
+                      "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch.")},
+            "data": {"format": "trainer", "count": 0},
+            "loss_reduction": self.loss_reduction, "bias": False,
+            "projector": {"kind": engine.projector_kind, "seed": self.seed, "file": PROJECTOR_FILE,
+                          "sha256": sha256_hex(projector)},
+            "layers": [i.to_json() for i in engine.layers], "dim": engine.dim, "store_dtype": self.store_dtype,
+            "settings": {"every": self.every, "window": "epoch"},
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "shards": [],
+            "complete": False,
+        }
+        write_manifest(out, self._manifest)
+        self._writer = RunWriter(out, self._manifest, self.shard_size)
+        self._seen: list[torch.Tensor] = []
+        self.windows.append(out)
+
+    def _close_window(self) -> None:
+        if self._writer is None:
+            return
+        seen = torch.cat(self._seen) if self._seen else torch.empty(0, dtype=torch.long)
+        everything = len(seen) == len(self.keys) and torch.equal(seen.sort().values, torch.arange(len(self.keys)))
+        # a window that saw every training row once is checked as a whole run is; any other
+        # (every > 1, a partial epoch) holds a subset, and says only how many rows
+        self._manifest["data"] = {"format": "trainer", "count": len(self.keys) if everything else None,
+                                  "rows": len(seen)}
+        self._writer.finish({"examples": len(seen), "last_step": self._step})
+        self._writer = None

@@ -1,0 +1,141 @@
+"""The training-time gradient store inside transformers.Trainer: the vectors stored at step
+t equal `project`'s on the step-t model (also with gradient accumulation), training is
+unchanged by the callback, and the windows are ordinary runs."""
+
+import copy
+
+import pytest
+import torch
+from helpers import rel_err, word_rows
+
+from ghostproj import GradProjectionEngine
+from ghostproj.engines.losses import causal_lm_losses
+from ghostproj.errors import GhostprojError
+from ghostproj.scoring import load_projections
+from ghostproj.store.reader import open_run
+
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+
+RANK = 16
+
+
+def gpt2_without_dropout(vocab):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0,
+                     eos_token_id=0, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg)
+
+
+@pytest.fixture(scope="module")
+def dataset(tokenizer):
+    rows = [tokenizer(r["text"])["input_ids"][:20] for r in word_rows(24, 7, 2, 9)]
+    return datasets.Dataset.from_dict({"input_ids": rows})
+
+
+def train(tmp_path, tokenizer, dataset, callbacks, accumulation=1, steps=None, model=None):
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    model = model or gpt2_without_dropout(len(tokenizer))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4,
+                             gradient_accumulation_steps=accumulation, num_train_epochs=1,
+                             max_steps=steps or -1, learning_rate=1e-3, report_to=[], save_strategy="no",
+                             logging_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    trainer.train()
+    return model
+
+
+class Snapshots(transformers.TrainerCallback):
+    """The model's weights at the start of every step: the model each step's gradient is of."""
+
+    def __init__(self):
+        self.states = {}
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.states[state.global_step] = copy.deepcopy(model.state_dict())
+
+
+def project_rows(model, dataset, rows, pad_id=0):
+    """`project`'s vectors (per-example mean loss) of dataset rows on ``model``."""
+    engine = GradProjectionEngine(model, rank=RANK)
+    ids = [torch.tensor(dataset[r]["input_ids"]) for r in rows]
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id)
+    mask = torch.zeros(len(ids), width, dtype=torch.long)
+    labels = torch.full((len(ids), width), -100)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)], mask[i, : len(x)], labels[i, : len(x)] = x, 1, x
+    model.eval()
+    with engine:
+        losses, _ = causal_lm_losses(model(input_ids=input_ids, attention_mask=mask).logits, labels, "mean")
+        losses.sum().backward()
+        return engine.collect()
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_stored_vectors_are_project_on_the_step_model(tmp_path, tokenizer, dataset, monkeypatch, accumulation):
+    from ghostproj.integrations.transformers import GradientStoreCallback
+    from ghostproj.store.writer import RunWriter
+
+    store = GradientStoreCallback(tmp_path / "store", dataset, rank=RANK)
+    snaps, written = Snapshots(), []
+    real_add = RunWriter.add
+
+    def recording(self, grads, index, loss, tokens, start=None):
+        written.append((store._step, index.clone(), grads.clone()))
+        return real_add(self, grads, index, loss, tokens, start)
+    monkeypatch.setattr(RunWriter, "add", recording)
+    train(tmp_path, tokenizer, dataset, [snaps, store], accumulation=accumulation)
+    assert len(written) == len(dataset) // 4  # every micro-batch of the epoch
+    for step, index, grads in written:
+        model = gpt2_without_dropout(len(tokenizer))
+        model.load_state_dict(snaps.states[step])
+        ref = project_rows(model, dataset, index.tolist())
+        assert rel_err(grads, ref) <= 1e-5, (step, rel_err(grads, ref))
+    run = load_projections(store.windows[0])  # an ordinary, complete run of every training row once
+    assert sorted(run.index.tolist()) == list(range(len(dataset)))
+    assert open_run(store.windows[0]).manifest["complete"]
+
+
+def test_training_is_unchanged_by_the_store(tmp_path, tokenizer, dataset):
+    from ghostproj.integrations.transformers import GradientStoreCallback
+
+    plain = train(tmp_path / "a", tokenizer, dataset, [], accumulation=2)
+    watched = train(tmp_path / "b", tokenizer, dataset, [GradientStoreCallback(tmp_path / "store", dataset,
+                                                                                rank=RANK)], accumulation=2)
+    for (name, p), q in zip(plain.named_parameters(), watched.parameters()):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-7), name
+
+
+def test_bad_configurations_are_one_sentence(tmp_path, tokenizer, dataset):
+    from ghostproj.integrations.transformers import GradientStoreCallback
+
+    twice = datasets.Dataset.from_dict({"input_ids": [dataset[0]["input_ids"], dataset[0]["input_ids"]]})
+    with pytest.raises(GhostprojError, match="same token ids"):
+        GradientStoreCallback(tmp_path / "s", twice)
+    with pytest.raises(GhostprojError, match="every must be at least 1"):
+        GradientStoreCallback(tmp_path / "s", dataset, every=0)
+
+
+def test_every_other_step_and_sum_reduction(tmp_path, tokenizer, dataset, monkeypatch):
+    """every=2 stores the even steps' rows (a window of a subset, still an ordinary run), and
+    loss_reduction='sum' stores the gradient of the example's summed token losses."""
+    from ghostproj.integrations.transformers import GradientStoreCallback
+
+    store = GradientStoreCallback(tmp_path / "store", dataset, rank=RANK, every=2, loss_reduction="sum")
+    snaps = Snapshots()
+    train(tmp_path, tokenizer, dataset, [snaps, store])
+    run = load_projections(store.windows[0])
+    assert len(run.index) == len(dataset) // 2  # steps 0, 2 and 4 of 6, four rows each
+    model = gpt2_without_dropout(len(tokenizer))
+    model.load_state_dict(snaps.states[0])
+    first = run.index[:4].tolist()  # the rows of step 0 come first
+    mean = project_rows(model, dataset, first)
+    counts = torch.tensor([len(dataset[r]["input_ids"]) - 1 for r in first], dtype=torch.float32)
+    assert rel_err(run.grads[:4], mean * counts[:, None]) <= 1e-5
