@@ -139,3 +139,45 @@ def test_every_other_step_and_sum_reduction(tmp_path, tokenizer, dataset, monkey
     mean = project_rows(model, dataset, first)
     counts = torch.tensor([len(dataset[r]["input_ids"]) - 1 for r in first], dtype=torch.float32)
     assert rel_err(run.grads[:4], mean * counts[:, None]) <= 1e-5
+
+
+class Kill(transformers.TrainerCallback):
+    """Stops the process's training at a step, as a kill would (nothing after it runs)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("killed_at, resume_from", [(5, 4), (3, 2), (4, 4)])
+def test_a_killed_training_resumed_from_a_checkpoint_continues_the_store(tmp_path, tokenizer, dataset, killed_at,
+                                                                         resume_from):
+    """Rows of the steps after the checkpoint that reached the disk are dropped, the resumed
+    steps add theirs: the window holds every row once, equal to an uninterrupted run's."""
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from ghostproj.integrations.transformers import GradientStoreCallback
+
+    clean = GradientStoreCallback(tmp_path / "clean", dataset, rank=RANK, shard_size=3)
+    train(tmp_path / "c", tokenizer, dataset, [clean])
+
+    def trainer(callbacks):
+        args = TrainingArguments(output_dir=str(tmp_path / "ckpt"), per_device_train_batch_size=4, num_train_epochs=1,
+                                 learning_rate=1e-3, report_to=[], save_strategy="steps", save_steps=2,
+                                 logging_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0)
+        return Trainer(model=gpt2_without_dropout(len(tokenizer)), args=args, train_dataset=dataset,
+                       callbacks=callbacks, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+
+    first = GradientStoreCallback(tmp_path / "store", dataset, rank=RANK, shard_size=3)
+    with pytest.raises(KeyboardInterrupt):
+        trainer([first, Kill(killed_at)]).train()
+    again = GradientStoreCallback(tmp_path / "store", dataset, rank=RANK, shard_size=3)
+    trainer([again]).train(resume_from_checkpoint=str(tmp_path / "ckpt" / f"checkpoint-{resume_from}"))
+    got, want = load_projections(again.windows[0]), load_projections(clean.windows[0])
+    assert sorted(got.index.tolist()) == list(range(len(dataset)))
+    order = torch.argsort(got.index)
+    assert rel_err(got.grads[order], want.grads[torch.argsort(want.index)]) <= 1e-5
+    assert open_run(again.windows[0]).manifest["complete"]

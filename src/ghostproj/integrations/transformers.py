@@ -40,10 +40,10 @@ from ..jobs.run_records import weights_sha
 from ..models import config_hash
 from ..store.files import atomic_write
 from ..store.fingerprint import fingerprint, fingerprint_parts, sha256_hex
-from ..store.manifest import FORMAT_VERSION, PROJECTOR_FILE, write_manifest
+from ..store.manifest import FORMAT_VERSION, MANIFEST, PROJECTOR_FILE, read_manifest, write_manifest
 from ..store.outputs import check_output_dir
 from ..store.projector_file import encode_projectors
-from ..store.writer import RunWriter
+from ..store.writer import RunWriter, keep_first_rows
 
 SCALE_TOLERANCE = 1e-3  # c_i read at two label positions of one example agree to float32 rounding
 
@@ -105,7 +105,7 @@ class GradientStoreCallback(TrainerCallback):
                        model.register_forward_hook(self._on_outputs)]
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self._open_window(len(self.windows))
+        self._open_window(int(state.epoch or 0), state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step = state.global_step
@@ -115,6 +115,17 @@ class GradientStoreCallback(TrainerCallback):
 
     def on_substep_end(self, args, state, control, **kwargs):
         self._collect()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._writer is not None:  # where each step's rows end: what a resume cuts back to
+            self._boundaries.append([state.global_step, self._rows])
+
+    def on_save(self, args, state, control, **kwargs):
+        """A Trainer checkpoint: every row of the steps it holds goes to disk with it."""
+        if self._writer is not None:
+            self._writer.flush()
+            self._manifest["steps"] = [list(b) for b in self._boundaries]
+            write_manifest(self._writer.run_dir, self._manifest)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self._collect()
@@ -197,10 +208,16 @@ class GradientStoreCallback(TrainerCallback):
         vectors = torch.where(live[:, None], blocks / torch.where(live, divide, 1.0)[:, None], 0.0)
         self._writer.add(vectors.float(), batch["rows"], torch.zeros(len(counts)), counts.to(torch.int32))
         self._seen.append(batch["rows"])
+        self._rows += len(counts)
 
     # -- one window, one run ---------------------------------------------------------------------
-    def _open_window(self, number: int) -> None:
-        out = check_output_dir(self.out_dir / f"epoch-{number}", "out_dir", [])
+    def _open_window(self, number: int, step: int) -> None:
+        out = self.out_dir / f"epoch-{number}"
+        self.windows.append(out)
+        if step > 0 and (out / MANIFEST).is_file():  # a Trainer resumed from a checkpoint inside this epoch
+            self._reopen_window(out, step)
+            return
+        check_output_dir(out, "out_dir", [])
         out.mkdir(parents=True, exist_ok=True)
         engine = self.engine
         # the model the window starts from (the base model, or the checkpoint the previous epoch
@@ -223,10 +240,32 @@ class GradientStoreCallback(TrainerCallback):
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "shards": [],
             "complete": False,
         }
+        self._manifest["steps"] = [[step, 0]]
         write_manifest(out, self._manifest)
         self._writer = RunWriter(out, self._manifest, self.shard_size)
-        self._seen: list[torch.Tensor] = []
-        self.windows.append(out)
+        self._seen, self._rows, self._boundaries = [], 0, [[step, 0]]
+
+    def _reopen_window(self, out: Path, step: int) -> None:
+        """Continue a window a killed run left: its rows up to the checkpoint's step are kept,
+        any written after it are dropped, and the resumed steps add theirs."""
+        manifest = read_manifest(out)
+        if manifest.get("complete"):
+            raise GhostprojError(f"{out} is a finished window, but the Trainer resumes inside its epoch; give the "
+                                 "callback a new out_dir.")
+        if manifest["projector"].get("sha256") != sha256_hex(encode_projectors(
+                self.engine.projectors, {"format": str(FORMAT_VERSION), "fingerprint": manifest["fingerprint"]})):
+            raise GhostprojError(f"{out} was stored with other layers, ranks or seed than this callback's.")
+        boundaries = manifest.get("steps") or []
+        rows = next((r for s, r in boundaries if s == step), None)
+        if rows is None:
+            raise GhostprojError(f"{out} does not hold the rows up to step {step} (the run was killed before they "
+                                 "reached the disk); resume from an earlier checkpoint or store into a new out_dir.")
+        seen = keep_first_rows(out, manifest, rows)
+        self._manifest = manifest
+        self._boundaries = [b for b in boundaries if b[0] <= step]
+        self._manifest["steps"] = [list(b) for b in self._boundaries]
+        self._writer = RunWriter(out, self._manifest, self.shard_size)
+        self._seen, self._rows = [seen], rows
 
     def _close_window(self) -> None:
         if self._writer is None:
@@ -237,5 +276,6 @@ class GradientStoreCallback(TrainerCallback):
         # (every > 1, a partial epoch) holds a subset, and says only how many rows
         self._manifest["data"] = {"format": "trainer", "count": len(self.keys) if everything else None,
                                   "rows": len(seen)}
+        self._manifest["steps"] = [list(b) for b in self._boundaries]
         self._writer.finish({"examples": len(seen), "last_step": self._step})
         self._writer = None

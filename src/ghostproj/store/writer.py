@@ -120,6 +120,14 @@ class RunWriter:
                                  "is, rerun the command to resume.")
         return parts
 
+    def flush(self) -> None:
+        """Streaming: write every row received so far (what is buffered becomes a shard) and
+        wait until it is on disk with its manifest entry."""
+        if not self.planned and self._received > self._cut:
+            self._open(self._received)
+            self._flush_ready(self._received)
+        self.wait()
+
     def finish(self, summary: dict, started: float | None = None) -> None:
         """Write what is buffered, then mark the run complete with ``summary``, its bytes
         counted from the shards and its seconds from ``started`` (a perf_counter value)."""
@@ -189,3 +197,38 @@ class RunWriter:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
+
+
+def keep_first_rows(run_dir: Path, manifest: dict, rows: int) -> torch.Tensor:
+    """Cut a streamed run back to the first ``rows`` rows of its stream: shards past them are
+    deleted and a shard they end inside is rewritten with its first part. Returns the
+    dataset indices of the rows kept. What a resumed writer continues from."""
+    from .shards import read_rows, read_shard_header
+
+    kept, indices, at = [], [], 0
+    for entry in sorted(manifest["shards"], key=lambda s: s["file"]):
+        n, path = int(entry["rows"]), run_dir / entry["file"]
+        if at >= rows:
+            path.unlink(missing_ok=True)
+            continue
+        header = read_shard_header(path)
+        if at + n > rows:  # the cut falls inside this shard
+            n = rows - at
+            columns = [read_rows(header, c, 0, n) for c in ("grads", "index", "loss", "tokens")]
+            data = encode_shard(*columns, manifest["fingerprint"])
+            atomic_write(path, data)
+            index = columns[1]
+            entry = dict(entry, rows=n, sha256=sha256_hex(data), bytes=len(data),
+                         index_min=int(index.min()) if n else 0, index_max=int(index.max()) if n else 0,
+                         index_digest=index_digest(index.numpy()))
+        else:
+            index = read_rows(header, "index", 0, n)
+        indices.append(index)
+        kept.append(entry)
+        at += n
+    if at < rows:
+        raise GhostprojError(f"{run_dir} holds {at} rows, fewer than the {rows} it should keep.")
+    manifest["shards"], manifest["complete"] = kept, False
+    write_manifest(run_dir, manifest)
+    return torch.cat(indices) if indices else torch.empty(0, dtype=torch.long)
+
