@@ -164,3 +164,14 @@ def test_layers_summed_in_several_passes_give_the_one_pass_file(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grouped.safetensors", "whole.safetensors"]
     totals, _ = load_factors(grouped, sums=False)  # what a projection reads: the eigenvectors, not the sums
     assert all(f.a is None and f.a_vecs is not None for f in totals.layers.values())
+
+
+def test_a_damaged_checkpoint_is_started_over(tmp_path, monkeypatch, gpt2_dir, corpus):
+    loaded = load_model(str(gpt2_dir), "float32", "cpu")
+    monkeypatch.setattr(inputs_module, "load_model", lambda *args, **kwargs: loaded)
+    clean, out = tmp_path / "clean.safetensors", tmp_path / "f.safetensors"
+    run_factors(_options(gpt2_dir, corpus, clean, {"batch_size": 2}))
+    partial_path(out).write_bytes(b"\x00garbage" * 10)  # a checkpoint torn by a full disk, say
+    summary = run_factors(_options(gpt2_dir, corpus, out, {"batch_size": 2}))
+    assert any("damaged; starting over" in n for n in summary.notes)
+    assert out.read_bytes() == clean.read_bytes() and not partial_path(out).exists()

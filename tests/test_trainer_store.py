@@ -7,6 +7,8 @@ import copy
 import pytest
 import torch
 from helpers import rel_err, word_rows
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ghostproj import GradProjectionEngine
 from ghostproj.engines.losses import causal_lm_losses
@@ -152,32 +154,47 @@ class Kill(transformers.TrainerCallback):
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("killed_at, resume_from", [(5, 4), (3, 2), (4, 4)])
-def test_a_killed_training_resumed_from_a_checkpoint_continues_the_store(tmp_path, tokenizer, dataset, killed_at,
-                                                                         resume_from):
-    """Rows of the steps after the checkpoint that reached the disk are dropped, the resumed
-    steps add theirs: the window holds every row once, equal to an uninterrupted run's."""
+@pytest.fixture(scope="module")
+def clean_window(tmp_path_factory, tokenizer, dataset):
+    from ghostproj.integrations.transformers import GradientStoreCallback
+
+    root = tmp_path_factory.mktemp("clean")
+    clean = GradientStoreCallback(root / "store", dataset, rank=RANK)
+    train(root, tokenizer, dataset, [clean])
+    want = load_projections(clean.windows[0])
+    return want.grads[torch.argsort(want.index)]
+
+
+@settings(max_examples=8, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(save_steps=st.integers(1, 3), shard_size=st.integers(1, 7), data=st.data())
+def test_a_killed_training_resumed_from_a_checkpoint_continues_the_store(tmp_path_factory, tokenizer, dataset,
+                                                                         clean_window, save_steps, shard_size, data):
+    """Killed at any step after a checkpoint, resumed from the latest one: rows of the steps
+    after it that reached the disk are dropped, the resumed steps add theirs, and the window
+    holds every row once, equal to an uninterrupted run's."""
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     from ghostproj.integrations.transformers import GradientStoreCallback
 
-    clean = GradientStoreCallback(tmp_path / "clean", dataset, rank=RANK, shard_size=3)
-    train(tmp_path / "c", tokenizer, dataset, [clean])
+    steps = len(dataset) // 4
+    killed_at = data.draw(st.integers(save_steps, steps - 1), label="killed_at")
+    resume_from = killed_at // save_steps * save_steps
+    root = tmp_path_factory.mktemp("killed")
 
     def trainer(callbacks):
-        args = TrainingArguments(output_dir=str(tmp_path / "ckpt"), per_device_train_batch_size=4, num_train_epochs=1,
-                                 learning_rate=1e-3, report_to=[], save_strategy="steps", save_steps=2,
+        args = TrainingArguments(output_dir=str(root / "ckpt"), per_device_train_batch_size=4, num_train_epochs=1,
+                                 learning_rate=1e-3, report_to=[], save_strategy="steps", save_steps=save_steps,
                                  logging_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0)
         return Trainer(model=gpt2_without_dropout(len(tokenizer)), args=args, train_dataset=dataset,
                        callbacks=callbacks, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
 
-    first = GradientStoreCallback(tmp_path / "store", dataset, rank=RANK, shard_size=3)
+    first = GradientStoreCallback(root / "store", dataset, rank=RANK, shard_size=shard_size)
     with pytest.raises(KeyboardInterrupt):
         trainer([first, Kill(killed_at)]).train()
-    again = GradientStoreCallback(tmp_path / "store", dataset, rank=RANK, shard_size=3)
-    trainer([again]).train(resume_from_checkpoint=str(tmp_path / "ckpt" / f"checkpoint-{resume_from}"))
-    got, want = load_projections(again.windows[0]), load_projections(clean.windows[0])
+    again = GradientStoreCallback(root / "store", dataset, rank=RANK, shard_size=shard_size)
+    trainer([again]).train(resume_from_checkpoint=str(root / "ckpt" / f"checkpoint-{resume_from}"))
+    got = load_projections(again.windows[0])
     assert sorted(got.index.tolist()) == list(range(len(dataset)))
-    order = torch.argsort(got.index)
-    assert rel_err(got.grads[order], want.grads[torch.argsort(want.index)]) <= 1e-5
+    assert rel_err(got.grads[torch.argsort(got.index)], clean_window) <= 1e-5
     assert open_run(again.windows[0]).manifest["complete"]
