@@ -13,7 +13,13 @@ import tempfile
 from pathlib import Path
 
 import datasets
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+from transformers import (
+                         AutoModelForCausalLM,
+                         AutoTokenizer,
+                         DataCollatorForLanguageModeling,
+                         Trainer,
+                         TrainingArguments,
+)
 
 from ghostproj.integrations.transformers import GradientStoreCallback
 from ghostproj.jobs.demo import ensure_demo
