@@ -14,11 +14,11 @@ from pathlib import Path
 
 import datasets
 from transformers import (
-                         AutoModelForCausalLM,
-                         AutoTokenizer,
-                         DataCollatorForLanguageModeling,
-                         Trainer,
-                         TrainingArguments,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    Trainer,
+    TrainingArguments,
 )
 
 from ghostproj.integrations.transformers import GradientStoreCallback
