@@ -102,6 +102,11 @@ def extra_option(name: str, default, kind, *flags: str, help: str, panel: str) -
                              annotation=Annotated[kind, opt(*flags, help=help, panel=panel)])
 
 
+def in_panel(panel: str, **helps: str) -> dict:
+    """Options of one help panel, each with its one-line help and nothing else to declare."""
+    return {name: opt(help=text, panel=panel) for name, text in helps.items()}
+
+
 def info(alias):
     """The typer.Option inside an Annotated alias."""
     return alias.__metadata__[0]
@@ -266,11 +271,8 @@ INRUN_OPTIONS = {
     "val_size": opt(help="Use the first N validation examples.", panel=DATA, default="all; 16 for the demo"),
     "max_length": info(MaxLengthOpt),
     "out": opt(help="Output directory (dots, values, final model).", panel=OUTPUT),
-    "steps": opt(help="Optimizer steps.", panel=RUN),
-    "batch_size": opt(help="Training examples per step.", panel=RUN),
-    "lr": opt(help="Learning rate.", panel=RUN),
-    "optimizer": opt(help="sgd or adamw.", panel=RUN),
-    "seed": opt(help="Seed of the batch order and dropout.", panel=RUN),
+    **in_panel(RUN, steps="Optimizer steps.", batch_size="Training examples per step.", lr="Learning rate.",
+               optimizer="sgd or adamw.", seed="Seed of the batch order and dropout."),
     "device": info(DeviceOpt),
 }
 
@@ -289,12 +291,11 @@ EVALUATE_OPTIONS = {
     **LAYOUT_OPTIONS,
     "max_length": info(MaxLengthOpt),
     "out": opt(help="Output directory (cache of every model trained, runs, lds.json, lds.png).", panel=OUTPUT),
-    "subsets": opt(help="Random training subsets, one fine-tuned model each.", panel=RUN),
-    "fraction": opt(help="Share of the training set in each subset.", panel=RUN),
-    "epochs": opt(help="Fine-tuning passes over a subset (and over the whole set).", panel=RUN),
-    "lr": opt(help="Fine-tuning learning rate (AdamW, linear decay).", panel=RUN),
-    "batch_size": opt(help="Fine-tuning and projection batch size.", panel=RUN),
-    "seed": opt(help="Seed of the subsets, batch order, dropout and bootstrap.", panel=RUN),
+    **in_panel(RUN, subsets="Random training subsets, one fine-tuned model each.",
+               fraction="Share of the training set in each subset.",
+               epochs="Fine-tuning passes over a subset (and over the whole set).",
+               lr="Fine-tuning learning rate (AdamW, linear decay).", batch_size="Fine-tuning and projection batch size.",
+               seed="Seed of the subsets, batch order, dropout and bootstrap."),
     "checkpoints": opt(help="Checkpoints kept from the whole-set run; ensembles of 1, 2, 4, ... are compared.",
                         panel=SCORING),
     "layers": (info(LayersOpt), Optional[str]),
