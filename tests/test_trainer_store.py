@@ -198,3 +198,57 @@ def test_a_killed_training_resumed_from_a_checkpoint_continues_the_store(tmp_pat
     assert sorted(got.index.tolist()) == list(range(len(dataset)))
     assert rel_err(got.grads[torch.argsort(got.index)], clean_window) <= 1e-5
     assert open_run(again.windows[0]).manifest["complete"]
+
+
+def test_in_run_values_inside_the_trainer_equal_ghostproj_inrun(tmp_path, tokenizer, monkeypatch):
+    """InRunValuationTrainer against `ghostproj inrun`'s step (jobs.retrain.in_run_step) on
+    the batches the Trainer drew, SGD at a constant rate, rows of one length (where the
+    Trainer's token mean and inrun's example mean are the same loss up to the count the
+    Trainer divides by, ``num_items_in_batch``, which the reference's step size follows)."""
+    from transformers import DataCollatorForLanguageModeling, TrainingArguments
+
+    from ghostproj.data.batching import Example
+    from ghostproj.engines.dotprod import GradDotProdEngine
+    from ghostproj.integrations.transformers import InRunValuationTrainer
+    from ghostproj.jobs.retrain import in_run_step
+
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randint(1, len(tokenizer), (19, 10), generator=g).tolist()  # distinct rows of one length
+    train_set = datasets.Dataset.from_dict({"input_ids": [list(r) for r in rows[:16]]})
+    val_set = datasets.Dataset.from_dict({"input_ids": [list(r) for r in rows[16:19]]})
+    drawn, divisors = [], []
+    real_rows, real_loss = InRunValuationTrainer._rows, InRunValuationTrainer.compute_loss
+    monkeypatch.setattr(InRunValuationTrainer, "_rows",
+                        lambda self, ids, mask: drawn.append(real_rows(self, ids, mask)) or drawn[-1])
+
+    def loss_recording(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        divisors.append(float(num_items_in_batch))
+        return real_loss(self, model, inputs, return_outputs, num_items_in_batch)
+    monkeypatch.setattr(InRunValuationTrainer, "compute_loss", loss_recording)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), per_device_train_batch_size=4, num_train_epochs=1,
+                             learning_rate=0.05, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
+                             weight_decay=0.0, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+                             seed=0, dataloader_num_workers=0)
+    trained = gpt2_without_dropout(len(tokenizer))
+    trainer = InRunValuationTrainer(model=trained, args=args, train_dataset=train_set, validation_dataset=val_set,
+                                    data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    trainer.train()
+
+    model = gpt2_without_dropout(len(tokenizer)).train()
+    engine = GradDotProdEngine(model, val_batch_size=len(val_set), loss_reduction="sum").attach()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    values = torch.zeros(len(train_set), dtype=torch.float64)
+    val = [Example(100 + j, val_set[j]["input_ids"]) for j in range(len(val_set))]
+    for chosen, divisor in zip(drawn, divisors):
+        batch = [Example(int(i), train_set[int(i)]["input_ids"]) for i in chosen] + val
+        optimizer.param_groups[0]["lr"] = 0.05 * len(chosen) * 9 / divisor  # the Trainer's loss: token sums / divisor
+        _, dots = in_run_step(model, engine, optimizer, batch, 0, "cpu")
+        values.index_add_(0, chosen, -0.05 * dots)
+    engine.detach()
+    assert len(drawn) == 4 and sorted(torch.cat(drawn).tolist()) == list(range(len(train_set)))
+    assert (trainer.in_run_values - values).norm() <= 1e-4 * values.norm()
+    assert trainer.in_run_counts.tolist() == [1] * len(train_set)
+    for p, q in zip(trained.parameters(), model.parameters()):  # the optimizer saw the training rows only
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)

@@ -29,10 +29,12 @@ import hashlib
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from .. import defaults
 from ..data.batching import IGNORE_INDEX
+from ..engines.dotprod import GradDotProdEngine
+from ..engines.losses import causal_lm_losses
 from ..engines.projection import GradProjectionEngine
 from ..engines.projector import projector_hash
 from ..errors import GhostprojError
@@ -279,3 +281,86 @@ class GradientStoreCallback(TrainerCallback):
         self._manifest["steps"] = [list(b) for b in self._boundaries]
         self._writer.finish({"examples": len(seen), "last_step": self._step})
         self._writer = None
+
+
+class InRunValuationTrainer(Trainer):
+    """A ``transformers.Trainer`` that carries a fixed validation batch in every training
+    step (in-run data valuation, as ``ghostproj inrun``): after training,
+    ``in_run_values[i]`` is sum over the steps that drew training row i of
+    -lr_t <grad l_i, sum_j grad l_val_j>, with each l the example's mean token loss, and
+    ``in_run_counts[i]`` how many steps drew it.
+
+    The optimizer sees exactly the gradient of the Trainer's own loss on the training rows
+    (the token mean over the step's label tokens), never the validation rows': the loss
+    back-propagated weighs each training row's token sum by B / N (N the step's label
+    tokens, ``num_items_in_batch``), so the engine's training gradient, the mean over the B
+    rows of their gradients, is that gradient; each dot product is rescaled by the same
+    weight. Rows are identified by their token ids, as :class:`GradientStoreCallback` does."""
+
+    def __init__(self, *args, validation_dataset, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.train_dataset is None or len(validation_dataset) < 1:
+            raise GhostprojError("InRunValuationTrainer needs a train_dataset and a non-empty validation_dataset.")
+        self.loss_is_scaled_for_ga = True  # compute_loss divides by the step's label tokens itself
+        self.keys = dataset_keys(self.train_dataset)
+        self.validation = [validation_dataset[i] for i in range(len(validation_dataset))]
+        self.in_run_values = torch.zeros(len(self.train_dataset), dtype=torch.float64)
+        self.in_run_counts = torch.zeros(len(self.train_dataset), dtype=torch.int64)
+        self._engine: GradDotProdEngine | None = None
+        self._pending = None
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self._engine is not None:
+                self._engine.detach()
+                self._engine = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._engine is None:
+            self._engine = GradDotProdEngine(self.model, val_batch_size=len(self.validation),
+                                             loss_reduction="sum").attach()
+        ids, mask, labels, b = self._with_validation(inputs)
+        rows = self._rows(ids[:b], mask[:b])
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        sums, counts = causal_lm_losses(logits, labels, "sum")
+        tokens = float(num_items_in_batch) if num_items_in_batch is not None else \
+            float(counts[:b].sum()) * self.current_gradient_accumulation_steps
+        weight = b / max(tokens, 1.0)
+        loss = (sums[:b] * weight).sum() + (sums[b:] / counts[b:].clamp(min=1)).sum()
+        self._pending = (rows, counts[:b].cpu(), weight, self.lr_scheduler.get_last_lr()[0])
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        result = self._engine.collect()  # the training rows' gradient goes into .grad, added per micro-batch
+        rows, counts, weight, lr = self._pending
+        scale = weight * counts.double()
+        dots = torch.where(scale > 0, result.total.detach().double().cpu() / scale.clamp(min=1e-300), 0.0)
+        self.in_run_values.index_add_(0, rows, -lr * dots)
+        self.in_run_counts.index_add_(0, rows, torch.ones_like(rows))
+        return loss
+
+    def _with_validation(self, inputs):
+        """The step's rows followed by the validation rows, right-padded to one width."""
+        val = self.data_collator(self.validation)
+        parts = [(inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]),
+                 (val["input_ids"], val.get("attention_mask"), val["labels"])]
+        width = max(p[0].shape[1] for p in parts)
+        device = inputs["input_ids"].device
+        ids, mask, labels = [], [], []
+        for x, m, y in parts:
+            m = torch.ones_like(x) if m is None else m
+            pad = width - x.shape[1]
+            ids.append(torch.nn.functional.pad(x.to(device), (0, pad), value=0))
+            mask.append(torch.nn.functional.pad(m.to(device), (0, pad), value=0))
+            labels.append(torch.nn.functional.pad(y.to(device), (0, pad), value=IGNORE_INDEX))
+        return torch.cat(ids), torch.cat(mask), torch.cat(labels), parts[0][0].shape[0]
+
+    def _rows(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        rows = [self.keys.get(token_key(ids[i][mask[i].bool()])) for i in range(ids.shape[0])]
+        if any(r is None for r in rows):
+            raise GhostprojError("A training batch holds a row that is not in train_dataset (a packing or "
+                                 "truncating collator?); in-run values need each row's identity.")
+        return torch.tensor(rows)
