@@ -90,7 +90,7 @@ def test_stored_vectors_are_project_on_the_step_model(tmp_path, tokenizer, datas
     real_add = RunWriter.add
 
     def recording(self, grads, index, loss, tokens, start=None):
-        written.append((store._step, index.clone(), grads.clone()))
+        written.append((store.store.step, index.clone(), grads.clone()))
         return real_add(self, grads, index, loss, tokens, start)
     monkeypatch.setattr(RunWriter, "add", recording)
     train(tmp_path, tokenizer, dataset, [snaps, store], accumulation=accumulation)
@@ -252,3 +252,45 @@ def test_in_run_values_inside_the_trainer_equal_ghostproj_inrun(tmp_path, tokeni
     assert trainer.in_run_counts.tolist() == [1] * len(train_set)
     for p, q in zip(trained.parameters(), model.parameters()):  # the optimizer saw the training rows only
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_the_store_in_a_plain_training_loop(tmp_path, tokenizer, dataset):
+    """The loop of one's own: HF's token-mean loss, two micro-batches per step (collect() after
+    each backward), an ordinary run at the end; each step's rows are project's vectors on that
+    step's model."""
+    from transformers import DataCollatorForLanguageModeling
+
+    from ghostproj.integrations.transformers import GradientStore
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
+    collate = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    model = gpt2_without_dropout(len(tokenizer)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    store = GradientStore(model, tmp_path / "store", dataset, rank=RANK)
+    store.open_window(0)
+    order, states = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(1)).tolist(), []
+    for step in range(3):
+        states.append(copy.deepcopy(model.state_dict()))
+        micro = [order[8 * step:8 * step + 4], order[8 * step + 4:8 * step + 8]]
+        with store.observing(step):
+            for rows in micro:  # the step's loss is the token mean over both micro-batches' labels
+                batch = collate([dataset[r] for r in rows])
+                tokens = sum(int((collate([dataset[r] for r in m])["labels"][:, 1:] != -100).sum()) for m in micro)
+                out = model(**batch)
+                loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:]
+                                                         .flatten(), ignore_index=-100, reduction="sum") / tokens
+                loss.backward()
+                store.collect()
+        optimizer.step()
+        optimizer.zero_grad()
+        store.mark_step(step + 1)
+    store.close()
+    run = load_projections(store.windows[0])
+    assert run.index.tolist() == order[:24] and open_run(store.windows[0]).manifest["data"]["count"] == 24
+    for step in range(3):
+        reference = gpt2_without_dropout(len(tokenizer))
+        reference.load_state_dict(states[step])
+        ref = project_rows(reference, dataset, order[8 * step:8 * step + 8])
+        assert rel_err(run.grads[8 * step:8 * step + 8], ref) <= 1e-5
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # close() left nothing

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -70,78 +71,83 @@ def dataset_keys(dataset) -> dict[str, int]:
     return keys
 
 
-class GradientStoreCallback(TrainerCallback):
-    """Store each training example's projected gradient at every ``every``-th optimizer
-    step, one run per epoch under ``out_dir`` (``epoch-0``, ``epoch-1``, ...), all with the
-    same projector, so ``project --like`` of any of them gives the matching query run.
+class GradientStore:
+    """The training-time gradient store of any training loop over a HF causal LM: each
+    observed step's per-example projected gradients, written to one run per window.
 
-    ``train_dataset``: the tokenized dataset the Trainer trains on (rows are identified by
-    their token ids). ``layers``, ``rank``, ``seed``, ``loss_reduction`` and ``store_dtype``
-    mean what they mean for ``project``."""
+        store = GradientStore(model, "store/", train_dataset)
+        store.open_window(0)
+        for step, batch in enumerate(loader):
+            with store.observing():                 # around each step's backward passes
+                model(**batch).loss.backward()      # (call store.collect() after each micro-batch's)
+            optimizer.step(); optimizer.zero_grad()
+            store.mark_step(step + 1)
+        store.close()
 
-    def __init__(self, out_dir: str, train_dataset, layers: list[str] | None = None, rank: int = defaults.RANK,
-                 seed: int = 0, every: int = 1, loss_reduction: str = defaults.LOSS_REDUCTION,
-                 store_dtype: str = "float32", shard_size: int = 4096) -> None:
-        if every < 1:
-            raise GhostprojError(f"every must be at least 1, got {every}.")
+    ``train_dataset``: the tokenized rows the loop trains on (each batch row is found by its
+    token ids); ``layers``, ``rank``, ``seed``, ``loss_reduction`` and ``store_dtype`` mean
+    what they mean for ``project``."""
+
+    def __init__(self, model, out_dir: str, train_dataset=None, layers: list[str] | None = None,
+                 rank: int = defaults.RANK, seed: int = 0, loss_reduction: str = defaults.LOSS_REDUCTION,
+                 store_dtype: str = "float32", shard_size: int = 4096, keys: dict[str, int] | None = None,
+                 settings: dict | None = None) -> None:
         if loss_reduction not in ("mean", "sum"):
             raise GhostprojError(f"Unknown loss_reduction '{loss_reduction}'; choose mean or sum.")
-        self.out_dir, self.layers, self.rank, self.seed, self.every = Path(out_dir), layers, rank, seed, every
+        self.model, self.out_dir, self.seed = model, Path(out_dir), seed
         self.loss_reduction, self.store_dtype, self.shard_size = loss_reduction, store_dtype, shard_size
-        self.keys = dataset_keys(train_dataset)
-        self.engine: GradProjectionEngine | None = None
+        self.settings = {"window": "epoch", **(settings or {})}  # recorded in each window's manifest
+        self.keys = keys if keys is not None else dataset_keys(train_dataset)
+        self.engine = GradProjectionEngine(model, layers, rank=rank, seed=seed, freeze_weights=False)
         self.windows: list[Path] = []
-        self._hooks: list = []
+        self._hooks = [model.register_forward_pre_hook(self._on_inputs, with_kwargs=True),
+                       model.register_forward_hook(self._on_outputs)]
         self._batch: dict | None = None  # the micro-batch in flight: its rows, label counts and scales
         self._writer: RunWriter | None = None
         self._observing = False
         self._step = 0
 
-    # -- the Trainer's events ------------------------------------------------------------------
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if model is None:
-            raise GhostprojError("GradientStoreCallback got no model from the Trainer.")
-        self.model = model
-        self.engine = GradProjectionEngine(model, self.layers, rank=self.rank, seed=self.seed, freeze_weights=False)
-        self._hooks = [model.register_forward_pre_hook(self._on_inputs, with_kwargs=True),
-                       model.register_forward_hook(self._on_outputs)]
+    @property
+    def step(self) -> int:
+        """The optimizer step being observed (or the last one marked done)."""
+        return self._step
 
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self._open_window(int(state.epoch or 0), state.global_step)
+    # -- steps ------------------------------------------------------------------------------------
+    @contextmanager
+    def observing(self, step: int | None = None):
+        """Store the per-example gradients of the backward passes inside the block."""
+        self.begin_step(self._step if step is None else step)
+        try:
+            yield self
+            self.collect()
+        finally:
+            self.stop_observing()
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._step = state.global_step
-        self._observing = state.global_step % self.every == 0
+    def begin_step(self, step: int) -> None:
+        self._step, self._observing = step, True
+        self.engine.attach()
+
+    def stop_observing(self) -> None:
         if self._observing:
-            self.engine.attach()
+            self.engine.detach()
+            self._observing, self._batch = False, None
 
-    def on_substep_end(self, args, state, control, **kwargs):
-        self._collect()
+    def mark_step(self, step: int) -> None:
+        """Step ``step`` is done (observed or not): where its rows end, what a resume cuts back to."""
+        self._step = step
+        if self._writer is not None:
+            self._boundaries.append([step, self._rows])
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if self._writer is not None:  # where each step's rows end: what a resume cuts back to
-            self._boundaries.append([state.global_step, self._rows])
-
-    def on_save(self, args, state, control, **kwargs):
-        """A Trainer checkpoint: every row of the steps it holds goes to disk with it."""
+    def flush(self) -> None:
+        """Every row so far to disk, with where each step's rows end (at a checkpoint)."""
         if self._writer is not None:
             self._writer.flush()
             self._manifest["steps"] = [list(b) for b in self._boundaries]
             write_manifest(self._writer.run_dir, self._manifest)
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self._collect()
-        if self._observing:
-            self.engine.detach()
-            self._observing = False
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self._close_window()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self._close_window()
-        if self.engine is not None and self.engine.attached:
-            self.engine.detach()
+    def close(self) -> None:
+        self.close_window()
+        self.stop_observing()
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
@@ -152,7 +158,7 @@ class GradientStoreCallback(TrainerCallback):
             return None
         ids, labels = kwargs.get("input_ids"), kwargs.get("labels")
         if ids is None or labels is None:
-            raise GhostprojError("GradientStoreCallback needs batches with input_ids and labels (a causal-LM "
+            raise GhostprojError("The gradient store needs batches with input_ids and labels (a causal-LM "
                                  "collator), so that each row's loss and identity are known.")
         mask = kwargs.get("attention_mask")
         mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
@@ -160,9 +166,9 @@ class GradientStoreCallback(TrainerCallback):
         for i in range(ids.shape[0]):
             row = self.keys.get(token_key(ids[i][mask[i]]))
             if row is None:
-                raise GhostprojError("A training batch holds a row that is not in the callback's train_dataset "
-                                     "(a packing or truncating collator?); give the callback the dataset exactly as "
-                                     "the Trainer batches it.")
+                raise GhostprojError("A training batch holds a row that is not in the store's train_dataset "
+                                     "(a packing or truncating collator?); give it the dataset exactly as "
+                                     "the loop batches it.")
             rows.append(row)
         target = labels[:, 1:]
         self._batch = {"rows": torch.tensor(rows), "labels": labels, "counts": (target != IGNORE_INDEX).sum(1).cpu()}
@@ -196,14 +202,15 @@ class GradientStoreCallback(TrainerCallback):
             scales[i] = read[0]
         return scales
 
-    def _collect(self) -> None:
+    def collect(self) -> None:
+        """After a backward pass inside :meth:`observing`: its rows to the window's run."""
         batch, self._batch = self._batch, None
         if not self._observing or batch is None:
             return
         blocks = self.engine.collect().double().cpu()
         scales, counts = batch.get("scale"), batch["counts"]
         if scales is None:
-            raise GhostprojError("No gradient reached the model's logits; GradientStoreCallback stores the "
+            raise GhostprojError("No gradient reached the model's logits; the store keeps the "
                                  "gradients of a loss computed from them.")
         live = scales != 0
         divide = scales * (counts.double() if self.loss_reduction == "mean" else 1.0)
@@ -213,7 +220,9 @@ class GradientStoreCallback(TrainerCallback):
         self._rows += len(counts)
 
     # -- one window, one run ---------------------------------------------------------------------
-    def _open_window(self, number: int, step: int) -> None:
+    def open_window(self, number: int, step: int = 0) -> None:
+        """Start the run ``out_dir/epoch-<number>`` (continued, cut back to ``step``'s rows, when
+        a killed loop left it and the loop resumes at ``step`` > 0)."""
         out = self.out_dir / f"epoch-{number}"
         self.windows.append(out)
         if step > 0 and (out / MANIFEST).is_file():  # a Trainer resumed from a checkpoint inside this epoch
@@ -238,7 +247,7 @@ class GradientStoreCallback(TrainerCallback):
             "projector": {"kind": engine.projector_kind, "seed": self.seed, "file": PROJECTOR_FILE,
                           "sha256": sha256_hex(projector)},
             "layers": [i.to_json() for i in engine.layers], "dim": engine.dim, "store_dtype": self.store_dtype,
-            "settings": {"every": self.every, "window": "epoch"},
+            "settings": dict(self.settings),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "shards": [],
             "complete": False,
         }
@@ -269,7 +278,7 @@ class GradientStoreCallback(TrainerCallback):
         self._writer = RunWriter(out, self._manifest, self.shard_size)
         self._seen, self._rows = [seen], rows
 
-    def _close_window(self) -> None:
+    def close_window(self) -> None:
         if self._writer is None:
             return
         seen = torch.cat(self._seen) if self._seen else torch.empty(0, dtype=torch.long)
@@ -281,6 +290,63 @@ class GradientStoreCallback(TrainerCallback):
         self._manifest["steps"] = [list(b) for b in self._boundaries]
         self._writer.finish({"examples": len(seen), "last_step": self._step})
         self._writer = None
+
+
+
+
+class GradientStoreCallback(TrainerCallback):
+    """:class:`GradientStore` inside ``transformers.Trainer``: every ``every``-th optimizer
+    step observed, one run per epoch under ``out_dir`` (``epoch-0``, ``epoch-1``, ...), all
+    with the same projector, so ``project --like`` of any of them gives the matching query
+    run; a Trainer resumed from a checkpoint continues the epoch's run."""
+
+    def __init__(self, out_dir: str, train_dataset, layers: list[str] | None = None, rank: int = defaults.RANK,
+                 seed: int = 0, every: int = 1, loss_reduction: str = defaults.LOSS_REDUCTION,
+                 store_dtype: str = "float32", shard_size: int = 4096) -> None:
+        if every < 1:
+            raise GhostprojError(f"every must be at least 1, got {every}.")
+        if loss_reduction not in ("mean", "sum"):
+            raise GhostprojError(f"Unknown loss_reduction '{loss_reduction}'; choose mean or sum.")
+        self.every = every
+        self.options = dict(out_dir=out_dir, layers=layers, rank=rank, seed=seed, loss_reduction=loss_reduction,
+                            store_dtype=store_dtype, shard_size=shard_size, keys=dataset_keys(train_dataset),
+                            settings={"every": every})
+        self.store: GradientStore | None = None
+
+    @property
+    def windows(self) -> list[Path]:
+        return self.store.windows if self.store is not None else []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise GhostprojError("GradientStoreCallback got no model from the Trainer.")
+        self.store = GradientStore(model, **self.options)
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.store.open_window(int(state.epoch or 0), state.global_step)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0:
+            self.store.begin_step(state.global_step)
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self.store.collect()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.store.collect()
+        self.store.stop_observing()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.store.mark_step(state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        self.store.flush()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.store.close_window()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.store.close()
 
 
 class InRunValuationTrainer(Trainer):
