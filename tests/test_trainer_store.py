@@ -250,6 +250,12 @@ def test_in_run_values_inside_the_trainer_equal_ghostproj_inrun(tmp_path, tokeni
     assert len(drawn) == 4 and sorted(torch.cat(drawn).tolist()) == list(range(len(train_set)))
     assert (trainer.in_run_values - values).norm() <= 1e-4 * values.norm()
     assert trainer.in_run_counts.tolist() == [1] * len(train_set)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(trainer.save_in_run_values(tmp_path / "values") / "values.safetensors"))
+    assert torch.equal(saved["value"], trainer.in_run_values.float()) and saved["count"].tolist() == [1] * 16
+    with pytest.raises(GhostprojError, match="already"):
+        trainer.save_in_run_values(tmp_path / "values")  # never over what is there
     for p, q in zip(trained.parameters(), model.parameters()):  # the optimizer saw the training rows only
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
 
@@ -294,3 +300,15 @@ def test_the_store_in_a_plain_training_loop(tmp_path, tokenizer, dataset):
         ref = project_rows(reference, dataset, order[8 * step:8 * step + 8])
         assert rel_err(run.grads[8 * step:8 * step + 8], ref) <= 1e-5
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # close() left nothing
+
+
+def test_a_finished_store_is_never_written_over(tmp_path, tokenizer, dataset):
+    from ghostproj.integrations.transformers import GradientStoreCallback
+
+    first = GradientStoreCallback(tmp_path / "store", dataset, rank=RANK)
+    train(tmp_path / "a", tokenizer, dataset, [first], steps=2)
+    before = {p.name: p.read_bytes() for p in first.windows[0].iterdir()}
+    with pytest.raises(GhostprojError, match="already holds files"):
+        train(tmp_path / "b", tokenizer, dataset, [GradientStoreCallback(tmp_path / "store", dataset, rank=RANK)],
+              steps=2)
+    assert {p.name: p.read_bytes() for p in first.windows[0].iterdir()} == before

@@ -46,9 +46,21 @@ from ..store.fingerprint import fingerprint, fingerprint_parts, sha256_hex
 from ..store.manifest import FORMAT_VERSION, MANIFEST, PROJECTOR_FILE, read_manifest, write_manifest
 from ..store.outputs import check_output_dir
 from ..store.projector_file import encode_projectors
+from ..store.shards import encode_safetensors
 from ..store.writer import RunWriter, keep_first_rows
 
 SCALE_TOLERANCE = 1e-3  # c_i read at two label positions of one example agree to float32 rounding
+
+
+def _fresh_dir(out: Path) -> Path:
+    """An output directory to create, refused when it already holds anything: nothing
+    written before is ever replaced."""
+    check_output_dir(out, "out_dir", [])
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise GhostprojError(f"{out} already holds files; give another out_dir (a Trainer resumed from a checkpoint "
+                             "continues its epoch's run by itself).")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def token_key(ids) -> str:
@@ -228,8 +240,7 @@ class GradientStore:
         if step > 0 and (out / MANIFEST).is_file():  # a Trainer resumed from a checkpoint inside this epoch
             self._reopen_window(out, step)
             return
-        check_output_dir(out, "out_dir", [])
-        out.mkdir(parents=True, exist_ok=True)
+        _fresh_dir(out)
         engine = self.engine
         # the model the window starts from (the base model, or the checkpoint the previous epoch
         # ended with) is the one its query runs are projected with (`project --like`)
@@ -372,6 +383,7 @@ class InRunValuationTrainer(Trainer):
         self.validation = [validation_dataset[i] for i in range(len(validation_dataset))]
         self.in_run_values = torch.zeros(len(self.train_dataset), dtype=torch.float64)
         self.in_run_counts = torch.zeros(len(self.train_dataset), dtype=torch.int64)
+        self._log: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, rows, dots) per micro-batch
         self._engine: GradDotProdEngine | None = None
         self._pending = None
 
@@ -406,7 +418,23 @@ class InRunValuationTrainer(Trainer):
         dots = torch.where(scale > 0, result.total.detach().double().cpu() / scale.clamp(min=1e-300), 0.0)
         self.in_run_values.index_add_(0, rows, -lr * dots)
         self.in_run_counts.index_add_(0, rows, torch.ones_like(rows))
+        self._log.append((self.state.global_step, rows, dots.float()))
         return loss
+
+    def save_in_run_values(self, out_dir: str) -> Path:
+        """``dots.safetensors`` (step, index, dot per row drawn) and ``values.safetensors``
+        (index, value, count per training row) in ``out_dir``, as ``ghostproj inrun`` writes them."""
+        out = _fresh_dir(Path(out_dir))
+        meta = {"val_count": str(len(self.validation)), "source": "InRunValuationTrainer"}
+        steps = [torch.full((len(r),), s, dtype=torch.int64) for s, r, _ in self._log]
+        log = {"step": torch.cat(steps) if steps else torch.empty(0, dtype=torch.int64),
+               "index": torch.cat([r for _, r, _ in self._log]) if self._log else torch.empty(0, dtype=torch.int64),
+               "dot": torch.cat([d for _, _, d in self._log]) if self._log else torch.empty(0)}
+        atomic_write(out / "dots.safetensors", encode_safetensors(log, meta))
+        atomic_write(out / "values.safetensors", encode_safetensors(
+            {"index": torch.arange(len(self.in_run_values)), "value": self.in_run_values.float(),
+             "count": self.in_run_counts}, meta))
+        return out
 
     def _with_validation(self, inputs):
         """The step's rows followed by the validation rows, right-padded to one width."""
