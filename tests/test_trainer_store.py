@@ -312,3 +312,32 @@ def test_a_finished_store_is_never_written_over(tmp_path, tokenizer, dataset):
         train(tmp_path / "b", tokenizer, dataset, [GradientStoreCallback(tmp_path / "store", dataset, rank=RANK)],
               steps=2)
     assert {p.name: p.read_bytes() for p in first.windows[0].iterdir()} == before
+
+
+def test_windows_between_checkpoints_pair_with_their_checkpoints(tmp_path, tokenizer, dataset):
+    """window='checkpoint': step-0, step-2, step-4 hold the rows of the steps after each
+    checkpoint, each fingerprinted with the model of that checkpoint (what its queries are
+    projected on); no empty window is left after the last one."""
+    from transformers import DataCollatorForLanguageModeling, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from ghostproj.integrations.transformers import GradientStoreCallback
+    from ghostproj.jobs.run_records import weights_sha
+
+    store = GradientStoreCallback(tmp_path / "store", dataset, rank=RANK, window="checkpoint")
+    args = TrainingArguments(output_dir=str(tmp_path / "ckpt"), per_device_train_batch_size=4, num_train_epochs=1,
+                             learning_rate=1e-3, report_to=[], save_strategy="steps", save_steps=2,
+                             logging_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0)
+    base = gpt2_without_dropout(len(tokenizer))
+    Trainer(model=base, args=args, train_dataset=dataset, callbacks=[store],
+            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False)).train()
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["step-0", "step-2", "step-4"]
+    seen = []
+    for window in store.windows:
+        run = open_run(window)
+        seen += load_projections(window).index.tolist()
+        step = int(window.name.split("-")[1])
+        model = gpt2_without_dropout(len(tokenizer)) if step == 0 else \
+            GPT2LMHeadModel.from_pretrained(tmp_path / "ckpt" / f"checkpoint-{step}")
+        engine = GradProjectionEngine(model, rank=RANK)
+        assert run.manifest["fingerprint_parts"]["model_weights"] == weights_sha(model, engine, None)
+    assert sorted(seen) == list(range(len(dataset)))

@@ -232,10 +232,10 @@ class GradientStore:
         self._rows += len(counts)
 
     # -- one window, one run ---------------------------------------------------------------------
-    def open_window(self, number: int, step: int = 0) -> None:
-        """Start the run ``out_dir/epoch-<number>`` (continued, cut back to ``step``'s rows, when
-        a killed loop left it and the loop resumes at ``step`` > 0)."""
-        out = self.out_dir / f"epoch-{number}"
+    def open_window(self, name: int | str, step: int = 0) -> None:
+        """Start the run ``out_dir/epoch-<name>`` (or ``out_dir/<name>`` for a string), continued,
+        cut back to ``step``'s rows, when a killed loop left it and resumes at ``step`` > 0."""
+        out = self.out_dir / (f"epoch-{name}" if isinstance(name, int) else name)
         self.windows.append(out)
         if step > 0 and (out / MANIFEST).is_file():  # a Trainer resumed from a checkpoint inside this epoch
             self._reopen_window(out, step)
@@ -302,6 +302,17 @@ class GradientStore:
         self._writer.finish({"examples": len(seen), "last_step": self._step})
         self._writer = None
 
+    def drop_empty_window(self) -> None:
+        """Remove a window that was opened but got no row (one opened at the last checkpoint)."""
+        if self._writer is not None and self._rows == 0:
+            out = self._writer.run_dir
+            self._writer.close()
+            self._writer = None
+            for path in out.iterdir():
+                path.unlink()
+            out.rmdir()
+            self.windows.remove(out)
+
 
 
 
@@ -309,19 +320,27 @@ class GradientStoreCallback(TrainerCallback):
     """:class:`GradientStore` inside ``transformers.Trainer``: every ``every``-th optimizer
     step observed, one run per epoch under ``out_dir`` (``epoch-0``, ``epoch-1``, ...), all
     with the same projector, so ``project --like`` of any of them gives the matching query
-    run; a Trainer resumed from a checkpoint continues the epoch's run."""
+    run; a Trainer resumed from a checkpoint continues the epoch's run.
+
+    ``window="checkpoint"``: one run per stretch between the Trainer's checkpoints instead,
+    ``out_dir/step-<s>`` holding the steps after checkpoint s (``step-0``: from the start). Its
+    query runs are projected on ``checkpoint-<s>`` (the base model for ``step-0``), which is
+    TracIn-CP's pairing."""
 
     def __init__(self, out_dir: str, train_dataset, layers: list[str] | None = None, rank: int = defaults.RANK,
                  seed: int = 0, every: int = 1, loss_reduction: str = defaults.LOSS_REDUCTION,
-                 store_dtype: str = "float32", shard_size: int = 4096) -> None:
+                 store_dtype: str = "float32", shard_size: int = 4096, window: str = "epoch") -> None:
         if every < 1:
             raise GhostprojError(f"every must be at least 1, got {every}.")
+        if window not in ("epoch", "checkpoint"):
+            raise GhostprojError(f"Unknown window '{window}'; choose epoch or checkpoint.")
+        self.window = window
         if loss_reduction not in ("mean", "sum"):
             raise GhostprojError(f"Unknown loss_reduction '{loss_reduction}'; choose mean or sum.")
         self.every = every
         self.options = dict(out_dir=out_dir, layers=layers, rank=rank, seed=seed, loss_reduction=loss_reduction,
                             store_dtype=store_dtype, shard_size=shard_size, keys=dataset_keys(train_dataset),
-                            settings={"every": every})
+                            settings={"every": every, "window": window})
         self.store: GradientStore | None = None
 
     @property
@@ -332,9 +351,12 @@ class GradientStoreCallback(TrainerCallback):
         if model is None:
             raise GhostprojError("GradientStoreCallback got no model from the Trainer.")
         self.store = GradientStore(model, **self.options)
+        if self.window == "checkpoint":
+            self.store.open_window(f"step-{state.global_step}", state.global_step)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.store.open_window(int(state.epoch or 0), state.global_step)
+        if self.window == "epoch":
+            self.store.open_window(int(state.epoch or 0), state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0:
@@ -351,12 +373,18 @@ class GradientStoreCallback(TrainerCallback):
         self.store.mark_step(state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
-        self.store.flush()
+        if self.window == "checkpoint":  # the stretch ends with this checkpoint; the next starts from it
+            self.store.close_window()
+            self.store.open_window(f"step-{state.global_step}", state.global_step)
+        else:
+            self.store.flush()
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        self.store.close_window()
+        if self.window == "epoch":
+            self.store.close_window()
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.store.drop_empty_window()
         self.store.close()
 
 
