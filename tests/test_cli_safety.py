@@ -273,3 +273,14 @@ def test_score_defaults_to_layer_normalization(capsys, runs, tmp_path):
 def test_top_level_help_lists_the_exit_codes(capsys):
     code, out, _ = run_cli(["--help"], capsys)
     assert code == 0 and "Exit codes" in out and "3 inspect" in " ".join(out.split())
+
+
+def test_ctrl_c_in_factors_says_the_checkpoint_is_kept(capsys, monkeypatch, gpt2_dir, corpus):
+    import ghostproj.jobs.factors as factors_job
+    from ghostproj.cli.app import Interrupted  # what Ctrl-C raises (the SIGINT handler of main)
+
+    def interrupted(opts, summary=None):
+        raise Interrupted
+    monkeypatch.setattr(factors_job, "run_factors", interrupted)
+    code, _, err = run_cli(["factors", "--model", gpt2_dir, "--data", corpus, "--out", "f.safetensors"], capsys)
+    assert code == 130 and "running sums last saved" in err and "rerun the same command to resume" in err

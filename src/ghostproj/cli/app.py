@@ -124,7 +124,10 @@ def main(argv: list[str] | None = None) -> None:
         args = sys.argv[1:] if argv is None else argv
         if "project" in args[:1]:
             console_err().print("[yellow]interrupted[/yellow]: every complete shard is kept; rerun the same "
-                            "command to resume.")
+                                "command to resume.")
+        elif "factors" in args[:1] and "--merge" not in args:
+            console_err().print("[yellow]interrupted[/yellow]: the running sums last saved (--checkpoint-minutes) "
+                                "are kept; rerun the same command to resume.")
         else:  # the other commands write their outputs whole at the end, atomically
             console_err().print("[yellow]interrupted[/yellow]: no output was written.")
         sys.exit(130)
