@@ -341,3 +341,19 @@ def test_windows_between_checkpoints_pair_with_their_checkpoints(tmp_path, token
         engine = GradProjectionEngine(model, rank=RANK)
         assert run.manifest["fingerprint_parts"]["model_weights"] == weights_sha(model, engine, None)
     assert sorted(seen) == list(range(len(dataset)))
+
+
+def test_a_row_that_is_not_in_the_dataset_is_refused(tmp_path, tokenizer, dataset):
+    """A packing collator joins rows: the joined row is no dataset row, and no vector of it is
+    stored under a wrong index."""
+    from ghostproj.integrations.transformers import GradientStore
+
+    model = gpt2_without_dropout(len(tokenizer)).train()
+    store = GradientStore(model, tmp_path / "store", dataset, rank=RANK)
+    store.open_window(0)
+    packed = torch.tensor([dataset[0]["input_ids"] + dataset[1]["input_ids"]])
+    with pytest.raises(GhostprojError, match="not in the train_dataset given"):
+        with store.observing(0):
+            model(input_ids=packed, labels=packed).loss.backward()
+    store.close()
+    assert load_projections(store.windows[0]).index.numel() == 0

@@ -41,3 +41,14 @@ def dataset_keys(dataset) -> dict[str, int]:
                                  "gradients could not tell them apart; drop the duplicates first.")
         keys[key] = row
     return keys
+
+
+def batch_rows(keys: dict[str, int], ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The dataset row of each batch row, found by its unpadded token ids; a row that is not
+    in the dataset (a packing or truncating collator) is refused."""
+    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    rows = [keys.get(token_key(ids[i][mask[i]])) for i in range(ids.shape[0])]
+    if any(r is None for r in rows):
+        raise GhostprojError("A training batch holds a row that is not in the train_dataset given (a packing or "
+                             "truncating collator?); give the dataset exactly as the loop batches it.")
+    return torch.tensor(rows)

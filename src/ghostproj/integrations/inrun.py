@@ -13,7 +13,7 @@ from ..engines.losses import causal_lm_losses
 from ..errors import GhostprojError
 from ..store.files import atomic_write
 from ..store.shards import encode_safetensors
-from .identity import dataset_keys, fresh_dir, token_key
+from .identity import batch_rows, dataset_keys, fresh_dir
 
 
 class InRunValuationTrainer(Trainer):
@@ -109,8 +109,4 @@ class InRunValuationTrainer(Trainer):
         return torch.cat(ids), torch.cat(mask), torch.cat(labels), parts[0][0].shape[0]
 
     def _rows(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        rows = [self.keys.get(token_key(ids[i][mask[i].bool()])) for i in range(ids.shape[0])]
-        if any(r is None for r in rows):
-            raise GhostprojError("A training batch holds a row that is not in train_dataset (a packing or "
-                                 "truncating collator?); in-run values need each row's identity.")
-        return torch.tensor(rows)
+        return batch_rows(self.keys, ids, mask)

@@ -43,7 +43,7 @@ from ..store.fingerprint import fingerprint, fingerprint_parts, sha256_hex
 from ..store.manifest import FORMAT_VERSION, MANIFEST, PROJECTOR_FILE, read_manifest, write_manifest
 from ..store.projector_file import encode_projectors
 from ..store.writer import RunWriter, keep_first_rows
-from .identity import dataset_keys, fresh_dir, token_key
+from .identity import batch_rows, dataset_keys, fresh_dir, token_key
 from .inrun import InRunValuationTrainer
 
 SCALE_TOLERANCE = 1e-3  # c_i read at two label positions of one example agree to float32 rounding
@@ -138,18 +138,8 @@ class GradientStore:
         if ids is None or labels is None:
             raise GhostprojError("The gradient store needs batches with input_ids and labels (a causal-LM "
                                  "collator), so that each row's loss and identity are known.")
-        mask = kwargs.get("attention_mask")
-        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-        rows = []
-        for i in range(ids.shape[0]):
-            row = self.keys.get(token_key(ids[i][mask[i]]))
-            if row is None:
-                raise GhostprojError("A training batch holds a row that is not in the store's train_dataset "
-                                     "(a packing or truncating collator?); give it the dataset exactly as "
-                                     "the loop batches it.")
-            rows.append(row)
-        target = labels[:, 1:]
-        self._batch = {"rows": torch.tensor(rows), "labels": labels, "counts": (target != IGNORE_INDEX).sum(1).cpu()}
+        rows = batch_rows(self.keys, ids, kwargs.get("attention_mask"))
+        self._batch = {"rows": rows, "labels": labels, "counts": (labels[:, 1:] != IGNORE_INDEX).sum(1).cpu()}
         return None
 
     def _on_outputs(self, module, args, output):
