@@ -140,8 +140,8 @@ def test_manifest_summary_records_bytes_and_seconds(runs):
     (lambda m: m["layers"][1].update(offset=10_000), "starts at column 10000"),
     (lambda m: m["layers"][0].pop("k_out"), "layer entry 0 lacks 'k_out'"),
     (lambda m: m.update(dim=m["dim"] + 1), "add up to"),
-    (lambda m: m["shards"][0].update(rows="many"), "no valid row count"),
-    (lambda m: m.update(layers="all"), "'layers' is not a list"),
+    (lambda m: m["shards"][0].update(rows="many"), "has a bad 'rows' ('many' is not a count)"),
+    (lambda m: m.update(layers="all"), "bad 'layers' ('all' is not a list)"),
     (lambda m: m["shards"][0].update(file="../../etc/passwd"), "not a plain shard file name"),
 ])
 def test_damaged_manifests_are_one_sentence(capsys, runs, tmp_path, edit, match):

@@ -140,7 +140,7 @@ def test_eigenbasis_vectors_are_the_top_block_of_the_naive_gradient(eigen_runs, 
 
 def test_ekfac_scores_follow_the_formula(eigen_runs):
     train, query = load_projections(eigen_runs / "train.st"), load_projections(eigen_runs / "query.st")
-    base = train.manifest["factors"]["lambda_base"]
+    base = train.manifest.factors["lambda_base"]
     damping = 0.3
     got = score(eigen_runs / "train.st", eigen_runs / "query.st", metric="influence", normalize="none",
                 damping=damping, keep_matrix=True)

@@ -277,13 +277,13 @@ def test_a_scan_index_answers_close_to_score(capsys, runs, tmp_path):
 def _synthetic_run(path, like, rows, seed):
     """A run shaped like ``like`` (its layers and manifest) holding gradient-like rows."""
     # the first of three job-array parts: dataset rows 0, 3, 6, ..., so indices are not positions
-    manifest = dict(read_manifest(like), shards=[], complete=False, data={"count": 3 * rows}, summary={},
-                    part={"shard_id": 0, "num_shards": 3, "rows": rows})
+    manifest = read_manifest(like).replace(shards=[], complete=False, data={"count": 3 * rows}, summary={},
+                                           part={"shard_id": 0, "num_shards": 3, "rows": rows})
     path.mkdir()
     shutil.copy(like / "projector.safetensors", path / "projector.safetensors")
     write_manifest(path, manifest)
     writer = RunWriter(path, manifest, shard_size=2048)
-    x = _clustered(rows, manifest["dim"], seed) * torch.logspace(0, -3, manifest["dim"])  # a head holds most
+    x = _clustered(rows, manifest.dim, seed) * torch.logspace(0, -3, manifest.dim)  # a head holds most
     writer.add(x, torch.arange(rows) * 3, torch.zeros(rows), torch.ones(rows, dtype=torch.int32))
     writer.finish({})
     return path

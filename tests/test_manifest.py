@@ -2,13 +2,14 @@
 validation accepts exactly what it builds."""
 
 import copy
+import json
 
 import pytest
 
 from ghostproj.errors import GhostprojError
 from ghostproj.jobs.run_records import build_manifest
 from ghostproj.store.fingerprint import fingerprint
-from ghostproj.store.manifest import LayerInfo, validate_manifest
+from ghostproj.store.manifest import LayerInfo, Manifest, ShardEntry
 
 LAYERS = [LayerInfo("h.0.mlp.c_fc", "Conv1D", 64, 256, 16, 16, 0), LayerInfo("h.0.mlp.c_proj", "Conv1D", 256, 64, 8, 32, 256)]
 PARTS = {"model_weights": "a" * 64, "layers": "b" * 64, "ranks": "c" * 64, "projector": "d" * 64,
@@ -26,27 +27,54 @@ def manifest(**changes):
 def test_build_manifest_is_pure_and_valid():
     m = manifest()
     assert m == manifest()  # the same inputs give the same manifest
-    assert m["fingerprint"] == fingerprint(PARTS) and m["dim"] == 256 + 256
-    assert [layer["offset"] for layer in m["layers"]] == [0, 256]
-    assert m["projector"] == {"kind": "gaussian", "seed": 0, "file": "projector.safetensors"}
-    assert m["shards"] == [] and m["complete"] is False
-    validate_manifest(m, "manifest.json")
-    assert manifest(parts=dict(PARTS, bias="true"))["fingerprint"] != m["fingerprint"]
+    assert m.fingerprint == fingerprint(PARTS) and m.dim == 256 + 256
+    d = m.to_json()
+    assert d["dim"] == 512 and [layer["offset"] for layer in d["layers"]] == [0, 256]
+    assert d["projector"] == {"kind": "gaussian", "seed": 0, "file": "projector.safetensors"}
+    assert d["shards"] == [] and d["complete"] is False
+    assert Manifest.from_json(json.loads(json.dumps(d))) == m  # what is written reads back as it was
+    assert manifest(parts=dict(PARTS, bias="true")).fingerprint != m.fingerprint
+
+
+def test_unknown_keys_are_kept_and_written_back():
+    d = dict(manifest().to_json(), later_version={"x": 1})
+    m = Manifest.from_json(d)
+    assert m.extra == {"later_version": {"x": 1}} and m.to_json() == d
 
 
 @pytest.mark.parametrize("edit, match", [
     (lambda m: m["layers"].reverse(), "starts at column"),
     (lambda m: m.update(store_dtype="int8"), "store dtype 'int8'"),
     (lambda m: m["layers"][0].update(k_in=0), "rank below 1"),
-    (lambda m: m.update(complete="yes"), "'complete' is not a boolean"),
+    (lambda m: m["layers"][0].update(k_in="16"), "layer entry 0 has a bad 'k_in'"),
+    (lambda m: m["layers"][1].pop("offset"), "layer entry 1 lacks 'offset'"),
+    (lambda m: m.update(layers=[]), "lists no layers"),
+    (lambda m: m.update(dim=7), "add up to 512 columns but 'dim' says 7"),
+    (lambda m: m.pop("fingerprint"), "lacks 'fingerprint'"),
+    (lambda m: m.update(complete="yes"), "bad 'complete' .* not a boolean"),
+    (lambda m: m.update(bias=1), "bad 'bias' .* not a boolean"),
+    (lambda m: m.update(settings=[]), "bad 'settings' .* not an object"),
     (lambda m: m["shards"].append({"file": "grads-r000-00000.safetensors", "rows": 1, "sha256": "xyz"}), "bad 'sha256'"),
+    (lambda m: m["shards"].append({"file": "grads-r000-00000.safetensors", "rows": -1}), "bad 'rows'"),
+    (lambda m: m["shards"].append({"file": "../etc/passwd", "rows": 1}), "not a plain shard file name"),
+    (lambda m: m["shards"].extend([{"file": "grads-r000-00000.safetensors", "rows": 1}] * 2), "twice"),
+    (lambda m: m["shards"].append("grads-r000-00000.safetensors"), "shard entry 0 is not an object"),
     (lambda m: m.pop("projector") and m.update(projector={"kind": "gaussian"}), "lacks 'kind' or 'seed'"),
 ])
 def test_validation_names_what_is_wrong(edit, match):
-    m = copy.deepcopy(manifest())
+    m = copy.deepcopy(manifest().to_json())
     edit(m)
-    with pytest.raises(GhostprojError, match=match):
-        validate_manifest(m, "manifest.json")
+    with pytest.raises(GhostprojError, match="manifest.json is damaged: .*" + match):
+        Manifest.from_json(m, "manifest.json")
+
+
+def test_the_constructor_refuses_what_no_reader_could_use():
+    with pytest.raises(GhostprojError, match="lists no layers"):
+        manifest(layers=[])
+    with pytest.raises(GhostprojError, match="'h.0.mlp.c_proj' starts at column 0"):
+        manifest(layers=[LAYERS[0], LayerInfo("h.0.mlp.c_proj", "Conv1D", 256, 64, 8, 32, 0)])
+    with pytest.raises(GhostprojError, match="not a plain shard file name"):
+        ShardEntry("../x.safetensors", 1)
 
 
 def test_recorded_hashes_keep_their_values():

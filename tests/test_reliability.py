@@ -240,9 +240,9 @@ def test_a_run_killed_while_writing_its_first_manifest_starts_again(capsys, tmp_
 
 
 def _writer(tmp_path, store_dtype, shard_size=4):
-    from ghostproj.store import RunWriter
+    from ghostproj.store import LayerInfo, Manifest, RunWriter
 
-    manifest = {"store_dtype": store_dtype, "shards": [], "fingerprint": "f" * 64}
+    manifest = Manifest(fingerprint="f" * 64, layers=[LayerInfo("l", "Linear", 3, 2, 3, 2, 0)], store_dtype=store_dtype)
     return RunWriter(tmp_path, manifest, shard_size), manifest
 
 
@@ -258,7 +258,7 @@ def test_a_non_finite_gradient_stops_the_writer_naming_its_example(tmp_path, bad
     writer.add(broken, torch.arange(10, 13), torch.zeros(3), torch.ones(3, dtype=torch.int32))
     with pytest.raises(GhostprojError, match="Example 11 produced a non-finite gradient"):
         writer.finish({})
-    assert [s["rows"] for s in manifest["shards"]] == [4]  # the complete shard before it is kept
+    assert [s.rows for s in manifest.shards] == [4]  # the complete shard before it is kept
 
 
 def test_float16_storage_refuses_values_beyond_its_range(tmp_path):
@@ -268,4 +268,4 @@ def test_float16_storage_refuses_values_beyond_its_range(tmp_path):
     writer.add(torch.full((2, 3), 1e5), torch.arange(2), torch.zeros(2), torch.ones(2, dtype=torch.int32))
     with pytest.raises(GhostprojError, match="exceed the range of float16"):
         writer.finish({})
-    assert manifest["shards"] == []
+    assert manifest.shards == []

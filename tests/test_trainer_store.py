@@ -102,7 +102,7 @@ def test_stored_vectors_are_project_on_the_step_model(tmp_path, tokenizer, datas
         assert rel_err(grads, ref) <= 1e-5, (step, rel_err(grads, ref))
     run = load_projections(store.windows[0])  # an ordinary, complete run of every training row once
     assert sorted(run.index.tolist()) == list(range(len(dataset)))
-    assert open_run(store.windows[0]).manifest["complete"]
+    assert open_run(store.windows[0]).manifest.complete
 
 
 def test_training_is_unchanged_by_the_store(tmp_path, tokenizer, dataset):
@@ -197,7 +197,7 @@ def test_a_killed_training_resumed_from_a_checkpoint_continues_the_store(tmp_pat
     got = load_projections(again.windows[0])
     assert sorted(got.index.tolist()) == list(range(len(dataset)))
     assert rel_err(got.grads[torch.argsort(got.index)], clean_window) <= 1e-5
-    assert open_run(again.windows[0]).manifest["complete"]
+    assert open_run(again.windows[0]).manifest.complete
 
 
 def test_in_run_values_inside_the_trainer_equal_ghostproj_inrun(tmp_path, tokenizer, monkeypatch):
@@ -293,7 +293,7 @@ def test_the_store_in_a_plain_training_loop(tmp_path, tokenizer, dataset):
         store.mark_step(step + 1)
     store.close()
     run = load_projections(store.windows[0])
-    assert run.index.tolist() == order[:24] and open_run(store.windows[0]).manifest["data"]["count"] == 24
+    assert run.index.tolist() == order[:24] and open_run(store.windows[0]).manifest.data["count"] == 24
     for step in range(3):
         reference = gpt2_without_dropout(len(tokenizer))
         reference.load_state_dict(states[step])
@@ -339,7 +339,7 @@ def test_windows_between_checkpoints_pair_with_their_checkpoints(tmp_path, token
         model = gpt2_without_dropout(len(tokenizer)) if step == 0 else \
             GPT2LMHeadModel.from_pretrained(tmp_path / "ckpt" / f"checkpoint-{step}")
         engine = GradProjectionEngine(model, rank=RANK)
-        assert run.manifest["fingerprint_parts"]["model_weights"] == weights_sha(model, engine, None)
+        assert run.manifest.fingerprint_parts["model_weights"] == weights_sha(model, engine, None)
     assert sorted(seen) == list(range(len(dataset)))
 
 

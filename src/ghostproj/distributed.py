@@ -15,6 +15,7 @@ from .store.fingerprint import (
 )
 from .store.manifest import (
     MANIFEST,
+    Manifest,
     rank_manifest_name,
     read_manifest,
     write_manifest,
@@ -62,14 +63,14 @@ def sync_start(out: Path, rank: int) -> None:
     td.barrier()
 
 
-def rank_manifests(out: Path) -> dict[int, dict]:
+def rank_manifests(out: Path) -> dict[int, Manifest]:
     found = {}
     for path in out.glob("manifest-r[0-9][0-9][0-9].json"):
         found[int(path.name[10:13])] = read_manifest(out, path.name)
     return found
 
 
-def regroup_after_rank_change(out: Path, manifest: dict, examples: list[Example], rank: int, world: int,
+def regroup_after_rank_change(out: Path, manifest: Manifest, examples: list[Example], rank: int, world: int,
                                subset: list[Example]) -> tuple[bool, list[Example]]:
     """A torchrun restarted with a different number of ranks: every rank reads what all
     earlier ranks wrote and takes its share of the rows still missing. Returns (regrouped,
@@ -78,7 +79,7 @@ def regroup_after_rank_change(out: Path, manifest: dict, examples: list[Example]
 
     existing = rank_manifests(out)
     # once regrouped, always: the shards written then follow no rank's own plan
-    regroup = any((m.get("part") or {}).get("num_shards") != world or (m.get("part") or {}).get("regrouped")
+    regroup = any((m.part or {}).get("num_shards") != world or (m.part or {}).get("regrouped")
                   for m in existing.values())
     if regroup:
         done: set[int] = set()
@@ -86,13 +87,12 @@ def regroup_after_rank_change(out: Path, manifest: dict, examples: list[Example]
             part = differing_part(m, manifest)
             if part is not None:
                 raise GhostprojError(f"{out} holds rank manifests of a different run (their {part} differ).")
-            for s in m["shards"]:
-                header = read_shard_header(out / s["file"])
-                done.update(read_rows(header, "index", 0, int(s["rows"])).tolist())
+            for s in m.shards:
+                done.update(read_rows(read_shard_header(out / s.file), "index", 0, s.rows).tolist())
         remaining = [e for e in examples if e.index not in done]
         subset = remaining[rank::world]
-        manifest["part"]["rows"] = len(subset)
-        manifest["part"]["regrouped"] = True
+        manifest.part["rows"] = len(subset)
+        manifest.part["regrouped"] = True
     td.barrier()  # every rank decided before any rank rewrites its manifest
     return regroup, subset
 
@@ -107,9 +107,9 @@ def finish_distributed(out: Path, rank: int, world: int) -> None:
     if rank == 0 and not (out / MANIFEST).exists():
         ranks = rank_manifests(out)
         merged = merge_manifests([ranks[r] for r in sorted(ranks)], by_shard_id=False)
-        index = torch.cat([read_rows(read_shard_header(out / s["file"]), "index", 0, int(s["rows"]))
-                           for s in merged["shards"]]) if merged["shards"] else torch.empty(0, dtype=torch.long)
-        count = merged["data"]["count"]
+        index = torch.cat([read_rows(read_shard_header(out / s.file), "index", 0, s.rows)
+                           for s in merged.shards]) if merged.shards else torch.empty(0, dtype=torch.long)
+        count = merged.data["count"]
         if index.numel() != count or index.unique().numel() != index.numel():
             raise GhostprojError(f"The ranks wrote {index.numel()} rows for {count} examples; rerun to repair.")
         write_manifest(out, merged)

@@ -221,9 +221,9 @@ def report_scores(train_run, query_run, result, metric: str, reduce: str | None,
     from ..progress import shorten
 
     console, status = console_out(), console_err()
-    train_records, train_why = records_for_run(train_run.manifest)
-    query_records, _ = records_for_run(query_run.manifest)
-    train_data, query_data = train_run.manifest.get("data", {}), query_run.manifest.get("data", {})
+    train_records, train_why = records_for_run(train_run.manifest.data)
+    query_records, _ = records_for_run(query_run.manifest.data)
+    train_data, query_data = train_run.manifest.data, query_run.manifest.data
     if train_records is None:
         status.print(f"[dim]texts not shown: {train_why}[/dim]")
 
@@ -283,28 +283,28 @@ def report_run(path: str, report, hash_shards: bool) -> bool:
     console = console_out()
     m = report.manifest
     checked = "verified (sha256)" if hash_shards else "checked (sizes and headers)"
-    if Path(path).is_file() and "model" not in m:
+    if Path(path).is_file() and m.model is None:
         console.print(f"[bold]{escape(path)}[/bold]: a shard file outside its run directory: {report.rows} rows, "
-                      f"D={m['dim']}, store {m['store_dtype']}, fingerprint {m['fingerprint'][:16] or 'none'}; "
+                      f"D={m.dim}, store {m.store_dtype}, fingerprint {m.fingerprint[:16] or 'none'}; "
                       "its header was checked (no manifest beside it records a sha256).")
         return True
-    model, data = m.get("model", {}), m.get("data", {})
+    model, data = m.model or {}, m.data
     console.print(f"[bold]{escape(path)}[/bold]: model {escape(str(model.get('path', '?')))} "
                   f"({model.get('class', '?')}, {model.get('dtype', '?')}), data {escape(str(data.get('path', '?')))} "
                   f"({data.get('count', '?')} examples)")
-    projector = m.get("projector", {})
-    console.print(f"D={m['dim']}, store {m['store_dtype']}, projector {projector.get('kind', '?')} seed "
-                  f"{projector.get('seed', '?')}, loss {m.get('loss_reduction', '?')}, bias {m.get('bias', '?')}, "
-                  f"fingerprint {m['fingerprint'][:16]}")
+    projector = m.projector or {}
+    console.print(f"D={m.dim}, store {m.store_dtype}, projector {projector.get('kind', '?')} seed "
+                  f"{projector.get('seed', '?')}, loss {m.loss_reduction or '?'}, bias {'?' if m.bias is None else m.bias}, "
+                  f"fingerprint {m.fingerprint[:16]}")
     table = Table()
     for col in ("layer", "type", "n_in", "n_out", "k_in", "k_out", "offset"):
         table.add_column(col, justify="left" if col in ("layer", "type") else "right")
-    for layer in m["layers"]:
-        table.add_row(*(escape(str(layer[c])) for c in ("name", "type", "n_in", "n_out", "k_in", "k_out", "offset")))
+    for layer in m.layers:
+        table.add_row(*(escape(str(getattr(layer, c))) for c in ("name", "type", "n_in", "n_out", "k_in", "k_out", "offset")))
     console.print(table)
-    complete = bool(m.get("complete"))
+    complete = m.complete
     state = "complete" if complete else "INCOMPLETE (rerun the same project command to resume; exit code 3)"
-    console.print(f"{report.rows} rows in {len(m['shards'])} shards, {human_bytes(report.bytes)}, {state}; "
+    console.print(f"{report.rows} rows in {len(m.shards)} shards, {human_bytes(report.bytes)}, {state}; "
                   f"shards {checked}.")
     return complete
 

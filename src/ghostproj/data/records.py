@@ -79,10 +79,9 @@ def record_text(records: Records, i: int, text_field: str) -> str:
     return value
 
 
-def records_for_run(manifest: dict) -> tuple[Records | None, str]:
-    """The data rows a run was projected from, if the file is still there unchanged, and
+def records_for_run(data: dict) -> tuple[Records | None, str]:
+    """The data rows a run was projected from (its manifest's data record), if the file is still there unchanged, and
     the reason when it is not."""
-    data = manifest.get("data", {})
     path = data.get("path")
     if data.get("format") not in (None, "jsonl", "text"):
         return None, f"texts are not shown for {data.get('format')} data"

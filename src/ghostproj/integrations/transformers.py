@@ -40,7 +40,7 @@ from ..jobs.run_records import weights_sha
 from ..models import config_hash
 from ..store.files import atomic_write
 from ..store.fingerprint import fingerprint, fingerprint_parts, sha256_hex
-from ..store.manifest import FORMAT_VERSION, MANIFEST, PROJECTOR_FILE, read_manifest, write_manifest
+from ..store.manifest import FORMAT_VERSION, MANIFEST, PROJECTOR_FILE, Manifest, read_manifest, write_manifest
 from ..store.projector_file import encode_projectors
 from ..store.writer import RunWriter, keep_first_rows
 from .identity import batch_rows, dataset_keys, fresh_dir, token_key
@@ -120,7 +120,7 @@ class GradientStore:
         """Every row so far to disk, with where each step's rows end (at a checkpoint)."""
         if self._writer is not None:
             self._writer.flush()
-            self._manifest["steps"] = [list(b) for b in self._boundaries]
+            self._manifest.steps = [list(b) for b in self._boundaries]
             write_manifest(self._writer.run_dir, self._manifest)
 
     def close(self) -> None:
@@ -205,20 +205,15 @@ class GradientStore:
         projector = encode_projectors(engine.projectors, {"format": str(FORMAT_VERSION),
                                                           "fingerprint": fingerprint(parts)})
         atomic_write(out / PROJECTOR_FILE, projector)
-        self._manifest = {
-            "format": FORMAT_VERSION, "fingerprint": fingerprint(parts), "fingerprint_parts": parts,
-            "model": {"path": None, "class": type(self.model).__name__, "config_hash": config_hash(self.model),
-                      "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch.")},
-            "data": {"format": "trainer", "count": 0},
-            "loss_reduction": self.loss_reduction, "bias": False,
-            "projector": {"kind": engine.projector_kind, "seed": self.seed, "file": PROJECTOR_FILE,
-                          "sha256": sha256_hex(projector)},
-            "layers": [i.to_json() for i in engine.layers], "dim": engine.dim, "store_dtype": self.store_dtype,
-            "settings": dict(self.settings),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "shards": [],
-            "complete": False,
-        }
-        self._manifest["steps"] = [[step, 0]]
+        self._manifest = Manifest(
+            fingerprint=fingerprint(parts), fingerprint_parts=parts,
+            model={"path": None, "class": type(self.model).__name__, "config_hash": config_hash(self.model),
+                   "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch.")},
+            data={"format": "trainer", "count": 0}, loss_reduction=self.loss_reduction, bias=False,
+            projector={"kind": engine.projector_kind, "seed": self.seed, "file": PROJECTOR_FILE,
+                       "sha256": sha256_hex(projector)},
+            layers=list(engine.layers), store_dtype=self.store_dtype, settings=dict(self.settings),
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), steps=[[step, 0]])
         write_manifest(out, self._manifest)
         self._writer = RunWriter(out, self._manifest, self.shard_size)
         self._seen, self._rows, self._boundaries = [], 0, [[step, 0]]
@@ -227,13 +222,13 @@ class GradientStore:
         """Continue a window a killed run left: its rows up to the checkpoint's step are kept,
         any written after it are dropped, and the resumed steps add theirs."""
         manifest = read_manifest(out)
-        if manifest.get("complete"):
+        if manifest.complete:
             raise GhostprojError(f"{out} is a finished window, but the Trainer resumes inside its epoch; give the "
                                  "callback a new out_dir.")
-        if manifest["projector"].get("sha256") != sha256_hex(encode_projectors(
-                self.engine.projectors, {"format": str(FORMAT_VERSION), "fingerprint": manifest["fingerprint"]})):
+        if (manifest.projector or {}).get("sha256") != sha256_hex(encode_projectors(
+                self.engine.projectors, {"format": str(FORMAT_VERSION), "fingerprint": manifest.fingerprint})):
             raise GhostprojError(f"{out} was stored with other layers, ranks or seed than this callback's.")
-        boundaries = manifest.get("steps") or []
+        boundaries = manifest.steps or []
         rows = next((r for s, r in boundaries if s == step), None)
         if rows is None:
             raise GhostprojError(f"{out} does not hold the rows up to step {step} (the run was killed before they "
@@ -241,7 +236,7 @@ class GradientStore:
         seen = keep_first_rows(out, manifest, rows)
         self._manifest = manifest
         self._boundaries = [b for b in boundaries if b[0] <= step]
-        self._manifest["steps"] = [list(b) for b in self._boundaries]
+        self._manifest.steps = [list(b) for b in self._boundaries]
         self._writer = RunWriter(out, self._manifest, self.shard_size)
         self._seen, self._rows = [seen], rows
 
@@ -252,9 +247,9 @@ class GradientStore:
         everything = len(seen) == len(self.keys) and torch.equal(seen.sort().values, torch.arange(len(self.keys)))
         # a window that saw every training row once is checked as a whole run is; any other
         # (every > 1, a partial epoch) holds a subset, and says only how many rows
-        self._manifest["data"] = {"format": "trainer", "count": len(self.keys) if everything else None,
+        self._manifest.data = {"format": "trainer", "count": len(self.keys) if everything else None,
                                   "rows": len(seen)}
-        self._manifest["steps"] = [list(b) for b in self._boundaries]
+        self._manifest.steps = [list(b) for b in self._boundaries]
         self._writer.finish({"examples": len(seen), "last_step": self._step})
         self._writer = None
 

@@ -39,9 +39,9 @@ from ..store.manifest import (
     PROJECTOR_FILE,
     SHARD_RE,
     STORE_DTYPES,
+    Manifest,
     rank_manifest_name,
     read_manifest,
-    require_keys,
     write_manifest,
 )
 from ..store.outputs import check_output_dir
@@ -131,19 +131,19 @@ _DEFAULTS = {"rank": defaults.RANK, "rank_min": 1, "projector": defaults.PROJECT
              "loss_reduction": defaults.LOSS_REDUCTION, "bias": False}
 
 
-def _apply_like(opts: ProjectOptions) -> tuple[dict | None, dict]:
+def _apply_like(opts: ProjectOptions) -> tuple[Manifest | None, dict]:
     """Resolve the run-defining options, from ``--like`` where given. Returns the like
     manifest (or None) and the resolved values."""
     resolved = {k: getattr(opts, k) for k in _DEFAULTS}
     if not opts.like:
         return None, {k: (v if v is not None else _DEFAULTS[k]) for k, v in resolved.items()}
     like = read_manifest(opts.like)
-    require_keys(like, ("projector", "loss_reduction", "bias"), Path(opts.like) / MANIFEST, "--like")
+    like.require(("projector", "loss_reduction", "bias"), Path(opts.like) / MANIFEST, "--like")
     recorded = {
-        "projector": like["projector"]["kind"],
-        "seed": like["projector"]["seed"],
-        "loss_reduction": like["loss_reduction"],
-        "bias": like["bias"],
+        "projector": like.projector["kind"],
+        "seed": like.projector["seed"],
+        "loss_reduction": like.loss_reduction,
+        "bias": like.bias,
     }
     for key, value in recorded.items():
         if resolved[key] is not None and resolved[key] != value:
@@ -153,7 +153,7 @@ def _apply_like(opts: ProjectOptions) -> tuple[dict | None, dict]:
         if getattr(opts, key) is not None:
             raise GhostprojError(f"--{key.replace('_', '-')} cannot be combined with --like; the k's come from the --like run.")
     if opts.layers:
-        names = [layer["name"] for layer in like["layers"]]
+        names = [layer.name for layer in like.layers]
         raise GhostprojError(f"--layers cannot be combined with --like; the --like run projects {', '.join(names)}.")
     recorded["rank"], recorded["rank_min"] = None, None
     return like, recorded
@@ -176,7 +176,7 @@ def _check_factors_choices(opts: ProjectOptions) -> None:
                                  "eigenvectors of each Linear / Conv1D layer's own weight gradient.")
 
 
-def build_engine(model, opts: ProjectOptions, values: dict, like: dict | None,
+def build_engine(model, opts: ProjectOptions, values: dict, like: Manifest | None,
                  factors: tuple[FactorTotals, dict] | None = None) -> GradProjectionEngine:
     engine_class, extra = GradProjectionEngine, {}
     if factors is not None:
@@ -203,17 +203,17 @@ def build_engine(model, opts: ProjectOptions, values: dict, like: dict | None,
             include_embeddings=opts.include_embeddings,
             **extra,
         )
-    names = [layer["name"] for layer in like["layers"]]
+    names = [layer.name for layer in like.layers]
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
     if missing:
         raise GhostprojError(f"The model has no layer '{missing[0]}' that the --like run projects.")
-    ranks = {layer["name"]: (int(layer["k_in"]), int(layer["k_out"])) for layer in like["layers"]}
-    widths = {layer["name"]: (int(layer["n_in"]), int(layer["n_out"])) for layer in like["layers"]}
+    ranks = {layer.name: (layer.k_in, layer.k_out) for layer in like.layers}
+    widths = {layer.name: (layer.n_in, layer.n_out) for layer in like.layers}
     check_projector_file(Path(opts.like), like)
     matrices = load_projectors(Path(opts.like) / PROJECTOR_FILE, names, {n: (ranks[n], widths[n]) for n in names})
     projectors = {n: LayerProjector(p_in, p_out) for n, (p_in, p_out) in matrices.items()}
-    recorded = (like.get("fingerprint_parts") or {}).get("projector")
+    recorded = (like.fingerprint_parts or {}).get("projector")
     if recorded is not None and projector_hash(projectors) != recorded:  # a run without a recorded sha256
         raise GhostprojError(f"{Path(opts.like) / PROJECTOR_FILE} is damaged: its matrices differ from those the "
                              "--like run was projected with; rerun that run's project command to rebuild it.")
@@ -251,19 +251,19 @@ def run_project(opts: ProjectOptions, summary: ProjectSummary | None = None) -> 
         loss_reduction=values["loss_reduction"], bias=values["bias"], projector=(values["projector"], values["seed"]),
         layers=engine.layers, store_dtype=opts.store_dtype, settings=run_settings(opts, inputs),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    if factors is not None or (like or {}).get("factors"):
-        manifest["projector"]["kind"] = EIGEN
-        manifest["factors"] = like["factors"] if like else factors_record(opts.factors, *factors)
+    if factors is not None or (like is not None and like.factors):
+        manifest.projector["kind"] = EIGEN
+        manifest.factors = like.factors if like else factors_record(opts.factors, *factors)
     out = Path(opts.out)
     part = _partition(opts, inputs, manifest, out)
     projector_bytes = encode_projectors(engine.projectors, {"format": str(FORMAT_VERSION),
-                                                            "fingerprint": manifest["fingerprint"]})
-    manifest["projector"]["sha256"] = sha256_hex(projector_bytes)
+                                                            "fingerprint": manifest.fingerprint})
+    manifest.projector["sha256"] = sha256_hex(projector_bytes)
     old = prepare_out_dir(out, manifest, opts.resume, part.manifest_name, shared=part.dist)
     _count(summary, part.subset, engine.dim)
     if part.dist and old is not None and (out / MANIFEST).exists():
         summary.mode = "complete"  # merged already: the ranks' shards were checked then
-        summary.bytes = sum(s.get("bytes", 0) for s in old["shards"])
+        summary.bytes = old.bytes
     else:
         _check_disk(out, opts, part, engine.dim, fresh=old is None, summary=summary)
         with RunLock(out, part.shard_id if part.dist else None):
@@ -286,7 +286,7 @@ class _Part:
     regrouped: bool = False  # a torchrun restarted with another number of ranks: subset holds rows still to do
 
 
-def _partition(opts: ProjectOptions, inputs: LoadedInputs, manifest: dict, out: Path) -> _Part:
+def _partition(opts: ProjectOptions, inputs: LoadedInputs, manifest: Manifest, out: Path) -> _Part:
     examples = inputs.data.examples
     dist = distributed_rank(inputs.device)
     num_shards, shard_id = opts.num_shards, opts.shard_id
@@ -298,7 +298,7 @@ def _partition(opts: ProjectOptions, inputs: LoadedInputs, manifest: dict, out: 
         raise GhostprojError(f"--shard-id must be in 0..{num_shards - 1} for --num-shards {num_shards}.")
     subset = examples[shard_id::num_shards]  # a disjoint, deterministic part of the rows
     if num_shards > 1:
-        manifest["part"] = {"shard_id": shard_id, "num_shards": num_shards, "rows": len(subset)}
+        manifest.part = {"shard_id": shard_id, "num_shards": num_shards, "rows": len(subset)}
     part = _Part(dist is not None, shard_id, num_shards, subset,
                  rank_manifest_name(shard_id) if dist is not None else MANIFEST)
     if part.dist:
@@ -327,14 +327,14 @@ def _check_disk(out: Path, opts: ProjectOptions, part: _Part, dim: int, fresh: b
                              f"{expected / 2**20:.0f} MiB; free space or pass --force.")
 
 
-def _write_run(opts: ProjectOptions, values: dict, inputs: LoadedInputs, engine: GradProjectionEngine, manifest: dict,
-               part: _Part, old: dict | None, projector_bytes: bytes, summary: ProjectSummary, t0: float) -> None:
+def _write_run(opts: ProjectOptions, values: dict, inputs: LoadedInputs, engine: GradProjectionEngine, manifest: Manifest,
+               part: _Part, old: Manifest | None, projector_bytes: bytes, summary: ProjectSummary, t0: float) -> None:
     """Under the run's lock: keep the shards a clean run would hold, write every other one."""
     out = Path(opts.out)
     first_seq = 0
     if part.regrouped:  # this rank takes on part of the work an earlier torchrun left
-        old["complete"] = False
-        first_seq = 1 + max((int(SHARD_RE.match(e["file"]).group(2)) for e in old["shards"]), default=-1)
+        old.complete = False
+        first_seq = 1 + max((int(SHARD_RE.match(e.file).group(2)) for e in old.shards), default=-1)
     plan = RunPlan(part.subset, opts.batch_size, opts.token_budget, opts.shard_size, part.shard_id, first_seq)
     state = resume_state(out, old, plan, opts.verify, keep_all=part.regrouped)
     summary.notes += state.notes
@@ -342,17 +342,17 @@ def _write_run(opts: ProjectOptions, values: dict, inputs: LoadedInputs, engine:
         summary.projector_rebuilt = True
         source = "the --like run" if opts.like else "the factors" if opts.factors else f"seed {values['seed']}"
         summary.notes.append(f"{PROJECTOR_FILE} was missing or damaged; rebuilt it from {source}.")
-    was_complete = old is not None and bool(old.get("complete"))
+    was_complete = old is not None and old.complete
     if was_complete and not state.todo:
         summary.mode = "complete"
-        summary.bytes = sum(s.get("bytes", 0) for s in old["shards"])
+        summary.bytes = old.bytes
         return
     if old is not None:
-        manifest["created"] = old.get("created", manifest["created"])
-    manifest["shards"] = state.kept
+        manifest.created = old.created or manifest.created
+    manifest.shards = state.kept
     write_manifest(out, manifest, part.manifest_name)  # incomplete until every planned shard is back
     writer = RunWriter(out, manifest, rank=part.shard_id, manifest_name=part.manifest_name, spans=state.todo)
-    summary.resumed_from = sum(e["rows"] for e in state.kept)
+    summary.resumed_from = sum(e.rows for e in state.kept)
     summary.repaired = state.recomputed
     summary.mode = "repaired" if was_complete else "resumed" if old is not None else "new"
     if summary.mode == "resumed" and summary.resumed_from:
@@ -365,11 +365,11 @@ def _write_run(opts: ProjectOptions, values: dict, inputs: LoadedInputs, engine:
             run.pipeline(batches, writer, bar)
         if was_complete:  # repaired: the run is again exactly as it was finished
             writer.close()
-            manifest["complete"], manifest["summary"] = True, old.get("summary")
+            manifest.complete, manifest.summary = True, old.summary
             write_manifest(out, manifest, part.manifest_name)
         else:
             writer.finish({k: v for k, v in asdict(summary).items() if k not in _RUNTIME_ONLY}, started=t0)
-        summary.bytes = sum(s["bytes"] for s in manifest["shards"])
+        summary.bytes = manifest.bytes
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise GhostprojError(f"The disk holding {out} is full after {writer.rows_written} examples; every "
@@ -393,13 +393,13 @@ def _write_run(opts: ProjectOptions, values: dict, inputs: LoadedInputs, engine:
 _RUNTIME_ONLY = ("out", "notes", "repaired", "mode", "projector_rebuilt")
 
 
-def _ensure_projector(out: Path, data: bytes, manifest: dict, part: _Part) -> bool:
+def _ensure_projector(out: Path, data: bytes, manifest: Manifest, part: _Part) -> bool:
     """Write the projector file unless it already holds exactly ``data``; True when it was
     (re)written. Under torchrun rank 0 owns it."""
     path = out / PROJECTOR_FILE
     if part.dist and part.shard_id != 0:
         return False
-    if path.is_file() and file_sha256_matches(path, manifest["projector"]["sha256"]):
+    if path.is_file() and file_sha256_matches(path, manifest.projector["sha256"]):
         return False
     atomic_write(path, data)
     return True

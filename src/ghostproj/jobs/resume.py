@@ -3,6 +3,7 @@ follows, and the shards still to write."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from ..store.fingerprint import differing_part
 from ..store.manifest import (
     MANIFEST,
     PROJECTOR_FILE,
+    Manifest,
+    ShardEntry,
     read_manifest,
 )
 from ..store.reader import damaged_shards, shard_index_digest
@@ -23,8 +26,8 @@ from ..store.writer import ShardSpan, plan_shards
 RESUME_SETTINGS = ("max_length", "data_spec", "store_dtype", "shard_size", "batch_size", "token_budget", "dtype")
 
 
-def prepare_out_dir(out: Path, manifest: dict, resume: bool, manifest_name: str = MANIFEST,
-                     shared: bool = False) -> dict | None:
+def prepare_out_dir(out: Path, manifest: Manifest, resume: bool, manifest_name: str = MANIFEST,
+                     shared: bool = False) -> Manifest | None:
     """The existing manifest when this run resumes it, None for a fresh run. Refuses a
     directory that holds something else, naming what differs. ``shared``: torchrun ranks
     write one directory, each with its own manifest."""
@@ -35,7 +38,7 @@ def prepare_out_dir(out: Path, manifest: dict, resume: bool, manifest_name: str 
         return None
     if shared and (out / MANIFEST).exists():
         old = read_manifest(out)  # an earlier torchrun already merged this run
-        if old.get("fingerprint") == manifest["fingerprint"] and old.get("complete"):
+        if old.fingerprint == manifest.fingerprint and old.complete:
             return old
         raise GhostprojError(f"{out} holds a different run; choose another --out.")
     if not (out / manifest_name).exists():
@@ -53,21 +56,21 @@ def prepare_out_dir(out: Path, manifest: dict, resume: bool, manifest_name: str 
     part = differing_part(old, manifest)
     if part is not None:
         raise GhostprojError(f"{out} holds a different run (its {part} differ); choose another --out.")
-    if old.get("data", {}).get("sha256") != manifest["data"]["sha256"]:
+    if old.data.get("sha256") != manifest.data["sha256"]:
         raise GhostprojError(f"{out} holds a run over different data; choose another --out.")
     for key in RESUME_SETTINGS:
-        if old.get("settings", {}).get(key) != manifest["settings"].get(key):
+        if old.settings.get(key) != manifest.settings.get(key):
             flag = "--" + key.replace("_", "-")
             raise GhostprojError(
-                f"{out} holds a run made with {flag} {old.get('settings', {}).get(key)}; rerun with the same value or choose another --out."
+                f"{out} holds a run made with {flag} {old.settings.get(key)}; rerun with the same value or choose another --out."
             )
     if not shared:
-        old_part = {k: v for k, v in (old.get("part") or {}).items() if k != "rows"}
-        new_part = {k: v for k, v in (manifest.get("part") or {}).items() if k != "rows"}
+        old_part = {k: v for k, v in (old.part or {}).items() if k != "rows"}
+        new_part = {k: v for k, v in (manifest.part or {}).items() if k != "rows"}
         if old_part != new_part:
             was = f"part {old_part['shard_id']} of {old_part['num_shards']}" if old_part else "a whole run"
             raise GhostprojError(f"{out} holds {was}; rerun with the same --num-shards/--shard-id or choose another --out.")
-    if not resume and not old.get("complete"):
+    if not resume and not old.complete:
         raise GhostprojError(f"{out} holds an unfinished run and --no-resume was given; choose another --out.")
     return old
 
@@ -111,13 +114,13 @@ class ResumeState:
     """What an existing run directory contributes: the shard entries kept as they are, the
     planned shards still to write, and what was found."""
 
-    kept: list[dict]
+    kept: list[ShardEntry]
     todo: list[ShardSpan]
     notes: list[str] = field(default_factory=list)
     recomputed: int = 0  # listed shards that are written again (damaged, or holding other examples)
 
 
-def resume_state(out: Path, old: dict | None, plan: RunPlan, verify: bool, keep_all: bool = False) -> ResumeState:
+def resume_state(out: Path, old: Manifest | None, plan: RunPlan, verify: bool, keep_all: bool = False) -> ResumeState:
     """Match the shards ``old`` lists against ``plan``. A listed shard is kept when its file
     is intact (size, header; sha256 for the last one written, or every one with
     ``verify``) and holds exactly the examples the plan puts there; any other planned
@@ -125,39 +128,39 @@ def resume_state(out: Path, old: dict | None, plan: RunPlan, verify: bool, keep_
     ranks, whose earlier shards follow an earlier plan and are kept whole."""
     if old is None:
         return ResumeState([], list(plan.spans))
-    entries = old["shards"]
+    entries = old.shards
     damaged = dict(damaged_shards(out, old, verify))
     if keep_all:
         if damaged:
             pos, why = next(iter(damaged.items()))
-            raise GhostprojError(f"Shard {out / entries[pos]['file']} is damaged ({why}); rerun this project "
+            raise GhostprojError(f"Shard {out / entries[pos].file} is damaged ({why}); rerun this project "
                                  "command without torchrun to recompute it.")
         return ResumeState(list(entries), list(plan.spans))
     spans = {span.file: span for span in plan.spans}
     state = ResumeState([], [])
     for pos, entry in enumerate(entries):
-        span = spans.get(entry["file"])
+        span = spans.get(entry.file)
         if span is None:
-            raise GhostprojError(f"{out} lists shard {entry['file']}, which a run with these settings never writes; "
+            raise GhostprojError(f"{out} lists shard {entry.file}, which a run with these settings never writes; "
                                  "it cannot be resumed in place: project into a new --out.")
         if pos in damaged:
-            state.notes.append(f"Shard {entry['file']} was damaged ({damaged[pos]}); recomputing its "
+            state.notes.append(f"Shard {entry.file} was damaged ({damaged[pos]}); recomputing its "
                                f"{span.rows} examples.")
-        elif entry["rows"] != span.rows or _digest(out, old, entry) != span.digest:
-            state.notes.append(f"Shard {entry['file']} holds other examples than this run puts there (it was "
+        elif entry.rows != span.rows or _digest(out, old, entry) != span.digest:
+            state.notes.append(f"Shard {entry.file} holds other examples than this run puts there (it was "
                                f"written by an earlier resume); recomputing its {span.rows} examples.")
         else:
-            state.kept.append(dict(entry, index_digest=span.digest))  # recorded from now on, if it was not
+            state.kept.append(dataclasses.replace(entry, index_digest=span.digest))  # recorded from now on, if it was not
             continue
         state.recomputed += 1
-    kept = {entry["file"] for entry in state.kept}
+    kept = {entry.file for entry in state.kept}
     state.todo = [span for span in plan.spans if span.file not in kept]
     return state
 
 
-def _digest(out: Path, manifest: dict, entry: dict) -> str:
+def _digest(out: Path, manifest: Manifest, entry: ShardEntry) -> str:
     """A listed shard's index digest: as recorded, or from its index column for a shard
     written before digests were recorded."""
-    if "index_digest" in entry:
-        return entry["index_digest"]
-    return shard_index_digest(out / entry["file"], int(entry["rows"]))
+    if entry.index_digest is not None:
+        return entry.index_digest
+    return shard_index_digest(out / entry.file, entry.rows)

@@ -14,7 +14,7 @@ from ..inputs import LoadedInputs
 from ..models import config_hash
 from ..store.factors_file import FactorTotals, factors_fingerprint
 from ..store.fingerprint import fingerprint, sampled_weights_hash, weights_hash
-from ..store.manifest import FORMAT_VERSION, PROJECTOR_FILE
+from ..store.manifest import PROJECTOR_FILE, Manifest
 
 
 def weights_sha(model: torch.nn.Module, engine: GradProjectionEngine, adapter: str | None) -> str:
@@ -57,26 +57,13 @@ def run_settings(opts, inputs: LoadedInputs) -> dict:
 
 
 def build_manifest(*, parts: dict, model: dict, data: dict, loss_reduction: str, bias: bool,
-                   projector: tuple[str, int], layers: list, store_dtype: str, settings: dict, created: str) -> dict:
-    """The manifest of a new run, before any shard: a pure function of what defines the run
-    (the reader's schema is :func:`ghostproj.store.manifest.validate_manifest`)."""
-    return {
-        "format": FORMAT_VERSION,
-        "fingerprint": fingerprint(parts),
-        "fingerprint_parts": parts,
-        "model": model,
-        "data": data,
-        "loss_reduction": loss_reduction,
-        "bias": bias,
-        "projector": {"kind": projector[0], "seed": projector[1], "file": PROJECTOR_FILE},
-        "layers": [info.to_json() for info in layers],
-        "dim": sum(info.size for info in layers),
-        "store_dtype": store_dtype,
-        "settings": settings,
-        "created": created,
-        "shards": [],
-        "complete": False,
-    }
+                   projector: tuple[str, int], layers: list, store_dtype: str, settings: dict,
+                   created: str) -> Manifest:
+    """The manifest of a new run, before any shard: a pure function of what defines the run."""
+    return Manifest(fingerprint=fingerprint(parts), fingerprint_parts=parts, model=model, data=data,
+                    loss_reduction=loss_reduction, bias=bias,
+                    projector={"kind": projector[0], "seed": projector[1], "file": PROJECTOR_FILE},
+                    layers=list(layers), store_dtype=store_dtype, settings=settings, created=created)
 
 
 def factors_record(path: str, factors: FactorTotals, record: dict) -> dict:

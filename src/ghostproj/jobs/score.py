@@ -145,8 +145,8 @@ def _write_own_part(path: str, result: ScoreResult, part: tuple[int, int], train
     """A part's file; its settings name every checkpoint's runs, so only parts of the same
     score merge."""
     settings = dict(options, group_field=group_field,
-                    train=",".join(r.manifest["fingerprint"] for r in train_runs),
-                    query=",".join(r.manifest["fingerprint"] for r in query_runs), shards=len(train_runs[0].shards))
+                    train=",".join(r.manifest.fingerprint for r in train_runs),
+                    query=",".join(r.manifest.fingerprint for r in query_runs), shards=len(train_runs[0].shards))
     write_part(path, result, part, [h.tensors["index"][1][0] for h in train_runs[0].part(*part).shards], settings)
 
 
@@ -215,7 +215,7 @@ def _all_reduced_fisher(train_run, options: dict, rank: int, world: int):
 
 def _groups(query_run, group_field: str) -> list[str]:
     """The ``group_field`` value of every query row, read from the query run's data."""
-    query_records, why = records_for_run(query_run.manifest)
+    query_records, why = records_for_run(query_run.manifest.data)
     if query_records is None:
         raise GhostprojError(f"--group-field needs the query data, but {why}.")
     groups = [record_field(query_records, i, group_field) for i in query_run.read_column("index").tolist()]

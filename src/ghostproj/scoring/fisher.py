@@ -30,4 +30,4 @@ def compute_fisher(run: Run, *, layers: list[str] | None, normalize: str, full: 
     rows = chunk_rows_for(device, chunk_rows, width, run.store_dtype, run.rows)
     sums, count = fisher_sums(piece, column_index(selected, run.dim), Transform(blocks, normalize=normalize),
                               blocks, full, rows, device)
-    return FisherSums(sums, count, full, normalize, [b.name for b in blocks], run.manifest["fingerprint"], part)
+    return FisherSums(sums, count, full, normalize, [b.name for b in blocks], run.manifest.fingerprint, part)

@@ -24,6 +24,7 @@ from .. import defaults
 from ..errors import GhostprojError
 from ..store.files import atomic_write
 from ..store.fingerprint import differing_part
+from ..store.manifest import Manifest
 from ..store.reader import Run
 from ..store.shards import encode_safetensors, safetensors_parts
 from .columns import chunks, column_index, relative_blocks, selected_layers
@@ -175,7 +176,7 @@ def build_index(train_run: Run, s: IndexSettings, device: torch.device, fisher: 
     s.factory = s.factory or default_factory(rows)
     _check_search_options(s)
     s.rows, s.width = rows, prep.width
-    s.train_manifest = {k: v for k, v in train_run.manifest.items() if k not in ("shards", "summary")}
+    s.train_manifest = {k: v for k, v in train_run.manifest.to_json().items() if k not in ("shards", "summary")}
     extras: dict[str, torch.Tensor] = {}
     if s.center:
         prep.transform.mean = extras["mean"] = training_mean(train_run, prep.cols, chunk_rows, prep.width, device)
@@ -322,13 +323,14 @@ def load_index(path: Path) -> tuple[object, IndexSettings, dict]:
 def query_vectors(query_run: Run, s: IndexSettings, extras: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(query dataset indices, the query block as the index searches it: transformed, and
     for influence multiplied by the damped inverse Fisher)."""
-    part = differing_part(s.train_manifest, query_run.manifest)
+    train_manifest = Manifest.from_json(dict(s.train_manifest, shards=[]), "the index's training-run record")
+    part = differing_part(train_manifest, query_run.manifest)
     if part is not None:
         raise GhostprojError(f"The query run does not fit the index: their {part} differ (project the queries "
                              "with --like TRAIN_DIR).")
     if query_run.rows == 0:
         raise GhostprojError("The query set is empty.")
-    prep = IndexColumns(Run(query_run.path, dict(s.train_manifest, shards=[]), []), s, extras)
+    prep = IndexColumns(Run(query_run.path, train_manifest, []), s, extras)
     index, q = query_side(query_run, prep.cols, 8192, prep.transform)
     return index, prep.as_queries(q)
 

@@ -123,7 +123,7 @@ def check_fisher(fs: FisherSums, train_run: Run, blocks: list[LayerInfo], normal
     why = None
     if fs.part is not None:
         why = f"it holds part {fs.part[0]} of {fs.part[1]} only (merge the parts first)"
-    elif fs.fingerprint != train_run.manifest.get("fingerprint"):
+    elif fs.fingerprint != train_run.manifest.fingerprint:
         why = "it was computed from another run"
     elif fs.layers != [b.name for b in blocks]:
         why = "it covers other layers (use the same --layers)"
@@ -185,7 +185,7 @@ def apply_blocks(x: torch.Tensor, mats: list[torch.Tensor], blocks: list[LayerIn
 
 def is_eigenbasis(run: Run) -> bool:
     """A run projected in the Kronecker eigenbasis of its factors (``project --factors``)."""
-    return (run.manifest.get("projector") or {}).get("kind") == "eigen" and "factors" in run.manifest
+    return (run.manifest.projector or {}).get("kind") == "eigen" and run.manifest.factors is not None
 
 
 def mean_squares(train_run: Run, cols, chunk_rows: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
@@ -206,7 +206,7 @@ def ekfac_scale(diagonal: torch.Tensor, blocks: list[LayerInfo], run: Run, dampi
     lambda_l = damping x the mean correction over the layer's whole space, which the run's
     factors recorded. Applied to both sides, the dot product is EK-FAC's
     sum_ab R_n,ab R_q,ab / (Lambda_ab + lambda)."""
-    base = run.manifest["factors"]["lambda_base"]
+    base = run.manifest.factors["lambda_base"]
     parts, at = [], 0
     for b in blocks:
         lam = damping * float(base[b.name])

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..store.manifest import LayerInfo
+from ..store.manifest import LayerInfo, Manifest
 from ..store.reader import open_run
 from .columns import column_index, relative_blocks, selected_layers
 
@@ -21,7 +21,7 @@ class Projections:
     loss: torch.Tensor
     tokens: torch.Tensor
     layers: list[LayerInfo]  # the selected layers, offsets relative to the selected columns
-    manifest: dict
+    manifest: Manifest
 
 
 def load_projections(path, layers: list[str] | None = None, mmap: bool = False, verify: bool = True) -> Projections:

@@ -195,7 +195,7 @@ def repeated_matrices(pairs: list[tuple[Run, Run]]) -> list[int]:
     higher rank (README, "Checkpoint ensembles"). Bare shard files record no matrices."""
     seen, repeated = set(), []
     for c, (t, _) in enumerate(pairs, start=1):
-        matrices = (t.manifest.get("fingerprint_parts") or {}).get("projector")
+        matrices = (t.manifest.fingerprint_parts or {}).get("projector")
         if matrices is not None and matrices in seen:
             repeated.append(c)
         seen.add(matrices)

@@ -13,10 +13,11 @@ from .manifest import (  # noqa: F401
     PROJECTOR_FILE,
     SHARD_RE,
     STORE_DTYPES,
-    layers_from_manifest,
+    LayerInfo,
+    Manifest,
+    ShardEntry,
     rank_manifest_name,
     read_manifest,
-    validate_manifest,
     write_manifest,
 )
 from .merge import merge_manifests, merge_runs  # noqa: F401

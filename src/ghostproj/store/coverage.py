@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GhostprojError
+from .manifest import Manifest
 
 _MASK = (1 << 64) - 1
 
@@ -36,30 +37,29 @@ def add_digests(digests) -> str:
     return f"{sum(int(d, 16) for d in digests) & _MASK:016x}"
 
 
-def expected_indices(manifest: dict) -> np.ndarray | None:
+def expected_indices(manifest: Manifest) -> np.ndarray | None:
     """The dataset indices a complete run (or job-array part) holds, each exactly once:
     every row of its data, or every ``num_shards``-th from ``shard_id`` for a part. None
     for a lone shard file, whose manifest does not say."""
-    count = (manifest.get("data") or {}).get("count")
+    count = manifest.data.get("count")
     if not isinstance(count, int) or isinstance(count, bool):
         return None
-    part = manifest.get("part") or {"shard_id": 0, "num_shards": 1}
+    part = manifest.part or {"shard_id": 0, "num_shards": 1}
     return np.arange(int(part["shard_id"]), count, int(part["num_shards"]), dtype=np.int64)
 
 
-def check_exactly_once(manifest: dict, path, digest_of_shard) -> None:
+def check_exactly_once(manifest: Manifest, path, digest_of_shard) -> None:
     """Refuse a complete run whose shards do not hold each of its examples exactly once.
     ``digest_of_shard(entry)`` gives the digest of a shard whose entry records none (runs
     written before digests were recorded), from its index column."""
     expected = expected_indices(manifest)
-    if expected is None or not manifest.get("complete"):
+    if expected is None or not manifest.complete:
         return
-    shards = manifest["shards"]
-    rows = sum(int(s["rows"]) for s in shards)
-    digest = add_digests(s["index_digest"] if "index_digest" in s else digest_of_shard(s) for s in shards)
+    rows = manifest.rows
+    digest = add_digests(s.index_digest or digest_of_shard(s) for s in manifest.shards)
     if rows == len(expected) and digest == index_digest(expected):
         return
-    what = "its part of the data" if manifest.get("part") else "its data"
+    what = "its part of the data" if manifest.part else "its data"
     if rows != len(expected):
         detail = f"its shards hold {rows} rows for the {len(expected)} examples of {what}"
     else:

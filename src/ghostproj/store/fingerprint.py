@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from .manifest import LayerInfo
+from .manifest import LayerInfo, Manifest
 
 # Parts of the fingerprint, in the words `score` uses when two runs disagree.
 # Layers come first: two runs of one model over different layers also hash different weights,
@@ -79,14 +79,14 @@ def fingerprint_parts(
     }
 
 
-def differing_part(a: dict, b: dict) -> str | None:
+def differing_part(a: Manifest, b: Manifest) -> str | None:
     """The first fingerprint part (in words) on which two manifests disagree, or None."""
-    pa, pb = a.get("fingerprint_parts") or {}, b.get("fingerprint_parts") or {}
+    pa, pb = a.fingerprint_parts or {}, b.fingerprint_parts or {}
     if not pa or not pb:  # a bare shard file carries only the fingerprint
-        return None if a.get("fingerprint") == b.get("fingerprint") else "fingerprint"
+        return None if a.fingerprint == b.fingerprint else "fingerprint"
     for key, words in FINGERPRINT_PARTS.items():
         if pa.get(key) != pb.get(key):
             return words
-    if a.get("fingerprint") != b.get("fingerprint"):
+    if a.fingerprint != b.fingerprint:
         return "fingerprint"
     return None

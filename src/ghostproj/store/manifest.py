@@ -1,18 +1,60 @@
-"""The manifest of a run directory: its constants, the layer record, complete validation on
-read, and atomic writes."""
+"""The manifest of a run directory: its constants, the typed records it holds (the run,
+its layers, its shards), complete validation on construction, and atomic writes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import GhostprojError
 from .files import atomic_write
+
+FORMAT_VERSION = 1
+
+
+MANIFEST = "manifest.json"
+
+
+PROJECTOR_FILE = "projector.safetensors"
+
+
+SHARD_RE = re.compile(r"^grads-r(\d{3})-(\d{5})\.safetensors$")
+
+
+STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ManifestDamaged(GhostprojError):
+    """A manifest that breaks the schema; ``what`` says where, in a clause."""
+
+    def __init__(self, what: str):
+        super().__init__(f"The manifest is damaged: {what}.")
+        self.what = what
+
+
+def _is_int(v, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _check_types(record: dict, required: dict, optional: dict, where: str) -> None:
+    for key in required:
+        if key not in record:
+            raise ManifestDamaged(f"{where} lacks '{key}'")
+    for key, kind in {**required, **optional}.items():
+        value = record.get(key)
+        if value is None and key not in required:
+            continue
+        ok = _is_int(value) if kind is int else isinstance(value, kind) and not (kind is not bool and
+                                                                                isinstance(value, bool))
+        if not ok:
+            words = {bool: "a boolean", int: "a count", str: "text", dict: "an object", list: "a list"}[kind]
+            raise ManifestDamaged(f"{where} has a bad '{key}' ({value!r} is not {words})")
 
 
 @dataclass(frozen=True)
@@ -32,39 +74,160 @@ class LayerInfo:
         return self.k_in * self.k_out
 
     def to_json(self) -> dict:
-        return {
-            "name": self.name,
-            "type": self.type,
-            "n_in": self.n_in,
-            "n_out": self.n_out,
-            "k_in": self.k_in,
-            "k_out": self.k_out,
-            "offset": self.offset,
-        }
+        return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "LayerInfo":
-        return cls(
-            name=str(d["name"]),
-            type=str(d["type"]),
-            n_in=int(d["n_in"]),
-            n_out=int(d["n_out"]),
-            k_in=int(d["k_in"]),
-            k_out=int(d["k_out"]),
-            offset=int(d["offset"]),
-        )
+    def from_json(cls, d, where: str = "a layer entry") -> "LayerInfo":
+        if not isinstance(d, dict):
+            raise ManifestDamaged(f"{where} is not an object")
+        _check_types(d, {f.name: f.type == "str" and str or int for f in dataclasses.fields(cls)}, {}, where)
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
 
 
-FORMAT_VERSION = 1
+@dataclass
+class ShardEntry:
+    """One shard file as the manifest lists it: what the reader checks the file against."""
+
+    file: str
+    rows: int
+    rank: int | None = None
+    sha256: str | None = None
+    bytes: int | None = None
+    index_min: int | None = None
+    index_max: int | None = None
+    index_digest: str | None = None
+
+    def __post_init__(self):
+        # a lone shard file may carry any name; what must never happen is a path out of its directory
+        if not isinstance(self.file, str) or Path(self.file).name != self.file or self.file in ("", ".", ".."):
+            raise ManifestDamaged(f"it names a shard '{self.file}' that is not a plain shard file name")
+        if self.sha256 is not None and len(self.sha256) != 64:
+            raise ManifestDamaged(f"shard {self.file} has a bad 'sha256'")
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, d, n: int) -> "ShardEntry":
+        if not isinstance(d, dict):
+            raise ManifestDamaged(f"shard entry {n} is not an object")
+        if not isinstance(d.get("file"), str) or not SHARD_RE.match(d["file"]):
+            raise ManifestDamaged(f"it names a shard '{d.get('file', '')}' that is not a plain shard file name")
+        _check_types(d, {"rows": int}, {"rank": int, "sha256": str, "bytes": int, "index_min": int,
+                                        "index_max": int, "index_digest": str}, f"shard {d['file']}")
+        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
 
 
-MANIFEST = "manifest.json"
+_RUN_FIELDS = {"fingerprint_parts": dict, "model": dict, "data": dict, "loss_reduction": str, "bias": bool,
+               "projector": dict, "settings": dict, "created": str, "complete": bool, "summary": dict,
+               "part": dict, "factors": dict, "steps": list}
 
 
-PROJECTOR_FILE = "projector.safetensors"
+@dataclass
+class Manifest:
+    """A run directory's record: what defines its vectors (fingerprint, layers, projector,
+    loss convention), where they came from (model, data, settings), and which shards hold
+    them. Construction checks every invariant a reader relies on; keys of a later version
+    are kept in ``extra`` and written back unchanged."""
 
+    fingerprint: str
+    layers: list[LayerInfo]
+    store_dtype: str
+    shards: list[ShardEntry] = field(default_factory=list)
+    fingerprint_parts: dict | None = None
+    model: dict | None = None
+    data: dict = field(default_factory=dict)
+    loss_reduction: str | None = None
+    bias: bool | None = None
+    projector: dict | None = None
+    settings: dict = field(default_factory=dict)
+    created: str | None = None
+    complete: bool = False
+    summary: dict | None = None
+    part: dict | None = None  # {"shard_id", "num_shards", "rows"} of a job-array part or a torchrun rank
+    factors: dict | None = None  # the eigenbasis a run was projected in
+    steps: list | None = None  # [step, rows stored before it] of a training-time window
+    extra: dict = field(default_factory=dict)
 
-SHARD_RE = re.compile(r"^grads-r(\d{3})-(\d{5})\.safetensors$")
+    def __post_init__(self):
+        if self.store_dtype not in STORE_DTYPES:
+            raise ManifestDamaged(f"its store dtype '{self.store_dtype}' is none of {', '.join(STORE_DTYPES)}")
+        if not self.layers:
+            raise ManifestDamaged("it lists no layers")
+        offset = 0
+        for layer in self.layers:
+            if layer.k_in < 1 or layer.k_out < 1:
+                raise ManifestDamaged(f"layer '{layer.name}' has a rank below 1")
+            if layer.offset != offset:
+                raise ManifestDamaged(f"layer '{layer.name}' starts at column {layer.offset}, not {offset} where "
+                                      "the previous layer ends")
+            offset += layer.size
+        names = [s.file for s in self.shards]
+        twice = next((name for n, name in enumerate(names) if name in names[:n]), None)
+        if twice is not None:
+            raise ManifestDamaged(f"it lists shard {twice} twice")
+        if self.projector is not None and ("kind" not in self.projector or "seed" not in self.projector):
+            raise ManifestDamaged("its 'projector' lacks 'kind' or 'seed'")
+
+    @property
+    def dim(self) -> int:
+        return sum(layer.size for layer in self.layers)
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes or 0 for s in self.shards)
+
+    def replace(self, **changes) -> "Manifest":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict:
+        out = {"format": FORMAT_VERSION, "fingerprint": self.fingerprint}
+        for key in ("fingerprint_parts", "model", "data", "loss_reduction", "bias", "projector"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        out.update(layers=[layer.to_json() for layer in self.layers], dim=self.dim, store_dtype=self.store_dtype)
+        for key in ("settings", "created"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        out.update(shards=[s.to_json() for s in self.shards], complete=self.complete)
+        for key in ("summary", "part", "factors", "steps"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_json(cls, d, path="manifest") -> "Manifest":
+        """The manifest ``d`` (parsed JSON) holds, or a one-sentence refusal naming ``path``."""
+        try:
+            return cls._from_json(d)
+        except ManifestDamaged as exc:
+            raise GhostprojError(f"{path} is damaged: {exc.what}. Restore it, or project the run again into a "
+                                 "new --out.") from None
+
+    @classmethod
+    def _from_json(cls, d) -> "Manifest":
+        _check_types(d, {"fingerprint": str, "layers": list, "dim": int, "store_dtype": str, "shards": list},
+                     _RUN_FIELDS, "it")
+        layers = [LayerInfo.from_json(x, f"layer entry {n}") for n, x in enumerate(d["layers"])]
+        shards = [ShardEntry.from_json(x, n) for n, x in enumerate(d["shards"])]
+        known = {"format", "dim", "layers", "shards", *(f.name for f in dataclasses.fields(cls))}
+        m = cls(layers=layers, shards=shards, fingerprint=d["fingerprint"], store_dtype=d["store_dtype"],
+                extra={k: v for k, v in d.items() if k not in known},
+                **{k: d[k] for k in _RUN_FIELDS if k in d and d[k] is not None})
+        if m.dim != d["dim"]:
+            raise ManifestDamaged(f"its layers add up to {m.dim} columns but 'dim' says {d['dim']}")
+        return m
+
+    def require(self, keys: tuple[str, ...], path, why: str) -> None:
+        """Fields an older or hand-written manifest may lack but this use needs."""
+        for key in keys:
+            if getattr(self, key) is None:
+                raise GhostprojError(f"{path} lacks '{key}', which {why} needs; it was not written by "
+                                     "`ghostproj project`.")
 
 
 def shard_file_name(rank: int, seq: int) -> str:
@@ -73,19 +236,16 @@ def shard_file_name(rank: int, seq: int) -> str:
     return f"grads-r{rank:03d}-{seq:05d}.safetensors"
 
 
-STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def write_manifest(run_dir: Path, manifest: dict, name: str = MANIFEST) -> None:
-    atomic_write(run_dir / name, (json.dumps(manifest, indent=1) + "\n").encode())
-
-
 def rank_manifest_name(rank: int) -> str:
     """Each torchrun rank's own progress manifest, merged into manifest.json at the end."""
     return f"manifest-r{rank:03d}.json"
 
 
-def read_manifest(run_dir: str | os.PathLike, name: str = MANIFEST) -> dict:
+def write_manifest(run_dir: Path, manifest: Manifest, name: str = MANIFEST) -> None:
+    atomic_write(run_dir / name, (json.dumps(manifest.to_json(), indent=1) + "\n").encode())
+
+
+def read_manifest(run_dir: str | os.PathLike, name: str = MANIFEST) -> Manifest:
     run_dir = Path(run_dir)
     path = run_dir / name
     if run_dir.is_file():
@@ -93,92 +253,13 @@ def read_manifest(run_dir: str | os.PathLike, name: str = MANIFEST) -> dict:
     if not run_dir.is_dir() or not path.is_file():
         raise GhostprojError(f"{run_dir} is not a ghostproj projection run (no {path.name}).")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        d = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise GhostprojError(f"{path} is damaged: it is not valid JSON (line {exc.lineno}: {exc.msg}).") from None
     except UnicodeDecodeError:
         raise GhostprojError(f"{path} is damaged: it is not UTF-8 text.") from None
-    if not isinstance(manifest, dict) or "format" not in manifest:
+    if not isinstance(d, dict) or "format" not in d:
         raise GhostprojError(f"{path} is not a ghostproj manifest.")
-    if manifest["format"] != FORMAT_VERSION:
-        raise GhostprojError(
-            f"{path} has format {manifest['format']}, but this ghostproj reads format {FORMAT_VERSION}."
-        )
-    validate_manifest(manifest, path)
-    return manifest
-
-
-def _is_int(v, low: int = 0) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
-_LAYER_KEYS = {"name": str, "type": str, "n_in": int, "n_out": int, "k_in": int, "k_out": int, "offset": int}
-
-
-def validate_manifest(m: dict, path) -> None:
-    """Every field a reader relies on, checked before anything is read: a damaged or
-    hand-edited manifest is refused in one sentence rather than failing somewhere later."""
-    def bad(what: str):
-        return GhostprojError(f"{path} is damaged: {what}. Restore it, or project the run again into a new --out.")
-
-    for key, kind in (("fingerprint", str), ("layers", list), ("dim", int), ("store_dtype", str), ("shards", list)):
-        if key not in m:
-            raise bad(f"it lacks '{key}'")
-        if not isinstance(m[key], kind) or isinstance(m[key], bool):
-            raise bad(f"'{key}' is not a {kind.__name__}")
-    for key, kind in (("bias", bool), ("loss_reduction", str), ("projector", dict), ("model", dict),
-                      ("data", dict), ("complete", bool), ("settings", dict)):
-        if key in m and not isinstance(m[key], kind):
-            raise bad(f"'{key}' is not a {'boolean' if kind is bool else kind.__name__}")
-    if m["store_dtype"] not in STORE_DTYPES:
-        raise bad(f"its store dtype '{m['store_dtype']}' is none of {', '.join(STORE_DTYPES)}")
-    if not m["layers"]:
-        raise bad("it lists no layers")
-    offset = 0
-    for n, layer in enumerate(m["layers"]):
-        if not isinstance(layer, dict):
-            raise bad(f"layer entry {n} is not an object")
-        for key, kind in _LAYER_KEYS.items():
-            if key not in layer:
-                raise bad(f"layer entry {n} lacks '{key}'")
-            ok = isinstance(layer[key], str) if kind is str else _is_int(layer[key])
-            if not ok:
-                raise bad(f"layer entry {n} has a bad '{key}' ({layer[key]!r})")
-        if layer["k_in"] < 1 or layer["k_out"] < 1:
-            raise bad(f"layer '{layer['name']}' has a rank below 1")
-        if layer["offset"] != offset:
-            raise bad(f"layer '{layer['name']}' starts at column {layer['offset']}, not {offset} where the "
-                      "previous layer ends")
-        offset += layer["k_in"] * layer["k_out"]
-    if offset != m["dim"]:
-        raise bad(f"its layers add up to {offset} columns but 'dim' says {m['dim']}")
-    names = set()
-    for n, shard in enumerate(m["shards"]):
-        if not isinstance(shard, dict):
-            raise bad(f"shard entry {n} is not an object")
-        name = shard.get("file", "")
-        if not isinstance(name, str) or not SHARD_RE.match(name):
-            raise GhostprojError(f"{path} names a shard '{name}' that is not a plain shard file name; refusing it.")
-        if name in names:
-            raise bad(f"it lists shard {name} twice")
-        names.add(name)
-        if not _is_int(shard.get("rows")):
-            raise bad(f"shard {name} has no valid row count")
-        for key, ok in (("bytes", _is_int), ("sha256", lambda v: isinstance(v, str) and len(v) == 64),
-                        ("rank", _is_int)):
-            if key in shard and not ok(shard[key]):
-                raise bad(f"shard {name} has a bad '{key}'")
-    projector = m.get("projector")
-    if projector is not None and ("kind" not in projector or "seed" not in projector):
-        raise bad("its 'projector' lacks 'kind' or 'seed'")
-
-
-def require_keys(m: dict, keys: tuple[str, ...], path, why: str) -> None:
-    """Keys an older or hand-written manifest may lack but this use needs."""
-    for key in keys:
-        if key not in m:
-            raise GhostprojError(f"{path} lacks '{key}', which {why} needs; it was not written by `ghostproj project`.")
-
-
-def layers_from_manifest(manifest: dict) -> list[LayerInfo]:
-    return [LayerInfo.from_json(d) for d in manifest["layers"]]
+    if d["format"] != FORMAT_VERSION:
+        raise GhostprojError(f"{path} has format {d['format']}, but this ghostproj reads format {FORMAT_VERSION}.")
+    return Manifest.from_json(d, path)

@@ -12,13 +12,13 @@ import torch
 from ..errors import GhostprojError
 from .coverage import check_exactly_once, index_digest
 from .manifest import (
-    FORMAT_VERSION,
     MANIFEST,
     PROJECTOR_FILE,
     SHARD_RE,
     STORE_DTYPES,
     LayerInfo,
-    layers_from_manifest,
+    Manifest,
+    ShardEntry,
     read_manifest,
 )
 from .shards import (
@@ -38,16 +38,16 @@ class Run:
     """A validated projection run (or a single shard file) ready for chunked reads."""
 
     path: Path
-    manifest: dict
+    manifest: Manifest
     shards: list[ShardHeader]
 
     @property
     def dim(self) -> int:
-        return int(self.manifest["dim"])
+        return self.manifest.dim
 
     @property
     def store_dtype(self) -> torch.dtype:
-        return STORE_DTYPES[self.manifest["store_dtype"]]
+        return STORE_DTYPES[self.manifest.store_dtype]
 
     @property
     def rows(self) -> int:
@@ -55,7 +55,7 @@ class Run:
 
     @property
     def layers(self) -> list[LayerInfo]:
-        return layers_from_manifest(self.manifest)
+        return self.manifest.layers
 
     def iter_chunks(self, chunk_rows: int = 8192, prefetch: bool = True, convert=None, verify: bool = True):
         """Yield (index [n] int64, grads [n, D] in the store dtype, or ``convert(grads)``) in
@@ -65,9 +65,9 @@ class Run:
         thread, and a shard that differs stops the iteration, naming it, before its last
         chunk is yielded."""
         spans = []
-        for h, entry in zip(self.shards, self.manifest["shards"]):
+        for h, entry in zip(self.shards, self.manifest.shards):
             rows = h.tensors["index"][1][0]
-            hasher = ShardHasher(h, entry["sha256"]) if verify and "sha256" in entry else None
+            hasher = ShardHasher(h, entry.sha256) if verify and entry.sha256 else None
             if rows == 0 and hasher is None:
                 continue  # nothing to read or to check
             starts = list(range(0, rows, chunk_rows)) or [0]
@@ -89,47 +89,40 @@ class Run:
 
     def verify_hashes(self) -> None:
         """Hash every shard in full (for readers that do not stream the rows)."""
-        for h, entry in zip(self.shards, self.manifest["shards"]):
-            if "sha256" in entry and not file_sha256_matches(h.path, entry["sha256"]):
+        for h, entry in zip(self.shards, self.manifest.shards):
+            if entry.sha256 and not file_sha256_matches(h.path, entry.sha256):
                 raise damaged_shard(h.path, "its sha256 differs from the manifest")
 
     def part(self, i: int, k: int) -> "Run":
         """Shards i, i + k, i + 2k, ... of this run: k disjoint parts that cover it."""
         if k < 1 or not 0 <= i < k:
             raise GhostprojError(f"--part must be in 0..{k - 1} for --num-parts {k}.")
-        return Run(self.path, dict(self.manifest, shards=self.manifest["shards"][i::k]), self.shards[i::k])
+        return Run(self.path, self.manifest.replace(shards=self.manifest.shards[i::k]), self.shards[i::k])
 
     def read_column(self, name: str) -> torch.Tensor:
         parts = [read_rows(h, name, 0, h.tensors[name][1][0]) for h in self.shards]
         return torch.cat(parts) if parts else torch.empty(0)
 
 
-def _shard_only_manifest(path: Path, header: ShardHeader) -> dict:
+def _shard_only_manifest(path: Path, header: ShardHeader) -> Manifest:
     """A single shard outside its run directory: one anonymous block of D columns."""
     parent = path.parent
     if (parent / MANIFEST).is_file():
         manifest = read_manifest(parent)
-        entry = next((s for s in manifest["shards"] if s["file"] == path.name), None)
+        entry = next((s for s in manifest.shards if s.file == path.name), None)
         if entry is None:
             raise GhostprojError(f"{path} is not listed in the manifest beside it.")
-        manifest = dict(manifest, shards=[entry])
-        return manifest
+        return manifest.replace(shards=[entry])
     grads = header.tensors.get("grads")
     if grads is None or len(grads[1]) != 2:
         raise GhostprojError(f"{path} is not a ghostproj shard (it has no 2-D 'grads' tensor).")
-    dtype_name = next(k for k, v in STORE_DTYPES.items() if v == grads[0])
+    dtype_name = next((k for k, v in STORE_DTYPES.items() if v == grads[0]), None)
+    if dtype_name is None:
+        raise GhostprojError(f"{path} stores its gradients as {grads[0]}, which no ghostproj run uses.")
     dim = grads[1][1]
-    return {
-        "format": FORMAT_VERSION,
-        "fingerprint": header.metadata.get("fingerprint", ""),
-        "fingerprint_parts": {},
-        "layers": [{"name": "all", "type": "?", "n_in": 0, "n_out": 0, "k_in": dim, "k_out": 1, "offset": 0}],
-        "dim": dim,
-        "store_dtype": dtype_name,
-        "shards": [{"file": path.name, "rows": grads[1][0], "bytes": path.stat().st_size}],
-        "data": {},
-        "complete": True,
-    }
+    return Manifest(fingerprint=header.metadata.get("fingerprint", ""), fingerprint_parts={},
+                    layers=[LayerInfo("all", "?", 0, 0, dim, 1, 0)], store_dtype=dtype_name,
+                    shards=[ShardEntry(path.name, grads[1][0], bytes=path.stat().st_size)], complete=True)
 
 
 def open_run(path: str | os.PathLike, require_complete: bool = True) -> Run:
@@ -147,27 +140,25 @@ def open_run(path: str | os.PathLike, require_complete: bool = True) -> Run:
         base = p
     else:
         raise GhostprojError(f"{p} does not exist.")
-    if require_complete and not manifest.get("complete", False):
+    if require_complete and not manifest.complete:
         raise GhostprojError(f"{p} is an unfinished run; rerun its project command to complete it.")
     if p.is_dir():
         check_projector_file(p, manifest)
-    store_dtype = STORE_DTYPES.get(manifest["store_dtype"])
-    if store_dtype is None:
-        raise GhostprojError(f"{p} records an unknown store dtype '{manifest['store_dtype']}'.")
+    store_dtype = STORE_DTYPES[manifest.store_dtype]
     headers = []
-    for entry in manifest["shards"]:
-        shard_path = base / entry["file"]
+    for entry in manifest.shards:
+        shard_path = base / entry.file
         if not shard_path.is_file():
             raise GhostprojError(f"Shard {shard_path} is missing; {REPAIR_HINT}.")
-        if "bytes" in entry and shard_path.stat().st_size != entry["bytes"]:
+        if entry.bytes is not None and shard_path.stat().st_size != entry.bytes:
             raise damaged_shard(shard_path, "its size differs from the manifest")
         header = read_shard_header(shard_path)
-        validate_shard(header, int(entry["rows"]), int(manifest["dim"]), store_dtype, manifest["fingerprint"])
+        validate_shard(header, entry.rows, manifest.dim, store_dtype, manifest.fingerprint)
         headers.append(header)
     if p.is_dir():  # a lone shard of a run is one part of it, not the whole
         by_file = {h.path.name: h for h in headers}
         check_exactly_once(manifest, p, lambda entry: index_digest(
-            read_rows(by_file[entry["file"]], "index", 0, int(entry["rows"])).numpy()))
+            read_rows(by_file[entry.file], "index", 0, entry.rows).numpy()))
     return Run(base if p.is_dir() else p, manifest, headers)
 
 
@@ -176,10 +167,10 @@ def shard_index_digest(path: Path, rows: int) -> str:
     return index_digest(read_rows(read_shard_header(path), "index", 0, rows).numpy())
 
 
-def check_projector_file(run_dir: Path, manifest: dict) -> None:
+def check_projector_file(run_dir: Path, manifest: Manifest) -> None:
     """Refuse a run whose projector file is missing or differs from the sha256 its manifest
     records (runs written before the sha256 was recorded are not checked)."""
-    expected = (manifest.get("projector") or {}).get("sha256")
+    expected = (manifest.projector or {}).get("sha256")
     if expected is None:
         return
     path = run_dir / PROJECTOR_FILE
@@ -190,35 +181,34 @@ def check_projector_file(run_dir: Path, manifest: dict) -> None:
                              "command to rebuild it.")
 
 
-def damaged_shards(run_dir: Path, manifest: dict, hash_all: bool) -> list[tuple[int, str]]:
+def damaged_shards(run_dir: Path, manifest: Manifest, hash_all: bool) -> list[tuple[int, str]]:
     """(position in the manifest's shard list, what is wrong) for every listed shard that is
     missing, of the wrong size, has a bad header or (for the last shard, which a crash is
     likeliest to have hit, and for every shard with ``hash_all``) a differing sha256."""
-    store_dtype = STORE_DTYPES[manifest["store_dtype"]]
+    store_dtype = STORE_DTYPES[manifest.store_dtype]
     found = []
-    last = len(manifest["shards"]) - 1
-    for pos, entry in enumerate(manifest["shards"]):
-        path = run_dir / entry["file"]
+    last = len(manifest.shards) - 1
+    for pos, entry in enumerate(manifest.shards):
+        path = run_dir / entry.file
         if not path.is_file():
             found.append((pos, "it is missing"))
             continue
-        if "bytes" in entry and path.stat().st_size != entry["bytes"]:
+        if entry.bytes is not None and path.stat().st_size != entry.bytes:
             found.append((pos, "its size differs from the manifest"))
             continue
         try:
-            validate_shard(read_shard_header(path), int(entry["rows"]), int(manifest["dim"]), store_dtype,
-                           manifest["fingerprint"])
+            validate_shard(read_shard_header(path), entry.rows, manifest.dim, store_dtype, manifest.fingerprint)
         except GhostprojError:
             found.append((pos, "its header does not match the manifest"))
             continue
-        if (hash_all or pos == last) and "sha256" in entry and not file_sha256_matches(path, entry["sha256"]):
+        if (hash_all or pos == last) and entry.sha256 and not file_sha256_matches(path, entry.sha256):
             found.append((pos, "its sha256 differs from the manifest"))
     return found
 
 
 @dataclass
 class VerifyReport:
-    manifest: dict
+    manifest: Manifest
     rows: int
     bytes: int
 
@@ -227,16 +217,16 @@ def verify_run(path: str | os.PathLike, hash_shards: bool = True) -> VerifyRepor
     """Check every shard (sha256 unless ``hash_shards`` is False) and the row coverage."""
     run = open_run(path, require_complete=False)
     total = 0
-    for entry, header in zip(run.manifest["shards"], run.shards):
+    for entry, header in zip(run.manifest.shards, run.shards):
         total += header.path.stat().st_size
-        if hash_shards and "sha256" in entry and not file_sha256_matches(header.path, entry["sha256"]):
+        if hash_shards and entry.sha256 and not file_sha256_matches(header.path, entry.sha256):
             raise damaged_shard(header.path, "its sha256 differs from the manifest")
     index = run.read_column("index")
     if index.numel() != index.unique().numel():
         raise GhostprojError(f"{path} holds some examples more than once.")
-    part = run.manifest.get("part")
-    count = part["rows"] if part else run.manifest.get("data", {}).get("count")
-    if run.manifest.get("complete") and count is not None and index.numel() != count:
+    part = run.manifest.part
+    count = part["rows"] if part else run.manifest.data.get("count")
+    if run.manifest.complete and count is not None and index.numel() != count:
         what = f"its part of the data has {count}" if part else f"its data has {count} examples"
         raise GhostprojError(f"{path} holds {index.numel()} rows but {what}.")
     return VerifyReport(run.manifest, index.numel(), total)

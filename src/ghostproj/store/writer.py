@@ -4,6 +4,7 @@ run resumes with exactly the shards it is missing."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from ..errors import GhostprojError
 from .coverage import index_digest
 from .files import atomic_write
 from .fingerprint import sha256_hex
-from .manifest import MANIFEST, SHARD_RE, STORE_DTYPES, shard_file_name, write_manifest
+from .manifest import MANIFEST, SHARD_RE, STORE_DTYPES, Manifest, ShardEntry, shard_file_name, write_manifest
 from .shards import all_finite, encode_shard
 
 
@@ -59,7 +60,7 @@ class RunWriter:
     not wait for the disk; at most one shard is in flight, so memory stays bounded, and a
     write error surfaces at the next ``add`` or at ``finish``."""
 
-    def __init__(self, run_dir: Path, manifest: dict, shard_size: int | None = None, rank: int = 0,
+    def __init__(self, run_dir: Path, manifest: Manifest, shard_size: int | None = None, rank: int = 0,
                  manifest_name: str = MANIFEST, spans: list[ShardSpan] | None = None):
         if spans is None and (shard_size is None or shard_size < 1):
             raise GhostprojError(f"--shard-size must be at least 1, got {shard_size}.")
@@ -67,17 +68,17 @@ class RunWriter:
         self.shard_size, self.rank = shard_size, rank
         self.planned = spans is not None
         self.todo = sorted(spans or [], key=lambda s: s.lo)
-        self.store_dtype = STORE_DTYPES[manifest["store_dtype"]]
+        self.store_dtype = STORE_DTYPES[manifest.store_dtype]
         self._buf: list[tuple[int, tuple[torch.Tensor, ...]]] = []  # (stream position, rows)
         self._received = self._cut = 0  # streaming: rows seen so far, and where the next shard starts
-        self._next_seq = 1 + max((int(SHARD_RE.match(s["file"]).group(2)) for s in manifest["shards"]
-                                  if s.get("rank", 0) == rank), default=-1)
+        self._next_seq = 1 + max((int(SHARD_RE.match(s.file).group(2)) for s in manifest.shards
+                                  if (s.rank or 0) == rank), default=-1)
         self._pending = None  # the shard write in flight
         self._pool = None
 
     @property
     def rows_written(self) -> int:
-        return sum(s["rows"] for s in self.manifest["shards"])
+        return self.manifest.rows
 
     def add(self, grads: torch.Tensor, index: torch.Tensor, loss: torch.Tensor, tokens: torch.Tensor,
             start: int | None = None) -> None:
@@ -137,11 +138,10 @@ class RunWriter:
         self.close()
         if self.todo:
             raise GhostprojError(f"Shard {self.todo[0].file} was never completed; rerun the command to resume.")
-        summary = dict(summary, bytes=sum(s["bytes"] for s in self.manifest["shards"]))
+        summary = dict(summary, bytes=self.manifest.bytes)
         if started is not None:
             summary["seconds"] = round(time.perf_counter() - started, 3)
-        self.manifest["complete"] = True
-        self.manifest["summary"] = summary
+        self.manifest.complete, self.manifest.summary = True, summary
         write_manifest(self.run_dir, self.manifest, self.manifest_name)
 
     def _submit(self, span: ShardSpan, parts: list) -> None:
@@ -162,13 +162,13 @@ class RunWriter:
             raise GhostprojError(f"Shard {span.file} would hold other examples than planned; nothing of it was "
                                  "written. Rerun the command to resume.")
         stored = self._checked(grads, index)
-        data = encode_shard(stored, index, loss, tokens, self.manifest["fingerprint"])
+        data = encode_shard(stored, index, loss, tokens, self.manifest.fingerprint)
         atomic_write(self.run_dir / span.file, data)
-        entry = {"file": span.file, "rank": self.rank, "rows": span.rows, "sha256": sha256_hex(data),
-                 "bytes": len(data), "index_min": int(index.min()) if len(index) else 0,
-                 "index_max": int(index.max()) if len(index) else 0, "index_digest": digest}
-        shards = [s for s in self.manifest["shards"] if s["file"] != span.file] + [entry]
-        self.manifest["shards"] = sorted(shards, key=lambda s: s["file"])
+        entry = ShardEntry(span.file, span.rows, rank=self.rank, sha256=sha256_hex(data), bytes=len(data),
+                           index_min=int(index.min()) if len(index) else 0,
+                           index_max=int(index.max()) if len(index) else 0, index_digest=digest)
+        shards = [s for s in self.manifest.shards if s.file != span.file] + [entry]
+        self.manifest.shards = sorted(shards, key=lambda s: s.file)
         write_manifest(self.run_dir, self.manifest, self.manifest_name)
 
     def _checked(self, grads: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -179,7 +179,7 @@ class RunWriter:
         stored = grads.to(self.store_dtype)
         if stored.dtype != grads.dtype and not all_finite(stored):
             raise GhostprojError(
-                f"Projected gradients exceed the range of {self.manifest['store_dtype']}; use --store-dtype bfloat16 or float32."
+                f"Projected gradients exceed the range of {self.manifest.store_dtype}; use --store-dtype bfloat16 or float32."
             )
         return stored
 
@@ -199,15 +199,15 @@ class RunWriter:
                 self._pool = None
 
 
-def keep_first_rows(run_dir: Path, manifest: dict, rows: int) -> torch.Tensor:
+def keep_first_rows(run_dir: Path, manifest: Manifest, rows: int) -> torch.Tensor:
     """Cut a streamed run back to the first ``rows`` rows of its stream: shards past them are
     deleted and a shard they end inside is rewritten with its first part. Returns the
     dataset indices of the rows kept. What a resumed writer continues from."""
     from .shards import read_rows, read_shard_header
 
     kept, indices, at = [], [], 0
-    for entry in sorted(manifest["shards"], key=lambda s: s["file"]):
-        n, path = int(entry["rows"]), run_dir / entry["file"]
+    for entry in sorted(manifest.shards, key=lambda s: s.file):
+        n, path = entry.rows, run_dir / entry.file
         if at >= rows:
             path.unlink(missing_ok=True)
             continue
@@ -215,10 +215,10 @@ def keep_first_rows(run_dir: Path, manifest: dict, rows: int) -> torch.Tensor:
         if at + n > rows:  # the cut falls inside this shard
             n = rows - at
             columns = [read_rows(header, c, 0, n) for c in ("grads", "index", "loss", "tokens")]
-            data = encode_shard(*columns, manifest["fingerprint"])
+            data = encode_shard(*columns, manifest.fingerprint)
             atomic_write(path, data)
             index = columns[1]
-            entry = dict(entry, rows=n, sha256=sha256_hex(data), bytes=len(data),
+            entry = dataclasses.replace(entry, rows=n, sha256=sha256_hex(data), bytes=len(data),
                          index_min=int(index.min()) if n else 0, index_max=int(index.max()) if n else 0,
                          index_digest=index_digest(index.numpy()))
         else:
@@ -228,7 +228,7 @@ def keep_first_rows(run_dir: Path, manifest: dict, rows: int) -> torch.Tensor:
         at += n
     if at < rows:
         raise GhostprojError(f"{run_dir} holds {at} rows, fewer than the {rows} it should keep.")
-    manifest["shards"], manifest["complete"] = kept, False
+    manifest.shards, manifest.complete = kept, False
     write_manifest(run_dir, manifest)
     return torch.cat(indices) if indices else torch.empty(0, dtype=torch.long)
 
