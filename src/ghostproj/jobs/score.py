@@ -72,6 +72,10 @@ class ScoreOptions:
         return self.runs[1] if len(self.runs) == 2 else self.runs[1::2]
 
 
+# What a part's file records of how it was scored: parts merge only when these agree.
+PART_SETTINGS = ("metric", "normalize", "center", "damping", "layers", "top_k", "reduce")
+
+
 def run_score_command(opts: ScoreOptions, report=None, log=None) -> ScoreResult:
     """``report(train_run, query_run, result)`` shows a finished result (rank 0 only);
     ``log(message)`` takes the status lines."""
@@ -103,22 +107,20 @@ def run_score_command(opts: ScoreOptions, report=None, log=None) -> ScoreResult:
     train_runs, query_runs = [open_run(t) for t in trains], [open_run(q) for q in queries]
     train_run, query_run = train_runs[0], query_runs[0]
     groups = _groups(query_run, group_field) if group_field else None
+    settings = dict(metric=metric, normalize=normalize, center=center, damping=damping, layers=layers, top_k=top_k,
+                    reduce=reduce, query_groups=groups, chunk_rows=chunk_rows, fisher=fisher)
     if ranks is not None:
         return _score_under_torchrun(train_runs, query_runs, ranks, dict(
-            metric=metric, normalize=normalize, center=center, damping=damping, layers=layers, top_k=top_k,
-            reduce=reduce, query_groups=groups, keep_matrix=out is not None, chunk_rows=chunk_rows, fisher=fisher,
-            device=device_for_this_process(device)), (out, topk_out, select_out), (train, query), group_field,
-            report, log)
+            settings, keep_matrix=out is not None, device=device_for_this_process(device)),
+            (out, topk_out, select_out), (train, query), group_field, report, log)
     with RateProgress("scoring", total=train_run.rows, unit="rows", extra_unit=None, lazy=True) as bar:
-        result = score(train_runs, query_runs, metric=metric, normalize=normalize, center=center, damping=damping,
-                       layers=layers, top_k=top_k, reduce=reduce, query_groups=groups,
-                       keep_matrix=out is not None or keep_matrix, chunk_rows=chunk_rows, progress=bar, fisher=fisher,
-                       part=parts, device=device)
+        result = score(train_runs, query_runs, keep_matrix=out is not None or keep_matrix, progress=bar, part=parts,
+                       device=device, **settings)
     for note in result.notes:
         log(f"[yellow]note:[/yellow] {note}")
     if parts is not None:
-        _write_own_part(part_out, result, parts, train_runs, query_runs, group_field, metric=metric,
-                        normalize=normalize, center=center, damping=damping, layers=layers, top_k=top_k, reduce=reduce)
+        _write_own_part(part_out, result, parts, train_runs, query_runs, group_field,
+                        **{k: settings[k] for k in PART_SETTINGS})
         log(f"[green]scored[/green] part {parts[0]} of {parts[1]} ({result.train_index.numel()} x "
                      f"{query_run.rows}); wrote {part_out}")
         return result
@@ -179,7 +181,7 @@ def _score_under_torchrun(train_runs: list, query_runs: list, ranks: tuple[int, 
         return first.parent / f".{first.name}.part-{r:03d}-of-{world:03d}.safetensors"
 
     result = score(train_runs, query_runs, part=(rank, world), **options)
-    settings = {k: options[k] for k in ("metric", "normalize", "center", "damping", "layers", "top_k", "reduce")}
+    settings = {k: options[k] for k in PART_SETTINGS}
     _write_own_part(str(part_file(rank)), result, (rank, world), train_runs, query_runs, group_field, **settings)
     td.barrier()
     if rank == 0:
