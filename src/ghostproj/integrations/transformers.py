@@ -15,7 +15,9 @@ step:
   all micro-batches of a step under gradient accumulation, in whatever precision scaling
   it uses). The engine's block for example i is therefore c_i times the gradient of the
   sum of its token losses. c_i is read off the gradient of the model's logits at one of
-  the example's label positions, c = (dL/dz_y) / (p_y - 1), and checked at another. A
+  the example's label positions, c = (dL/dz_y) / (p_y - 1), and checked at another (with
+  a fused LM head such as TRL's, which returns each label's log-probability instead of the
+  logits, c = -dL/d log p_y). A
   loss that weighs tokens unequally (label smoothing, token weights) is refused in one
   sentence, because its vectors cannot be rescaled exactly. Dividing by c_i (and by the
   example's label count for ``loss_reduction="mean"``) gives ``project``'s vector exactly,
@@ -144,30 +146,39 @@ class GradientStore:
 
     def _on_outputs(self, module, args, output):
         batch = self._batch
-        if batch is None or batch.get("logits") is not None:
+        if batch is None or "scale" in batch or batch.get("watched"):
             return
-        logits = output["logits"] if isinstance(output, dict) else output.logits
-        batch["logits"] = logits.detach()
-        logits.register_hook(lambda grad: batch.__setitem__("scale", self._scales(batch, grad.detach())))
+        logits, log_probs = (getattr(output, name, None) for name in ("logits", "log_probs"))
+        if logits is not None:
+            batch["watched"], kept = True, logits.detach()
+            logits.register_hook(lambda grad: batch.__setitem__("scale", self._scales(
+                batch, lambda i, t, y: self._from_logits(grad, kept, i, t, y))))
+        elif log_probs is not None:  # a fused LM head (TRL's): each label token's log-probability, no logits
+            batch["watched"] = True
+            log_probs.register_hook(lambda grad: batch.__setitem__("scale", self._scales(
+                batch, lambda i, t, y: -float(grad[i, t].double()))))
 
-    def _scales(self, batch: dict, grad: torch.Tensor) -> torch.Tensor:
-        """c_i per example: the loss's weight on each of its label tokens."""
-        labels, logits = batch["labels"][:, 1:], batch["logits"][:, :-1]
+    @staticmethod
+    def _from_logits(grad: torch.Tensor, logits: torch.Tensor, i: int, t: int, y: int) -> float:
+        # a token's loss -log softmax(z)_y has gradient (p_y - 1) along z_y
+        p = torch.softmax(logits[i, t].double(), dim=-1)[y]
+        return float(grad[i, t, y].double()) / (float(p) - 1.0)
+
+    def _scales(self, batch: dict, read) -> torch.Tensor:
+        """c_i per example: the loss's weight on each of its label tokens, ``read(i, t, y)`` at
+        next-token position t (label y), checked at the example's first and last label."""
+        labels = batch["labels"][:, 1:]
         scales = torch.zeros(labels.shape[0], dtype=torch.float64)
         for i in range(labels.shape[0]):
             where = (labels[i] != IGNORE_INDEX).nonzero().flatten()
             if where.numel() == 0:
                 continue
-            read = []
-            for t in {int(where[0]), int(where[-1])}:
-                y = int(labels[i, t])
-                p = torch.softmax(logits[i, t].double(), dim=-1)[y]
-                read.append(float(grad[i, t, y].double()) / (float(p) - 1.0))
-            if max(read) - min(read) > SCALE_TOLERANCE * max(abs(r) for r in read):
-                raise GhostprojError("The training loss weighs an example's tokens unequally (label smoothing or "
-                                     "token weights), so its gradients cannot be rescaled to project's per-example "
-                                     "loss exactly; train without them while storing gradients.")
-            scales[i] = read[0]
+            read_at = [read(i, t, int(labels[i, t])) for t in {int(where[0]), int(where[-1])}]
+            if max(read_at) - min(read_at) > SCALE_TOLERANCE * max(abs(r) for r in read_at):
+                raise GhostprojError("The training loss weighs an example's tokens unequally (label smoothing, "
+                                     "token weights or a DFT loss), so its gradients cannot be rescaled to project's "
+                                     "per-example loss exactly; train without them while storing gradients.")
+            scales[i] = read_at[0]
         return scales
 
     def collect(self) -> None:
@@ -276,9 +287,13 @@ class GradientStoreCallback(TrainerCallback):
     ``window="checkpoint"``: one run per stretch between the Trainer's checkpoints instead,
     ``out_dir/step-<s>`` holding the steps after checkpoint s (``step-0``: from the start). Its
     query runs are projected on ``checkpoint-<s>`` (the base model for ``step-0``), which is
-    TracIn-CP's pairing."""
+    TracIn-CP's pairing.
 
-    def __init__(self, out_dir: str, train_dataset, layers: list[str] | None = None, rank: int = defaults.RANK,
+    ``train_dataset``: the tokenized rows the Trainer batches; None takes them from the
+    Trainer's own dataloader when training begins (what a trainer that tokenizes for itself,
+    such as TRL's ``SFTTrainer``, batches)."""
+
+    def __init__(self, out_dir: str, train_dataset=None, layers: list[str] | None = None, rank: int = defaults.RANK,
                  seed: int = 0, every: int = 1, loss_reduction: str = defaults.LOSS_REDUCTION,
                  store_dtype: str = "float32", shard_size: int = 4096, window: str = "epoch") -> None:
         if every < 1:
@@ -290,7 +305,8 @@ class GradientStoreCallback(TrainerCallback):
             raise GhostprojError(f"Unknown loss_reduction '{loss_reduction}'; choose mean or sum.")
         self.every = every
         self.options = dict(out_dir=out_dir, layers=layers, rank=rank, seed=seed, loss_reduction=loss_reduction,
-                            store_dtype=store_dtype, shard_size=shard_size, keys=dataset_keys(train_dataset),
+                            store_dtype=store_dtype, shard_size=shard_size,
+                            keys=None if train_dataset is None else dataset_keys(train_dataset),
                             settings={"every": every, "window": window})
         self.store: GradientStore | None = None
 
@@ -298,10 +314,17 @@ class GradientStoreCallback(TrainerCallback):
     def windows(self) -> list[Path]:
         return self.store.windows if self.store is not None else []
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         if model is None:
             raise GhostprojError("GradientStoreCallback got no model from the Trainer.")
-        self.store = GradientStore(model, **self.options)
+        options = dict(self.options)
+        if options["keys"] is None:
+            dataset = getattr(train_dataloader, "dataset", None)
+            if dataset is None or not hasattr(dataset, "__len__"):
+                raise GhostprojError("GradientStoreCallback needs the training rows: give it train_dataset (the "
+                                     "Trainer's dataloader holds no dataset of known length).")
+            options["keys"] = dataset_keys(dataset)
+        self.store = GradientStore(model, **options)
         if self.window == "checkpoint":
             self.store.open_window(f"step-{state.global_step}", state.global_step)
 
