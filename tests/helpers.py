@@ -191,7 +191,8 @@ def needs_torchrun(test):
     return pytest.mark.slow(pytest.mark.skipif(TORCHRUN_MISSING, reason="torchrun is not installed")(test))
 
 
-def torchrun(n, args, timeout=300, popen=False):
+def torchrun(n, args, timeout=300, popen=False, script=None):
+    """``ghostproj ARGS`` (or ``script ARGS``) on ``n`` local ranks."""
     import socket
 
     with socket.socket() as sock:
@@ -199,8 +200,10 @@ def torchrun(n, args, timeout=300, popen=False):
         port = sock.getsockname()[1]
     launcher = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     cmd = [launcher, "--nproc-per-node", str(n), "--master-addr", "127.0.0.1", "--master-port", str(port),
-           "-m", "ghostproj", *map(str, args)]
+           *(["-m", "ghostproj"] if script is None else [str(script)]), *map(str, args)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    if script is not None:  # the script imports the tests' helpers
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")]))
     if popen:
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                                 start_new_session=True)

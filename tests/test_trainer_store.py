@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import rel_err, word_rows
+from helpers import needs_torchrun, rel_err, torchrun, word_rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -357,3 +357,25 @@ def test_a_row_that_is_not_in_the_dataset_is_refused(tmp_path, tokenizer, datase
             model(input_ids=packed, labels=packed).loss.backward()
     store.close()
     assert load_projections(store.windows[0]).index.numel() == 0
+
+
+@needs_torchrun
+def test_ddp_ranks_store_their_rows_into_one_run(tmp_path):
+    """A Trainer on 2 ranks: each rank stores the rows it draws, the window is one complete
+    run of every row once, and its vectors are project's on the step's (initial) model."""
+    from pathlib import Path
+
+    from transformers import GPT2LMHeadModel
+
+    proc = torchrun(2, [tmp_path], script=Path(__file__).with_name("ddp_trainer_store.py"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    window = tmp_path / "store" / "epoch-0"
+    assert sorted(p.name for p in window.iterdir() if p.name.startswith("manifest")) == ["manifest.json"]
+    assert {p.name[:10] for p in window.glob("grads-*")} == {"grads-r000", "grads-r001"}  # both ranks wrote rows
+    manifest = open_run(window).manifest
+    assert manifest.complete and manifest.data["count"] == 16
+    run = load_projections(window)
+    assert sorted(run.index.tolist()) == list(range(16))
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "model")
+    ref = project_rows(model, datasets.load_from_disk(str(tmp_path / "dataset")), run.index.tolist())
+    assert rel_err(run.grads, ref) <= 1e-5

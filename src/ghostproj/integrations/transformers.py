@@ -27,6 +27,7 @@ step:
 from __future__ import annotations
 
 import datetime as _dt
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,11 +43,20 @@ from ..jobs.run_records import weights_sha
 from ..models import config_hash
 from ..store.files import atomic_write
 from ..store.fingerprint import fingerprint, fingerprint_parts, sha256_hex
-from ..store.manifest import FORMAT_VERSION, MANIFEST, PROJECTOR_FILE, Manifest, read_manifest, write_manifest
+from ..store.manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    PROJECTOR_FILE,
+    Manifest,
+    rank_manifest_name,
+    read_manifest,
+    write_manifest,
+)
 from ..store.projector_file import encode_projectors
 from ..store.writer import RunWriter, keep_first_rows
 from .identity import batch_rows, dataset_keys, fresh_dir, token_key
 from .inrun import InRunValuationTrainer
+from .ranks import join_rank_runs, on_rank_zero, process_ranks, total_over_ranks
 
 SCALE_TOLERANCE = 1e-3  # c_i read at two label positions of one example agree to float32 rounding
 
@@ -80,6 +90,10 @@ class GradientStore:
         self.keys = keys if keys is not None else dataset_keys(train_dataset)
         self.engine = GradProjectionEngine(model, layers, rank=rank, seed=seed, freeze_weights=False)
         self.windows: list[Path] = []
+        # under torchrun (DDP) each rank stores its own rows, as project's ranks do, and rank 0
+        # joins them into the window's run when it closes
+        self.rank, self.world = process_ranks()
+        self._manifest_name = MANIFEST if self.world == 1 else rank_manifest_name(self.rank)
         self._hooks = [model.register_forward_pre_hook(self._on_inputs, with_kwargs=True),
                        model.register_forward_hook(self._on_outputs)]
         self._batch: dict | None = None  # the micro-batch in flight: its rows, label counts and scales
@@ -204,10 +218,10 @@ class GradientStore:
         cut back to ``step``'s rows, when a killed loop left it and resumes at ``step`` > 0."""
         out = self.out_dir / (f"epoch-{name}" if isinstance(name, int) else name)
         self.windows.append(out)
-        if step > 0 and (out / MANIFEST).is_file():  # a Trainer resumed from a checkpoint inside this epoch
+        if step > 0 and (out / self._manifest_name).is_file():  # a Trainer resumed inside this epoch
             self._reopen_window(out, step)
             return
-        fresh_dir(out)
+        on_rank_zero(self.world, lambda: fresh_dir(out))
         engine = self.engine
         # the model the window starts from (the base model, or the checkpoint the previous epoch
         # ended with) is the one its query runs are projected with (`project --like`)
@@ -215,7 +229,8 @@ class GradientStore:
                                   projector_hash(engine.projectors), self.loss_reduction, False)
         projector = encode_projectors(engine.projectors, {"format": str(FORMAT_VERSION),
                                                           "fingerprint": fingerprint(parts)})
-        atomic_write(out / PROJECTOR_FILE, projector)
+        if self.rank == 0:
+            atomic_write(out / PROJECTOR_FILE, projector)
         self._manifest = Manifest(
             fingerprint=fingerprint(parts), fingerprint_parts=parts,
             model={"path": None, "class": type(self.model).__name__, "config_hash": config_hash(self.model),
@@ -225,14 +240,20 @@ class GradientStore:
                        "sha256": sha256_hex(projector)},
             layers=list(engine.layers), store_dtype=self.store_dtype, settings=dict(self.settings),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), steps=[[step, 0]])
-        write_manifest(out, self._manifest)
-        self._writer = RunWriter(out, self._manifest, self.shard_size)
+        write_manifest(out, self._manifest, self._manifest_name)
+        self._writer = self._run_writer(out)
         self._seen, self._rows, self._boundaries = [], 0, [[step, 0]]
+
+    def _run_writer(self, out: Path) -> RunWriter:
+        return RunWriter(out, self._manifest, self.shard_size, rank=self.rank, manifest_name=self._manifest_name)
 
     def _reopen_window(self, out: Path, step: int) -> None:
         """Continue a window a killed run left: its rows up to the checkpoint's step are kept,
         any written after it are dropped, and the resumed steps add theirs."""
-        manifest = read_manifest(out)
+        if (out / MANIFEST).is_file() and self.world > 1:
+            raise GhostprojError(f"{out} is a finished window, but the Trainer resumes inside its epoch; give the "
+                                 "callback a new out_dir.")
+        manifest = read_manifest(out, self._manifest_name)
         if manifest.complete:
             raise GhostprojError(f"{out} is a finished window, but the Trainer resumes inside its epoch; give the "
                                  "callback a new out_dir.")
@@ -244,11 +265,11 @@ class GradientStore:
         if rows is None:
             raise GhostprojError(f"{out} does not hold the rows up to step {step} (the run was killed before they "
                                  "reached the disk); resume from an earlier checkpoint or store into a new out_dir.")
-        seen = keep_first_rows(out, manifest, rows)
+        seen = keep_first_rows(out, manifest, rows, self._manifest_name)
         self._manifest = manifest
         self._boundaries = [b for b in boundaries if b[0] <= step]
         self._manifest.steps = [list(b) for b in self._boundaries]
-        self._writer = RunWriter(out, self._manifest, self.shard_size)
+        self._writer = self._run_writer(out)
         self._seen, self._rows = [seen], rows
 
     def close_window(self) -> None:
@@ -262,18 +283,18 @@ class GradientStore:
                                   "rows": len(seen)}
         self._manifest.steps = [list(b) for b in self._boundaries]
         self._writer.finish({"examples": len(seen), "last_step": self._step})
-        self._writer = None
+        out, self._writer = self._writer.run_dir, None
+        if self.world > 1:
+            on_rank_zero(self.world, lambda: join_rank_runs(out, len(self.keys)))
 
     def drop_empty_window(self) -> None:
         """Remove a window that was opened but got no row (one opened at the last checkpoint)."""
-        if self._writer is not None and self._rows == 0:
+        if self._writer is not None and total_over_ranks(self._rows, self.world) == 0:
             out = self._writer.run_dir
             self._writer.close()
             self._writer = None
-            for path in out.iterdir():
-                path.unlink()
-            out.rmdir()
             self.windows.remove(out)
+            on_rank_zero(self.world, lambda: shutil.rmtree(out))
 
 
 

@@ -199,7 +199,7 @@ class RunWriter:
                 self._pool = None
 
 
-def keep_first_rows(run_dir: Path, manifest: Manifest, rows: int) -> torch.Tensor:
+def keep_first_rows(run_dir: Path, manifest: Manifest, rows: int, name: str = MANIFEST) -> torch.Tensor:
     """Cut a streamed run back to the first ``rows`` rows of its stream: shards past them are
     deleted and a shard they end inside is rewritten with its first part. Returns the
     dataset indices of the rows kept. What a resumed writer continues from."""
@@ -229,6 +229,6 @@ def keep_first_rows(run_dir: Path, manifest: Manifest, rows: int) -> torch.Tenso
     if at < rows:
         raise GhostprojError(f"{run_dir} holds {at} rows, fewer than the {rows} it should keep.")
     manifest.shards, manifest.complete = kept, False
-    write_manifest(run_dir, manifest)
+    write_manifest(run_dir, manifest, name)
     return torch.cat(indices) if indices else torch.empty(0, dtype=torch.long)
 
