@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import TORCHRUN_MISSING, needs_torchrun, run_cli, torchrun, write_jsonl
+from helpers import TORCHRUN_MISSING, kron_reference, needs_torchrun, rel_err, run_cli, torchrun, write_jsonl
 from test_scoring import reference
 
 from ghostproj.scoring import score
@@ -246,11 +246,14 @@ def test_evaluate_reports_every_setting_and_resumes_without_retraining(capsys, t
     assert code == 0, err
     assert "1 subset model(s) trained now" in text
     assert json.loads((out / "lds.json").read_text()) == report  # retraining is deterministic
-    code, text, err = run_cli(_evaluate_args(gpt2_dir, data_file, query_file, out, "--metrics", "dot,inrun"), capsys)
+    code, text, err = run_cli(_evaluate_args(gpt2_dir, data_file, query_file, out, "--metrics", "dot,inrun,tracin"), capsys)
     assert code == 0, err
     assert "0 subset model(s) trained now" in text  # other metrics only rescore
     inrun = [s for s in json.loads((out / "lds.json").read_text())["settings"] if s["metric"] == "inrun"]
     assert len(inrun) == 1 and -1.0 <= inrun[0]["lds"] <= 1.0
+    tracin = [s for s in json.loads((out / "lds.json").read_text())["settings"] if s["metric"] == "tracin"]
+    assert len(tracin) == 1 and tracin[0]["checkpoints"] == 2 and -1.0 <= tracin[0]["lds"] <= 1.0
+    assert "tracin" in text and "all steps, 2 windows" in text
     args = _evaluate_args(gpt2_dir, data_file, query_file, out, "--metrics", "dot", "--layers", "c_fc")
     args[args.index("--rank") + 1] = "32"
     code, text, err = run_cli(args, capsys)
@@ -398,3 +401,55 @@ def test_evaluate_on_a_llama_with_masked_prompts(capsys, tmp_path, llama_dir):
 def lds_per_query(scores, members, losses):
     """Reference: each query's Spearman over subsets of predicted and negated actual loss."""
     return spearman_columns(subset_predictions(scores, members), -losses)
+
+
+def test_tracin_is_the_sum_over_steps_of_lr_weighted_projected_dot_products(capsys, tmp_path, tokenizer, data_file,
+                                                                           query_file):
+    """With a checkpoint after every step, each window is one step and starts at that step's
+    weights, so TracIn-CP is exactly sum_t lr_t / B_t <P g_i(theta_t), P g_q(theta_t)>:
+    rebuilt here from the fine-tuning's own checkpoints and the naive projected gradients."""
+    from safetensors.torch import load_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ghostproj import GradProjectionEngine
+    from ghostproj.data.readers import DataSpec
+    from ghostproj.inputs import load_model_and_examples
+    from ghostproj.jobs.retrain import Recipe, epoch_batches, fine_tune
+    from ghostproj.models import pad_token_id
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0,
+                     eos_token_id=0, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model_dir = tmp_path / "model"
+    GPT2LMHeadModel(cfg).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    inputs = load_model_and_examples(str(model_dir), [DataSpec(str(data_file)), DataSpec(str(query_file))],
+                                     max_length=24, device="cpu", read_first=True)
+    model, (train, query) = inputs.model, [s.examples for s in inputs.sets]
+    query = [e for e in query if e.n_label_positions > 0]
+    recipe = Recipe(epochs=1, lr=1e-3, batch_size=2, seed=0)
+    live = [r for r, e in enumerate(train) if e.n_label_positions > 0]
+    batches = [[live[r] for r in rows] for rows in epoch_batches(len(live), recipe)]
+    assert len(batches) >= 3
+
+    out = tmp_path / "ev"
+    args = _evaluate_args(model_dir, data_file, query_file, out, "--metrics", "tracin", "--removal-queries", "0")
+    args[args.index("--checkpoints") + 1] = str(len(batches))  # one window per step
+    args[args.index("--batch-size") + 1] = "2"
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    got = load_file(out / "tracin" / "rank-16-layers-all.safetensors")["scores"]
+
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    states = [base] + [c.state for c in fine_tune(model, base, train, recipe, pad_token_id(inputs.tokenizer),
+                                                  checkpoints=len(batches))]
+    want = torch.zeros(len(train), len(query), dtype=torch.float64)
+    for t, chosen in enumerate(batches):
+        model.load_state_dict(states[t])
+        engine = GradProjectionEngine(model, rank=16)  # the matrices of seed 0, as the store's
+        g = kron_reference(model, [train[i] for i in chosen], engine)
+        q = kron_reference(model, query, engine)
+        lr = recipe.lr * (1 - t / len(batches))  # linear decay to zero
+        want[chosen] += lr / len(chosen) * g @ q.t()
+    assert got.abs().max() > 0
+    assert rel_err(got, want) <= 1e-4

@@ -316,7 +316,7 @@ EVALUATE_OPTIONS = {
 EVALUATE_EXTRA = (
     extra_option("metrics_list", "cosine,dot,influence", str, "--metrics", panel=SCORING,
                  help="Scoring metrics compared: cosine, dot, influence; inrun adds the in-run values of the "
-                      "whole-set fine-tuning."),
+                      "whole-set fine-tuning, tracin TracIn-CP from a gradient store of it."),
     extra_option("normalize_list", "none,layer", str, "--normalize", help="Normalizations compared.", panel=SCORING),
     extra_option("projection_list", "gaussian", str, "--projection", panel=SCORING,
                  help="Projections compared: gaussian (random matrices); eigen adds the Kronecker eigenbasis of each "

@@ -73,8 +73,10 @@ def report_evaluate(res) -> None:
         table.add_column(col, justify="left" if col in ("metric", "--normalize") else "right")
     for s in res.settings:
         mark = " *" if s is res.best else ""
-        inrun = s.metric == "inrun"  # from every step of the whole-set run: no normalization, no checkpoints
-        table.add_row(s.metric + {"adam": " (adam)", "eigen": " (eigenbasis)"}.get(s.vectors, ""), "-" if inrun else s.normalize, "all steps" if inrun else str(s.checkpoints),
+        # in-run and TracIn come from every step of the whole-set run: no normalization
+        steps = {"inrun": "all steps", "tracin": f"all steps, {s.checkpoints} windows"}.get(s.metric)
+        table.add_row(s.metric + {"adam": " (adam)", "eigen": " (eigenbasis)"}.get(s.vectors, ""),
+                      "-" if steps else s.normalize, steps or str(s.checkpoints),
                       f"{s.lds.value:.3f}{mark}",
                       f"[{s.lds.low:.3f}, {s.lds.high:.3f}]")
     con.print(table)

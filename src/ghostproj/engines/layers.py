@@ -33,6 +33,17 @@ def pattern_matches(pattern: str, name: str) -> bool:
     return pattern in name
 
 
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output head (HF's output embeddings), if it has one."""
+    fn = getattr(model, "get_output_embeddings", None)
+    if not callable(fn):
+        return None
+    try:
+        return fn()
+    except (NotImplementedError, AttributeError):
+        return None
+
+
 def select_layers(model: nn.Module, patterns: list[str] | None,
                   include_embeddings: bool = False) -> list[tuple[str, nn.Module]]:
     """Modules to project, in module order.
@@ -45,16 +56,8 @@ def select_layers(model: nn.Module, patterns: list[str] | None,
 
     supported = [(n, m) for n, m in model.named_modules() if n and projectable_type(m) is not None]
     if not patterns:
-        excluded = set()
-        fn = getattr(model, "get_output_embeddings", None)
-        if callable(fn):
-            try:
-                head = fn()
-            except (NotImplementedError, AttributeError):
-                head = None
-            if head is not None:
-                excluded.add(id(head))
-        chosen = [(n, m) for n, m in supported if id(m) not in excluded
+        head = output_head(model)
+        chosen = [(n, m) for n, m in supported if m is not head
                   and (include_embeddings or projectable_type(m).projected_by_default)]
         if not chosen:
             raise GhostprojError(f"The model has no supported layer ({type_names(default=True)}) to project.")
@@ -78,6 +81,14 @@ def select_layers(model: nn.Module, patterns: list[str] | None,
                 f"Layer pattern '{pattern}' matches only unsupported layer types ({', '.join(kinds)}); "
                 f"ghostproj projects {type_names()} layers."
             )
+        uncovered = [(n, m) for n, m in hits if projectable_type(m) is None and not _inside(n, usable)
+                     and any(p.dim() >= 2 for p in m.parameters(recurse=False))]
+        if uncovered:
+            n, m = uncovered[0]
+            raise GhostprojError(
+                f"Layer pattern '{pattern}' names {n} ({type(m).__name__}), whose weights no layer type covers, so "
+                f"its gradient would be silently left out; narrow the pattern to the {type_names()} layers you want "
+                "(e.g. re:...).")
         for n, m in usable:
             if n not in seen:
                 seen.add(n)
@@ -85,3 +96,8 @@ def select_layers(model: nn.Module, patterns: list[str] | None,
     order = {n: i for i, (n, _) in enumerate(all_named)}
     chosen.sort(key=lambda nm: order[nm[0]])
     return chosen
+
+
+def _inside(name: str, layers: list[tuple[str, nn.Module]]) -> bool:
+    """Whether module ``name`` is part of one of ``layers`` (a LoRA layer's own base Linear)."""
+    return any(name.startswith(n + ".") for n, _ in layers)

@@ -75,7 +75,7 @@ class GradientStore:
         store.close()
 
     ``train_dataset``: the tokenized rows the loop trains on (each batch row is found by its
-    token ids); ``layers``, ``rank``, ``seed``, ``loss_reduction`` and ``store_dtype`` mean
+    token ids), or their number when the loop passes each batch's rows to :meth:`observing`; ``layers``, ``rank``, ``seed``, ``loss_reduction`` and ``store_dtype`` mean
     what they mean for ``project``."""
 
     def __init__(self, model, out_dir: str, train_dataset=None, layers: list[str] | None = None,
@@ -87,7 +87,11 @@ class GradientStore:
         self.model, self.out_dir, self.seed = model, Path(out_dir), seed
         self.loss_reduction, self.store_dtype, self.shard_size = loss_reduction, store_dtype, shard_size
         self.settings = {"window": "epoch", **(settings or {})}  # recorded in each window's manifest
-        self.keys = keys if keys is not None else dataset_keys(train_dataset)
+        if keys is None and isinstance(train_dataset, int):  # the loop passes each batch's rows itself
+            self.keys, self.dataset_rows = None, train_dataset
+        else:
+            self.keys = keys if keys is not None else dataset_keys(train_dataset)
+            self.dataset_rows = len(self.keys)
         self.engine = GradProjectionEngine(model, layers, rank=rank, seed=seed, freeze_weights=False)
         self.windows: list[Path] = []
         # under torchrun (DDP) each rank stores its own rows, as project's ranks do, and rank 0
@@ -99,6 +103,7 @@ class GradientStore:
         self._batch: dict | None = None  # the micro-batch in flight: its rows, label counts and scales
         self._writer: RunWriter | None = None
         self._observing = False
+        self._given = None  # (rows, labels) the loop gave for the next forward
         self._step = 0
 
     @property
@@ -108,17 +113,21 @@ class GradientStore:
 
     # -- steps ------------------------------------------------------------------------------------
     @contextmanager
-    def observing(self, step: int | None = None):
-        """Store the per-example gradients of the backward passes inside the block."""
-        self.begin_step(self._step if step is None else step)
+    def observing(self, step: int | None = None, rows: torch.Tensor | None = None,
+                  labels: torch.Tensor | None = None):
+        """Store the per-example gradients of the backward passes inside the block. A loop
+        that knows each batch row's dataset row and labels (a loss computed outside the
+        model) passes them: ``rows`` [B] and ``labels`` [B, T] of the block's one forward."""
+        self.begin_step(self._step if step is None else step, rows, labels)
         try:
             yield self
             self.collect()
         finally:
             self.stop_observing()
 
-    def begin_step(self, step: int) -> None:
+    def begin_step(self, step: int, rows: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> None:
         self._step, self._observing = step, True
+        self._given = None if rows is None else (rows.cpu(), labels)
         self.engine.attach()
 
     def stop_observing(self) -> None:
@@ -151,6 +160,13 @@ class GradientStore:
         if not (self._observing and torch.is_grad_enabled()):
             return None
         ids, labels = kwargs.get("input_ids"), kwargs.get("labels")
+        if self._given is not None:  # the loop said which rows these are
+            (rows, labels), self._given = self._given, None
+            self._batch = {"rows": rows, "labels": labels, "counts": (labels[:, 1:] != IGNORE_INDEX).sum(1).cpu()}
+            return None
+        if self.keys is None:
+            raise GhostprojError("This store was given the number of training rows, not the rows: pass each "
+                                 "batch's rows and labels to observing().")
         if ids is None or labels is None:
             raise GhostprojError("The gradient store needs batches with input_ids and labels (a causal-LM "
                                  "collator), so that each row's loss and identity are known.")
@@ -276,16 +292,16 @@ class GradientStore:
         if self._writer is None:
             return
         seen = torch.cat(self._seen) if self._seen else torch.empty(0, dtype=torch.long)
-        everything = len(seen) == len(self.keys) and torch.equal(seen.sort().values, torch.arange(len(self.keys)))
+        everything = len(seen) == self.dataset_rows and torch.equal(seen.sort().values, torch.arange(len(seen)))
         # a window that saw every training row once is checked as a whole run is; any other
         # (every > 1, a partial epoch) holds a subset, and says only how many rows
-        self._manifest.data = {"format": "trainer", "count": len(self.keys) if everything else None,
+        self._manifest.data = {"format": "trainer", "count": self.dataset_rows if everything else None,
                                   "rows": len(seen)}
         self._manifest.steps = [list(b) for b in self._boundaries]
         self._writer.finish({"examples": len(seen), "last_step": self._step})
         out, self._writer = self._writer.run_dir, None
         if self.world > 1:
-            on_rank_zero(self.world, lambda: join_rank_runs(out, len(self.keys)))
+            on_rank_zero(self.world, lambda: join_rank_runs(out, self.dataset_rows))
 
     def drop_empty_window(self) -> None:
         """Remove a window that was opened but got no row (one opened at the last checkpoint)."""

@@ -43,6 +43,7 @@ from .evaluate_runs import MOMENTS, project_checkpoints
 from .inrun import MAX_VAL_BATCH
 from .lds_report import EvaluateResult, Setting, plot_report, write_report
 from .retrain import Recipe, fine_tune, in_run_scores, query_losses
+from .tracin import tracin_scores
 
 VECTORS = ("grad", "adam")  # training vectors: gradients, or Adam update directions (project --optimizer-state)
 PROJECTIONS = ("gaussian", "eigen")  # random matrices, or the Kronecker eigenbasis (factors, project --factors)
@@ -100,8 +101,9 @@ class EvaluateOptions(LayoutFields):
         if self.num_parts < 1 or not 0 <= self.part < self.num_parts:
             raise GhostprojError(f"--part must be in 0..{self.num_parts - 1} for --num-parts {self.num_parts}.")
         for m in self.metrics:
-            if m not in METRICS + ("inrun",) or m == "influence-full":
-                raise GhostprojError(f"Unknown --metrics entry '{m}'; choose from cosine, dot, influence, inrun.")
+            if m not in METRICS + ("inrun", "tracin") or m == "influence-full":
+                raise GhostprojError(f"Unknown --metrics entry '{m}'; choose from cosine, dot, influence, inrun, "
+                                     "tracin.")
         for n in self.normalize:
             if n not in NORMALIZATIONS:
                 raise GhostprojError(f"Unknown --normalize entry '{n}'; choose from {', '.join(NORMALIZATIONS)}.")
@@ -312,8 +314,10 @@ def _settings(opts: EvaluateOptions, runs: dict, members: np.ndarray, losses: np
         matrices[setting.key] = m
 
     for metric in opts.metrics:
-        if metric == "inrun":
-            add(("inrun", "none", 1, "grad"), _in_run_matrix(ctx, opts, out))
+        if metric in ("inrun", "tracin"):  # from the whole training run, not from checkpoints
+            add((metric, "none", 1 if metric == "inrun" else opts.checkpoints, "grad"),
+                _in_run_matrix(ctx, opts, out) if metric == "inrun" else
+                tracin_scores(ctx, opts, out, _checkpoint_dirs(opts, out)))
             continue
         for vectors in runs:
             for normalize in opts.normalize:
@@ -433,7 +437,7 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
                                if s.key == (DEFAULT_METRIC, DEFAULT_NORMALIZE, opts.checkpoints, "grad")), None)
     if result.recommended is not None and result.baseline is not None and result.recommended is not result.baseline:
         result.recommended_difference = difference_interval(result.recommended.lds, result.baseline.lds)
-    if opts.checkpoints > 1 and result.best.metric != "inrun":
+    if opts.checkpoints > 1 and result.best.metric not in ("inrun", "tracin"):
         same = {s.checkpoints: s for s in result.settings
                 if (s.metric, s.normalize, s.vectors) == (result.best.metric, result.best.normalize, result.best.vectors)}
         result.ensemble_gain = difference_interval(same[opts.checkpoints].lds, same[1].lds)

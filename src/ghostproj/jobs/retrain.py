@@ -3,6 +3,7 @@ under them: the counterfactuals that attribution scores are checked against."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -75,22 +76,29 @@ class Checkpoint:
 
 
 def fine_tune(model, base_state: dict, examples: list[Example], recipe: Recipe, pad_id: int,
-              checkpoints: int = 0) -> list[Checkpoint]:
+              checkpoints: int = 0, recorder=None) -> list[Checkpoint]:
     """Reset ``model`` to ``base_state`` and fine-tune it on ``examples`` (mean token loss
     per example, averaged over the batch). Returns ``checkpoints`` evenly spaced
-    checkpoints (the last one is the end of training); none when 0."""
+    checkpoints (the last one is the end of training); none when 0. ``recorder`` (a
+    training-time store's, with ``recorder.checkpoints`` marks) observes every step."""
     run = _TrainingRun(model, base_state, examples, recipe)
     total = len(run.batches)
-    marks = [max(1, round(total * (c + 1) / checkpoints)) if total else 0 for c in range(checkpoints)]
-    saved = [_checkpoint(model, run.optimizer) for m in marks if m == 0]
+    count = recorder.checkpoints if recorder is not None else checkpoints
+    marks = [max(1, round(total * (c + 1) / count)) if total else 0 for c in range(count)]
+    saved = [_checkpoint(model, run.optimizer) for m in marks[:checkpoints] if m == 0]
     for step, chosen in enumerate(run.batches, start=1):
         batch = collate([examples[i] for i in chosen], pad_id).to(run.device)
-        losses, _ = causal_lm_losses(model(**batch.model_inputs()).logits, batch.labels, "mean")
-        run.optimizer.zero_grad(set_to_none=True)
-        losses.mean().backward()
+        lr = run.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+        with recorder.step(step - 1, chosen, batch.labels, lr) if recorder is not None else nullcontext():
+            losses, _ = causal_lm_losses(model(**batch.model_inputs()).logits, batch.labels, "mean")
+            run.optimizer.zero_grad(set_to_none=True)
+            losses.mean().backward()
         run.optimizer.step()
         run.schedule.step()
-        saved += [_checkpoint(model, run.optimizer) for m in marks if m == step]
+        saved += [_checkpoint(model, run.optimizer) for m in marks[:checkpoints] if m == step]
+        for c, m in enumerate(marks, start=1):
+            if recorder is not None and m == step:
+                recorder.checkpoint(c, step)
     model.eval()
     return saved
 
