@@ -208,3 +208,14 @@ def torchrun(n, args, timeout=300, popen=False, script=None):
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def tiny_qwen3_moe(vocab_size, experts=4, top_k=2):
+    """A mixture-of-experts model: fused 3-D expert weights and a bare-parameter router."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         num_experts=experts, num_experts_per_tok=top_k, max_position_embeddings=64,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return Qwen3MoeForCausalLM(cfg).eval()

@@ -40,6 +40,8 @@ def report_project(s) -> None:
         + f"), {s.truncated} truncated, {human_bytes(s.bytes)} in {out}, {s.seconds:.1f} s",
         soft_wrap=True,
     )
+    if s.coverage:
+        con.print(f"layers: {s.coverage}", soft_wrap=True)
 
 
 def error_table(title: str, rows, tolerance: float):
@@ -123,6 +125,7 @@ def report_inrun(res, show: int) -> None:
     con.print(f"[green]done[/green]: {res.steps} steps over {res.train_count} training examples with a validation "
               f"batch of {res.val_count}; final training loss {res.final_loss:.3f}; {res.seconds:.1f} s; "
               f"wrote {markup_safe(res.out)}/dots.safetensors, values.safetensors and model/")
+    con.print(f"layers: {res.coverage}", soft_wrap=True)
 
 
 def report_fidelity(report, eigenbasis: bool) -> None:
@@ -298,6 +301,10 @@ def report_run(path: str, report, hash_shards: bool) -> bool:
     console.print(f"D={m.dim}, store {m.store_dtype}, projector {projector.get('kind', '?')} seed "
                   f"{projector.get('seed', '?')}, loss {m.loss_reduction or '?'}, bias {'?' if m.bias is None else m.bias}, "
                   f"fingerprint {m.fingerprint[:16]}")
+    if m.coverage:
+        from ..engines.coverage import Coverage
+
+        console.print(f"layers: {Coverage.from_json(m.coverage).describe()}", soft_wrap=True)
     table = Table()
     for col in ("layer", "type", "n_in", "n_out", "k_in", "k_out", "offset"):
         table.add_column(col, justify="left" if col in ("layer", "type") else "right")

@@ -85,6 +85,7 @@ def factors(**options) -> None:
     s = with_notes(run_factors, FactorsOptions(**options), FactorsSummary(out=options["out"]))
     console_out().print(f"[green]done[/green]: factors of {s.layers} layers over {s.examples} examples "
                      f"({s.positions} positions) in {s.seconds:.1f} s; wrote {markup_safe(s.out)}", soft_wrap=True)
+    console_out().print(f"layers: {s.coverage}", soft_wrap=True)
 
 
 factors.__signature__ = options_signature(FactorsOptions, FACTORS_OPTIONS, extra=FACTORS_EXTRA)

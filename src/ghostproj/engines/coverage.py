@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .layer_types import projectable_type
 from .layers import output_head
 
 # The order kinds are reported in; "other" is whatever none of the rules names.
@@ -52,12 +53,17 @@ class Coverage:
     parameters: Share = field(default_factory=Share)
     matrices: Share = field(default_factory=Share)
     by_kind: dict[str, Share] = field(default_factory=dict)  # parameters per kind
-    uncovered_matrices: dict[str, int] = field(default_factory=dict)  # module type -> weight matrices left out
+    # module type -> its weight matrices that no layer type can project (an MoE's experts)
+    unsupported: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"parameters": [self.parameters.covered, self.parameters.total],
                 "matrices": [self.matrices.covered, self.matrices.total],
                 "by_kind": {k: [s.covered, s.total] for k, s in self.by_kind.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Coverage":
+        return cls(Share(*d["parameters"]), Share(*d["matrices"]), {k: Share(*v) for k, v in d["by_kind"].items()})
 
     def describe(self) -> str:
         """One line: the share covered, then each kind that is not whole."""
@@ -65,6 +71,22 @@ class Coverage:
         text = (f"covers {100 * self.parameters.fraction:.1f}% of the model's parameters "
                 f"({self.matrices.covered} of {self.matrices.total} weight matrices)")
         return text + ("; " + ", ".join(parts) if parts else "")
+
+
+def coverage_notes(cov: Coverage) -> list[str]:
+    """A note when the model holds weight matrices that no layer type can project: they are
+    in no run, whatever --layers says."""
+    if not cov.unsupported:
+        return []
+    kinds = ", ".join(f"{n} {t}" for t, n in sorted(cov.unsupported.items()))
+    return [f"The model holds weight matrices no layer type projects ({kinds}); their gradients are in no "
+            "vector, and scores ignore them."]
+
+
+def engine_coverage(model: nn.Module, engine) -> Coverage:
+    """The coverage of an engine's projected layers."""
+    modules = dict(model.named_modules())
+    return model_coverage(model, {info.name: modules[info.name] for info in engine.layers}, engine.bias)
 
 
 def model_coverage(model: nn.Module, layers: dict[str, nn.Module], bias: bool) -> Coverage:
@@ -90,7 +112,7 @@ def model_coverage(model: nn.Module, layers: dict[str, nn.Module], bias: bool) -
         if p.dim() >= 2:
             cov.matrices.total += 1
             cov.matrices.covered += covered
-            if not covered:
-                cov.uncovered_matrices[type(module).__name__] = cov.uncovered_matrices.get(type(module).__name__, 0) + 1
+            if projectable_type(module) is None:
+                cov.unsupported[type(module).__name__] = cov.unsupported.get(type(module).__name__, 0) + 1
     cov.by_kind = {k: cov.by_kind[k] for k in KINDS if k in cov.by_kind}
     return cov

@@ -75,12 +75,6 @@ def select_layers(model: nn.Module, patterns: list[str] | None,
                 f"Layer pattern '{pattern}' matches no module; supported layers are: {names}{more}."
             )
         usable = [(n, m) for n, m in hits if projectable_type(m) is not None]
-        if not usable:
-            kinds = sorted({type(m).__name__ for _, m in hits})
-            raise GhostprojError(
-                f"Layer pattern '{pattern}' matches only unsupported layer types ({', '.join(kinds)}); "
-                f"ghostproj projects {type_names()} layers."
-            )
         uncovered = [(n, m) for n, m in hits if projectable_type(m) is None and not _inside(n, usable)
                      and any(p.dim() >= 2 for p in m.parameters(recurse=False))]
         if uncovered:
@@ -89,6 +83,12 @@ def select_layers(model: nn.Module, patterns: list[str] | None,
                 f"Layer pattern '{pattern}' names {n} ({type(m).__name__}), whose weights no layer type covers, so "
                 f"its gradient would be silently left out; narrow the pattern to the {type_names()} layers you want "
                 "(e.g. re:...).")
+        if not usable:
+            kinds = sorted({type(m).__name__ for _, m in hits})
+            raise GhostprojError(
+                f"Layer pattern '{pattern}' matches only unsupported layer types ({', '.join(kinds)}); "
+                f"ghostproj projects {type_names()} layers."
+            )
         for n, m in usable:
             if n not in seen:
                 seen.add(n)

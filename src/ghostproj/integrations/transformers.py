@@ -36,6 +36,7 @@ from transformers import TrainerCallback
 
 from .. import defaults
 from ..data.batching import IGNORE_INDEX
+from ..engines.coverage import engine_coverage
 from ..engines.projection import GradProjectionEngine
 from ..engines.projector import projector_hash
 from ..errors import GhostprojError
@@ -255,7 +256,8 @@ class GradientStore:
             projector={"kind": engine.projector_kind, "seed": self.seed, "file": PROJECTOR_FILE,
                        "sha256": sha256_hex(projector)},
             layers=list(engine.layers), store_dtype=self.store_dtype, settings=dict(self.settings),
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), steps=[[step, 0]])
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), steps=[[step, 0]],
+            coverage=engine_coverage(self.model, engine).to_json())
         write_manifest(out, self._manifest, self._manifest_name)
         self._writer = self._run_writer(out)
         self._seen, self._rows, self._boundaries = [], 0, [[step, 0]]

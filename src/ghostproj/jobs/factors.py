@@ -19,6 +19,7 @@ import torch
 from .. import defaults
 from ..data.batching import collate, fixed_size_batches, token_budget_batches
 from ..distributed import distributed_rank
+from ..engines.coverage import coverage_notes, model_coverage
 from ..engines.factors import FactorCollector, decompose
 from ..engines.layer_types import projectable_type
 from ..engines.layers import select_layers
@@ -84,6 +85,7 @@ class FactorsSummary:
     layers: int = 0
     seconds: float = 0.0
     resumed_batches: int = 0
+    coverage: str = ""  # what share of the model the layers hold, in words
     notes: list[str] = field(default_factory=list)
 
 
@@ -105,6 +107,10 @@ def run_factors(opts: FactorsOptions, summary: FactorsSummary | None = None) -> 
     inputs = load_inputs(opts, summary)
     dims = factor_layers(inputs.model, opts.layers)
     names = list(dims)
+    modules = dict(inputs.model.named_modules())
+    coverage = model_coverage(inputs.model, {n: modules[n] for n in names}, bias=False)
+    summary.coverage = coverage.describe()
+    summary.notes += coverage_notes(coverage)
     dist = distributed_rank(inputs.device)
     rank, world = dist or (0, 1)
     subset = inputs.data.examples[opts.shard_id::opts.num_shards][rank::world]

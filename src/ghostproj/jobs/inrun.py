@@ -12,6 +12,7 @@ import torch
 from ..data.batching import Example
 from ..data.readers import DataSpec, LayoutFields
 from ..data.records import example_text
+from ..engines.coverage import Coverage, coverage_notes, model_coverage
 from ..engines.dotprod import GradDotProdEngine
 from ..errors import GhostprojError
 from ..inputs import load_model_and_examples
@@ -70,6 +71,7 @@ class InrunResult:
     counts: torch.Tensor  # [N_train] times each example was drawn
     train_texts: list[str]
     notes: list[str] = field(default_factory=list)
+    coverage: str = ""  # what share of the model the dot products cover, in words
 
 
 def _check_out(opts: InrunOptions) -> None:
@@ -103,7 +105,8 @@ def run_inrun(opts: InrunOptions) -> InrunResult:
     texts = ([example_text(train_data.records, i, train_spec.describe()) for i in range(len(train))]
              if train_data.records is not None else [""] * len(train))
     return InrunResult(out, opts.steps, len(train), len(val), log.loss, time.perf_counter() - t0,
-                       log.values.float(), log.counts, texts, train_data.notes + val_data.notes)
+                       log.values.float(), log.counts, texts,
+                       train_data.notes + val_data.notes + coverage_notes(log.coverage), log.coverage.describe())
 
 
 def _load(opts: InrunOptions):
@@ -141,16 +144,20 @@ class _Log:
     index: list[torch.Tensor] = field(default_factory=list)
     dots: list[torch.Tensor] = field(default_factory=list)
     loss: float = float("nan")
+    coverage: Coverage | None = None
 
 
 def _train(model, pad: int, train: list[Example], val: list[Example], batch_size: int, opts: InrunOptions) -> _Log:
     device = next(model.parameters()).device
     model.train()  # dropout as the checkpoint configures it
     engine = GradDotProdEngine(model, val_batch_size=len(val), loss_reduction="sum", uncovered=opts.uncovered)
+    # a captured layer's weight and bias both take part in the dot products
+    coverage = model_coverage(model, {name: m for name, (m, _) in engine.captured.items()}, bias=True)
     params = list(model.parameters())  # frozen uncovered ones get no gradient, so no update
     optimizer = (torch.optim.SGD if opts.optimizer == "sgd" else torch.optim.AdamW)(params, lr=opts.lr)
     torch.manual_seed(opts.seed)  # dropout masks
-    log = _Log(torch.zeros(len(train), dtype=torch.float64), torch.zeros(len(train), dtype=torch.int64))
+    log = _Log(torch.zeros(len(train), dtype=torch.float64), torch.zeros(len(train), dtype=torch.int64),
+               coverage=coverage)
     engine.attach()
     try:
         with RateProgress("training", total=opts.steps, unit="steps", extra_unit=None,

@@ -18,6 +18,7 @@ from ..distributed import (
     regroup_after_rank_change,
     sync_start,
 )
+from ..engines.coverage import coverage_notes, engine_coverage
 from ..engines.factors import EIGEN, factors_engine
 from ..engines.layers import ADAPTER_LAYERS
 from ..engines.losses import LOSS_REDUCTIONS
@@ -120,6 +121,7 @@ class ProjectSummary:
     repaired: int = 0  # listed shards recomputed: damaged, missing, or holding other examples
     mode: str = "new"  # new, resumed, repaired (a complete run's bad shards) or complete (nothing to do)
     projector_rebuilt: bool = False
+    coverage: str = ""  # what share of the model the projected layers hold, in words
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -251,6 +253,9 @@ def run_project(opts: ProjectOptions, summary: ProjectSummary | None = None) -> 
         loss_reduction=values["loss_reduction"], bias=values["bias"], projector=(values["projector"], values["seed"]),
         layers=engine.layers, store_dtype=opts.store_dtype, settings=run_settings(opts, inputs),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    coverage = engine_coverage(inputs.model, engine)
+    manifest.coverage, summary.coverage = coverage.to_json(), coverage.describe()
+    summary.notes += coverage_notes(coverage)
     if factors is not None or (like is not None and like.factors):
         manifest.projector["kind"] = EIGEN
         manifest.factors = like.factors if like else factors_record(opts.factors, *factors)
@@ -390,7 +395,7 @@ def _write_run(opts: ProjectOptions, values: dict, inputs: LoadedInputs, engine:
 
 
 # Summary fields that describe this invocation, not the run: kept out of the manifest.
-_RUNTIME_ONLY = ("out", "notes", "repaired", "mode", "projector_rebuilt")
+_RUNTIME_ONLY = ("out", "notes", "repaired", "mode", "projector_rebuilt", "coverage")
 
 
 def _ensure_projector(out: Path, data: bytes, manifest: Manifest, part: _Part) -> bool:

@@ -120,7 +120,7 @@ class ShardEntry:
 
 _RUN_FIELDS = {"fingerprint_parts": dict, "model": dict, "data": dict, "loss_reduction": str, "bias": bool,
                "projector": dict, "settings": dict, "created": str, "complete": bool, "summary": dict,
-               "part": dict, "factors": dict, "steps": list}
+               "part": dict, "factors": dict, "steps": list, "coverage": dict}
 
 
 @dataclass
@@ -147,6 +147,7 @@ class Manifest:
     part: dict | None = None  # {"shard_id", "num_shards", "rows"} of a job-array part or a torchrun rank
     factors: dict | None = None  # the eigenbasis a run was projected in
     steps: list | None = None  # [step, rows stored before it] of a training-time window
+    coverage: dict | None = None  # the share of the model the layers hold (engines.coverage)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -194,7 +195,7 @@ class Manifest:
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         out.update(shards=[s.to_json() for s in self.shards], complete=self.complete)
-        for key in ("summary", "part", "factors", "steps"):
+        for key in ("coverage", "summary", "part", "factors", "steps"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return {**out, **self.extra}
