@@ -74,6 +74,26 @@ def load_model(path: str, dtype: str = "float32", device: str = "auto", revision
     return model, tokenizer
 
 
+def enable_gradient_checkpointing(model) -> int:
+    """HF's non-reentrant activation checkpointing of every decoder layer, with dropout kept
+    off: HF checkpoints a layer only while that layer is in training mode, so the layers
+    alone are switched to it and every module inside them stays in eval mode. Returns how
+    many layers are checkpointed."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise GhostprojError(f"{type(model).__name__} does not support gradient checkpointing; drop "
+                             "--gradient-checkpointing.")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.eval()
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise GhostprojError(f"{type(model).__name__} has no layer HF can checkpoint; drop --gradient-checkpointing.")
+    for layer in layers:
+        layer.training = True
+    return len(layers)
+
+
 def _load_adapter(model, adapter: str):
     """Wrap ``model`` with a PEFT (LoRA) adapter from a local directory."""
     try:

@@ -64,6 +64,11 @@ LayersOpt = Annotated[Optional[str], opt("--layers", help="Module-name patterns,
 DeviceOpt = Annotated[str, opt(help="auto, cpu or cuda.", panel=RUN)]
 
 
+CheckpointingOpt = Annotated[bool, opt("--gradient-checkpointing", panel=RUN,
+                                       help="Recompute each decoder layer's activations in the backward pass: less "
+                                            "memory, for a larger --token-budget.")]
+
+
 FactorsOpt = Annotated[Optional[str], opt(help="Kronecker factors (`ghostproj factors`): check their eigenbasis, "
                                            "as project --factors uses it.", panel=PROJECTION, default="none")]
 
@@ -206,6 +211,7 @@ PROJECT_OPTIONS = {
     "token_budget": opt(help="Batch by length buckets up to N padded tokens.", panel=RUN,
                          default="fixed --batch-size"),
     "compile": opt("--compile", help="torch.compile the model (pays on long runs).", panel=RUN),
+    "gradient_checkpointing": info(CheckpointingOpt),
     "optimizer_state": opt(help="Adam moments (safetensors, or a torch optimizer checkpoint): project each "
                                  "example's Adam update direction instead of its gradient.", panel=PROJECTION,
                             default="raw gradients"),
@@ -342,6 +348,7 @@ NAIVE_CHECK_OPTIONS = {
     "bias": opt("--bias/--no-bias", help="Include layer biases.", panel=PROJECTION),
     "tolerance": opt(help="Max relative error.", panel=RUN, default="1e-4; 2e-2 for 16-bit models"),
     "factors": info(FactorsOpt),
+    "gradient_checkpointing": info(CheckpointingOpt),
     "device": info(DeviceOpt),
 }
 NON_INTERF_OPTIONS = {

@@ -49,7 +49,10 @@ class Batch:
                                                          self.position_ids, self.labels)))
 
     def model_inputs(self) -> dict:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+        # one full-sequence pass, never generation: a KV cache would only hold memory (and a
+        # checkpointed layer recomputed in the backward pass would append to it twice)
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids,
+                "use_cache": False}
 
 
 def tokenize_records(records: Records, tokenizer, max_length: int, text_field: str = "text") -> list[Example]:

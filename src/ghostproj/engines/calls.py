@@ -135,12 +135,15 @@ class LayerCall:
 class SharedInputs:
     """Layers that read the very same input tensor (Llama's q/k/v and gate/up) project it
     in one product against their stacked P_in. Which layers share an input is learnt in
-    the first step, from the tensors they were called with."""
+    the first step, from consecutive calls with the same tensor. Only the last call's input
+    is held while learning: holding every layer's input would keep the activations that
+    gradient checkpointing frees."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
         self.learning = True
-        self._seen: list[tuple[str, torch.Tensor]] = []
+        self._last: tuple[torch.Tensor, list[str]] | None = None  # the latest input and the layers that read it
+        self._runs: list[list[str]] = []  # layers that read one input, one call after another
         self._groups: dict[str, _Group] = {}
         self._pending: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
 
@@ -157,7 +160,7 @@ class SharedInputs:
         group = self._groups.get(call.name)
         if group is None:
             if self.learning:
-                self._seen.append((call.name, x))
+                self._note(call.name, x)
             return project(x, mats.p_in, mats.bias_col)
         stacked = group.matrices(self.engine, x.device, call.dtype)
         parts = dict(zip(group.names, project(x, stacked.p_in, stacked.bias_col).split(group.widths, dim=-1)))
@@ -165,24 +168,30 @@ class SharedInputs:
         self._pending = (x, parts)
         return mine
 
+    def _note(self, name: str, x: torch.Tensor) -> None:
+        if self._last is not None and self._last[0] is x:
+            if name not in self._last[1]:
+                self._last[1].append(name)
+            return
+        if self._last is not None:
+            self._runs.append(self._last[1])
+        self._last = (x, [name])
+
     def end_step(self) -> None:
         self._pending = None
-        if self.learning and self._seen:
+        if self.learning and self._last is not None:
+            self._runs.append(self._last[1])
+            self._last = None
             self._learn()
 
     def _learn(self) -> None:
-        by_input: dict[int, tuple[torch.Tensor, list[str]]] = {}
-        for name, x in self._seen:
-            entry = by_input.setdefault(id(x), (x, []))
-            if entry[0] is x and name not in entry[1]:
-                entry[1].append(name)
-        self._seen.clear()
         self.learning = False
         k_in = {i.name: i.k_in for i in self.engine.layers}
-        for _, names in by_input.values():
+        for names in self._runs:
             if len(names) > 1 and not any(n in self._groups for n in names):
                 group = _Group(names, [k_in[n] for n in names])
                 self._groups.update({n: group for n in names})
+        self._runs.clear()
 
 
 class _Group:

@@ -201,6 +201,7 @@ class NaiveCheckOptions(CheckSource):
     bias: bool = False
     tolerance: float | None = None  # None: 1e-4, or SIXTEEN_BIT_TOLERANCE for 16-bit models
     factors: str | None = None
+    gradient_checkpointing: bool = False  # the engine under recomputation, as project --gradient-checkpointing
     device: str = "auto"
 
 
@@ -233,7 +234,7 @@ def run_naive_check(opts: NaiveCheckOptions) -> NaiveCheckResult:
     dtype, device, tolerance, adapter = opts.dtype, opts.device, opts.tolerance, opts.adapter
     include_embeddings, factors, fields = opts.include_embeddings, opts.factors, opts.fields
     from ..engines.layers import ADAPTER_LAYERS
-    from ..models import pad_token_id
+    from ..models import enable_gradient_checkpointing, pad_token_id
     from ..store.factors_file import load_factors
 
     if factors is not None and (adapter or bias or include_embeddings):
@@ -242,6 +243,8 @@ def run_naive_check(opts: NaiveCheckOptions) -> NaiveCheckResult:
     loaded = load_factors(factors, sums=False) if factors is not None else None  # a bad file before the model load
     model, tokenizer, data = load_model_and_data(model_path, data_path, dtype, device, max_length, adapter, **fields)
     examples = pick_mixed_lengths(data.examples, samples)
+    if opts.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if layers is None and adapter:
         layers = [ADAPTER_LAYERS]
     if loaded is not None:

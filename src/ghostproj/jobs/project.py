@@ -26,6 +26,7 @@ from ..engines.projection import GradProjectionEngine
 from ..engines.projector import PROJECTOR_KINDS, LayerProjector, projector_hash
 from ..errors import GhostprojError
 from ..inputs import InputFields, LoadedInputs, load_inputs
+from ..models import enable_gradient_checkpointing
 from ..progress import RateProgress
 from ..store.factors_file import FactorTotals, load_factors
 from ..store.files import atomic_write
@@ -83,6 +84,7 @@ class ProjectOptions(InputFields):
     resume: bool = True
     verify: bool = False  # on resume or rerun, hash every shard, not only the last one
     compile: bool = False  # torch.compile the model with the engine attached: one graph, no break per layer
+    gradient_checkpointing: bool = False  # recompute each decoder layer's activations in the backward pass
     optimizer_state: str | None = None  # Adam moments: project update directions, not raw gradients (LESS)
     factors: str | None = None  # `ghostproj factors`: project in their Kronecker eigenbasis
     show_progress: bool = True
@@ -244,6 +246,8 @@ def run_project(opts: ProjectOptions, summary: ProjectSummary | None = None) -> 
     summary = summary if summary is not None else ProjectSummary(out=opts.out)
     factors = load_factors(opts.factors, sums=False) if opts.factors else None  # the eigenvectors are what it uses
     inputs = load_inputs(opts, summary)
+    if opts.gradient_checkpointing:
+        enable_gradient_checkpointing(inputs.model)
     engine = build_engine(inputs.model, opts, values, like, factors)
     parts = fingerprint_parts(engine.layers, weights_sha(inputs.model, engine, opts.adapter),
                               projector_hash(engine.projectors), values["loss_reduction"], values["bias"])
