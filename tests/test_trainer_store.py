@@ -379,3 +379,23 @@ def test_ddp_ranks_store_their_rows_into_one_run(tmp_path):
     model = GPT2LMHeadModel.from_pretrained(tmp_path / "model")
     ref = project_rows(model, datasets.load_from_disk(str(tmp_path / "dataset")), run.index.tolist())
     assert rel_err(run.grads, ref) <= 1e-5
+
+
+@needs_torchrun
+def test_a_killed_ddp_training_resumed_from_a_checkpoint_continues_every_ranks_store(tmp_path):
+    """2 ranks, 4 steps, a checkpoint every 2 steps, killed after step 3: resumed from
+    checkpoint-2, each rank cuts its own part back to the checkpoint and continues, and the
+    joined window equals an uninterrupted 2-rank run's."""
+    from pathlib import Path
+
+    script = Path(__file__).with_name("ddp_trainer_store.py")
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    assert torchrun(2, [clean, 2, 0], script=script).returncode == 0
+    assert torchrun(2, [killed, 2, 3], script=script).returncode != 0
+    window = killed / "store" / "epoch-0"
+    assert not (window / "manifest.json").exists() and (window / "manifest-r001.json").exists()
+    proc = torchrun(2, [killed, 2, 0, killed / "trainer" / "checkpoint-2"], script=script)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, want = load_projections(window), load_projections(clean / "store" / "epoch-0")
+    assert sorted(got.index.tolist()) == list(range(16)) and open_run(window).manifest.data["count"] == 16
+    assert rel_err(got.grads[got.index.argsort()], want.grads[want.index.argsort()]) <= 1e-5

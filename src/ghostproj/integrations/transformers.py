@@ -147,7 +147,7 @@ class GradientStore:
         if self._writer is not None:
             self._writer.flush()
             self._manifest.steps = [list(b) for b in self._boundaries]
-            write_manifest(self._writer.run_dir, self._manifest)
+            write_manifest(self._writer.run_dir, self._manifest, self._manifest_name)
 
     def close(self) -> None:
         self.close_window()
