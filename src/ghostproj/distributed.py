@@ -54,6 +54,36 @@ def distributed_rank(device: torch.device) -> tuple[int, int] | None:
     return td.get_rank(), td.get_world_size()
 
 
+def shard_model(model, device: torch.device) -> int:
+    """FSDP2 (``fully_shard``) over this torchrun's ranks: each decoder layer its own unit,
+    and the root for what is left (embeddings, head, final norm). Weights are gathered for
+    one unit's forward and again for its backward; the engine reads each layer's weight at
+    call time, so it sees the gathered one. Returns the number of decoder layers sharded."""
+    import torch.distributed as td
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise GhostprojError(f"{type(model).__name__} has no decoder layers FSDP could shard one by one; "
+                             "drop --fsdp.")
+    mesh = init_device_mesh(device.type, (td.get_world_size(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return len(layers)
+
+
+def most_over_ranks(n: int) -> int:
+    """The largest ``n`` any rank has (object collectives: gloo and nccl alike)."""
+    import torch.distributed as td
+
+    counts = [None] * td.get_world_size()
+    td.all_gather_object(counts, n)
+    return max(counts)
+
+
 def sync_start(out: Path, rank: int) -> None:
     """Rank 0 creates the shared directory before any rank looks at it."""
     import torch.distributed as td

@@ -212,6 +212,8 @@ PROJECT_OPTIONS = {
                          default="fixed --batch-size"),
     "compile": opt("--compile", help="torch.compile the model (pays on long runs).", panel=RUN),
     "gradient_checkpointing": info(CheckpointingOpt),
+    "fsdp": opt("--fsdp", panel=RUN, help="Under torchrun: shard the weights across the ranks (FSDP2); each rank "
+                                          "projects its own rows."),
     "optimizer_state": opt(help="Adam moments (safetensors, or a torch optimizer checkpoint): project each "
                                  "example's Adam update direction instead of its gradient.", panel=PROJECTION,
                             default="raw gradients"),

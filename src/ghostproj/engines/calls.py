@@ -77,7 +77,6 @@ class LayerCall:
         self.engine, self.name, self.module, self.inner = engine, name, module, inner
         self.kind, self.transposed, self.fused = kind, transposed, fused
         self.token_ids = kind.takes_token_ids  # its input is projected by the type (a gather), not by P_in x
-        self.weight = module.weight
         self.device: torch.device | None = None  # where and in which dtype ``mats`` apply
         self.dtype: torch.dtype | None = None
         self.mats: LayerMatrices | None = None
@@ -244,7 +243,10 @@ class _ProjectedLinear(torch.autograd.Function):
         rows = grad.contiguous().view(-1, grad.shape[-1])
         grad_x = None
         if ctx.needs_input_grad[0]:  # not for the lowest projected layer: backward ends here
-            w = call.weight if call.weight.dtype is grad.dtype else call.weight.to(grad.dtype)
+            # read now, not at attach time: FSDP swaps a sharded weight for the gathered one
+            # around each forward and backward
+            w = call.module.weight
+            w = w if w.dtype is grad.dtype else w.to(grad.dtype)
             grad_x = call.kind.input_grad(rows, w)
             grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1])
         return grad_x, contract(xp, ctx.p_out.rows(rows), ctx.batch, False), None

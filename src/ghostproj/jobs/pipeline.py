@@ -81,9 +81,21 @@ class BatchRunner:
         self.engine, self.device = engine, inputs.device
         self.reduction, self.pad = values["loss_reduction"], pad_token_id(inputs.tokenizer)
         self.store_dtype = STORE_DTYPES[opts.store_dtype]
+        # A sharded model (--fsdp) gathers each unit's weights with every rank in every
+        # forward and backward, so no rank may skip one: a batch without label positions
+        # runs a filler example, and a rank with fewer batches runs ``fillers`` more.
+        self.sharded = opts.fsdp
+        self.fillers = 0
+        self.filler = [next((e for e in inputs.data.examples if e.n_label_positions > 0), None)]
 
     def launch(self, batch: list[Example]):
+        if self.sharded and not any(e.n_label_positions > 0 for e in batch):
+            self.run_filler()
         return launch_batch(self.forward, self.engine, batch, self.reduction, self.pad, self.device, self.store_dtype)
+
+    def run_filler(self) -> None:
+        """One forward and backward whose vectors are dropped."""
+        launch_batch(self.forward, self.engine, self.filler, self.reduction, self.pad, self.device).result()
 
     def pipeline(self, batches: list[tuple[int, list[Example]]], writer: RunWriter, bar: RateProgress) -> None:
         """One batch in flight: batch t+1 is queued on the device before batch t's results
@@ -96,6 +108,8 @@ class BatchRunner:
             pending = launched
         if pending is not None:
             deliver(pending[1], writer, bar, pending[0])
+        for _ in range(self.fillers):
+            self.run_filler()
 
 
 def dynamic_batch_sizes(compiling: bool):

@@ -15,7 +15,9 @@ from ..data.batching import Example
 from ..distributed import (
     distributed_rank,
     finish_distributed,
+    most_over_ranks,
     regroup_after_rank_change,
+    shard_model,
     sync_start,
 )
 from ..engines.coverage import coverage_notes, engine_coverage
@@ -85,6 +87,7 @@ class ProjectOptions(InputFields):
     verify: bool = False  # on resume or rerun, hash every shard, not only the last one
     compile: bool = False  # torch.compile the model with the engine attached: one graph, no break per layer
     gradient_checkpointing: bool = False  # recompute each decoder layer's activations in the backward pass
+    fsdp: bool = False  # under torchrun: shard the weights across the ranks (FSDP2), each rank its own rows
     optimizer_state: str | None = None  # Adam moments: project update directions, not raw gradients (LESS)
     factors: str | None = None  # `ghostproj factors`: project in their Kronecker eigenbasis
     show_progress: bool = True
@@ -99,6 +102,9 @@ class ProjectOptions(InputFields):
             raise GhostprojError(f"--max-length must be at least 2, got {self.max_length}.")
         if self.batch_size < 1:
             raise GhostprojError(f"--batch-size must be at least 1, got {self.batch_size}.")
+        if self.fsdp and (self.compile or self.optimizer_state):
+            raise GhostprojError("--fsdp runs eager projection of raw gradients: drop --compile and "
+                                 "--optimizer-state.")
         if self.optimizer_state and (self.compile or self.include_embeddings):
             raise GhostprojError("--optimizer-state works with Linear / Conv1D layers in eager mode: drop --compile "
                                  "and --include-embeddings.")
@@ -260,6 +266,11 @@ def run_project(opts: ProjectOptions, summary: ProjectSummary | None = None) -> 
     coverage = engine_coverage(inputs.model, engine)
     manifest.coverage, summary.coverage = coverage.to_json(), coverage.describe()
     summary.notes += coverage_notes(coverage)
+    if opts.fsdp:  # the weights are hashed and counted above, whole; from here on each rank holds its shard
+        if distributed_rank(inputs.device) is None:
+            raise GhostprojError("--fsdp shards the model across torchrun's ranks; start the command with "
+                                 "torchrun --nproc-per-node N.")
+        shard_model(inputs.model, inputs.device)
     if factors is not None or (like is not None and like.factors):
         manifest.projector["kind"] = EIGEN
         manifest.factors = like.factors if like else factors_record(opts.factors, *factors)
@@ -368,6 +379,8 @@ def _write_run(opts: ProjectOptions, values: dict, inputs: LoadedInputs, engine:
         summary.notes.append(f"Resumed after {summary.resumed_from} examples already written.")
     batches = plan.batches_for(state.todo)
     run = BatchRunner(opts, values, inputs, engine)
+    if opts.fsdp:  # every rank takes part in every unit's gathers: all run as many batches
+        run.fillers = most_over_ranks(len(batches)) - len(batches)
     try:
         with RateProgress("projecting", total=sum(len(b) for _, b in batches), enabled=opts.show_progress) as bar, \
                 engine, dynamic_batch_sizes(opts.compile):

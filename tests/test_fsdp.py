@@ -1,0 +1,80 @@
+"""`project --fsdp`: FSDP2 shards the weights across torchrun's ranks; each rank projects
+its own rows, and the run equals a single process's, also when a rank has fewer batches or
+a batch without label positions (every rank must join every gather), and after a kill."""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+from helpers import needs_torchrun, rel_err, run_cli, torchrun, write_jsonl
+
+from ghostproj.scoring import load_projections
+
+
+def args(model_dir, data, out, *extra):
+    return ["project", "--model", model_dir, "--data", data, "--out", out, "--rank", "16", "--shard-size", "8",
+            "--max-length", "24", "--store-dtype", "float32", "--device", "cpu", *extra]
+
+
+def same_vectors(one, sharded):
+    a, b = load_projections(one), load_projections(sharded)
+    oa, ob = torch.argsort(a.index), torch.argsort(b.index)
+    assert b.index[ob].tolist() == a.index[oa].tolist() == list(range(37))
+    assert rel_err(b.grads[ob], a.grads[oa]) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    """37 rows, two without a label position, of mixed lengths: ranks get different numbers
+    of token-budget batches, and some batch holds no label position."""
+    words = "the cat sat on the mat bake the bread planets orbit the sun".split()
+    rows = [{"text": " ".join(words[(i * 5 + j) % len(words)] for j in range(2 + (i * 7) % 13))} for i in range(37)]
+    rows[5]["text"], rows[7]["text"], rows[20]["text"] = "", "a", ""  # rows 5 and 7: one batch of 2 on rank 1
+    path = tmp_path_factory.mktemp("uneven") / "data.jsonl"
+    write_jsonl(path, rows)
+    return path
+
+
+@needs_torchrun
+@pytest.mark.parametrize("model_dir", ["gpt2_dir", "llama_dir"])
+def test_fsdp_ranks_equal_one_process(request, tmp_path, model_dir, uneven):
+    model_dir = request.getfixturevalue(model_dir)
+    batching = ("--token-budget", "40")
+    assert run_cli(args(model_dir, uneven, tmp_path / "one", *batching))[0] == 0
+    res = torchrun(2, args(model_dir, uneven, tmp_path / "fsdp", *batching, "--fsdp"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads((tmp_path / "fsdp" / "manifest.json").read_text())
+    assert m["complete"] and {s["rank"] for s in m["shards"]} == {0, 1} and not list((tmp_path / "fsdp").glob("manifest-r*"))
+    same_vectors(tmp_path / "one", tmp_path / "fsdp")
+
+
+@needs_torchrun
+def test_a_killed_fsdp_run_resumes(tmp_path, gpt2_dir, uneven):
+    assert run_cli(args(gpt2_dir, uneven, tmp_path / "one", "--batch-size", "2"))[0] == 0
+    out = tmp_path / "fsdp"
+    cmd = args(gpt2_dir, uneven, out, "--batch-size", "2", "--fsdp")
+    proc = torchrun(2, cmd, popen=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads((out / "manifest-r000.json").read_text())["shards"]) >= 1:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    res = torchrun(2, cmd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    same_vectors(tmp_path / "one", out)
+
+
+def test_fsdp_needs_torchrun(capsys, tmp_path, gpt2_dir, uneven):
+    code, _, err = run_cli(args(gpt2_dir, uneven, tmp_path / "x", "--fsdp"), capsys)
+    assert code == 2 and "--fsdp shards the model across torchrun's ranks" in err
+    code, _, err = run_cli(args(gpt2_dir, uneven, tmp_path / "y", "--fsdp", "--compile"), capsys)
+    assert code == 2 and "drop --compile" in err
