@@ -9,6 +9,7 @@ import torch
 
 from ..data.batching import Example, collate
 from ..data.transfer import HostCopy
+from ..distributed import most_over_ranks
 from ..engines.losses import causal_lm_losses
 from ..engines.projection import GradProjectionEngine
 from ..inputs import LoadedInputs
@@ -83,9 +84,8 @@ class BatchRunner:
         self.store_dtype = STORE_DTYPES[opts.store_dtype]
         # A sharded model (--fsdp) gathers each unit's weights with every rank in every
         # forward and backward, so no rank may skip one: a batch without label positions
-        # runs a filler example, and a rank with fewer batches runs ``fillers`` more.
+        # runs a filler example, and a rank with fewer batches runs filler batches after its own.
         self.sharded = opts.fsdp
-        self.fillers = 0
         self.filler = [next((e for e in inputs.data.examples if e.n_label_positions > 0), None)]
 
     def launch(self, batch: list[Example]):
@@ -100,6 +100,7 @@ class BatchRunner:
     def pipeline(self, batches: list[tuple[int, list[Example]]], writer: RunWriter, bar: RateProgress) -> None:
         """One batch in flight: batch t+1 is queued on the device before batch t's results
         are waited for and handed to the writer with their place in the row stream."""
+        fillers = most_over_ranks(len(batches)) - len(batches) if self.sharded else 0
         pending = None
         for start, batch in batches:
             launched = (start, self.launch(batch))
@@ -108,7 +109,7 @@ class BatchRunner:
             pending = launched
         if pending is not None:
             deliver(pending[1], writer, bar, pending[0])
-        for _ in range(self.fillers):
+        for _ in range(fillers):
             self.run_filler()
 
 

@@ -15,7 +15,6 @@ from ..data.batching import Example
 from ..distributed import (
     distributed_rank,
     finish_distributed,
-    most_over_ranks,
     regroup_after_rank_change,
     shard_model,
     sync_start,
@@ -379,8 +378,6 @@ def _write_run(opts: ProjectOptions, values: dict, inputs: LoadedInputs, engine:
         summary.notes.append(f"Resumed after {summary.resumed_from} examples already written.")
     batches = plan.batches_for(state.todo)
     run = BatchRunner(opts, values, inputs, engine)
-    if opts.fsdp:  # every rank takes part in every unit's gathers: all run as many batches
-        run.fillers = most_over_ranks(len(batches)) - len(batches)
     try:
         with RateProgress("projecting", total=sum(len(b) for _, b in batches), enabled=opts.show_progress) as bar, \
                 engine, dynamic_batch_sizes(opts.compile):
