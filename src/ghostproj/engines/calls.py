@@ -244,8 +244,9 @@ class _ProjectedLinear(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:  # not for the lowest projected layer: backward ends here
             # read now, not at attach time: FSDP swaps a sharded weight for the gathered one
-            # around each forward and backward
-            w = call.module.weight
+            # around each forward and backward (the dict itself: nn.Module's attribute lookup
+            # costs this host-bound path measurably)
+            w = call.module._parameters["weight"]
             w = w if w.dtype is grad.dtype else w.to(grad.dtype)
             grad_x = call.kind.input_grad(rows, w)
             grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1])
