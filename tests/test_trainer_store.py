@@ -399,3 +399,37 @@ def test_a_killed_ddp_training_resumed_from_a_checkpoint_continues_every_ranks_s
     got, want = load_projections(window), load_projections(clean / "store" / "epoch-0")
     assert sorted(got.index.tolist()) == list(range(16)) and open_run(window).manifest.data["count"] == 16
     assert rel_err(got.grads[got.index.argsort()], want.grads[want.index.argsort()]) <= 1e-5
+
+
+def test_configurations_the_store_cannot_serve_are_one_sentence(tmp_path, tokenizer, dataset):
+    """Unknown layers, a wrapper that hides the logits, and label smoothing (unequal token
+    weights) are refused in one sentence, before a wrong vector is written."""
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from ghostproj.integrations.transformers import GradientStoreCallback
+
+    class LossOnly(torch.nn.Module):
+        """A model wrapped so that only its loss comes out."""
+
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, **inputs):
+            return {"loss": self.lm(**inputs).loss}
+
+    def run(model, out, **extra):
+        args = TrainingArguments(output_dir=str(tmp_path / out), per_device_train_batch_size=4, max_steps=1,
+                                 report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+                                 dataloader_num_workers=0, **extra)
+        Trainer(model=model, args=args, train_dataset=dataset,
+                callbacks=[GradientStoreCallback(tmp_path / out / "store", dataset, rank=RANK,
+                                                 layers=["nope"] if out == "layers" else None)],
+                data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False)).train()
+
+    with pytest.raises(GhostprojError, match="Layer pattern 'nope' matches no module"):
+        run(gpt2_without_dropout(len(tokenizer)), "layers")
+    with pytest.raises(GhostprojError, match="No gradient reached the model's logits"):
+        run(LossOnly(gpt2_without_dropout(len(tokenizer))), "wrapped", remove_unused_columns=False)
+    with pytest.raises(GhostprojError, match="weighs an example's tokens unequally"):
+        run(gpt2_without_dropout(len(tokenizer)), "smoothed", label_smoothing_factor=0.1)

@@ -356,6 +356,10 @@ class GradientStoreCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         if model is None:
             raise GhostprojError("GradientStoreCallback got no model from the Trainer.")
+        if getattr(args, "label_smoothing_factor", 0):  # the Trainer then keeps the labels from the model
+            raise GhostprojError("Label smoothing weighs an example's tokens unequally, so its gradients cannot be "
+                                 "rescaled to project's per-example loss exactly; train without it while storing "
+                                 "gradients.")
         options = dict(self.options)
         if options["keys"] is None:
             dataset = getattr(train_dataloader, "dataset", None)
