@@ -219,3 +219,23 @@ def tiny_qwen3_moe(vocab_size, experts=4, top_k=2):
                          num_experts=experts, num_experts_per_tok=top_k, max_position_embeddings=64,
                          bos_token_id=0, eos_token_id=0, pad_token_id=0)
     return Qwen3MoeForCausalLM(cfg).eval()
+
+
+def kill_torchrun_after_shards(args, out, shards: int, ranks: int = 2) -> None:
+    """Start ``ghostproj ARGS`` on ``ranks`` ranks and kill every process as soon as rank 0
+    has recorded ``shards`` shards in its manifest; the run must not have finished."""
+    import signal
+    import time
+
+    proc = torchrun(ranks, args, popen=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads((Path(out) / "manifest-r000.json").read_text())["shards"]) >= shards:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (Path(out) / "manifest.json").exists(), "the run finished before it could be killed"

@@ -3,13 +3,10 @@ its own rows, and the run equals a single process's, also when a rank has fewer 
 a batch without label positions (every rank must join every gather), and after a kill."""
 
 import json
-import os
-import signal
-import time
 
 import pytest
 import torch
-from helpers import needs_torchrun, rel_err, run_cli, torchrun, write_jsonl
+from helpers import kill_torchrun_after_shards, needs_torchrun, rel_err, run_cli, torchrun, write_jsonl
 
 from ghostproj.scoring import load_projections
 
@@ -56,18 +53,7 @@ def test_a_killed_fsdp_run_resumes(tmp_path, gpt2_dir, uneven):
     assert run_cli(args(gpt2_dir, uneven, tmp_path / "one", "--batch-size", "2"))[0] == 0
     out = tmp_path / "fsdp"
     cmd = args(gpt2_dir, uneven, out, "--batch-size", "2", "--fsdp")
-    proc = torchrun(2, cmd, popen=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if len(json.loads((out / "manifest-r000.json").read_text())["shards"]) >= 1:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    kill_torchrun_after_shards(cmd, out, 1)
     res = torchrun(2, cmd)
     assert res.returncode == 0, res.stderr[-3000:]
     same_vectors(tmp_path / "one", out)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from helpers import needs_torchrun, run_cli, torchrun, write_jsonl
+from helpers import kill_torchrun_after_shards, needs_torchrun, run_cli, torchrun, write_jsonl
 
 from ghostproj.scoring import load_projections
 
@@ -188,18 +188,7 @@ def test_torchrun_two_ranks_on_cpu(tmp_path, gpt2_dir, corpus, single):
 def test_torchrun_resume_with_a_different_number_of_ranks(tmp_path, gpt2_dir, corpus, single):
     out = tmp_path / "ranks"
     args = project_args(gpt2_dir, corpus, out, "--store-dtype", "float32")
-    proc = torchrun(2, args, popen=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if len(json.loads((out / "manifest-r000.json").read_text())["shards"]) >= 2:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    kill_torchrun_after_shards(args, out, 2)
     res = torchrun(3, args)
     assert res.returncode == 0, res.stderr[-2000:]
     m = json.loads((out / "manifest.json").read_text())
