@@ -84,7 +84,11 @@ def enable_gradient_checkpointing(model) -> int:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise GhostprojError(f"{type(model).__name__} does not support gradient checkpointing; drop "
                              "--gradient-checkpointing.")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable = getattr(model, "activation_checkpointing_enable", None)  # the name from transformers 5.x on
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.eval()
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not layers:
