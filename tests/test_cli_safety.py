@@ -143,6 +143,7 @@ def test_manifest_summary_records_bytes_and_seconds(runs):
     (lambda m: m["shards"][0].update(rows="many"), "has a bad 'rows' ('many' is not a count)"),
     (lambda m: m.update(layers="all"), "bad 'layers' ('all' is not a list)"),
     (lambda m: m["shards"][0].update(file="../../etc/passwd"), "not a plain shard file name"),
+    (lambda m: m.update(coverage={"parameters": "most"}), "'coverage' is not [covered, total] counts"),
 ])
 def test_damaged_manifests_are_one_sentence(capsys, runs, tmp_path, edit, match):
     train, query = runs

@@ -60,6 +60,13 @@ def test_unknown_keys_are_kept_and_written_back():
     (lambda m: m["shards"].extend([{"file": "grads-r000-00000.safetensors", "rows": 1}] * 2), "twice"),
     (lambda m: m["shards"].append("grads-r000-00000.safetensors"), "shard entry 0 is not an object"),
     (lambda m: m.pop("projector") and m.update(projector={"kind": "gaussian"}), "lacks 'kind' or 'seed'"),
+    (lambda m: m.update(part={"shard_id": 3, "num_shards": 2}), "'part' is not a shard_id below num_shards"),
+    (lambda m: m.update(part={"num_shards": 2}), "'part' is not a shard_id"),
+    (lambda m: m.update(steps=[[0, 4], [1]]), "'steps' are not"),
+    (lambda m: m.update(coverage={"parameters": 5, "matrices": [1, 2], "by_kind": {}}), "'coverage' is not"),
+    (lambda m: m.update(coverage={"parameters": [1, 2], "matrices": [1, 2], "by_kind": {"mlp": "all"}}),
+     "'coverage' is not"),
+    (lambda m: m.update(factors={"path": "f"}), "'factors' lack the per-layer 'lambda_base'"),
 ])
 def test_validation_names_what_is_wrong(edit, match):
     m = copy.deepcopy(manifest().to_json())

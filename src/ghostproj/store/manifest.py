@@ -169,6 +169,7 @@ class Manifest:
             raise ManifestDamaged(f"it lists shard {twice} twice")
         if self.projector is not None and ("kind" not in self.projector or "seed" not in self.projector):
             raise ManifestDamaged("its 'projector' lacks 'kind' or 'seed'")
+        _check_nested(self)
 
     @property
     def dim(self) -> int:
@@ -229,6 +230,29 @@ class Manifest:
             if getattr(self, key) is None:
                 raise GhostprojError(f"{path} lacks '{key}', which {why} needs; it was not written by "
                                      "`ghostproj project`.")
+
+
+def _pair(v) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(_is_int(x) for x in v)
+
+
+def _check_nested(m: "Manifest") -> None:
+    """The inner records readers index into: a job-array part, a training window's step
+    boundaries, the coverage, an eigenbasis run's factors."""
+    part = m.part
+    if part is not None and not (_is_int(part.get("shard_id")) and _is_int(part.get("num_shards"), 1)
+                                 and part["shard_id"] < part["num_shards"]
+                                 and ("rows" not in part or _is_int(part["rows"]))):
+        raise ManifestDamaged("its 'part' is not a shard_id below num_shards (with a row count)")
+    if m.steps is not None and not all(_pair(b) for b in m.steps):
+        raise ManifestDamaged("its 'steps' are not [step, rows] pairs")
+    cov = m.coverage
+    if cov is not None and not (_pair(cov.get("parameters")) and _pair(cov.get("matrices"))
+                                and isinstance(cov.get("by_kind"), dict)
+                                and all(isinstance(k, str) and _pair(v) for k, v in cov["by_kind"].items())):
+        raise ManifestDamaged("its 'coverage' is not [covered, total] counts")
+    if m.factors is not None and not isinstance(m.factors.get("lambda_base"), dict):
+        raise ManifestDamaged("its 'factors' lack the per-layer 'lambda_base'")
 
 
 def shard_file_name(rank: int, seq: int) -> str:
