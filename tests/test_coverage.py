@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import fails, run_cli, tiny_gpt2, tiny_llama, tiny_qwen3_moe
+from helpers import run_cli, tiny_gpt2, tiny_llama, tiny_qwen3_moe
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -53,30 +53,49 @@ def test_covered_parameters_are_exactly_the_projected_layers(chosen, bias):
     assert sum(s.total for s in cov.by_kind.values()) == cov.parameters.total
 
 
-def test_a_mixture_of_experts_shows_its_experts_left_out(tmp_path, tokenizer, data_file, capsys):
+def test_a_mixture_of_experts_is_covered_whole(tmp_path, tokenizer, data_file, capsys):
     torch.manual_seed(0)
     model = tiny_qwen3_moe(len(tokenizer))
-    cov = engine_coverage(model, GradProjectionEngine(model, rank=4))
-    assert cov.by_kind["experts"].covered == 0 and cov.by_kind["experts"].total == 2 * 4 * (32 * 32 + 32 * 16)
-    assert cov.by_kind["router"].covered == 0 and cov.unsupported == {"Qwen3MoeExperts": 4, "Qwen3MoeTopKRouter": 2}
+    cov = engine_coverage(model, GradProjectionEngine(model, rank=16))
+    assert cov.by_kind["experts"].covered == cov.by_kind["experts"].total == 2 * 4 * (32 * 32 + 32 * 16)
+    assert cov.by_kind["router"].fraction == 1.0 and cov.unsupported == {}
+    everything = engine_coverage(model, GradProjectionEngine(model, ["re:."], rank=16))  # embeddings and head too
+    assert everything.parameters.fraction >= 0.95 and everything.matrices.covered == everything.matrices.total
     model.save_pretrained(tmp_path / "moe")
     tokenizer.save_pretrained(tmp_path / "moe")
     code, out, err = run_cli(["project", "--model", tmp_path / "moe", "--data", data_file, "--out", tmp_path / "r",
-                              "--rank", "4", "--max-length", "24"], capsys)
+                              "--rank", "16", "--max-length", "24"], capsys)
     assert code == 0, err
-    assert "0% of experts" in out and "no layer type projects (4 Qwen3MoeExperts, 2 Qwen3MoeTopKRouter)" in err
+    assert "0% of embeddings" in out and "of experts" not in out and "of router" not in out  # whole kinds: not listed
     manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
-    assert manifest["coverage"]["by_kind"]["experts"] == [0, cov.by_kind["experts"].total]
+    assert manifest["coverage"]["by_kind"]["experts"] == [cov.by_kind["experts"].total] * 2
     code, out, _ = run_cli(["inspect", tmp_path / "r"], capsys)
-    assert code == 0 and "0% of experts" in out
-    # a pattern that names the experts with the attention is refused, never half-projected
-    fails(capsys, "project", "--model", tmp_path / "moe", "--data", data_file, "--out", tmp_path / "r2",
-          "--layers", "layers.0", match="names model.layers.0.mlp.experts (Qwen3MoeExperts), whose weights no "
-                                          "layer type covers")
-    assert not (tmp_path / "r2").exists()
+    assert code == 0 and "0% of embeddings" in out
 
 
-def test_the_refusal_names_the_module():
+class Scale(torch.nn.Module):
+    """A module with a weight matrix that no layer type covers."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.eye(n))
+
+    def forward(self, x):
+        return x @ self.table
+
+
+def test_weights_no_layer_type_covers_are_named_and_a_pattern_naming_them_is_refused(tokenizer):
+    torch.manual_seed(0)
+    model = tiny_llama(len(tokenizer))
+    model.model.layers[0].mlp.scale = Scale(64)  # in the block, out of the way of its forward
+    cov = engine_coverage(model, GradProjectionEngine(model, rank=16))
+    assert cov.unsupported == {"Scale": 1}
+    with pytest.raises(GhostprojError, match="'layers.0' names model.layers.0.mlp.scale \\(Scale\\), whose weights "
+                                             "no layer type covers"):
+        GradProjectionEngine(model, ["layers.0"], rank=16)
+
+
+def test_a_pattern_of_only_unsupported_modules_is_refused():
     model = tiny_qwen3_moe(300)
-    with pytest.raises(GhostprojError, match="'re:layers.1.mlp' names model.layers.1.mlp.experts"):
-        GradProjectionEngine(model, ["re:layers.1.mlp", "q_proj"], rank=4)
+    with pytest.raises(GhostprojError, match="'norm' matches only unsupported layer types"):
+        GradProjectionEngine(model, ["norm"], rank=4)

@@ -153,6 +153,9 @@ class AdamDirectionEngine(GradProjectionEngine):
         super().__init__(model, layers, **kwargs)
         if self.tied:
             raise GhostprojError("--optimizer-state does not support layers whose weight is tied to another module.")
+        if any(kind.own_call is not None for kind in self.kinds.values()):
+            raise GhostprojError("--optimizer-state projects Linear / Conv1D layers; leave the mixture-of-experts "
+                                 "modules out of --layers.")
         self.adam = load_adam_moments(optimizer_state, self)
         self.seen: dict[str, list] = {}  # this step's [input, output gradient] per call of each layer
         self._capture = _AdamCapture(self)

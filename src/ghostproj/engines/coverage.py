@@ -84,26 +84,35 @@ def coverage_notes(cov: Coverage) -> list[str]:
 
 
 def engine_coverage(model: nn.Module, engine) -> Coverage:
-    """The coverage of an engine's projected layers."""
-    modules = dict(model.named_modules())
-    return model_coverage(model, {info.name: modules[info.name] for info in engine.layers}, engine.bias)
+    """The coverage of an engine's projected layers (a module split in parts covers the
+    parameters its parts hold)."""
+    covered = set()
+    for name, module in engine.modules.items():
+        covered.add(id(engine.kinds[name].part_parameter(module, name)))
+        if engine.bias and engine.kinds[name].has_bias_column and module.bias is not None:
+            covered.add(id(module.bias))
+    return model_coverage(model, covered)
 
 
-def model_coverage(model: nn.Module, layers: dict[str, nn.Module], bias: bool) -> Coverage:
-    """The coverage of projecting ``layers`` ({name: module}); a projected layer covers its
-    weight, and its bias when ``bias``. Tied parameters count once, under the first module
-    that holds them (as ``named_parameters`` lists them)."""
+def layer_parameters(layers: dict[str, nn.Module], bias: bool) -> set[int]:
+    """The parameters whole layers ({name: module}) hold: each weight, and its bias with ``bias``."""
+    return {id(p) for m in layers.values() for n, p in m.named_parameters(recurse=False)
+            if n == "weight" or (bias and n == "bias")}
+
+
+def model_coverage(model: nn.Module, covered_ids: set[int]) -> Coverage:
+    """The coverage of the parameters ``covered_ids``. Tied parameters count once, under the
+    first module that holds them (as ``named_parameters`` lists them)."""
     head = output_head(model)
-    projected = {id(m) for m in layers.values()}
     owners = {}
     for name, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            owners.setdefault(id(p), (name, module, pname, p))
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), (name, module, p))
     cov = Coverage(by_kind={})
-    for name, module, pname, p in owners.values():
+    for name, module, p in owners.values():
         kind = parameter_kind(name, module, head)
         share = cov.by_kind.setdefault(kind, Share())
-        covered = id(module) in projected and (pname == "weight" or (bias and pname == "bias"))
+        covered = id(p) in covered_ids
         share.total += p.numel()
         cov.parameters.total += p.numel()
         if covered:

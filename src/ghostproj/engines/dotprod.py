@@ -82,7 +82,7 @@ class GradDotProdEngine(HookCapture):
         covered: dict[str, tuple[nn.Module, type[LayerType]]] = {}
         for name, m in module.named_modules():
             math = layer_type(m)
-            if math is None or not any(p.requires_grad for p in m.parameters(recurse=False)):
+            if math is None or not math.in_run or not any(p.requires_grad for p in m.parameters(recurse=False)):
                 continue
             if layers and not any(pattern_matches(p, name) for p in layers):
                 continue

@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .fp32 import Projection
@@ -83,10 +82,42 @@ class LayerType:
         raise NotImplementedError
 
     # -- the projection engine -------------------------------------------------------------
+    in_run = True  # the in-run engine can take it (a type the projection engine alone serves says False)
+    # The projection engine's stand-in for the module's forward, for a type whose products
+    # happen inside a forward of its own (None: the engine's own LayerCall); built as
+    # ``own_call(engine, module name, module, the forward it wraps)``.
+    own_call = None
+
     @staticmethod
     def dims(module: nn.Module) -> tuple[int, int]:
         """(n_in, n_out)."""
         raise NotImplementedError
+
+    # A module is one projected layer named as the module, unless its type splits it into
+    # parts (a fused MoE module's experts), each with its own record and block: its name,
+    # (n_in, n_out), rank budget, the parameter holding it, its weight as stored (what the
+    # fingerprint hashes) and its weight gradient in (n_out, n_in) orientation.
+    @classmethod
+    def parts(cls, name: str, module: nn.Module) -> list[str]:
+        return [name]
+
+    @classmethod
+    def part_dims(cls, module: nn.Module, part: str) -> tuple[int, int]:
+        return cls.dims(module)
+
+    @classmethod
+    def part_rank(cls, module: nn.Module, rank: int) -> int:
+        return rank
+
+    @classmethod
+    def part_parameter(cls, module: nn.Module, part: str) -> nn.Parameter:
+        return module.weight
+
+    part_weight = part_parameter
+
+    @classmethod
+    def part_grad(cls, module: nn.Module, part: str) -> torch.Tensor:
+        return cls.weight_grad(module)
 
     @classmethod
     def weight_grad(cls, module: nn.Module) -> torch.Tensor:
@@ -346,65 +377,6 @@ class EmbeddingLayer(LayerType):
         ids, d = use.x[:b], use.delta[:b]
         g = torch.zeros(use.module.weight.shape, dtype=torch.float32, device=d.device)
         return g.index_add_(0, ids.reshape(-1), d.reshape(-1, d.shape[-1]))
-
-
-class LayerNormLayer(LayerType):
-    """``torch.nn.LayerNorm`` (in-run only): per-example gradients of its elementwise weight
-    and bias, from the normalized input."""
-
-    type_name = "LayerNorm"
-
-    @staticmethod
-    def matches(module):
-        return isinstance(module, nn.LayerNorm)
-
-    @staticmethod
-    def save_input(module, args):
-        x = args[0].detach()
-        k = len(module.normalized_shape)
-        return x.reshape(x.shape[0], -1, *x.shape[x.dim() - k:])
-
-    @classmethod
-    def output_gradient(cls, use, grad):
-        return grad.reshape(use.x.shape)
-
-    @classmethod
-    def per_example(cls, use, role):
-        if role == "bias":
-            return use.delta.sum(1)
-        xhat = F.layer_norm(use.x, use.module.normalized_shape, eps=use.module.eps)
-        return (use.delta * xhat).sum(1)
-
-
-class RMSNormLayer(LayerType):
-    """RMSNorm-style modules (``torch.nn.RMSNorm``; Llama, Mistral, Qwen, T5 ... each ship
-    their own class): y = w * x / rms(x) (or (1 + w) * ...), so the per-example weight
-    gradient is sum_t delta_t * x_t / rms(x_t) either way. In-run only."""
-
-    type_name = "RMSNorm"
-
-    @staticmethod
-    def matches(module):
-        cls_name = type(module).__name__
-        w = getattr(module, "weight", None)
-        return (cls_name.endswith("RMSNorm") or cls_name == "T5LayerNorm") and isinstance(w, torch.Tensor) and \
-            w.dim() == 1 and getattr(module, "bias", None) is None and rms_eps(module) is not None
-
-    @classmethod
-    def per_example(cls, use, role):
-        x = use.x
-        xhat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + rms_eps(use.module))
-        return (use.delta * xhat).sum(1)
-
-
-def rms_eps(module: nn.Module) -> float | None:
-    for attr in ("variance_epsilon", "eps", "epsilon"):
-        value = getattr(module, attr, None)
-        if isinstance(value, float):
-            return value
-    return None
-
-
 
 
 def remove_layer_type(cls: type[LayerType]) -> None:

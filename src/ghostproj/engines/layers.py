@@ -101,3 +101,14 @@ def select_layers(model: nn.Module, patterns: list[str] | None,
 def _inside(name: str, layers: list[tuple[str, nn.Module]]) -> bool:
     """Whether module ``name`` is part of one of ``layers`` (a LoRA layer's own base Linear)."""
     return any(name.startswith(n + ".") for n, _ in layers)
+
+
+def layer_owners(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """{recorded layer: the name of the module that holds it} for the layers the model has: a
+    layer is a module, or a part of one (an expert's matrix of a fused MoE module)."""
+    owners = {}
+    for module_name, module in model.named_modules():
+        kind = projectable_type(module)
+        if module_name and kind is not None:
+            owners.update({part: module_name for part in kind.parts(module_name, module)})
+    return {n: owners[n] for n in names if n in owners}

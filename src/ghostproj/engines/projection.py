@@ -32,19 +32,20 @@ def _layer_records(chosen: list[tuple[str, nn.Module]], bias: bool, ranks: dict 
     """Each chosen layer's record: dimensions (n_in counting the bias column with --bias),
     k's (given in ``ranks``, else by the rank rule) and offset in the vector."""
     infos, offset = [], 0
-    for name, module in chosen:
+    for module_name, module in chosen:
         cls = projectable_type(module)
-        n_in, n_out = cls.dims(module)
-        if bias and cls.has_bias_column:
-            if cls.bias(module) is None:
-                raise GhostprojError(f"--bias was given but layer '{name}' has no bias.")
-            n_in += 1
-        if ranks is not None and name in ranks:
-            k_in, k_out = ranks[name]
-        else:
-            k_in, k_out = split_ranks(rank, n_in, n_out, rank_min, rank_in, rank_out)
-        infos.append(LayerInfo(name, cls.type_name, n_in, n_out, k_in, k_out, offset))
-        offset += k_in * k_out
+        for name in cls.parts(module_name, module):
+            n_in, n_out = cls.part_dims(module, name)
+            if bias and cls.has_bias_column:
+                if cls.bias(module) is None:
+                    raise GhostprojError(f"--bias was given but layer '{name}' has no bias.")
+                n_in += 1
+            if ranks is not None and name in ranks:
+                k_in, k_out = ranks[name]
+            else:
+                k_in, k_out = split_ranks(cls.part_rank(module, rank), n_in, n_out, rank_min, rank_in, rank_out)
+            infos.append(LayerInfo(name, cls.type_name, n_in, n_out, k_in, k_out, offset))
+            offset += k_in * k_out
     return infos
 
 
@@ -103,8 +104,10 @@ class GradProjectionEngine(AttachedEngine):
         self.layers: list[LayerInfo] = _layer_records(chosen, bias, ranks, rank, rank_min, rank_in, rank_out)
         self.dim = sum(info.size for info in self.layers)
         self.projectors = _fitting_projectors(self.layers, projectors, projector, seed)
-        self.modules = {name: module for name, module in chosen}  # the projected layers, by name
-        self.kinds = {name: projectable_type(module) for name, module in chosen}  # and their layer types
+        owner = {part: module for name, module in chosen for part in projectable_type(module).parts(name, module)}
+        self.modules = {info.name: owner[info.name] for info in self.layers}  # the projected layers' modules
+        self.kinds = {name: projectable_type(module) for name, module in self.modules.items()}  # and their types
+        self.whole = dict(chosen)  # the chosen modules by their own names
         self.has_bias = {i.name: bias and self.kinds[i.name].has_bias_column for i in self.layers}
         self.tied = self._find_tied_uses(model)
         self._attachment = Attachment()
@@ -125,6 +128,8 @@ class GradProjectionEngine(AttachedEngine):
         tied = []
         selected = {id(m) for m in self.modules.values()}
         for name, module in self.modules.items():
+            if not isinstance(getattr(module, "weight", None), torch.Tensor):  # parts of a module: never tied
+                continue
             for other_name, other in model.named_modules():
                 cls = projectable_type(other)
                 if other is module or id(other) in selected or cls is None or other.weight is not module.weight:
@@ -145,8 +150,13 @@ class GradProjectionEngine(AttachedEngine):
             raise RuntimeError("GradProjectionEngine is already attached")
         if self.freeze_weights:
             self._attachment.freeze(self.model.parameters())
-        uses = [(name, module, False) for name, module in self.modules.items()]
+        uses = [(name, module, False) for name, module in self.whole.items() if projectable_type(module).own_call is None]
         uses += [(name, module, transposed) for name, module, transposed in self.tied]
+        for name, module in self.whole.items():
+            own = projectable_type(module).own_call  # a call of its own stands in for the module's forward
+            if own is not None:
+                self._attachment.wrap_forward(module, lambda inner, name=name, module=module, own=own: own(
+                    self, name, module, inner))
         for name, module, transposed in uses:
             # The layer's forward is wrapped rather than hooked: a wrapped call keeps
             # nn.Module's hook-free fast path and, being plain tensor code with an autograd

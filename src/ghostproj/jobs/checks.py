@@ -30,8 +30,7 @@ def naive_projected_grads(
     """[B, D] float64: each example alone (batch size 1, no padding), full autograd on the
     weights, explicit P_out G P_in^T with the engine's matrices."""
     out = torch.zeros(len(examples), engine.dim, dtype=torch.float64)
-    names = [info.name for info in engine.layers]
-    for r, grads in per_example_weight_grads(model, examples, names, loss_reduction, engine.bias):
+    for r, grads in per_example_weight_grads(model, examples, engine.modules, loss_reduction, engine.bias):
         for info in engine.layers:
             p = engine.projectors[info.name]
             block = p.p_out.double() @ grads[info.name] @ p.p_in.double().t()

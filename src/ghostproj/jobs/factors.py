@@ -19,7 +19,7 @@ import torch
 from .. import defaults
 from ..data.batching import collate, fixed_size_batches, token_budget_batches
 from ..distributed import distributed_rank
-from ..engines.coverage import coverage_notes, model_coverage
+from ..engines.coverage import coverage_notes, layer_parameters, model_coverage
 from ..engines.factors import FactorCollector, decompose
 from ..engines.layer_types import projectable_type
 from ..engines.layers import select_layers
@@ -108,7 +108,7 @@ def run_factors(opts: FactorsOptions, summary: FactorsSummary | None = None) -> 
     dims = factor_layers(inputs.model, opts.layers)
     names = list(dims)
     modules = dict(inputs.model.named_modules())
-    coverage = model_coverage(inputs.model, {n: modules[n] for n in names}, bias=False)
+    coverage = model_coverage(inputs.model, layer_parameters({n: modules[n] for n in names}, bias=False))
     summary.coverage = coverage.describe()
     summary.notes += coverage_notes(coverage)
     dist = distributed_rank(inputs.device)

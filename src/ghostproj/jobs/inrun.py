@@ -12,7 +12,7 @@ import torch
 from ..data.batching import Example
 from ..data.readers import DataSpec, LayoutFields
 from ..data.records import example_text
-from ..engines.coverage import Coverage, coverage_notes, model_coverage
+from ..engines.coverage import Coverage, coverage_notes, layer_parameters, model_coverage
 from ..engines.dotprod import GradDotProdEngine
 from ..errors import GhostprojError
 from ..inputs import load_model_and_examples
@@ -152,7 +152,7 @@ def _train(model, pad: int, train: list[Example], val: list[Example], batch_size
     model.train()  # dropout as the checkpoint configures it
     engine = GradDotProdEngine(model, val_batch_size=len(val), loss_reduction="sum", uncovered=opts.uncovered)
     # a captured layer's weight and bias both take part in the dot products
-    coverage = model_coverage(model, {name: m for name, (m, _) in engine.captured.items()}, bias=True)
+    coverage = model_coverage(model, layer_parameters({n: m for n, (m, _) in engine.captured.items()}, bias=True))
     params = list(model.parameters())  # frozen uncovered ones get no gradient, so no update
     optimizer = (torch.optim.SGD if opts.optimizer == "sgd" else torch.optim.AdamW)(params, lr=opts.lr)
     torch.manual_seed(opts.seed)  # dropout masks

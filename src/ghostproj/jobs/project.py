@@ -21,7 +21,7 @@ from ..distributed import (
 )
 from ..engines.coverage import coverage_notes, engine_coverage
 from ..engines.factors import EIGEN, factors_engine
-from ..engines.layers import ADAPTER_LAYERS
+from ..engines.layers import ADAPTER_LAYERS, layer_owners
 from ..engines.losses import LOSS_REDUCTIONS
 from ..engines.projection import GradProjectionEngine
 from ..engines.projector import PROJECTOR_KINDS, LayerProjector, projector_hash
@@ -213,8 +213,8 @@ def build_engine(model, opts: ProjectOptions, values: dict, like: Manifest | Non
             **extra,
         )
     names = [layer.name for layer in like.layers]
-    modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
+    owners = layer_owners(model, names)
+    missing = [n for n in names if n not in owners]
     if missing:
         raise GhostprojError(f"The model has no layer '{missing[0]}' that the --like run projects.")
     ranks = {layer.name: (layer.k_in, layer.k_out) for layer in like.layers}
@@ -228,7 +228,7 @@ def build_engine(model, opts: ProjectOptions, values: dict, like: Manifest | Non
                              "--like run was projected with; rerun that run's project command to rebuild it.")
     return engine_class(
         model,
-        ["re:^" + re.escape(n) + "$" for n in names],
+        ["re:^" + re.escape(n) + "$" for n in dict.fromkeys(owners.values())],
         projector=values["projector"],
         seed=values["seed"],
         bias=values["bias"],

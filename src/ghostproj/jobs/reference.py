@@ -21,19 +21,21 @@ def reference_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -
     return F.cross_entropy(logits[0, :-1][keep].float(), target[keep], reduction=reduction)
 
 
-def per_example_weight_grads(model: nn.Module, examples: list[Example], names: list[str],
+def per_example_weight_grads(model: nn.Module, examples: list[Example], names: list[str] | dict[str, nn.Module],
                              loss_reduction: str = "mean", bias: bool = False
                              ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """(row, {layer: G float64 [n_out, n_in] (+ a bias column with ``bias``)}) for each example
     that has a label position, by autograd on that example alone; every parameter's
-    ``requires_grad`` is restored afterwards."""
-    modules = dict(model.named_modules())
+    ``requires_grad`` is restored afterwards. ``names`` are module names, or {layer: its
+    module} where a layer is a part of one (an engine's ``modules``)."""
+    modules = names if isinstance(names, dict) else {n: m for n, m in model.named_modules() if n in set(names)}
+    names = list(modules)
     saved = [(p, p.requires_grad) for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     targets = []
     for n in names:
-        targets.append(modules[n].weight)
+        targets.append(projectable_type(modules[n]).part_parameter(modules[n], n))
         if bias and projectable_type(modules[n]).has_bias_column:
             targets.append(modules[n].bias)
     for t in targets:
@@ -50,7 +52,7 @@ def per_example_weight_grads(model: nn.Module, examples: list[Example], names: l
             grads = {}
             for n in names:
                 m = modules[n]
-                g = projectable_type(m).weight_grad(m).double().cpu()
+                g = projectable_type(m).part_grad(m, n).double().cpu()
                 if bias and projectable_type(m).has_bias_column:
                     g = torch.cat([g, m.bias.grad.double().cpu()[:, None]], dim=1)
                 grads[n] = g

@@ -19,12 +19,12 @@ from ..store.manifest import PROJECTOR_FILE, Manifest
 
 def weights_sha(model: torch.nn.Module, engine: GradProjectionEngine, adapter: str | None) -> str:
     """The fingerprint's model part: the projected layers' weights (and biases with --bias)."""
-    modules = dict(model.named_modules())
     tensors = []
     for info in engine.layers:
-        tensors.append((info.name + ".weight", modules[info.name].weight))
+        module = engine.modules[info.name]
+        tensors.append((info.name + ".weight", engine.kinds[info.name].part_weight(module, info.name)))
         if engine.bias:
-            tensors.append((info.name + ".bias", modules[info.name].bias))
+            tensors.append((info.name + ".bias", module.bias))
     sha = weights_hash(tensors)
     if adapter:
         # the adapter's matrices alone do not say which base they sit on: runs over
