@@ -152,6 +152,9 @@ class GradProjectionEngine(AttachedEngine):
             self._attachment.freeze(self.model.parameters())
         uses = [(name, module, False) for name, module in self.whole.items() if projectable_type(module).own_call is None]
         uses += [(name, module, transposed) for name, module, transposed in self.tied]
+        if any(projectable_type(m).own_call is not None for m in self.whole.values()):
+            # their calls see the batch's tokens flattened: the step begins with the model's input
+            self._attachment.hook(self.model.register_forward_pre_hook(self._begin_from_input, with_kwargs=True))
         for name, module in self.whole.items():
             own = projectable_type(module).own_call  # a call of its own stands in for the module's forward
             if own is not None:
@@ -174,6 +177,11 @@ class GradProjectionEngine(AttachedEngine):
                 return call
             self._attachment.wrap_forward(module, make)
         return self
+
+    def _begin_from_input(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.batch_size is None and torch.is_grad_enabled() and torch.is_tensor(ids) and ids.dim() == 2:
+            self.prepare(ids.shape[0], ids.device)
 
     def detach(self) -> None:
         self._attachment.undo()

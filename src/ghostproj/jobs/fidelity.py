@@ -20,7 +20,7 @@ from ..inputs import CheckSource
 from .reference import per_example_weight_grads
 
 
-def exact_layer_grads(model, examples: list[Example], names: list[str], loss_reduction: str = "mean"):
+def exact_layer_grads(model, examples: list[Example], names: list[str] | dict, loss_reduction: str = "mean"):
     """{layer: [B, n_out * n_in] float64} per-example weight gradients in (n_out, n_in)
     orientation (the examples given all have label positions)."""
     out = {n: [] for n in names}
@@ -103,11 +103,11 @@ def run_fidelity(model, examples: list[Example], layers: list[str] | None, ranks
         raise GhostprojError("--ranks must be positive integers, e.g. 64,256,1024.")
     probe = GradProjectionEngine(model, layers, rank=1)
     names = [i.name for i in probe.layers]
-    exact = exact_layer_grads(model, live, names, loss_reduction)
+    exact = exact_layer_grads(model, live, probe.modules, loss_reduction)  # a module split in parts: each part
     exact_total = torch.cat([exact[n] for n in names], dim=1)
     report = FidelityReport(len(live))
     for rank in sorted(set(ranks)):
-        exact_names = ["re:^" + re.escape(n) + "$" for n in names]
+        exact_names = ["re:^" + re.escape(n) + "$" for n in probe.whole]
         if factors is not None:
             engine = factors_engine(model, exact_names, factors, rank=rank)
         else:
