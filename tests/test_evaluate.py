@@ -324,9 +324,9 @@ def test_evaluate_bad_inputs_get_one_sentence(capsys, tmp_path, gpt2_dir, data_f
 def test_torchrun_ranks_train_their_subsets_and_rank_0_reports_what_one_process_does(capsys, tmp_path, gpt2_dir,
                                                                                      data_file, query_file):
     one, two = tmp_path / "one", tmp_path / "two"
-    assert run_cli(_evaluate_args(gpt2_dir, data_file, query_file, one, "--removal-queries", "0"), capsys)[0] == 0
-    proc = torchrun(2, _evaluate_args(gpt2_dir, data_file, query_file, two, "--removal-queries", "0")[:] + ["--device",
-                                                                                                         "cpu"])
+    extra = ("--removal-queries", "0", "--projection", "gaussian,eigen")  # factors summed over the ranks too
+    assert run_cli(_evaluate_args(gpt2_dir, data_file, query_file, one, *extra), capsys)[0] == 0
+    proc = torchrun(2, _evaluate_args(gpt2_dir, data_file, query_file, two, *extra) + ["--device", "cpu"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(list((two / "subsets").iterdir())) == 5
     a, b = (json.loads((d / "lds.json").read_text()) for d in (one, two))

@@ -27,7 +27,6 @@ import torch
 from .. import defaults
 from ..data.batching import Example
 from ..data.readers import DataSpec, LayoutFields
-from ..engines.factors import EIGEN
 from ..errors import GhostprojError
 from ..inputs import load_model_and_examples
 from ..models import pad_token_id
@@ -393,9 +392,6 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
     if opts.model is None or opts.train is None or opts.query is None:
         raise GhostprojError("evaluate needs a model, training data and query data.")
     part, num_parts, under_torchrun = _parts(opts)
-    if under_torchrun and EIGEN in opts.projection:
-        raise GhostprojError("--projection eigen runs in one process (its factors are computed once per "
-                             "checkpoint); run evaluate without torchrun, or train the subsets with --num-parts.")
     check_output_dir(opts.out, "--out", [opts.model, opts.train, opts.query])
     ctx = _load(opts)
     out = Path(opts.out)
