@@ -35,8 +35,19 @@ def uneven(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory, tokenizer):
+    from helpers import tiny_qwen3_moe
+
+    d = tmp_path_factory.mktemp("moe")
+    torch.manual_seed(0)
+    tiny_qwen3_moe(len(tokenizer)).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
 @needs_torchrun
-@pytest.mark.parametrize("model_dir", ["gpt2_dir", "llama_dir"])
+@pytest.mark.parametrize("model_dir", ["gpt2_dir", "llama_dir", "moe_dir"])
 def test_fsdp_ranks_equal_one_process(request, tmp_path, model_dir, uneven):
     model_dir = request.getfixturevalue(model_dir)
     batching = ("--token-budget", "40")

@@ -64,9 +64,6 @@ def shard_model(model, device: torch.device) -> int:
     from torch.distributed.fsdp import fully_shard
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    if any(p.dim() > 2 for p in model.parameters()):  # fused experts: their per-call gathers are untested
-        raise GhostprojError("--fsdp does not shard mixture-of-experts models (3-D expert weights) yet; project "
-                             "them without it.")
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not layers:
         raise GhostprojError(f"{type(model).__name__} has no decoder layers FSDP could shard one by one; "
