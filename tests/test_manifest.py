@@ -5,6 +5,8 @@ import copy
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ghostproj.errors import GhostprojError
 from ghostproj.jobs.run_records import build_manifest
@@ -96,3 +98,23 @@ def test_recorded_hashes_keep_their_values():
     assert projector_hash({"l": LayerProjector(a[:2], a[:, :3])}).startswith("b09e4e1ae85dc029")
     assert weights_hash([("w", a)]).startswith("a27b0c15e4eb1570")
     assert sampled_weights_hash([("w", a)], 5).startswith("9cc64e41215982823")
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(ks=st.lists(st.tuples(st.integers(1, 8), st.integers(1, 8)), min_size=1, max_size=5),
+       shards=st.lists(st.integers(0, 50), max_size=4), complete=st.booleans(),
+       part=st.one_of(st.none(), st.integers(1, 4)), extra=st.dictionaries(st.sampled_from(["a_later_key", "zz"]),
+                                                                           st.integers(0, 9)))
+def test_what_is_written_reads_back_as_it_was(ks, shards, complete, part, extra):
+    """Any manifest the constructor accepts survives the JSON round trip field for field."""
+    layers, offset = [], 0
+    for n, (k_in, k_out) in enumerate(ks):
+        layers.append(LayerInfo(f"layer.{n}", "Linear", 2 * k_in, 3 * k_out, k_in, k_out, offset))
+        offset += k_in * k_out
+    m = manifest(layers=layers)
+    m.shards = [ShardEntry(f"grads-r000-{i:05d}.safetensors", rows, rank=0, bytes=rows * 8) for i, rows in
+                enumerate(shards)]
+    m.complete, m.extra = complete, extra
+    m.part = None if part is None else {"shard_id": part - 1, "num_shards": part, "rows": 3}
+    back = Manifest.from_json(json.loads(json.dumps(m.to_json())))
+    assert back == m and back.dim == offset and back.rows == sum(shards)

@@ -6,6 +6,8 @@ padded batches of mixed lengths and masked prompts."""
 import pytest
 import torch
 from helpers import rel_err, run_cli, tiny_qwen3_moe
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ghostproj import GradDotProdEngine, GradProjectionEngine
 from ghostproj.data import collate
@@ -102,3 +104,19 @@ def test_engines_that_do_not_serve_experts_say_so(tokenizer):
     model = tiny_qwen3_moe(len(tokenizer))
     with pytest.raises(GhostprojError, match="Trainable parameters outside supported layers"):
         GradDotProdEngine(model, val_batch_size=1)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(experts=st.sampled_from([2, 4, 8]), top_k=st.integers(1, 2), lengths=st.lists(st.integers(2, 9), min_size=1,
+                                                                                      max_size=4),
+       masked=st.booleans())
+def test_experts_equal_the_reference_over_drawn_shapes(tokenizer, experts, top_k, lengths, masked):
+    """Expert counts, routing widths, batch sizes and example lengths drawn: every expert's
+    block equals the naive reference, whichever experts the batch's tokens reach."""
+    torch.manual_seed(experts * 10 + top_k)
+    model = tiny_qwen3_moe(len(tokenizer), experts=experts, top_k=min(top_k, experts))
+    engine = GradProjectionEngine(model, rank=16)
+    ids = tokenizer(" ".join(["the cat sat on the mat planets orbit the sun"] * 2))["input_ids"]
+    batch = [Example(i, ids[i:i + n], ([False] + [True] * (n - 1)) if masked and n > 2 else None)
+             for i, n in enumerate(lengths)]
+    assert rel_err(engine_rows(model, engine, batch), naive_projected_grads(model, batch, engine)) <= 1e-5
