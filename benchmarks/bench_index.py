@@ -89,8 +89,7 @@ def mixture(real: torch.Tensor, topics: list[str]):
 
 def write_synthetic(path: Path, like: Path, rows: int, clusters: torch.Tensor, root: torch.Tensor, share: float,
                     seed: int) -> None:
-    manifest = read_manifest(like)
-    manifest = dict(manifest, shards=[], complete=False, data={"count": rows}, summary={})
+    manifest = read_manifest(like).replace(shards=[], complete=False, data={"count": rows}, summary={})
     path.mkdir(parents=True)
     shutil.copy(like / "projector.safetensors", path / "projector.safetensors")
     write_manifest(path, manifest)
@@ -153,7 +152,7 @@ def main() -> None:
         # in a process of its own, so that this one stays small: a child starts with its parent's peak RSS
         subprocess.run([sys.executable, __file__, "--generate-into", str(root), f"--n-train={args.n_train}",
                         f"--n-query={args.n_query}", f"--rows-per-cluster={args.rows_per_cluster}"], check=True)
-    n, d = read_manifest(train)["data"]["count"], read_manifest(train)["dim"]
+    n, d = read_manifest(train).data["count"], read_manifest(train).dim
     raw = n * d * 4
 
     exact_out = root / "exact.jsonl"
@@ -186,7 +185,7 @@ def main() -> None:
             out = root / "approx.jsonl"
             wall, qrss, err = ghostproj("index", "query", str(idx), str(query), "--top-k", "10", "--show", "0",
                                         "--topk-out", str(out), "--overwrite",
-                                        *([option, value] if int(value) > 0 else []))
+                                        *([option, value] if value.isdigit() and int(value) > 0 else []))
             search_s = float(re.search(r"in ([\d.]+) s", err).group(1))
             got = topk(out)
             recall = sum(len(set(got[q]) & set(exact[q])) / 10 for q in exact) / len(exact)
