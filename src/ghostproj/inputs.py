@@ -65,17 +65,18 @@ class LoadedInputs:
 
 def load_model_and_examples(model: str, specs: list[DataSpec], *, max_length: int, dtype: str = "float32",
                             device: str = "auto", revision: str | None = None, adapter: str | None = None,
-                            read_first: bool = False) -> LoadedInputs:
+                            read_first: bool = False, meta: bool = False) -> LoadedInputs:
     """The model and every data set of ``specs``. ``read_first``: parse JSONL and text files
     once before the model load, so a malformed file is reported at once (the checks' small
-    data; `project` leaves it to the one read that follows)."""
+    data; `project` leaves it to the one read that follows). ``meta``: the model's shapes
+    alone, on the meta device."""
     for spec in specs:
         fmt = spec.resolved_format()  # an unknown format is refused before the model load
         if fmt != "hf" and not Path(spec.path).is_file():
             raise GhostprojError(f"Data file {spec.path} does not exist.")
         if read_first and fmt in ("jsonl", "text"):
             read_records(spec.path)
-    loaded, tokenizer = load_model(model, dtype, device_for_this_process(device), revision, adapter)
+    loaded, tokenizer = load_model(model, dtype, device_for_this_process(device), revision, adapter, meta)
     notes = []
     limit = position_limit(loaded)
     if limit is not None and max_length > limit:
@@ -88,11 +89,12 @@ def load_model_and_examples(model: str, specs: list[DataSpec], *, max_length: in
     return LoadedInputs(loaded, tokenizer, next(loaded.parameters()).device, specs, sets, max_length, notes)
 
 
-def load_inputs(opts: InputFields, summary) -> LoadedInputs:
-    """The model and examples of ``opts``; the notes go to ``summary.notes``."""
+def load_inputs(opts: InputFields, summary, meta: bool = False) -> LoadedInputs:
+    """The model (on the meta device with ``meta``) and examples of ``opts``; the notes go
+    to ``summary.notes``."""
     spec = DataSpec(opts.data, opts.format, token_dtype=opts.token_dtype, split=opts.split, **opts.fields)
     inputs = load_model_and_examples(opts.model, [spec], max_length=opts.max_length, dtype=opts.dtype,
-                                     device=opts.device, revision=opts.revision, adapter=opts.adapter)
+                                     device=opts.device, revision=opts.revision, adapter=opts.adapter, meta=meta)
     summary.notes += inputs.notes
     return inputs
 

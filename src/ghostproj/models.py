@@ -33,13 +33,14 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 
 
 def load_model(path: str, dtype: str = "float32", device: str = "auto", revision: str | None = None,
-               adapter: str | None = None):
-    """(model in eval mode on the device, tokenizer) from a local directory or hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+               adapter: str | None = None, meta: bool = False):
+    """(model in eval mode on the device, tokenizer) from a local directory or hub id. On
+    the meta device (``meta``) the model has its shapes and no weights (``project --dry-run``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     torch_dtype = resolve_dtype(dtype)
-    dev = resolve_device(device)
+    dev = torch.device("meta") if meta else resolve_device(device)
     local = Path(path)
     if not local.exists() and not _HUB_ID.match(path):
         raise GhostprojError(f"Model directory {path} does not exist.")
@@ -54,7 +55,11 @@ def load_model(path: str, dtype: str = "float32", device: str = "auto", revision
     hf_logging.disable_progress_bar()
     try:
         extra = {"revision": revision} if revision else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
+        if dev.type == "meta":  # shapes only: the config builds the model, no weight is read
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, **extra), dtype=torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
     except OSError as exc:
         if local.exists():

@@ -214,6 +214,8 @@ PROJECT_OPTIONS = {
     "gradient_checkpointing": info(CheckpointingOpt),
     "fsdp": opt("--fsdp", panel=RUN, help="Under torchrun: shard the weights across the ranks (FSDP2); each rank "
                                           "projects its own rows."),
+    "dry_run": opt("--dry-run", panel=RUN, help="Print the layers, coverage, D, store size and per-device memory "
+                                                "estimates from the config alone; load no weights, write nothing."),
     "optimizer_state": opt(help="Adam moments (safetensors, or a torch optimizer checkpoint): project each "
                                  "example's Adam update direction instead of its gradient.", panel=PROJECTION,
                             default="raw gradients"),

@@ -44,6 +44,29 @@ def report_project(s) -> None:
         con.print(f"layers: {s.coverage}", soft_wrap=True)
 
 
+def report_dry_run(r) -> None:
+    from rich.table import Table
+
+    from ..progress import human_bytes
+
+    con = console_out()
+    con.print(f"[bold]dry run[/bold]: {r.model}, {r.parameters:,} parameters; no weight loaded, nothing "
+              "written", soft_wrap=True)
+    con.print(f"layers: {r.layers} ({r.coverage}), D={r.dim}", soft_wrap=True)
+    con.print(f"data: {r.examples} examples, {r.tokens} label tokens; store {human_bytes(r.store_bytes)} "
+              f"({r.store_dtype})", soft_wrap=True)
+    if not r.estimates:
+        print_notes(r.notes)
+        return
+    table = Table(title=f"memory per device at the largest batch ({r.batch[0]} x {r.batch[1]} tokens), estimated")
+    for column in ("setting", "parameters", "activations", "engine", "total"):
+        table.add_column(column, justify="left" if column == "setting" else "right")
+    for e in r.estimates:
+        table.add_row(e.setting, *(human_bytes(v) for v in (e.parameters, e.activations, e.engine, e.total)))
+    con.print(table)
+    print_notes(r.notes)
+
+
 def error_table(title: str, rows, tolerance: float):
     from rich.table import Table
 

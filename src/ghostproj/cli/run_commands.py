@@ -36,6 +36,7 @@ from .options import (
 )
 from .render import (
     report_demo,
+    report_dry_run,
     report_evaluate,
     report_fidelity,
     report_inrun,
@@ -60,6 +61,11 @@ def project(**options) -> None:
             raise GhostprojError("--hf-dataset needs --model.")
     options["model"], options["data"] = default_model_and_data(options["model"], options["data"])
     options["layers"] = split_list(options["layers"])
+    if options["dry_run"]:
+        from ..jobs.dry_run import run_dry_run
+
+        report_dry_run(run_dry_run(ProjectOptions(**options)))
+        return
     report_project(with_notes(run_project, ProjectOptions(**options), ProjectSummary(out=options["out"])))
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .fp32 import Projection, no_autocast
+from .fp32 import Projection, autocast_on, no_autocast
 from .layer_types import LayerType, expand_broadcast_ids
 
 
@@ -231,7 +231,7 @@ class _ProjectedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if torch.is_autocast_enabled(grad.device.type):  # a backward() called inside an autocast region
+        if autocast_on(grad.device.type):  # a backward() called inside an autocast region
             with no_autocast(grad.device):
                 return _ProjectedLinear._backward(ctx, grad)
         return _ProjectedLinear._backward(ctx, grad)
@@ -269,7 +269,7 @@ class LayerTap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if torch.is_autocast_enabled(grad.device.type):
+        if autocast_on(grad.device.type):
             with no_autocast(grad.device):
                 return LayerTap._backward(ctx, grad)
         return LayerTap._backward(ctx, grad)

@@ -26,6 +26,11 @@ import torch
 UPCAST_BYTES = 64 * 2**20
 
 
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for the device type (never on the meta device, which has none)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def no_autocast(device: torch.device):
     """A context in which autocast is off for ``device``'s type."""
     try:
@@ -75,12 +80,13 @@ class Projection:
         if dtype != torch.float32 and full.device.type == "cuda" and mm_out_float32_supported(full.device, dtype):
             self.low = full.to(dtype)
         self._low_dtype = None if self.low is None else dtype
-        self._autocast_type = full.device.type
+        # None on the meta device (a dry run's trace), which has no autocast
+        self._autocast_type = full.device.type if torch.amp.is_autocast_available(full.device.type) else None
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, n] times the matrix: a new float32 [N, k] tensor (never a view, so an
         autograd Function can save it under torch.compile)."""
-        if torch.is_autocast_enabled(self._autocast_type):
+        if self._autocast_type is not None and torch.is_autocast_enabled(self._autocast_type):
             with no_autocast(x.device):
                 return self._rows(x)
         return self._rows(x)

@@ -54,7 +54,15 @@ from ..store.shards import file_sha256_matches
 from ..store.writer import RunWriter
 from .pipeline import BatchRunner, dynamic_batch_sizes
 from .resume import RunPlan, prepare_out_dir, resume_state
-from .run_records import build_manifest, data_record, factors_record, model_record, run_settings, weights_sha
+from .run_records import (
+    build_manifest,
+    capped_rank_notes,
+    data_record,
+    factors_record,
+    model_record,
+    run_settings,
+    weights_sha,
+)
 
 
 @dataclass
@@ -87,6 +95,7 @@ class ProjectOptions(InputFields):
     compile: bool = False  # torch.compile the model with the engine attached: one graph, no break per layer
     gradient_checkpointing: bool = False  # recompute each decoder layer's activations in the backward pass
     fsdp: bool = False  # under torchrun: shard the weights across the ranks (FSDP2), each rank its own rows
+    dry_run: bool = False  # estimate layers, D, store size and memory from the config alone; run nothing
     optimizer_state: str | None = None  # Adam moments: project update directions, not raw gradients (LESS)
     factors: str | None = None  # `ghostproj factors`: project in their Kronecker eigenbasis
     show_progress: bool = True
@@ -140,9 +149,15 @@ _DEFAULTS = {"rank": defaults.RANK, "rank_min": 1, "projector": defaults.PROJECT
              "loss_reduction": defaults.LOSS_REDUCTION, "bias": False}
 
 
+def run_values(opts: ProjectOptions) -> tuple[Manifest | None, dict]:
+    """The --like run's manifest (or None) and the run-defining options, resolved from it
+    where given and checked."""
+    like, values = _apply_like(opts)
+    _check_choices(opts, values)
+    return like, values
+
+
 def _apply_like(opts: ProjectOptions) -> tuple[Manifest | None, dict]:
-    """Resolve the run-defining options, from ``--like`` where given. Returns the like
-    manifest (or None) and the resolved values."""
     resolved = {k: getattr(opts, k) for k in _DEFAULTS}
     if not opts.like:
         return None, {k: (v if v is not None else _DEFAULTS[k]) for k, v in resolved.items()}
@@ -244,10 +259,11 @@ def run_project(opts: ProjectOptions, summary: ProjectSummary | None = None) -> 
     t0 = time.perf_counter()
     if opts.model is None or opts.data is None:
         raise GhostprojError("project needs a model and data.")
+    if opts.dry_run:
+        raise GhostprojError("A dry run is jobs.dry_run.run_dry_run's; run_project projects.")
     check_output_dir(opts.out, "--out", [opts.data, opts.model, opts.adapter, opts.like, opts.optimizer_state,
                                          opts.factors])
-    like, values = _apply_like(opts)
-    _check_choices(opts, values)
+    like, values = run_values(opts)
     summary = summary if summary is not None else ProjectSummary(out=opts.out)
     factors = load_factors(opts.factors, sums=False) if opts.factors else None  # the eigenvectors are what it uses
     inputs = load_inputs(opts, summary)
@@ -256,7 +272,7 @@ def run_project(opts: ProjectOptions, summary: ProjectSummary | None = None) -> 
     engine = build_engine(inputs.model, opts, values, like, factors)
     parts = fingerprint_parts(engine.layers, weights_sha(inputs.model, engine, opts.adapter),
                               projector_hash(engine.projectors), values["loss_reduction"], values["bias"])
-    summary.notes += _capped_rank_notes(engine, values, opts)
+    summary.notes += capped_rank_notes(engine, values.get("rank"), opts.rank_in, opts.rank_out)
     manifest = build_manifest(
         parts=parts, model=model_record(inputs.model, opts, parts), data=data_record(inputs),
         loss_reduction=values["loss_reduction"], bias=values["bias"], projector=(values["projector"], values["seed"]),
@@ -422,27 +438,3 @@ def _ensure_projector(out: Path, data: bytes, manifest: Manifest, part: _Part) -
         return False
     atomic_write(path, data)
     return True
-
-
-def _capped_rank_notes(engine: GradProjectionEngine, values: dict, opts: ProjectOptions) -> list[str]:
-    """Say so when --rank asks for more than some layers have: they are projected at their
-    full size, and the run is smaller than the user may think."""
-    rank = values.get("rank")
-    if opts.rank_in is not None or opts.rank_out is not None:
-        notes = []
-        for flag, asked, k, n in (("--rank-in", opts.rank_in, "k_in", "n_in"), ("--rank-out", opts.rank_out, "k_out",
-                                                                               "n_out")):
-            capped = [i for i in engine.layers if asked is not None and getattr(i, k) < asked]
-            if capped:
-                first = capped[0]
-                notes.append(f"{flag} {asked} exceeds the width of {len(capped)} layer(s) (e.g. {first.name}: "
-                             f"{getattr(first, n)}); they use their full width.")
-        return notes
-    if rank is None:
-        return []
-    capped = [i for i in engine.layers if i.k_in == i.n_in and i.k_out == i.n_out and i.size < rank]
-    if not capped:
-        return []
-    first = capped[0]
-    return [f"--rank {rank} exceeds the full size of {len(capped)} layer(s) (e.g. {first.name}: {first.n_in} x "
-            f"{first.n_out} = {first.size}); they are projected at that full size."]

@@ -72,3 +72,25 @@ def factors_record(path: str, factors: FactorTotals, record: dict) -> dict:
     return {"path": str(Path(path).resolve()), "sha256": file_sha256(path), "fingerprint": factors_fingerprint(record),
             "examples": factors.examples,
             "lambda_base": {n: f.lambda_base(factors.examples) for n, f in factors.layers.items()}}
+
+
+def capped_rank_notes(engine, rank: int | None, rank_in: int | None, rank_out: int | None) -> list[str]:
+    """Say so when --rank asks for more than some layers have: they are projected at their
+    full size, and the run is smaller than the user may think."""
+    if rank_in is not None or rank_out is not None:
+        notes = []
+        for flag, asked, k, n in (("--rank-in", rank_in, "k_in", "n_in"), ("--rank-out", rank_out, "k_out", "n_out")):
+            capped = [i for i in engine.layers if asked is not None and getattr(i, k) < asked]
+            if capped:
+                first = capped[0]
+                notes.append(f"{flag} {asked} exceeds the width of {len(capped)} layer(s) (e.g. {first.name}: "
+                             f"{getattr(first, n)}); they use their full width.")
+        return notes
+    if rank is None:
+        return []
+    capped = [i for i in engine.layers if i.k_in == i.n_in and i.k_out == i.n_out and i.size < rank]
+    if not capped:
+        return []
+    first = capped[0]
+    return [f"--rank {rank} exceeds the full size of {len(capped)} layer(s) (e.g. {first.name}: {first.n_in} x "
+            f"{first.n_out} = {first.size}); they are projected at that full size."]
