@@ -47,8 +47,14 @@ print(json.dumps({"batch": r.batch, **{e.setting: e.total for e in r.estimates}}
 
 def build(d: Path, kind: str, layers: int, width: int, length: int, examples: int) -> None:
     import torch
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig,
-                              Qwen3MoeForCausalLM)
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
 
     from ghostproj.jobs.demo import train_tokenizer
 

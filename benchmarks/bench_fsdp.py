@@ -1,6 +1,7 @@
 """`project --fsdp` on 2 CPU ranks (gloo): parameter memory a rank holds once the model is
-sharded ÷ the whole model, and examples/s against plain torchrun (each rank a whole copy),
-on a GPT-2 of L8 E256 at T=128.
+sharded ÷ the whole model, the most a rank other than 0 holds while the weights load, the
+dry run's estimate ÷ what a rank's allocator really held over a run, and examples/s against
+plain torchrun (each rank a whole copy), on a GPT-2 of L8 E256 at T=128.
 
     python benchmarks/bench_fsdp.py
 """
@@ -20,16 +21,44 @@ from pathlib import Path
 
 SHARE = """
 import sys, torch, torch.distributed as td
-from transformers import AutoModelForCausalLM
-from ghostproj.distributed import shard_model
-td.init_process_group("gloo")
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+from torch.profiler import ProfilerActivity, profile
+from ghostproj.distributed import load_sharded
+from ghostproj.models import load_model
+
+model = load_model(sys.argv[1], meta=True)[0]
 whole = sum(p.numel() * p.element_size() for p in model.parameters())
-shard_model(model, torch.device("cpu"))
+with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    load_sharded(model, sys.argv[1], "float32", None, torch.device("cpu"))
+live = peak = 0
+for _, size in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                      if e.name() == "[memory]"):
+    live += size
+    peak = max(peak, live)
 mine = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
-if td.get_rank() == 0:
-    print(mine / whole, whole)
+if td.get_rank() == 1:
+    print(mine / whole, whole, peak / whole)
 td.destroy_process_group()
+"""
+
+# One rank's allocator peak over a whole `project --fsdp`, against the dry run's estimate.
+STEP = """
+import json, os, sys, torch.distributed as td
+from torch.profiler import ProfilerActivity, profile
+from ghostproj.jobs.dry_run import run_dry_run
+from ghostproj.jobs.project import ProjectOptions, run_project
+
+opts = ProjectOptions(**json.loads(sys.argv[1]))
+with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    run_project(opts)
+live = peak = 0
+for _, size in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                      if e.name() == "[memory]"):
+    live += size
+    peak = max(peak, live)
+if td.get_rank() == 1:  # rank 0 also holds the checkpoint in host memory while loading
+    estimate = next(e.total for e in run_dry_run(ProjectOptions(**json.loads(sys.argv[1]), dry_run=False)).estimates
+                    if e.setting == "--fsdp over 2 ranks")
+    print(estimate, peak)
 """
 
 
@@ -65,7 +94,11 @@ def main() -> None:
             for i in range(args.examples):
                 f.write(json.dumps({"text": " ".join(words[(i + j) % len(words)] for j in range(120))}) + "\n")
         (d / "share.py").write_text(SHARE)
-        share, whole = map(float, torchrun([str(d / "model")], str(d / "share.py")).stdout.split())
+        share, whole, loading = map(float, torchrun([str(d / "model")], str(d / "share.py")).stdout.split())
+        (d / "step.py").write_text(STEP)
+        step_opts = {"model": str(d / "model"), "data": str(d / "data.jsonl"), "max_length": 128, "batch_size": 8,
+                     "device": "cpu", "fsdp": True, "show_progress": False, "out": str(d / "measured")}
+        estimate, measured = map(float, torchrun([json.dumps(step_opts)], str(d / "step.py")).stdout.split()[-2:])
         common = ["project", "--model", str(d / "model"), "--data", str(d / "data.jsonl"), "--max-length", "128",
                   "--batch-size", "8", "--device", "cpu"]
         times = {}
@@ -73,7 +106,10 @@ def main() -> None:
             t = time.perf_counter()
             torchrun(common + ["--out", str(d / tag.replace(" ", ""))] + extra)
             times[tag] = time.perf_counter() - t
-        print(f"parameters a rank holds / the whole model: {share:.3f} ({whole / 2**20:.1f} MiB whole)")
+        print(f"parameters a rank holds / the whole model: {share:.3f} ({whole / 2**20:.1f} MiB whole); "
+              f"rank 1's peak while loading: {loading:.3f} of the model")
+        print(f"--dry-run estimate for --fsdp over 2 ranks / rank 1's allocator peak over the run: "
+              f"{estimate / measured:.2f} ({estimate / 2**20:.1f} vs {measured / 2**20:.1f} MiB)")
         for tag, t in times.items():
             print(f"{tag:16s} {args.examples / t:6.1f} examples/s ({t:.1f} s, process start-up included)")
         print(f"fsdp / plain time: x{times['torchrun --fsdp'] / times['torchrun']:.2f} (GPT-2 L8 E256, T=128, 2 ranks)")

@@ -56,7 +56,45 @@ def test_fsdp_ranks_equal_one_process(request, tmp_path, model_dir, uneven):
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.loads((tmp_path / "fsdp" / "manifest.json").read_text())
     assert m["complete"] and {s["rank"] for s in m["shards"]} == {0, 1} and not list((tmp_path / "fsdp").glob("manifest-r*"))
+    one = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    assert m["fingerprint"] == one["fingerprint"]  # the weights hashed whole, gathered one unit at a time
     same_vectors(tmp_path / "one", tmp_path / "fsdp")
+
+
+LOAD = """
+import sys, torch, torch.distributed as td
+from torch.profiler import ProfilerActivity, profile
+from ghostproj.distributed import load_sharded
+from ghostproj.models import load_model
+
+model = load_model(sys.argv[1], meta=True)[0]
+whole = sum(p.numel() * p.element_size() for p in model.parameters())
+largest = max(p.numel() * p.element_size() for p in model.parameters())
+with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    load_sharded(model, sys.argv[1], "float32", None, torch.device("cpu"))
+live = peak = 0
+for _, size in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                      if e.name() == "[memory]"):
+    live += size
+    peak = max(peak, live)
+mine = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+print(td.get_rank(), peak / whole, mine / whole, largest / whole, flush=True)
+td.destroy_process_group()
+"""
+
+
+@needs_torchrun
+def test_no_rank_but_the_first_holds_the_whole_model(tmp_path, llama_dir):
+    """The sharded load: rank 0 reads the checkpoint into host memory, and every other rank
+    allocates its shard and one weight in flight (here the embedding, a fifth of this tiny
+    model), never the model."""
+    (tmp_path / "load.py").write_text(LOAD)
+    res = torchrun(2, [llama_dir], script=tmp_path / "load.py")
+    assert res.returncode == 0, res.stderr[-3000:]
+    shares = {int(r): tuple(map(float, v)) for r, *v in (line.split() for line in res.stdout.split("\n") if line)}
+    assert shares[0][0] > 1.0  # the whole checkpoint, in host memory
+    peak, mine, largest = shares[1]
+    assert 0.45 < mine < 0.55 and peak <= mine + 2 * largest, shares  # gloo may stage the weight once more
 
 
 @needs_torchrun

@@ -4,6 +4,7 @@ and their rank manifests, merged by rank 0."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -73,6 +74,73 @@ def shard_model(model, device: torch.device) -> int:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return len(layers)
+
+
+def load_sharded(model, path: str, dtype: str, revision: str | None, device: torch.device) -> int:
+    """Fill ``model``, built on the meta device, with the checkpoint's weights, sharded
+    (:func:`shard_model`): each rank allocates only its shard on ``device``; rank 0 reads
+    the checkpoint into host memory (transformers' own loader, so renamed and fused keys
+    load as they always do) and sends one weight at a time, from which every rank keeps
+    its shard. No other rank ever holds more than its shards and one weight. Returns the
+    number of decoder layers sharded."""
+    import torch.distributed as td
+
+    from .models import load_model
+
+    if distributed_rank(device) is None:
+        raise GhostprojError("--fsdp shards the model across torchrun's ranks; start the command with "
+                             "torchrun --nproc-per-node N.")
+    layers = shard_model(model, device)
+    model.to_empty(device=device)
+    rank, world = td.get_rank(), td.get_world_size()
+    whole = load_model(path, dtype, "cpu", revision)[0] if rank == 0 else None
+    source = dict(whole.named_parameters()) | dict(whole.named_buffers()) if whole is not None else {}
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # FSDP2: a Shard(0) DTensor
+            full = (source[name].to(device) if rank == 0
+                    else torch.empty(tensor.shape, dtype=tensor.dtype, device=device))
+            td.broadcast(full, 0)
+            if local is tensor:  # buffers are not sharded: rotary frequencies, masks
+                local.copy_(full)
+            else:  # a rank's rows are torch.chunk's, as FSDP2 cuts them
+                chunks = torch.chunk(full, world, dim=0)
+                if rank < len(chunks) and local.numel():
+                    local.copy_(chunks[rank])
+            del full
+    return layers
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def each_unsharded(model, names: list[str]) -> Iterator[str]:
+    """Each of ``names`` (modules, or parts of them) in turn, with the FSDP unit that holds
+    it gathered whole while the caller reads its weights: one unit at a time, as in the
+    forward pass. Every rank must ask for the same names in the same order; a gathered
+    weight is freed when its unit is resharded, so a caller that keeps it (or hands its
+    memory to numpy) copies it first. Without FSDP, just the names."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = {n: m for n, m in model.named_modules() if isinstance(m, FSDPModule)}
+    current = None
+    try:
+        for name in names:
+            owners = [u for u in units if u == "" or name == u or name.startswith(u + ".")]
+            unit = max(owners, key=len) if owners else None
+            if unit != current:
+                if current is not None:
+                    units[current].reshard()
+                if unit is not None:
+                    units[unit].unshard()
+                current = unit
+            yield name
+    finally:
+        if current is not None:
+            units[current].reshard()
 
 
 def most_over_ranks(n: int) -> int:

@@ -14,7 +14,7 @@ from .data.readers import DataSpec, LayoutFields, LoadedData, load_examples
 from .data.records import read_records
 from .distributed import device_for_this_process
 from .errors import GhostprojError
-from .models import load_model, position_limit
+from .models import load_model, position_limit, resolve_device
 
 
 @dataclass
@@ -86,7 +86,9 @@ def load_model_and_examples(model: str, specs: list[DataSpec], *, max_length: in
     sets = [load_examples(spec, tokenizer, max_length, vocab) for spec in specs]
     for data in sets:
         notes += data.notes
-    return LoadedInputs(loaded, tokenizer, next(loaded.parameters()).device, specs, sets, max_length, notes)
+    # a model built on the meta device runs where --device says, once its weights are in
+    device_used = resolve_device(device_for_this_process(device)) if meta else next(loaded.parameters()).device
+    return LoadedInputs(loaded, tokenizer, device_used, specs, sets, max_length, notes)
 
 
 def load_inputs(opts: InputFields, summary, meta: bool = False) -> LoadedInputs:

@@ -15,8 +15,8 @@ from ..data.batching import Example
 from ..distributed import (
     distributed_rank,
     finish_distributed,
+    load_sharded,
     regroup_after_rank_change,
-    shard_model,
     sync_start,
 )
 from ..engines.coverage import coverage_notes, engine_coverage
@@ -266,9 +266,13 @@ def run_project(opts: ProjectOptions, summary: ProjectSummary | None = None) -> 
     like, values = run_values(opts)
     summary = summary if summary is not None else ProjectSummary(out=opts.out)
     factors = load_factors(opts.factors, sums=False) if opts.factors else None  # the eigenvectors are what it uses
-    inputs = load_inputs(opts, summary)
+    if opts.fsdp and opts.adapter:
+        raise GhostprojError("--fsdp loads the base model's weights sharded; drop --adapter.")
+    inputs = load_inputs(opts, summary, meta=opts.fsdp)  # sharded, the weights are loaded below
     if opts.gradient_checkpointing:
         enable_gradient_checkpointing(inputs.model)
+    if opts.fsdp:
+        load_sharded(inputs.model, opts.model, opts.dtype, opts.revision, inputs.device)
     engine = build_engine(inputs.model, opts, values, like, factors)
     parts = fingerprint_parts(engine.layers, weights_sha(inputs.model, engine, opts.adapter),
                               projector_hash(engine.projectors), values["loss_reduction"], values["bias"])
@@ -281,11 +285,6 @@ def run_project(opts: ProjectOptions, summary: ProjectSummary | None = None) -> 
     coverage = engine_coverage(inputs.model, engine)
     manifest.coverage, summary.coverage = coverage.to_json(), coverage.describe()
     summary.notes += coverage_notes(coverage)
-    if opts.fsdp:  # the weights are hashed and counted above, whole; from here on each rank holds its shard
-        if distributed_rank(inputs.device) is None:
-            raise GhostprojError("--fsdp shards the model across torchrun's ranks; start the command with "
-                                 "torchrun --nproc-per-node N.")
-        shard_model(inputs.model, inputs.device)
     if factors is not None or (like is not None and like.factors):
         manifest.projector["kind"] = EIGEN
         manifest.factors = like.factors if like else factors_record(opts.factors, *factors)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 
 import torch
 
@@ -50,7 +51,7 @@ def hash_tensors(named_tensors, header: str = "{name}:{dtype}:{shape}", dtype: t
     return h.hexdigest()
 
 
-def weights_hash(named_tensors: list[tuple[str, torch.Tensor]]) -> str:
+def weights_hash(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     return hash_tensors(named_tensors)
 
 
