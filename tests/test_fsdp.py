@@ -113,3 +113,29 @@ def test_fsdp_needs_torchrun(capsys, tmp_path, gpt2_dir, uneven):
     assert code == 2 and "--fsdp shards the model across torchrun's ranks" in err
     code, _, err = run_cli(args(gpt2_dir, uneven, tmp_path / "y", "--fsdp", "--compile"), capsys)
     assert code == 2 and "drop --compile" in err
+
+
+@needs_torchrun
+def test_fsdp_factors_and_their_eigenbasis_equal_one_process(tmp_path, llama_dir, uneven):
+    """`factors --fsdp` over ranks with unequal batches and a batch without label positions
+    (fillers add nothing), and `project --fsdp --factors` with them: one process's file to
+    float32 rounding, and its vectors to 1e-5."""
+    from ghostproj.store.factors_file import load_factors
+
+    common = ["factors", "--model", llama_dir, "--data", uneven, "--max-length", "24", "--token-budget", "40",
+              "--device", "cpu", "--layers", "mlp"]
+    assert run_cli([*common, "--out", tmp_path / "one.safetensors"])[0] == 0
+    res = torchrun(2, [*common, "--out", tmp_path / "fsdp.safetensors", "--fsdp"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    (one, rec1), (two, rec2) = load_factors(tmp_path / "one.safetensors"), load_factors(tmp_path / "fsdp.safetensors")
+    assert rec1["identity"] == rec2["identity"] and two.examples == one.examples == 37
+    for name, f in one.layers.items():
+        o = two.layers[name]
+        assert o.positions == f.positions and o.sq_norms == pytest.approx(f.sq_norms, rel=1e-5)
+        for x, y in ((o.a, f.a), (o.g, f.g)):
+            assert torch.allclose(x, y, rtol=1e-5, atol=1e-6 * float(y.abs().max()))
+    eigen = ("--factors", tmp_path / "one.safetensors", "--layers", "mlp")
+    assert run_cli(args(llama_dir, uneven, tmp_path / "p-one", *eigen))[0] == 0
+    res = torchrun(2, args(llama_dir, uneven, tmp_path / "p-fsdp", *eigen, "--fsdp"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    same_vectors(tmp_path / "p-one", tmp_path / "p-fsdp")

@@ -143,6 +143,15 @@ def each_unsharded(model, names: list[str]) -> Iterator[str]:
             units[current].reshard()
 
 
+def whole_weights(model, names: list[str], read) -> Iterator[tuple[str, torch.Tensor]]:
+    """The (key, tensor) pairs ``read(name)`` gives for each name, each tensor whole: under
+    FSDP its unit is gathered while it is read and the tensor copied out of it."""
+    sharded = is_sharded(model)
+    for name in each_unsharded(model, names):
+        for key, t in read(name):
+            yield key, t.detach().clone() if sharded else t
+
+
 def most_over_ranks(n: int) -> int:
     """The largest ``n`` any rank has (object collectives: gloo and nccl alike)."""
     import torch.distributed as td

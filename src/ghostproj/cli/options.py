@@ -259,6 +259,8 @@ FACTORS_OPTIONS = {
                      "over the data, each group's factors streamed to disk.", panel=RUN),
     "checkpoint_minutes": opt(help="Save the running sums this often, for a rerun to continue from (0: every "
                                "batch).", panel=RUN),
+    "fsdp": opt("--fsdp", panel=RUN, help="Under torchrun: shard the weights across the ranks (FSDP2); each rank "
+                                          "sums its own rows."),
 }
 
 

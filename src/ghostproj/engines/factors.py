@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import defaults
+from ..distributed import whole_weights
 from ..errors import GhostprojError
 from ..store.factors_file import FactorTotals, LayerFactors, factors_identity
 from .capture import HookCapture
@@ -139,7 +140,9 @@ def _eigen_projectors(model, factors: FactorTotals, record: dict):
             have = ", ".join(x[0] for x in record["identity"]["layers"])
             raise GhostprojError(f"The --factors cover the layers {have}; this run projects {', '.join(names)}. "
                                  "Compute factors with the same --layers.")
-        if factors_identity(model, names, dims)["model_weights"] != record["identity"]["model_weights"]:
+        modules = dict(model.named_modules())
+        weights = whole_weights(model, names, lambda n: [(n + ".weight", modules[n].weight)])
+        if factors_identity(weights, names, dims)["model_weights"] != record["identity"]["model_weights"]:
             raise GhostprojError("The --factors were computed for another model (the layers' weights differ); "
                                  "compute them on this model.")
         return eigenbasis_projectors({n: factors.layers[n] for n in names},

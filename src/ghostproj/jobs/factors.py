@@ -18,7 +18,7 @@ import torch
 
 from .. import defaults
 from ..data.batching import collate, fixed_size_batches, token_budget_batches
-from ..distributed import distributed_rank
+from ..distributed import distributed_rank, load_sharded, most_over_ranks, whole_weights
 from ..engines.coverage import coverage_notes, layer_parameters, model_coverage
 from ..engines.factors import FactorCollector, decompose
 from ..engines.layer_types import projectable_type
@@ -58,6 +58,7 @@ class FactorsOptions(InputFields):
     shard_id: int = 0  # ... and sum this one (then factors --merge)
     checkpoint_minutes: float = 10.0  # how often the running sums are saved for a resume (0: every batch)
     memory_gb: float = 8.0  # host memory for one pass's float64 sums; more layers take more passes
+    fsdp: bool = False  # under torchrun: shard the weights across the ranks (FSDP2), each rank its own rows
     overwrite: bool = False
     show_progress: bool = True
 
@@ -104,7 +105,9 @@ def run_factors(opts: FactorsOptions, summary: FactorsSummary | None = None) -> 
     if opts.adapter:
         raise GhostprojError("factors does not take --adapter: Kronecker factors cover a model's own Linear and "
                              "Conv1D layers.")
-    inputs = load_inputs(opts, summary)
+    inputs = load_inputs(opts, summary, meta=opts.fsdp)  # sharded, the weights are loaded below
+    if opts.fsdp:
+        load_sharded(inputs.model, opts.model, opts.dtype, opts.revision, inputs.device)
     dims = factor_layers(inputs.model, opts.layers)
     names = list(dims)
     modules = dict(inputs.model.named_modules())
@@ -117,7 +120,8 @@ def run_factors(opts: FactorsOptions, summary: FactorsSummary | None = None) -> 
     batches = list(token_budget_batches(subset, opts.token_budget) if opts.token_budget is not None
                    else fixed_size_batches(subset, opts.batch_size))
     record = {
-        "identity": factors_identity(inputs.model, names, dims),
+        "identity": factors_identity(whole_weights(inputs.model, names, lambda n: [(n + ".weight", modules[n].weight)]),
+                                     names, dims),
         "model": {"path": opts.model, "class": type(inputs.model).__name__, "dtype": opts.dtype},
         "data": {**inputs.spec.describe(), "sha256": inputs.data.sha256, "count": len(inputs.data.examples),
                  "max_length": inputs.max_length},
@@ -268,11 +272,18 @@ def _collect(collector: FactorCollector, inputs, batches: list, start: int, opts
     every = opts.checkpoint_minutes * 60
     saved_at = time.monotonic()
     total = sum(len(b) for b in batches)
+    # A sharded model (--fsdp) gathers each unit's weights with every rank in every forward
+    # and backward, so no rank may skip one: a batch without label positions runs a filler
+    # that adds nothing, and a rank with fewer batches runs fillers after its own.
+    filler = next((e for e in inputs.data.examples if e.n_label_positions > 0), None) if opts.fsdp else None
+    fillers = most_over_ranks(len(batches) - start) - (len(batches) - start) if opts.fsdp else 0  # before any gather
     with RateProgress("factors", total=total, enabled=opts.show_progress) as bar, collector:
         bar.advance(sum(len(b) for b in batches[:start]), 0)
         for i in range(start, len(batches)):
             batch = batches[i]
             live = [e for e in batch if e.n_label_positions > 0]
+            if not live and filler is not None:
+                _run_filler(collector, inputs, filler, pad)
             if live:
                 b = collate(live, pad).to(inputs.device)
                 collector.begin(b.attention_mask, len(batch))
@@ -289,6 +300,17 @@ def _collect(collector: FactorCollector, inputs, batches: list, start: int, opts
                 save_factors(partial, FactorTotals(collector.factors, collector.examples),
                              dict(record, resume={"key": key, "batches": i + 1}))
                 saved_at = time.monotonic()
+        for _ in range(fillers if filler is not None else 0):  # no labels anywhere: no rank ran a forward
+            _run_filler(collector, inputs, filler, pad)
+
+
+def _run_filler(collector: FactorCollector, inputs, example, pad: int) -> None:
+    """A forward and backward that every rank of a sharded model must join, masked out of
+    every sum and counted as no example."""
+    b = collate([example], pad).to(inputs.device)
+    collector.begin(torch.zeros_like(b.attention_mask), 0)
+    logits = inputs.model(**b.model_inputs()).logits
+    causal_lm_losses(logits, b.labels, "sum")[0].sum().backward()
 
 
 def sampled_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..data.records import file_sha256
-from ..distributed import each_unsharded, is_sharded
+from ..distributed import whole_weights
 from ..engines.projection import GradProjectionEngine
 from ..inputs import LoadedInputs
 from ..models import config_hash
@@ -20,17 +20,12 @@ from ..store.manifest import PROJECTOR_FILE, Manifest
 
 def weights_sha(model: torch.nn.Module, engine: GradProjectionEngine, adapter: str | None) -> str:
     """The fingerprint's model part: the projected layers' weights (and biases with --bias)."""
-    sharded = is_sharded(model)
+    def read(name):
+        module = engine.modules[name]
+        return [(name + ".weight", engine.kinds[name].part_weight(module, name))] + (
+            [(name + ".bias", module.bias)] if engine.bias else [])
 
-    def tensors():  # read one at a time: a sharded model gathers each unit only while it is read
-        for name in each_unsharded(model, [info.name for info in engine.layers]):
-            module = engine.modules[name]
-            for suffix, t in ((".weight", engine.kinds[name].part_weight(module, name)),
-                              (".bias", module.bias if engine.bias else None)):
-                if t is not None:
-                    yield name + suffix, t.clone() if sharded else t
-
-    sha = weights_hash(tensors())
+    sha = weights_hash(whole_weights(model, [info.name for info in engine.layers], read))
     if adapter:
         # the adapter's matrices alone do not say which base they sit on: runs over
         # different bases must not compare as equal

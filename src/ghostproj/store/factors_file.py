@@ -6,6 +6,7 @@ add up exactly."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,11 +54,11 @@ class FactorTotals:
     examples: int = 0
 
 
-def factors_identity(model: torch.nn.Module, names: list[str], dims: dict[str, tuple[int, int]]) -> dict:
-    """What ties factors to the runs they may serve: the layers' weights and shapes."""
-    modules = dict(model.named_modules())
-    return {"model_weights": weights_hash([(n + ".weight", modules[n].weight) for n in names]),
-            "layers": [[n, *dims[n]] for n in names]}
+def factors_identity(weights: Iterable[tuple[str, torch.Tensor]], names: list[str],
+                     dims: dict[str, tuple[int, int]]) -> dict:
+    """What ties factors to the runs they may serve: the layers' weights (``<name>.weight``
+    and the tensor, in the order of ``names``) and shapes."""
+    return {"model_weights": weights_hash(weights), "layers": [[n, *dims[n]] for n in names]}
 
 
 def factors_fingerprint(record: dict) -> str:
