@@ -120,3 +120,25 @@ def test_experts_equal_the_reference_over_drawn_shapes(tokenizer, experts, top_k
     batch = [Example(i, ids[i:i + n], ([False] + [True] * (n - 1)) if masked and n > 2 else None)
              for i, n in enumerate(lengths)]
     assert rel_err(engine_rows(model, engine, batch), naive_projected_grads(model, batch, engine)) <= 1e-5
+
+
+@pytest.mark.slow
+def test_a_compiled_moe_model_gives_the_eager_vectors(tokenizer):
+    """Under torch.compile the experts' stand-in runs between compiled graphs (a graph break
+    at each experts module): the vectors are the eager ones."""
+    torch.manual_seed(3)
+    m = tiny_qwen3_moe(len(tokenizer))
+    ids = torch.randint(0, len(tokenizer), (3, 12))
+
+    def loss(ids):
+        return causal_lm_losses(m(input_ids=ids, use_cache=False).logits, ids)[0].sum()
+
+    engine = GradProjectionEngine(m, ["re:."], rank=64)
+    with engine:
+        engine.prepare(3, "cpu")
+        loss(ids).backward()
+        eager = engine.collect()
+        engine.prepare(3, "cpu")
+        torch.compile(loss, backend="aot_eager")(ids).backward()
+        compiled = engine.collect()
+    assert rel_err(compiled, eager) <= 1e-5
