@@ -22,17 +22,10 @@ from pathlib import Path
 
 MEASURE = """
 import json, sys
-from torch.profiler import ProfilerActivity, profile
 from ghostproj.jobs.project import ProjectOptions, run_project
+from ghostproj.memory_trace import allocator_peak
 
-with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-    run_project(ProjectOptions(**json.loads(sys.argv[1])))
-live = peak = 0
-for when, size in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                         if e.name() == "[memory]"):
-    live += size
-    peak = max(peak, live)
-print(peak)
+print(allocator_peak(lambda: run_project(ProjectOptions(**json.loads(sys.argv[1])))))
 """
 
 ESTIMATE = """

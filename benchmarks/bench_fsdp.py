@@ -21,19 +21,13 @@ from pathlib import Path
 
 SHARE = """
 import sys, torch, torch.distributed as td
-from torch.profiler import ProfilerActivity, profile
 from ghostproj.distributed import load_sharded
+from ghostproj.memory_trace import allocator_peak
 from ghostproj.models import load_model
 
 model = load_model(sys.argv[1], meta=True)[0]
 whole = sum(p.numel() * p.element_size() for p in model.parameters())
-with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-    load_sharded(model, sys.argv[1], "float32", None, torch.device("cpu"))
-live = peak = 0
-for _, size in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                      if e.name() == "[memory]"):
-    live += size
-    peak = max(peak, live)
+peak = allocator_peak(lambda: load_sharded(model, sys.argv[1], "float32", None, torch.device("cpu")))
 mine = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
 if td.get_rank() == 1:
     print(mine / whole, whole, peak / whole)
@@ -42,19 +36,13 @@ td.destroy_process_group()
 
 # One rank's allocator peak over a whole `project --fsdp`, against the dry run's estimate.
 STEP = """
-import json, os, sys, torch.distributed as td
-from torch.profiler import ProfilerActivity, profile
+import json, sys, torch.distributed as td
 from ghostproj.jobs.dry_run import run_dry_run
 from ghostproj.jobs.project import ProjectOptions, run_project
+from ghostproj.memory_trace import allocator_peak
 
 opts = ProjectOptions(**json.loads(sys.argv[1]))
-with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-    run_project(opts)
-live = peak = 0
-for _, size in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                      if e.name() == "[memory]"):
-    live += size
-    peak = max(peak, live)
+peak = allocator_peak(lambda: run_project(opts))
 if td.get_rank() == 1:  # rank 0 also holds the checkpoint in host memory while loading
     estimate = next(e.total for e in run_dry_run(ProjectOptions(**json.loads(sys.argv[1]), dry_run=False)).estimates
                     if e.setting == "--fsdp over 2 ranks")

@@ -15,24 +15,10 @@ from ghostproj.engines.losses import causal_lm_losses
 from ghostproj.inputs import load_inputs
 from ghostproj.jobs.dry_run import run_dry_run
 from ghostproj.jobs.project import ProjectOptions, build_engine, run_values
+from ghostproj.memory_trace import allocator_peak
 from ghostproj.models import enable_gradient_checkpointing, load_model
 
 KERNEL_SCRATCH = 256 * 1024
-
-
-def _allocator_peak(fn) -> int:
-    """The most bytes torch's CPU allocator held at once while ``fn`` ran, over what it
-    held when it began."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for _, size in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                          if e.name() == "[memory]"):
-        live += size
-        peak = max(peak, live)
-    return peak
 
 
 def _measured_step(opts: ProjectOptions, checkpointing: bool) -> int:
@@ -58,7 +44,7 @@ def _measured_step(opts: ProjectOptions, checkpointing: bool) -> int:
     weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(),
                                                                               *model.buffers()]}.values())
     step()  # the kernels' one-time workspaces, which stay allocated, are not the step's
-    return weights + _allocator_peak(step)
+    return weights + allocator_peak(step)
 
 
 def _estimate(opts: ProjectOptions, setting: str) -> int | None:

@@ -63,20 +63,14 @@ def test_fsdp_ranks_equal_one_process(request, tmp_path, model_dir, uneven):
 
 LOAD = """
 import sys, torch, torch.distributed as td
-from torch.profiler import ProfilerActivity, profile
 from ghostproj.distributed import load_sharded
+from ghostproj.memory_trace import allocator_peak
 from ghostproj.models import load_model
 
 model = load_model(sys.argv[1], meta=True)[0]
 whole = sum(p.numel() * p.element_size() for p in model.parameters())
 largest = max(p.numel() * p.element_size() for p in model.parameters())
-with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-    load_sharded(model, sys.argv[1], "float32", None, torch.device("cpu"))
-live = peak = 0
-for _, size in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                      if e.name() == "[memory]"):
-    live += size
-    peak = max(peak, live)
+peak = allocator_peak(lambda: load_sharded(model, sys.argv[1], "float32", None, torch.device("cpu")))
 mine = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
 print(td.get_rank(), peak / whole, mine / whole, largest / whole, flush=True)
 td.destroy_process_group()

@@ -196,3 +196,19 @@ def tracing(trace: MemoryTrace):
     and values read where the tensors have them."""
     with fused_attention_on_meta(), _value_reads(), trace:
         yield trace
+
+
+def allocator_peak(fn) -> int:
+    """The most bytes torch's allocator held at once while ``fn()`` ran, over what it held
+    when it began, from the profiler's allocation events: the measure a trace is checked
+    against (on the CPU, the counterpart of CUDA's max_memory_allocated)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for _, size in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                          if e.name() == "[memory]"):
+        live += size
+        peak = max(peak, live)
+    return peak
