@@ -146,3 +146,14 @@ def test_run_project_does_not_take_a_dry_run(gpt2_dir, data_file, tmp_path):
     with pytest.raises(GhostprojError, match="run_dry_run"):
         run_project(ProjectOptions(model=str(gpt2_dir), data=str(data_file), out=str(tmp_path / "o"), dry_run=True))
     assert not (tmp_path / "o").exists()
+
+
+def test_a_dry_run_needs_no_weights(gpt2_dir, data_file, tmp_path, capsys):
+    """The config and tokenizer are all it reads: a directory without weight files works."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(gpt2_dir, bare, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    assert not list(bare.glob("*.safetensors"))
+    code, out, err = run_cli(["project", "--model", bare, "--data", data_file, "--dry-run", "--rank", "16"], capsys)
+    assert code == 0 and "D=" in out, err

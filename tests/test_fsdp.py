@@ -133,3 +133,13 @@ def test_fsdp_factors_and_their_eigenbasis_equal_one_process(tmp_path, llama_dir
     res = torchrun(2, args(llama_dir, uneven, tmp_path / "p-fsdp", *eigen, "--fsdp"))
     assert res.returncode == 0, res.stderr[-3000:]
     same_vectors(tmp_path / "p-one", tmp_path / "p-fsdp")
+
+
+def test_sharded_runs_refuse_what_they_cannot_shard(capsys, tmp_path, gpt2_dir, uneven):
+    (tmp_path / "adapter").mkdir()
+    code, _, err = run_cli(args(gpt2_dir, uneven, tmp_path / "a", "--fsdp", "--adapter", tmp_path / "adapter"),
+                           capsys)
+    assert code == 2 and "drop --adapter" in err
+    code, _, err = run_cli(["factors", "--model", gpt2_dir, "--data", uneven, "--out", tmp_path / "f.safetensors",
+                            "--fsdp", "--device", "cpu"], capsys)
+    assert code == 2 and "start the command with torchrun" in err and not (tmp_path / "f.safetensors").exists()
