@@ -394,6 +394,14 @@ def test_a_killed_ddp_training_resumed_from_a_checkpoint_continues_every_ranks_s
     assert torchrun(2, [killed, 2, 3], script=script).returncode != 0
     window = killed / "store" / "epoch-0"
     assert not (window / "manifest.json").exists() and (window / "manifest-r001.json").exists()
+    # one rank's part lost: every rank refuses in one sentence, none waits for the others
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(killed, partial)
+    (partial / "store" / "epoch-0" / "manifest-r001.json").unlink()
+    proc = torchrun(2, [partial, 2, 0, partial / "trainer" / "checkpoint-2"], script=script, timeout=120)
+    assert proc.returncode != 0 and "holds the rows of some ranks only" in proc.stderr
     proc = torchrun(2, [killed, 2, 0, killed / "trainer" / "checkpoint-2"], script=script)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got, want = load_projections(window), load_projections(clean / "store" / "epoch-0")

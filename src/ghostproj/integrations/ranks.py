@@ -45,14 +45,19 @@ def on_rank_zero(world: int, work) -> None:
         raise GhostprojError(refusal[0])
 
 
-def total_over_ranks(n: int, world: int) -> int:
+def over_ranks(value, world: int) -> list:
+    """Every rank's ``value``, in rank order (an object collective)."""
     if world == 1:
-        return n
+        return [value]
     import torch.distributed as td
 
-    counts = [None] * world
-    td.all_gather_object(counts, n)
-    return sum(counts)
+    values = [None] * world
+    td.all_gather_object(values, value)
+    return values
+
+
+def total_over_ranks(n: int, world: int) -> int:
+    return sum(over_ranks(n, world))
 
 
 def join_rank_runs(out: Path, dataset_rows: int) -> None:

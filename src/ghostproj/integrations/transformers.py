@@ -57,7 +57,7 @@ from ..store.projector_file import encode_projectors
 from ..store.writer import RunWriter, keep_first_rows
 from .identity import batch_rows, dataset_keys, fresh_dir, token_key
 from .inrun import InRunValuationTrainer
-from .ranks import join_rank_runs, on_rank_zero, process_ranks, total_over_ranks
+from .ranks import join_rank_runs, on_rank_zero, over_ranks, process_ranks, total_over_ranks
 
 SCALE_TOLERANCE = 1e-3  # c_i read at two label positions of one example agree to float32 rounding
 
@@ -235,8 +235,7 @@ class GradientStore:
         cut back to ``step``'s rows, when a killed loop left it and resumes at ``step`` > 0."""
         out = self.out_dir / (f"epoch-{name}" if isinstance(name, int) else name)
         self.windows.append(out)
-        if step > 0 and (out / self._manifest_name).is_file():  # a Trainer resumed inside this epoch
-            self._reopen_window(out, step)
+        if step > 0 and self._reopened(out, step):  # a Trainer resumed inside this epoch
             return
         on_rank_zero(self.world, lambda: fresh_dir(out))
         engine = self.engine
@@ -264,6 +263,26 @@ class GradientStore:
 
     def _run_writer(self, out: Path) -> RunWriter:
         return RunWriter(out, self._manifest, self.shard_size, rank=self.rank, manifest_name=self._manifest_name)
+
+    def _reopened(self, out: Path, step: int) -> bool:
+        """Whether every rank continued the window a killed run left. The ranks decide
+        together: a kill can stop one rank before its rows of the checkpoint reached the
+        disk, and a rank that went on alone would wait for the others forever."""
+        found, refusal = (out / self._manifest_name).is_file(), None
+        if found:
+            try:
+                self._reopen_window(out, step)
+            except GhostprojError as exc:
+                refusal = str(exc)
+        outcomes = over_ranks((found, refusal), self.world)
+        refusal = next((r for _, r in outcomes if r is not None), None)
+        if refusal is None and len({f for f, _ in outcomes}) > 1:
+            refusal = (f"{out} holds the rows of some ranks only (the run was killed before every rank's rows up "
+                       f"to step {step} reached the disk); resume from an earlier checkpoint or store into a new "
+                       "out_dir.")
+        if refusal is not None:
+            raise GhostprojError(refusal)
+        return found
 
     def _reopen_window(self, out: Path, step: int) -> None:
         """Continue a window a killed run left: its rows up to the checkpoint's step are kept,
