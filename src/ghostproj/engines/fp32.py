@@ -26,9 +26,16 @@ import torch
 UPCAST_BYTES = 64 * 2**20
 
 
+_HAS_AUTOCAST = {"cpu": True, "cuda": True}  # device type -> whether autocast exists for it
+
+
 def autocast_on(device_type: str) -> bool:
-    """Whether autocast is on for the device type (never on the meta device, which has none)."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    """Whether autocast is on for the device type (never on the meta device, which has none).
+    Called in every projected layer's backward, so the question of existence is asked once."""
+    has = _HAS_AUTOCAST.get(device_type)
+    if has is None:
+        has = _HAS_AUTOCAST[device_type] = torch.amp.is_autocast_available(device_type)
+    return has and torch.is_autocast_enabled(device_type)
 
 
 def no_autocast(device: torch.device):
