@@ -157,3 +157,16 @@ def test_a_dry_run_needs_no_weights(gpt2_dir, data_file, tmp_path, capsys):
     assert not list(bare.glob("*.safetensors"))
     code, out, err = run_cli(["project", "--model", bare, "--data", data_file, "--dry-run", "--rank", "16"], capsys)
     assert code == 0 and "D=" in out, err
+
+
+def test_a_model_that_cannot_be_checkpointed_gets_the_other_estimates(gpt2_dir, data_file, monkeypatch):
+    import ghostproj.jobs.dry_run as dry_run
+    from ghostproj.errors import GhostprojError
+
+    def refuse(model):
+        raise GhostprojError("This model does not support gradient checkpointing.")
+
+    monkeypatch.setattr(dry_run, "enable_gradient_checkpointing", refuse)
+    report = run_dry_run(ProjectOptions(model=str(gpt2_dir), data=str(data_file), rank=16, max_length=24))
+    assert [e.setting for e in report.estimates] == ["plain", "--fsdp over 8 ranks"]
+    assert "does not support gradient checkpointing" in " ".join(report.notes)

@@ -70,7 +70,7 @@ def run_dry_run(opts: ProjectOptions) -> DryRunReport:
     summary = ProjectSummary(out=opts.out)
     inputs = load_inputs(opts, summary, meta=True)
     model, examples = inputs.model, inputs.data.examples
-    if getattr(model, "_can_set_experts_implementation", lambda: False)():
+    if any(FusedExpertsLayer.matches(m) for m in model.modules()) and hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation("eager")  # the math the projection runs, with no fused kernel
     engine = build_engine(model, opts, values, None)
     plan = RunPlan(examples, opts.batch_size, opts.token_budget, opts.shard_size, 0)
@@ -84,18 +84,23 @@ def run_dry_run(opts: ProjectOptions) -> DryRunReport:
     if not batch:
         report.notes.append("No example has a label position: there is no step to estimate.")
         return report
-    params = _parameter_bytes(model)
     pad, reduction = pad_token_id(inputs.tokenizer), values["loss_reduction"]
-    plain = _traced_step(model, engine, batch, reduction, pad)
-    enable_gradient_checkpointing(model)
-    checkpointed = _traced_step(model, engine, batch, reduction, pad)
+    steps = {"": _traced_step(model, engine, batch, reduction, pad)}
     world = int(os.environ.get("WORLD_SIZE", "1"))
     world = world if world > 1 else FSDP_RANKS
-    sharded = _fsdp_parameter_bytes(model, world)
-    for setting, weights in (("plain", params), (f"--fsdp over {world} ranks", sharded)):
-        for extra, (activations, engine_bytes) in (("", plain), (" + --gradient-checkpointing", checkpointed)):
+    weights = {"plain": _parameter_bytes(model), f"--fsdp over {world} ranks": _fsdp_parameter_bytes(model, world)}
+    try:
+        enable_gradient_checkpointing(model)
+        steps[" + --gradient-checkpointing"] = _traced_step(model, engine, batch, reduction, pad)
+    except GhostprojError as exc:  # a model HF cannot checkpoint: its estimate is left out, and why
+        report.notes.append(str(exc))
+    if weights[f"--fsdp over {world} ranks"] is None:
+        del weights[f"--fsdp over {world} ranks"]
+        report.notes.append(f"{report.model} has no decoder layers FSDP could shard one by one: no --fsdp estimate.")
+    for setting, held in weights.items():
+        for extra, (activations, engine_bytes) in steps.items():
             name = (setting + extra).removeprefix("plain + ")
-            report.estimates.append(MemoryEstimate(name, weights, activations, engine_bytes))
+            report.estimates.append(MemoryEstimate(name, held, activations, engine_bytes))
     return report
 
 
@@ -163,16 +168,15 @@ def _parameter_bytes(model) -> int:
     return total
 
 
-def _fsdp_parameter_bytes(model, world: int) -> int:
+def _fsdp_parameter_bytes(model, world: int) -> int | None:
     """The most weight bytes a rank holds under --fsdp: its shard of every weight, the root
     unit (embeddings, head, final norm) gathered for the whole step, and two decoder layers
-    gathered at once (the one running and the one prefetched)."""
+    gathered at once (the one running and the one prefetched). None: FSDP has no units."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not layers:
-        raise GhostprojError(f"{type(model).__name__} has no decoder layers FSDP could shard one by one; "
-                             "drop --fsdp.")
+        return None
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
     total = _parameter_bytes(model)
     root = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in in_layers)
