@@ -213,6 +213,14 @@ def test_bad_patterns_and_data_get_one_sentence(capsys, runs, gpt2_dir, corpus, 
     monkeypatch.setattr(os, "access", lambda path, mode: not str(path).endswith(".safetensors"))
     fails(capsys, "project", "--model", gpt2_dir, "--data", corpus, "--out", tmp_path / "x",
           match="permission denied")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(gpt2_dir, damaged)
+    weights = bytearray((damaged / "model.safetensors").read_bytes())
+    weights[200:260] = b"x" * 60  # inside the header
+    (damaged / "model.safetensors").write_bytes(bytes(weights))
+    monkeypatch.undo()
+    fails(capsys, "project", "--model", damaged, "--data", corpus, "--out", tmp_path / "x",
+          match=f"The weights in {damaged} are damaged")
 
 
 def test_silent_acceptances_are_said(capsys, runs, gpt2_dir, tmp_path):

@@ -36,6 +36,7 @@ def load_model(path: str, dtype: str = "float32", device: str = "auto", revision
                adapter: str | None = None, meta: bool = False):
     """(model in eval mode on the device, tokenizer) from a local directory or hub id. On
     the meta device (``meta``) the model has its shapes and no weights (``project --dry-run``)."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -70,6 +71,9 @@ def load_model(path: str, dtype: str = "float32", device: str = "auto", revision
         ) from None
     except ValueError as exc:
         raise GhostprojError(f"Cannot load '{path}' as a causal language model: {str(exc).splitlines()[0]}") from None
+    except SafetensorError as exc:
+        raise GhostprojError(f"The weights in {path} are damaged ({str(exc).splitlines()[0]}); download or save the "
+                             "model again.") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     if adapter is not None:
