@@ -221,10 +221,33 @@ def tiny_qwen3_moe(vocab_size, experts=4, top_k=2):
     return Qwen3MoeForCausalLM(cfg).eval()
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process below it: torchrun starts its workers in sessions
+    of their own, so killing the launcher's process group leaves them running (and
+    finishing the run a test meant to interrupt)."""
+    import signal
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def kill_torchrun_after_shards(args, out, shards: int, ranks: int = 2) -> None:
     """Start ``ghostproj ARGS`` on ``ranks`` ranks and kill every process as soon as rank 0
     has recorded ``shards`` shards in its manifest; the run must not have finished."""
-    import signal
     import time
 
     proc = torchrun(ranks, args, popen=True)
@@ -236,6 +259,6 @@ def kill_torchrun_after_shards(args, out, shards: int, ranks: int = 2) -> None:
         except (OSError, ValueError, KeyError):
             pass
         time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)
     proc.wait()
     assert not (Path(out) / "manifest.json").exists(), "the run finished before it could be killed"

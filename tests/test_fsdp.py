@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import kill_torchrun_after_shards, needs_torchrun, rel_err, run_cli, torchrun, write_jsonl
+from helpers import kill_torchrun_after_shards, kill_tree, needs_torchrun, rel_err, run_cli, torchrun, write_jsonl
 
 from ghostproj.scoring import load_projections
 
@@ -143,3 +143,27 @@ def test_sharded_runs_refuse_what_they_cannot_shard(capsys, tmp_path, gpt2_dir, 
     code, _, err = run_cli(["factors", "--model", gpt2_dir, "--data", uneven, "--out", tmp_path / "f.safetensors",
                             "--fsdp", "--device", "cpu"], capsys)
     assert code == 2 and "start the command with torchrun" in err and not (tmp_path / "f.safetensors").exists()
+
+
+@needs_torchrun
+def test_a_killed_fsdp_factors_run_resumes_into_the_clean_file(tmp_path, gpt2_dir, uneven):
+    """Killed once each rank has a checkpoint of its sums, `factors --fsdp` resumes, every
+    rank from its own batch (fillers agreed again), into the clean run's file byte for byte."""
+    import time
+
+    common = ["factors", "--model", gpt2_dir, "--data", uneven, "--max-length", "24", "--batch-size", "2",
+              "--device", "cpu", "--layers", "mlp", "--fsdp", "--checkpoint-minutes", "0"]
+    clean, killed = tmp_path / "clean.safetensors", tmp_path / "killed.safetensors"
+    assert torchrun(2, [*common, "--out", clean]).returncode == 0
+    proc = torchrun(2, [*common, "--out", killed], popen=True)
+    deadline = time.time() + 120
+    partials = [killed.with_name(f"{killed.name}.partial-r{r:03d}") for r in (0, 1)]
+    while time.time() < deadline and proc.poll() is None and not all(p.exists() for p in partials):
+        time.sleep(0.005)
+    kill_tree(proc.pid)
+    proc.wait()
+    assert not killed.exists() and all(p.exists() for p in partials)
+    res = torchrun(2, [*common, "--out", killed])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed after" in res.stderr + res.stdout
+    assert killed.read_bytes() == clean.read_bytes()

@@ -185,11 +185,12 @@ def test_torchrun_two_ranks_on_cpu(tmp_path, gpt2_dir, corpus, single):
 
 
 @needs_torchrun
-def test_torchrun_resume_with_a_different_number_of_ranks(tmp_path, gpt2_dir, corpus, single):
+@pytest.mark.parametrize("before, after", [(2, 3), (3, 2)])  # a rank that is new, and ranks that are gone
+def test_torchrun_resume_with_a_different_number_of_ranks(tmp_path, gpt2_dir, corpus, single, before, after):
     out = tmp_path / "ranks"
     args = project_args(gpt2_dir, corpus, out, "--store-dtype", "float32")
-    kill_torchrun_after_shards(args, out, 2)
-    res = torchrun(3, args)
+    kill_torchrun_after_shards(args, out, 2, ranks=before)
+    res = torchrun(after, args)
     assert res.returncode == 0, res.stderr[-2000:]
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and not list(out.glob("manifest-r*"))

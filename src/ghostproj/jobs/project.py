@@ -366,7 +366,7 @@ def _write_run(opts: ProjectOptions, values: dict, inputs: LoadedInputs, engine:
     """Under the run's lock: keep the shards a clean run would hold, write every other one."""
     out = Path(opts.out)
     first_seq = 0
-    if part.regrouped:  # this rank takes on part of the work an earlier torchrun left
+    if part.regrouped and old is not None:  # this rank takes on part of the work an earlier torchrun left
         old.complete = False
         first_seq = 1 + max((int(SHARD_RE.match(e.file).group(2)) for e in old.shards), default=-1)
     plan = RunPlan(part.subset, opts.batch_size, opts.token_budget, opts.shard_size, part.shard_id, first_seq)
