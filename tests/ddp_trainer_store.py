@@ -4,6 +4,7 @@ micro-batches, rank 0 saving the initial model beside the store for the test's r
 ``OUT STEPS_PER_CHECKPOINT KILL_AT [RESUME_FROM]``: batches of 2 rows a rank, a checkpoint
 every few steps, killed after step KILL_AT (0: never), or resumed from a checkpoint."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -60,10 +61,13 @@ def main(out: Path, save_steps: int = 0, kill_at: int = 0, resume_from: str | No
     trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
     trainer.train(resume_from_checkpoint=resume_from)
-    # every rank leaves together, the process group closed: gloo's threads, left running
-    # at interpreter exit, abort the process now and then
+    # every rank leaves together and at once: gloo's threads, left running at interpreter
+    # exit, abort the process now and then, and tearing the group down can hang one rank
+    # after the other has gone; everything the test reads is on disk by now
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -200,6 +200,11 @@ def regroup_after_rank_change(out: Path, manifest: Manifest, examples: list[Exam
         subset = remaining[rank::world]
         manifest.part["rows"] = len(subset)
         manifest.part["regrouped"] = True
+        if rank == 0:  # ranks of the earlier run that this one lacks: their shards are final as they are
+            for r, m in existing.items():
+                if r >= world and not m.complete:
+                    m.complete = True
+                    write_manifest(out, m, rank_manifest_name(r))
     td.barrier()  # every rank decided before any rank rewrites its manifest
     return regroup, subset
 
