@@ -152,13 +152,15 @@ def whole_weights(model, names: list[str], read) -> Iterator[tuple[str, torch.Te
             yield key, t.detach().clone() if sharded else t
 
 
-def most_over_ranks(n: int) -> int:
-    """The largest ``n`` any rank has (object collectives: gloo and nccl alike)."""
+def fillers_after(n: int) -> int:
+    """How many filler batches this rank, with ``n`` batches of its own, runs after them so
+    that it joins every gather of a sharded model: the most any rank has, less ``n``. Every
+    rank must ask before its first batch (an object collective: gloo and nccl alike)."""
     import torch.distributed as td
 
     counts = [None] * td.get_world_size()
     td.all_gather_object(counts, n)
-    return max(counts)
+    return max(counts) - n
 
 
 def sync_start(out: Path, rank: int) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from .. import defaults
 from ..data.batching import collate, fixed_size_batches, token_budget_batches
-from ..distributed import distributed_rank, load_sharded, most_over_ranks, whole_weights
+from ..distributed import distributed_rank, fillers_after, load_sharded, whole_weights
 from ..engines.coverage import coverage_notes, layer_parameters, model_coverage
 from ..engines.factors import FactorCollector, decompose
 from ..engines.layer_types import projectable_type
@@ -276,7 +276,7 @@ def _collect(collector: FactorCollector, inputs, batches: list, start: int, opts
     # and backward, so no rank may skip one: a batch without label positions runs a filler
     # that adds nothing, and a rank with fewer batches runs fillers after its own.
     filler = next((e for e in inputs.data.examples if e.n_label_positions > 0), None) if opts.fsdp else None
-    fillers = most_over_ranks(len(batches) - start) - (len(batches) - start) if opts.fsdp else 0  # before any gather
+    fillers = fillers_after(len(batches) - start) if opts.fsdp else 0
     with RateProgress("factors", total=total, enabled=opts.show_progress) as bar, collector:
         bar.advance(sum(len(b) for b in batches[:start]), 0)
         for i in range(start, len(batches)):

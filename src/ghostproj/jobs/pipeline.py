@@ -9,7 +9,7 @@ import torch
 
 from ..data.batching import Example, collate
 from ..data.transfer import HostCopy
-from ..distributed import most_over_ranks
+from ..distributed import fillers_after
 from ..engines.losses import causal_lm_losses
 from ..engines.projection import GradProjectionEngine
 from ..inputs import LoadedInputs
@@ -100,7 +100,7 @@ class BatchRunner:
     def pipeline(self, batches: list[tuple[int, list[Example]]], writer: RunWriter, bar: RateProgress) -> None:
         """One batch in flight: batch t+1 is queued on the device before batch t's results
         are waited for and handed to the writer with their place in the row stream."""
-        fillers = most_over_ranks(len(batches)) - len(batches) if self.sharded else 0
+        fillers = fillers_after(len(batches)) if self.sharded else 0
         pending = None
         for start, batch in batches:
             launched = (start, self.launch(batch))
